@@ -1,0 +1,96 @@
+"""Shared fixtures: a live server subprocess for end-to-end tests, kept on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = Path(os.environ.get("AVATAR_TEST_ARTIFACTS", ROOT / "build" / "test-artifacts"))
+
+
+def in_loopback_only_netns() -> bool:
+    """True when the only network interface is ``lo`` (as inside ``unshare --net``)."""
+    return [name for _, name in socket.if_nameindex()] == ["lo"]
+
+
+@pytest.fixture(scope="session")
+def loopback_only() -> None:
+    """Peer-connection tests run only inside a loopback-only network namespace.
+
+    ``scripts/test`` provides one and sets AVATAR_REQUIRE_NETNS=1, which turns a skip into a
+    failure so CI can never pass by skipping these tests."""
+    if in_loopback_only_netns():
+        return
+    reason = "needs a loopback-only network namespace: run via scripts/test"
+    if os.environ.get("AVATAR_REQUIRE_NETNS") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(port: int, env_extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "AVATAR_SERVER__HOST": "127.0.0.1",
+            "AVATAR_WEBRTC__HOST_CANDIDATES": "loopback",
+            "AVATAR_WEBRTC__ICE_SERVERS": "[]",
+        }
+    )
+    env.update(env_extra or {})
+    log = open(ARTIFACTS / f"server-{port}.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rtc_server", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 60
+    url = f"http://127.0.0.1:{port}/health"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}; see {log.name}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not become healthy in 60 s")
+
+
+@pytest.fixture(scope="module")
+def live_server(loopback_only: None, artifacts_dir: Path) -> Iterator[str]:
+    """URL of a real server process (``python -m rtc_server``) on 127.0.0.1."""
+    port = free_port()
+    proc = start_server(port)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
