@@ -1,0 +1,23 @@
+"""Media: the session clock, the compositor, frame rendering ahead of the clock, the tracks."""
+
+from media_tracks.clock import VIDEO_CLOCK_RATE, VIDEO_TIME_BASE, ManualClock, MediaClock
+from media_tracks.compositor import Compositor, FramePlan, Scheduled, Segment
+from media_tracks.frames import FaceFrameRenderer, FrameProducer, rgb_to_i420
+from media_tracks.tracks import AvatarAudioTrack, AvatarVideoTrack, TrackStats
+
+__all__ = [
+    "VIDEO_CLOCK_RATE",
+    "VIDEO_TIME_BASE",
+    "AvatarAudioTrack",
+    "AvatarVideoTrack",
+    "Compositor",
+    "FaceFrameRenderer",
+    "FramePlan",
+    "FrameProducer",
+    "ManualClock",
+    "MediaClock",
+    "Scheduled",
+    "Segment",
+    "TrackStats",
+    "rgb_to_i420",
+]

@@ -1,0 +1,212 @@
+"""The compositor: for every media time, which audio samples and which video frame play.
+
+Audio positions are samples at ``sample_rate`` since the session epoch; video frame ``k``
+has 90 kHz pts ``k * 90000 // fps`` and covers audio samples ``[k*sr//fps, (k+1)*sr//fps)``.
+A segment is scheduled on a video frame boundary, so its sample ``i`` plays at ``start + i``
+and its local frame ``j`` is global frame ``first_frame + j``: both tracks read this one
+schedule, which is the whole A/V-sync contract.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from media_tracks.clock import NS_PER_S, MediaClock
+
+logger = logging.getLogger(__name__)
+
+Event = dict[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Something to play: audio and the mouth motion that goes with it.
+
+    pcm: int16 mono at the compositor's sample rate.
+    mouth: opening 0..1 per video frame of the segment (frame j covers samples
+    ``[j*sr//fps, (j+1)*sr//fps)``); shorter arrays are padded with 0.
+    flash_frames: local frame indices shown as a uniform bright frame (A/V sync test).
+    """
+
+    pcm: np.ndarray
+    mouth: np.ndarray
+    text: str = ""
+    kind: str = "speech"
+    flash_frames: frozenset[int] = frozenset()
+
+
+@dataclass(slots=True)
+class Scheduled:
+    segment: Segment
+    start: int  # audio pts of sample 0
+    first_frame: int  # global video frame index showing local frame 0
+    n_frames: int
+    fade_in: bool = True
+    fade_out: bool = True
+    id: int = 0
+
+    @property
+    def end(self) -> int:
+        """Audio pts just after the last sample."""
+        return self.start + len(self.segment.pcm)
+
+
+@dataclass(frozen=True, slots=True)
+class FramePlan:
+    """What video frame ``index`` shows: the idle face at ``t_ns``, with the speaking mouth
+    ``mouth`` (already multiplied by the cross-fade weight ``blend``) or a flash."""
+
+    index: int
+    t_ns: int
+    mouth: float = 0.0
+    blend: float = 0.0
+    flash: bool = False
+    segment_id: int | None = None
+
+
+@dataclass(slots=True)
+class CompositorStats:
+    segments_played: int = 0
+    audio_frames: int = 0
+    events: list[Event] = field(default_factory=list)
+
+
+class Compositor:
+    """Owns the schedule of one session. Never blocks; safe to call from the event loop only."""
+
+    def __init__(
+        self,
+        *,
+        clock: MediaClock,
+        fps: int,
+        sample_rate: int,
+        schedule_lead_ms: int,
+        crossfade_frames: int,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> None:
+        self.clock = clock
+        self.fps = fps
+        self.sample_rate = sample_rate
+        self.schedule_lead_ns = schedule_lead_ms * 1_000_000
+        self.crossfade_frames = crossfade_frames
+        self._on_event = on_event
+        self._segments: list[Scheduled] = []
+        self._next_id = 1
+        self._speaking = False
+        self._audio_pos = 0  # audio pts up to which playout has been asked for
+        self.stats = CompositorStats()
+
+    # --- time helpers -------------------------------------------------------------------
+    def frame_start_sample(self, k: int) -> int:
+        return k * self.sample_rate // self.fps
+
+    def frame_t_ns(self, k: int) -> int:
+        return k * NS_PER_S // self.fps
+
+    def frame_at_or_after_ns(self, t_ns: int) -> int:
+        return -((-t_ns * self.fps) // NS_PER_S)
+
+    def frame_of_sample(self, sample: int) -> int:
+        return sample * self.fps // self.sample_rate
+
+    # --- scheduling ---------------------------------------------------------------------
+    @property
+    def speaking(self) -> bool:
+        return self._speaking
+
+    @property
+    def queued(self) -> int:
+        return sum(1 for s in self._segments if s.end > self._audio_pos)
+
+    def schedule(self, segment: Segment) -> Scheduled:
+        """Queue ``segment`` after everything already scheduled, no sooner than the schedule
+        lead from now, starting on a video frame boundary."""
+        earliest = self.frame_at_or_after_ns(self.clock.now_ns() + self.schedule_lead_ns)
+        prev = self._segments[-1] if self._segments else None
+        first = earliest
+        if prev is not None and prev.end > self._audio_pos:
+            after_prev = -(-prev.end * self.fps // self.sample_rate)  # frame at/after its end
+            first = max(first, after_prev)
+        n_frames = -(-len(segment.pcm) * self.fps // self.sample_rate)
+        item = Scheduled(
+            segment=segment,
+            start=self.frame_start_sample(first),
+            first_frame=first,
+            n_frames=max(n_frames, 1),
+            id=self._next_id,
+        )
+        self._next_id += 1
+        if prev is not None and prev.first_frame + prev.n_frames >= first:
+            # back to back: no fade between them
+            prev.fade_out = False
+            item.fade_in = False
+        self._segments.append(item)
+        return item
+
+    def clear(self) -> None:
+        """Drop every segment that has not started playing yet."""
+        self._segments = [s for s in self._segments if s.start < self._audio_pos]
+
+    # --- audio --------------------------------------------------------------------------
+    def audio_at(self, pts: int, n: int) -> np.ndarray:
+        """int16 samples ``[pts, pts+n)``: the scheduled speech, silence elsewhere. Emits
+        ``state`` events when playout crosses into or out of speech."""
+        out = np.zeros(n, dtype=np.int16)
+        active = False
+        for s in self._segments:
+            lo, hi = max(pts, s.start), min(pts + n, s.end)
+            if lo < hi:
+                out[lo - pts : hi - pts] = s.segment.pcm[lo - s.start : hi - s.start]
+                active = True
+            elif s.start <= pts < s.end + self.sample_rate // self.fps:
+                active = True  # the gap up to the next frame boundary between back-to-back
+        self._audio_pos = max(self._audio_pos, pts + n)
+        self.stats.audio_frames += 1
+        if active != self._speaking:
+            self._speaking = active
+            self._emit({"type": "state", "state": "speaking" if active else "idle"})
+        self._forget_played()
+        return out
+
+    def _forget_played(self) -> None:
+        horizon = self._audio_pos - self.sample_rate  # keep a second for late video plans
+        while self._segments and self._segments[0].end < horizon:
+            self._segments.pop(0)
+            self.stats.segments_played += 1
+
+    def _emit(self, event: Event) -> None:
+        self.stats.events.append(event)
+        if self._on_event is not None:
+            try:
+                self._on_event(event)
+            except Exception:
+                logger.exception("event handler failed")
+
+    # --- video --------------------------------------------------------------------------
+    def frame_plan(self, k: int) -> FramePlan:
+        """What video frame ``k`` shows."""
+        t_ns = self.frame_t_ns(k)
+        for s in self._segments:
+            j = k - s.first_frame
+            if 0 <= j < s.n_frames:
+                blend = 1.0
+                fade = self.crossfade_frames
+                if fade > 0:
+                    if s.fade_in:
+                        blend = min(blend, (j + 1) / (fade + 1))
+                    if s.fade_out:
+                        blend = min(blend, (s.n_frames - j) / (fade + 1))
+                mouth = float(s.segment.mouth[j]) if j < len(s.segment.mouth) else 0.0
+                return FramePlan(
+                    index=k,
+                    t_ns=t_ns,
+                    mouth=mouth * blend,
+                    blend=blend,
+                    flash=j in s.segment.flash_frames,
+                    segment_id=s.id,
+                )
+        return FramePlan(index=k, t_ns=t_ns)

@@ -1,0 +1,116 @@
+"""The aiortc tracks of a session: both pull from the compositor and are paced from the
+session's one media clock, ``deadline = epoch + pts * time_base``, so neither drifts and
+RTCP sender reports (wall clock at send, last RTP timestamp) line the two streams up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+from aiortc import MediaStreamTrack
+from av import AudioFrame, VideoFrame
+
+from media_tracks.clock import VIDEO_CLOCK_RATE, VIDEO_TIME_BASE, MediaClock, pts_to_ns
+from media_tracks.compositor import Compositor
+from media_tracks.frames import FrameProducer
+
+
+@dataclass(slots=True)
+class TrackStats:
+    frames_sent: int = 0
+    frames_repeated: int = 0  # video: the frame was not ready in time, the last one was re-sent
+    frames_skipped: int = 0  # video: the track fell behind the clock and jumped ahead
+    max_late_ns: int = 0  # the worst lateness of a send relative to its deadline
+
+
+class AvatarAudioTrack(MediaStreamTrack):
+    """Mono s16 audio, ``frame_samples`` per frame, pts in samples (time_base 1/sample_rate)."""
+
+    kind = "audio"
+
+    def __init__(
+        self, *, clock: MediaClock, compositor: Compositor, sample_rate: int, frame_samples: int
+    ) -> None:
+        super().__init__()
+        self._clock = clock
+        self._compositor = compositor
+        self.sample_rate = sample_rate
+        self.frame_samples = frame_samples
+        self.time_base = Fraction(1, sample_rate)
+        self._pts: int | None = None
+        self.stats = TrackStats()
+
+    def first_pts(self) -> int:
+        """The first frame boundary at or after the current media time."""
+        now_samples = -(-self._clock.now_ns() * self.sample_rate // 1_000_000_000)
+        return -(-now_samples // self.frame_samples) * self.frame_samples
+
+    async def recv(self) -> AudioFrame:
+        if self.readyState != "live":
+            from aiortc.mediastreams import MediaStreamError
+
+            raise MediaStreamError
+        pts = self.first_pts() if self._pts is None else self._pts + self.frame_samples
+        self._pts = pts
+        deadline = pts_to_ns(pts, self.time_base)
+        await self._clock.sleep_until_ns(deadline)
+        self.stats.max_late_ns = max(self.stats.max_late_ns, self._clock.now_ns() - deadline)
+        pcm = self._compositor.audio_at(pts, self.frame_samples)
+        frame = AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = self.sample_rate
+        frame.pts = pts
+        frame.time_base = self.time_base
+        self.stats.frames_sent += 1
+        return frame
+
+
+class AvatarVideoTrack(MediaStreamTrack):
+    """Video at the compositor's fps, pts in 90 kHz ticks (``k * 90000 // fps``)."""
+
+    kind = "video"
+
+    def __init__(self, *, clock: MediaClock, compositor: Compositor, frames: FrameProducer) -> None:
+        super().__init__()
+        self._clock = clock
+        self._compositor = compositor
+        self._frames = frames
+        self._k: int | None = None
+        self._last: np.ndarray | None = None
+        self.stats = TrackStats()
+
+    def pts_of(self, k: int) -> int:
+        return k * VIDEO_CLOCK_RATE // self._compositor.fps
+
+    async def recv(self) -> VideoFrame:
+        if self.readyState != "live":
+            from aiortc.mediastreams import MediaStreamError
+
+            raise MediaStreamError
+        comp = self._compositor
+        now = self._clock.now_ns()
+        if self._k is None:
+            k = comp.frame_at_or_after_ns(now)
+        else:
+            k = self._k + 1
+            if comp.frame_t_ns(k + 1) <= now:  # more than a frame behind: jump to the present
+                jumped = comp.frame_at_or_after_ns(now)
+                self.stats.frames_skipped += jumped - k
+                k = jumped
+        self._k = k
+        deadline = comp.frame_t_ns(k)
+        await self._clock.sleep_until_ns(deadline)
+        self.stats.max_late_ns = max(self.stats.max_late_ns, self._clock.now_ns() - deadline)
+        yuv = self._frames.take(k)
+        if yuv is None:
+            if self._last is None:
+                yuv = await self._frames.render_now(k)
+            else:
+                yuv = self._last
+                self.stats.frames_repeated += 1
+        self._last = yuv
+        frame = VideoFrame.from_ndarray(yuv, format="yuv420p")
+        frame.pts = self.pts_of(k)
+        frame.time_base = VIDEO_TIME_BASE
+        self.stats.frames_sent += 1
+        return frame

@@ -1,0 +1,40 @@
+"""Errors raised by the media pipeline and the server; each carries what a client needs."""
+
+from __future__ import annotations
+
+
+class AvatarServerError(Exception):
+    """Base error. ``status`` is the HTTP status to answer with, ``code`` a stable error name,
+    ``retryable`` whether the same request may succeed later."""
+
+    status = 500
+    code = "internal_error"
+    retryable = False
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class PipelineError(AvatarServerError):
+    code = "pipeline_error"
+
+
+class BadRequest(AvatarServerError):
+    status = 400
+    code = "bad_request"
+
+
+class NotFound(AvatarServerError):
+    status = 404
+    code = "not_found"
+
+
+class ServerFull(AvatarServerError):
+    status = 503
+    code = "server_full"
+    retryable = True
+
+    def __init__(self, detail: str, *, retry_after_s: int) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s

@@ -1,0 +1,331 @@
+"""One call: a peer connection, its media clock, compositor, tracks and control channel.
+
+Everything a session starts it also stops: ``aclose()`` cancels and awaits every task, stops
+the tracks, closes the peer connection and removes the session from its registry."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from aiortc import MediaStreamTrack, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+
+from config import Settings
+from media_tracks import (
+    AvatarAudioTrack,
+    AvatarVideoTrack,
+    Compositor,
+    FaceFrameRenderer,
+    FrameProducer,
+    MediaClock,
+    Segment,
+)
+from media_tracks.clapper import clapper_pcm, flash_frames
+from pipeline.errors import BadRequest
+from pipeline.lipsync import mouth_from_energy
+from pipeline.tts import TextToSpeech
+from avatars.library import LoadedAvatar
+from rtc_server.ice import rtc_configuration
+
+logger = logging.getLogger(__name__)
+
+MAX_SAY_CHARS = 2000
+MAX_QUEUED_SAYS = 16
+
+
+@dataclass(slots=True)
+class MicStats:
+    frames_received: int = 0
+    rms_dbfs: float = -120.0
+
+
+class Session:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        avatar: LoadedAvatar,
+        tts: TextToSpeech,
+        render_executor: Executor | None,
+        on_closed: Callable[[Session], None],
+        clock: MediaClock | None = None,
+    ) -> None:
+        self.id = uuid.uuid4().hex
+        self.settings = settings
+        self.avatar = avatar
+        self.state = "new"
+        self.created_monotonic = time.monotonic()
+        self.last_activity = self.created_monotonic
+        self.mic = MicStats()
+        self._tts = tts
+        self._on_closed = on_closed
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._channel: RTCDataChannel | None = None
+        self._says: asyncio.Queue[str] = asyncio.Queue(MAX_QUEUED_SAYS)
+        self._closed = asyncio.Event()
+        self._closing = False
+        self._disconnect_timer: asyncio.TimerHandle | None = None
+
+        media = settings.media
+        self.clock = clock or MediaClock()
+        self.compositor = Compositor(
+            clock=self.clock,
+            fps=media.fps,
+            sample_rate=media.audio_sample_rate,
+            schedule_lead_ms=media.schedule_lead_ms,
+            crossfade_frames=media.crossfade_frames,
+            on_event=self.send_event,
+        )
+        render = FaceFrameRenderer(
+            avatar.face,
+            avatar.new_timeline(),
+            width=media.video_width,
+            height=media.video_height,
+        )
+        self.frames = FrameProducer(
+            clock=self.clock,
+            compositor=self.compositor,
+            render=render,
+            lead_ms=media.render_lead_ms,
+            executor=render_executor,
+        )
+        self.audio_track = AvatarAudioTrack(
+            clock=self.clock,
+            compositor=self.compositor,
+            sample_rate=media.audio_sample_rate,
+            frame_samples=media.audio_frame_samples,
+        )
+        self.video_track = AvatarVideoTrack(
+            clock=self.clock, compositor=self.compositor, frames=self.frames
+        )
+        ice = [
+            {"urls": s.urls, "username": s.username, "credential": s.credential}
+            for s in settings.webrtc.ice_servers
+        ]
+        self.pc = RTCPeerConnection(rtc_configuration(ice))
+        self.pc.on("track", self._on_track)
+        self.pc.on("datachannel", self._on_datachannel)
+        self.pc.on("connectionstatechange", self._on_connection_state)
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=f"{name}:{self.id[:8]}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def accept_offer(self, sdp: str) -> RTCSessionDescription:
+        """Apply the remote offer and return the answer (ICE gathering complete)."""
+        try:
+            await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        except Exception as exc:  # aiortc raises ValueError, KeyError, ... on bad SDP
+            raise BadRequest(f"offer SDP rejected: {exc or type(exc).__name__}") from exc
+        kinds = {t.kind for t in self.pc.getTransceivers()}
+        if "video" not in kinds or "audio" not in kinds:
+            raise BadRequest("the offer must have an audio and a video m-line")
+        self.pc.addTrack(self.audio_track)
+        self.pc.addTrack(self.video_track)
+        answer = await self.pc.createAnswer()
+        await self.pc.setLocalDescription(answer)
+        self.state = "connecting"
+        self.frames.start()
+        self._spawn(self._say_worker(), "say")
+        self._spawn(self._watchdog(), "watchdog")
+        local = self.pc.localDescription
+        return RTCSessionDescription(sdp=local.sdp, type=local.type)
+
+    async def aclose(self, reason: str = "closed") -> None:
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        logger.info("session %s closing: %s", self.id[:8], reason)
+        if self._disconnect_timer is not None:
+            self._disconnect_timer.cancel()
+        current = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not current]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.frames.aclose()
+        self.audio_track.stop()
+        self.video_track.stop()
+        with contextlib.suppress(Exception):
+            await self.pc.close()
+        self.state = "closed"
+        self._closed.set()
+        self._on_closed(self)
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    def _on_connection_state(self) -> None:
+        state = self.pc.connectionState
+        logger.info("session %s connection %s", self.id[:8], state)
+        if self._closing:
+            return
+        if state == "connected":
+            self.state = "connected"
+            if self._disconnect_timer is not None:
+                self._disconnect_timer.cancel()
+                self._disconnect_timer = None
+        elif state in ("failed", "closed"):
+            self.state = state
+            self._spawn(self.aclose(f"peer connection {state}"), "close")
+        elif state == "disconnected":
+            self.state = "disconnected"
+            grace = self.settings.sessions.disconnect_grace_s
+            loop = asyncio.get_running_loop()
+            self._disconnect_timer = loop.call_later(
+                grace, lambda: self._spawn(self.aclose("disconnected past grace"), "close")
+            )
+
+    async def _watchdog(self) -> None:
+        """Tear down a session that never connects or goes idle."""
+        cfg = self.settings.sessions
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            if self.state == "connecting" and now - self.created_monotonic > cfg.connect_timeout_s:
+                self._spawn(self.aclose("never connected"), "close")
+                return
+            if cfg.idle_timeout_s > 0 and now - self.last_activity > cfg.idle_timeout_s:
+                self._spawn(self.aclose("idle timeout"), "close")
+                return
+
+    # --- incoming media -------------------------------------------------------------------
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        self._spawn(self._drain(track), f"drain-{track.kind}")
+
+    async def _drain(self, track: MediaStreamTrack) -> None:
+        """Always consume what the peer sends; audio feeds the microphone level."""
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            self.last_activity = time.monotonic()
+            if track.kind == "audio":
+                pcm = frame.to_ndarray().astype(np.float32) / 32768.0  # type: ignore[union-attr]
+                rms = float(np.sqrt(np.mean(pcm * pcm))) if pcm.size else 0.0
+                db = 20 * math.log10(max(rms, 1e-6))
+                m = self.mic
+                m.rms_dbfs = db if m.frames_received == 0 else 0.9 * m.rms_dbfs + 0.1 * db
+                m.frames_received += 1
+
+    # --- control channel ------------------------------------------------------------------
+    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        if channel.label != "control":
+            return
+        self._channel = channel
+        channel.on("message", self._on_message)
+        media = self.settings.media
+        self.send_event(
+            {
+                "type": "hello",
+                "session_id": self.id,
+                "avatar_id": self.avatar.avatar_id,
+                "fps": media.fps,
+                "width": media.video_width,
+                "height": media.video_height,
+                "sample_rate": media.audio_sample_rate,
+            }
+        )
+
+    def send_event(self, event: dict[str, object]) -> None:
+        ch = self._channel
+        if ch is not None and ch.readyState == "open":
+            ch.send(json.dumps(event))
+
+    def _error(self, message: str, *, fatal: bool = False) -> None:
+        self.send_event({"type": "error", "message": message, "fatal": fatal})
+
+    def _on_message(self, raw: object) -> None:
+        self.last_activity = time.monotonic()
+        try:
+            msg = json.loads(raw if isinstance(raw, str) else bytes(raw).decode())  # type: ignore[arg-type]
+        except (ValueError, UnicodeDecodeError):
+            self._error("control messages must be JSON objects")
+            return
+        if not isinstance(msg, dict):
+            self._error("control messages must be JSON objects")
+            return
+        kind = msg.get("type")
+        if kind == "say":
+            text = msg.get("text")
+            if not isinstance(text, str) or not text.strip():
+                self._error("say needs a non-empty 'text' string")
+            elif len(text) > MAX_SAY_CHARS:
+                self._error(f"say text is over {MAX_SAY_CHARS} characters")
+            else:
+                try:
+                    self._says.put_nowait(text.strip())
+                except asyncio.QueueFull:
+                    self._error(f"too many queued says (max {MAX_QUEUED_SAYS})")
+        elif kind == "clapper":
+            count = msg.get("count", 5)
+            if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 600:
+                self._error("clapper 'count' must be an integer 1..600")
+            else:
+                self.play_clapper(count)
+        else:
+            self._error(f"unknown message type {kind!r}")
+
+    def play_clapper(self, count: int) -> None:
+        media = self.settings.media
+        pcm = clapper_pcm(count=count, fps=media.fps, sample_rate=media.audio_sample_rate)
+        self.compositor.schedule(
+            Segment(
+                pcm=pcm,
+                mouth=np.zeros(0, np.float32),
+                kind="clapper",
+                flash_frames=frozenset(flash_frames(count, media.fps)),
+            )
+        )
+
+    async def _say_worker(self) -> None:
+        media = self.settings.media
+        while True:
+            text = await self._says.get()
+            try:
+                async for sentence in self._tts.sentences(text):
+                    mouth = mouth_from_energy(
+                        sentence.pcm, sample_rate=media.audio_sample_rate, fps=media.fps
+                    )
+                    self.compositor.schedule(Segment(pcm=sentence.pcm, mouth=mouth, text=text))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.exception("speech synthesis failed")
+                self._error(f"speech synthesis failed: {exc}")
+
+    # --- reporting ------------------------------------------------------------------------
+    def describe(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "state": self.state,
+            "avatar_id": self.avatar.avatar_id,
+            "uptime_s": round(time.monotonic() - self.created_monotonic, 3),
+            "frames_sent": {
+                "video": self.video_track.stats.frames_sent,
+                "audio": self.audio_track.stats.frames_sent,
+            },
+            "frames_repeated": self.video_track.stats.frames_repeated,
+            "frames_skipped": self.video_track.stats.frames_skipped,
+            "speaking": self.compositor.speaking,
+            "mic": {
+                "frames_received": self.mic.frames_received,
+                "rms_dbfs": round(self.mic.rms_dbfs, 1),
+            },
+        }
