@@ -1,0 +1,637 @@
+"""Typed, validated settings.
+
+Layers, later wins:
+
+1. ``defaults.yaml`` beside this module (every key documented there);
+2. an optional user YAML file, deep-merged section by section;
+3. environment variables ``AVATAR_<SECTION>__<KEY>`` (values parsed as YAML);
+4. ``overrides``: dotted keys such as ``{"server.port": 9000}`` (values used as given).
+
+Every problem raises :class:`ConfigError`, whose message starts with the full dotted key and
+says where the offending value came from.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import types
+from collections.abc import Hashable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+__all__ = [
+    "DEFAULTS_FILE",
+    "ENV_PREFIX",
+    "AvatarSettings",
+    "ConfigError",
+    "EngineSettings",
+    "IceServer",
+    "MediaSettings",
+    "ServerSettings",
+    "SessionSettings",
+    "Settings",
+    "WebRTCSettings",
+    "load_settings",
+]
+
+DEFAULTS_FILE = Path(__file__).parent / "defaults.yaml"
+ENV_PREFIX = "AVATAR_"
+REDACTED = "***"
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+SampleRate = Literal[16000, 24000, 48000]
+AudioFrameMs = Literal[10, 20, 40, 60]
+HostCandidates = Literal["all", "loopback"]
+TtsEngine = Literal["piper"]
+LipsyncEngine = Literal["energy"]
+
+ICE_URL_SCHEMES = ("stun", "turn", "turns")
+RTP_VIDEO_CLOCK_HZ = 90000
+
+_T = TypeVar("_T")
+
+
+class ConfigError(ValueError):
+    """A setting is unknown, mistyped or out of range, or a config file is unusable.
+
+    ``key`` is the full dotted key (``media.fps``) or None for file-level problems;
+    ``source`` says where the value came from (a file, an environment variable, overrides).
+    """
+
+    def __init__(self, key: str | None, reason: str, *, source: str | None = None) -> None:
+        self.key = key
+        self.reason = reason
+        self.source = source
+        head = key if key is not None else (source or "config")
+        message = f"{head}: {reason}"
+        if key is not None and source:
+            message += f" (from {source})"
+        super().__init__(message)
+
+
+# --------------------------------------------------------------------------- dataclasses
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str
+    port: int
+    max_body_bytes: int
+    log_level: LogLevel
+
+
+@dataclass(frozen=True, slots=True)
+class MediaSettings:
+    fps: int
+    audio_sample_rate: SampleRate
+    audio_frame_ms: AudioFrameMs
+    video_width: int
+    video_height: int
+    render_lead_ms: int
+    schedule_lead_ms: int
+    crossfade_frames: int
+
+    @property
+    def audio_frame_samples(self) -> int:
+        """Samples per audio frame (per channel), e.g. 960 at 48 kHz / 20 ms."""
+        return self.audio_sample_rate * self.audio_frame_ms // 1000
+
+    @property
+    def video_pts_step(self) -> int:
+        """90 kHz RTP clock ticks per video frame, e.g. 3600 at 25 fps."""
+        return RTP_VIDEO_CLOCK_HZ // self.fps
+
+
+@dataclass(frozen=True, slots=True)
+class IceServer:
+    urls: tuple[str, ...]
+    username: str | None = None
+    # Kept out of repr so logging a Settings object never prints the secret.
+    credential: str | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form with the credential redacted."""
+        return {
+            "urls": list(self.urls),
+            "username": self.username,
+            "credential": None if self.credential is None else REDACTED,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class WebRTCSettings:
+    ice_servers: tuple[IceServer, ...]
+    host_candidates: HostCandidates
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    max_concurrent: int
+    idle_timeout_s: float
+    disconnect_grace_s: float
+    connect_timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class AvatarSettings:
+    default: str
+    data_dir: str
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    tts: TtsEngine
+    lipsync: LipsyncEngine
+    piper_voice: str | None
+    tts_speed: float
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings
+    media: MediaSettings
+    webrtc: WebRTCSettings
+    sessions: SessionSettings
+    avatars: AvatarSettings
+    engines: EngineSettings
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain data (lists, not tuples) for logging or a /config endpoint.
+
+        ICE server credentials are replaced by ``"***"``."""
+        out: dict[str, dict[str, Any]] = {}
+        for f in fields(self):
+            section = getattr(self, f.name)
+            if isinstance(section, WebRTCSettings):
+                out[f.name] = {
+                    "ice_servers": [s.to_dict() for s in section.ice_servers],
+                    "host_candidates": section.host_candidates,
+                }
+            else:
+                out[f.name] = asdict(section)
+        return out
+
+
+_SECTION_TYPES: dict[str, type] = {
+    "server": ServerSettings,
+    "media": MediaSettings,
+    "webrtc": WebRTCSettings,
+    "sessions": SessionSettings,
+    "avatars": AvatarSettings,
+    "engines": EngineSettings,
+}
+_SCHEMA: dict[str, tuple[str, ...]] = {
+    name: tuple(f.name for f in fields(cls)) for name, cls in _SECTION_TYPES.items()
+}
+_ICE_SERVER_KEYS = tuple(f.name for f in fields(IceServer))
+
+
+def _is_stringy(tp: object) -> bool:
+    """True for str, a Literal of strs, or a union containing one of those."""
+    if tp is str:
+        return True
+    origin = get_origin(tp)
+    if origin is Literal:
+        return all(isinstance(a, str) for a in get_args(tp))
+    if origin is Union or isinstance(tp, types.UnionType):
+        return any(_is_stringy(a) for a in get_args(tp))
+    return False
+
+
+# Keys whose value is a string: an environment value that YAML would read as something else
+# ("007", "off", "1.0") is kept as the literal string for these.
+_STRING_KEYS: frozenset[str] = frozenset(
+    f"{section}.{name}"
+    for section, cls in _SECTION_TYPES.items()
+    for name, tp in get_type_hints(cls).items()
+    if _is_stringy(tp)
+)
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys instead of silently keeping the last one."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    mapping: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, Hashable):
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping",
+                node.start_mark,
+                "found an unhashable key",
+                key_node.start_mark,
+            )
+        if key in mapping:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping",
+                node.start_mark,
+                f"found duplicate key {key!r}",
+                key_node.start_mark,
+            )
+        mapping[key] = loader.construct_object(value_node, deep=True)
+    return mapping
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_yaml_file(path: Path) -> Mapping[Any, Any]:
+    source = f"config file {path}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(None, "file not found", source=source) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(None, f"cannot read: {exc}", source=source) from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(None, f"invalid YAML: {exc}", source=source) from None
+    if data is None:  # empty file (or only comments)
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            None,
+            f"top level must be a mapping of sections, got {type(data).__name__}",
+            source=source,
+        )
+    return data
+
+
+# --------------------------------------------------------------------------- layering
+
+
+def _suggest(name: str, siblings: tuple[str, ...], prefix: str, *, anywhere: bool = True) -> str:
+    """'; did you mean ...?' for the closest known key: among siblings, else (``anywhere``)
+    among the keys of every section (``port`` at top level -> ``server.port``)."""
+    match = difflib.get_close_matches(name, siblings, n=1)
+    if match:
+        return f"; did you mean '{prefix}{match[0]}'?"
+    if not anywhere:
+        return ""
+    every = {f"{s}.{k}": k for s, keys in _SCHEMA.items() for k in keys}
+    match = difflib.get_close_matches(name, list(every.values()), n=1)
+    if match:
+        dotted = next(d for d, k in every.items() if k == match[0])
+        return f"; did you mean '{dotted}'?"
+    return ""
+
+
+class _Merged:
+    """The merged raw values, section -> key -> value, plus where each value came from."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict[str, object]] = {s: {} for s in _SCHEMA}
+        self.sources: dict[str, str] = {}
+
+    def resolve(self, parts: list[str], source: str) -> tuple[str, str | None]:
+        """Check a key path against the schema: (section, key or None for a whole section)."""
+        dotted = ".".join(parts)
+        section = parts[0]
+        if section not in _SCHEMA:
+            reason = "unknown section" if len(parts) == 1 else "unknown key"
+            raise ConfigError(dotted, reason + _suggest(section, tuple(_SCHEMA), ""), source=source)
+        if len(parts) == 1:
+            return section, None
+        key = parts[1]
+        if key not in _SCHEMA[section]:
+            raise ConfigError(
+                f"{section}.{key}",
+                "unknown key" + _suggest(key, _SCHEMA[section], f"{section}."),
+                source=source,
+            )
+        if len(parts) > 2:
+            raise ConfigError(
+                dotted,
+                f"unknown key: {section}.{key} is set as a whole, not by sub-key",
+                source=source,
+            )
+        return section, key
+
+    def set(self, parts: list[str], value: object, source: str) -> None:
+        section, key = self.resolve(parts, source)
+        if key is not None:
+            self.values[section][key] = value
+            self.sources[f"{section}.{key}"] = source
+            return
+        if value is None:  # "server:" with nothing under it
+            return
+        if not isinstance(value, Mapping):
+            raise ConfigError(
+                section, f"expected a mapping of keys, got {_describe(value)}", source=source
+            )
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(
+                    f"{section}.{k!r}", "unknown key (keys must be strings)", source=source
+                )
+            self.set([section, k], v, source)
+
+    def apply_file(self, data: Mapping[Any, Any], source: str) -> None:
+        for k, v in data.items():
+            if not isinstance(k, str):
+                raise ConfigError(repr(k), "unknown section (keys must be strings)", source=source)
+            self.set([k], v, source)
+
+
+def _env_entries(env: Mapping[str, str]) -> list[tuple[list[str], str, str]]:
+    """(key parts, raw value, source) for each config variable in ``env``.
+
+    A variable is a config variable when its name has the prefix and a ``__`` separator.
+    Prefixed names without one are left alone (the test harness uses e.g.
+    AVATAR_REQUIRE_NETNS), except ones that name a section (AVATAR_SERVER) or look like a
+    section with a single underscore (AVATAR_SERVER_PORT): those are reported as errors."""
+    entries = []
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :]
+        source = f"environment variable {name}"
+        if "__" not in rest:
+            lowered = rest.lower()
+            for section in _SCHEMA:
+                if lowered == section:
+                    raise ConfigError(
+                        section,
+                        f"set keys one by one: {ENV_PREFIX}{section.upper()}__<KEY>",
+                        source=source,
+                    )
+                if lowered.startswith(section + "_"):
+                    wanted = f"{ENV_PREFIX}{section.upper()}__{rest[len(section) + 1 :]}"
+                    raise ConfigError(
+                        f"{section}.{lowered[len(section) + 1 :]}",
+                        f"malformed variable name; use {wanted} (double underscore between "
+                        "section and key)",
+                        source=source,
+                    )
+            continue
+        parts = rest.lower().split("__")
+        if any(not p for p in parts):
+            raise ConfigError(
+                ".".join(parts), "malformed variable name (empty key segment)", source=source
+            )
+        entries.append((parts, env[name], source))
+    return entries
+
+
+def _parse_env_value(dotted: str, raw: str, source: str) -> object:
+    try:
+        value = yaml.load(raw, Loader=_StrictLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(dotted, f"cannot parse {raw!r} as YAML: {exc}", source=source) from None
+    if dotted in _STRING_KEYS and value is not None and not isinstance(value, str):
+        return raw  # "007", "off", "1.5" stay strings where a string is expected
+    return value
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _describe(value: object) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+class _Section:
+    """Typed getters over one merged section; errors name the full key and its source."""
+
+    def __init__(self, merged: _Merged, name: str) -> None:
+        self.merged = merged
+        self.name = name
+        self.values = merged.values[name]
+
+    def error(self, key: str, reason: str) -> ConfigError:
+        dotted = f"{self.name}.{key}"
+        base = f"{self.name}.{key.split('[')[0]}"  # ice_servers[0].urls -> ice_servers
+        return ConfigError(dotted, reason, source=self.merged.sources.get(base))
+
+    def raw(self, key: str) -> object:
+        if key not in self.values:
+            raise self.error(key, "missing (defaults.yaml does not define it)")
+        return self.values[key]
+
+    def get_int(self, key: str, lo: int | None = None, hi: int | None = None) -> int:
+        value = self.raw(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"expected int, got {_describe(value)}")
+        _check_range(self, key, value, lo, hi)
+        return value
+
+    def get_float(
+        self, key: str, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False
+    ) -> float:
+        value = self.raw(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(key, f"expected float, got {_describe(value)}")
+        number = float(value)
+        if not math.isfinite(number):
+            raise self.error(key, f"must be a finite number, got {value!r}")
+        if lo_open and lo is not None and number <= lo:
+            raise self.error(key, f"must be > {lo}, got {value!r}")
+        _check_range(self, key, number, lo, hi)
+        return number
+
+    def get_str(self, key: str) -> str:
+        value = self.raw(key)
+        if not isinstance(value, str):
+            raise self.error(key, f"expected str, got {_describe(value)}")
+        if not value.strip():
+            raise self.error(key, "must not be empty")
+        return value
+
+    def get_optional_str(self, key: str) -> str | None:
+        if self.raw(key) is None:
+            return None
+        value = self.raw(key)
+        if not isinstance(value, str):
+            raise self.error(key, f"expected str or null, got {_describe(value)}")
+        if not value.strip():
+            raise self.error(key, "must not be empty (use null for the default)")
+        return value
+
+    def get_choice(self, key: str, choices: tuple[_T, ...]) -> _T:
+        value = self.raw(key)
+        for c in choices:
+            # type() check: True must not match 1, nor 1.0 match 1.
+            if type(value) is type(c) and value == c:
+                return c
+        allowed = ", ".join(str(c) for c in choices)
+        raise self.error(key, f"must be one of {allowed}; got {_describe(value)}")
+
+
+def _check_range(
+    section: _Section, key: str, value: float, lo: float | None, hi: float | None
+) -> None:
+    if lo is not None and hi is not None and not lo <= value <= hi:
+        raise section.error(key, f"must be in {lo}..{hi}, got {value!r}")
+    if lo is not None and value < lo:
+        raise section.error(key, f"must be >= {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise section.error(key, f"must be <= {hi}, got {value!r}")
+
+
+def _server(s: _Section) -> ServerSettings:
+    return ServerSettings(
+        host=s.get_str("host"),
+        port=s.get_int("port", 1, 65535),
+        max_body_bytes=s.get_int("max_body_bytes", 1024),
+        log_level=s.get_choice("log_level", get_args(LogLevel)),
+    )
+
+
+def _media(s: _Section) -> MediaSettings:
+    fps = s.get_int("fps", 1, 60)
+    if RTP_VIDEO_CLOCK_HZ % fps:
+        raise s.error("fps", f"must divide {RTP_VIDEO_CLOCK_HZ} exactly, got {fps}")
+    sizes = {}
+    for key, hi in (("video_width", 3840), ("video_height", 2160)):
+        sizes[key] = s.get_int(key, 64, hi)
+        if sizes[key] % 2:
+            raise s.error(key, f"must be even, got {sizes[key]}")
+    render_lead_ms = s.get_int("render_lead_ms", 40, 2000)
+    schedule_lead_ms = s.get_int("schedule_lead_ms", 40, 5000)
+    if schedule_lead_ms <= render_lead_ms:
+        raise s.error(
+            "schedule_lead_ms",
+            f"must be greater than media.render_lead_ms ({render_lead_ms}), got {schedule_lead_ms}",
+        )
+    return MediaSettings(
+        fps=fps,
+        audio_sample_rate=s.get_choice("audio_sample_rate", get_args(SampleRate)),
+        audio_frame_ms=s.get_choice("audio_frame_ms", get_args(AudioFrameMs)),
+        video_width=sizes["video_width"],
+        video_height=sizes["video_height"],
+        render_lead_ms=render_lead_ms,
+        schedule_lead_ms=schedule_lead_ms,
+        crossfade_frames=s.get_int("crossfade_frames", 0, 25),
+    )
+
+
+def _ice_server(s: _Section, index: int, item: object) -> IceServer:
+    key = f"ice_servers[{index}]"
+    if not isinstance(item, Mapping):
+        raise s.error(key, f"expected a mapping with 'urls', got {_describe(item)}")
+    for k in item:
+        if k not in _ICE_SERVER_KEYS:
+            hint = _suggest(k, _ICE_SERVER_KEYS, "", anywhere=False) if isinstance(k, str) else ""
+            raise s.error(f"{key}.{k}", "unknown key" + hint)
+    if "urls" not in item:
+        raise s.error(f"{key}.urls", "missing (required)")
+    urls = item["urls"]
+    if isinstance(urls, str):
+        urls = [urls]
+    if not isinstance(urls, list) or not urls:
+        raise s.error(
+            f"{key}.urls", f"expected a url or a non-empty list of urls, got {_describe(urls)}"
+        )
+    for j, url in enumerate(urls):
+        if not isinstance(url, str):
+            raise s.error(f"{key}.urls[{j}]", f"expected str, got {_describe(url)}")
+        scheme, _, rest = url.partition(":")
+        if scheme.lower() not in ICE_URL_SCHEMES or not rest.strip():
+            raise s.error(
+                f"{key}.urls[{j}]",
+                f"must be a stun:, turn: or turns: url, got {url!r}",
+            )
+    creds: dict[str, str | None] = {}
+    for k in ("username", "credential"):
+        v = item.get(k)
+        if v is not None and not isinstance(v, str):
+            shown = _describe(v) if k == "username" else type(v).__name__
+            raise s.error(f"{key}.{k}", f"expected str or null, got {shown}")
+        creds[k] = v
+    if any(u.partition(":")[0].lower() in ("turn", "turns") for u in urls) and (
+        creds["username"] is None or creds["credential"] is None
+    ):
+        raise s.error(key, "turn:/turns: urls need both username and credential")
+    return IceServer(urls=tuple(urls), username=creds["username"], credential=creds["credential"])
+
+
+def _webrtc(s: _Section) -> WebRTCSettings:
+    raw = s.raw("ice_servers")
+    if raw is None:
+        raw = []
+    if not isinstance(raw, list):
+        raise s.error("ice_servers", f"expected a list of ICE servers, got {_describe(raw)}")
+    return WebRTCSettings(
+        ice_servers=tuple(_ice_server(s, i, item) for i, item in enumerate(raw)),
+        host_candidates=s.get_choice("host_candidates", get_args(HostCandidates)),
+    )
+
+
+def _sessions(s: _Section) -> SessionSettings:
+    return SessionSettings(
+        max_concurrent=s.get_int("max_concurrent", 1),
+        idle_timeout_s=s.get_float("idle_timeout_s", 0),
+        disconnect_grace_s=s.get_float("disconnect_grace_s", 0),
+        connect_timeout_s=s.get_float("connect_timeout_s", 0, lo_open=True),
+    )
+
+
+def _avatars(s: _Section) -> AvatarSettings:
+    return AvatarSettings(default=s.get_str("default"), data_dir=s.get_str("data_dir"))
+
+
+def _engines(s: _Section) -> EngineSettings:
+    return EngineSettings(
+        tts=s.get_choice("tts", get_args(TtsEngine)),
+        lipsync=s.get_choice("lipsync", get_args(LipsyncEngine)),
+        piper_voice=s.get_optional_str("piper_voice"),
+        tts_speed=s.get_float("tts_speed", 0.5, 2.0),
+    )
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_settings(
+    *,
+    config_file: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Settings:
+    """Load defaults.yaml <- ``config_file`` <- ``AVATAR_*`` environment <- ``overrides``.
+
+    ``env=None`` reads ``os.environ``; pass ``{}`` to ignore the environment.
+    ``overrides`` maps dotted keys to already-typed values, e.g. ``{"server.port": 9000}``;
+    leave a key out rather than passing None for "not given" (None is a real value).
+    Raises :class:`ConfigError` on any problem."""
+    merged = _Merged()
+    merged.apply_file(_read_yaml_file(DEFAULTS_FILE), f"defaults {DEFAULTS_FILE}")
+
+    if config_file is not None:
+        path = Path(config_file)
+        merged.apply_file(_read_yaml_file(path), f"config file {path}")
+
+    for parts, raw, source in _env_entries(os.environ if env is None else env):
+        section, key = merged.resolve(parts, source)
+        dotted = section if key is None else f"{section}.{key}"
+        merged.set(parts, _parse_env_value(dotted, raw, source), source)
+
+    for dotted_key, value in (overrides or {}).items():
+        if not isinstance(dotted_key, str) or not dotted_key or "" in dotted_key.split("."):
+            raise ConfigError(str(dotted_key), "malformed override key", source="overrides")
+        merged.set(dotted_key.split("."), value, "overrides")
+
+    return Settings(
+        server=_server(_Section(merged, "server")),
+        media=_media(_Section(merged, "media")),
+        webrtc=_webrtc(_Section(merged, "webrtc")),
+        sessions=_sessions(_Section(merged, "sessions")),
+        avatars=_avatars(_Section(merged, "avatars")),
+        engines=_engines(_Section(merged, "engines")),
+    )
