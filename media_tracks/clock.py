@@ -19,8 +19,9 @@ NS_PER_S = 1_000_000_000
 
 
 def pts_to_ns(pts: int, time_base: Fraction) -> int:
-    """Media time in ns of ``pts`` (floor; exact for 48 kHz and 90 kHz time bases)."""
-    return pts * time_base.numerator * NS_PER_S // time_base.denominator
+    """The first ns at which ``pts`` has been reached (ceil), so that
+    ``ns_to_pts(pts_to_ns(p)) == p``."""
+    return -((-pts * time_base.numerator * NS_PER_S) // time_base.denominator)
 
 
 def ns_to_pts(t_ns: int, time_base: Fraction) -> int:

@@ -1,0 +1,131 @@
+import numpy as np
+import pytest
+
+from media_tracks.clock import ManualClock
+from media_tracks.compositor import Compositor, Segment
+
+SR = 48000
+FPS = 25
+SPF = SR // FPS  # samples per video frame
+
+
+def make(clock=None, events=None, lead_ms=300, fade=5):
+    return Compositor(
+        clock=clock or ManualClock(),
+        fps=FPS,
+        sample_rate=SR,
+        schedule_lead_ms=lead_ms,
+        crossfade_frames=fade,
+        on_event=(events.append if events is not None else None),
+    )
+
+
+def tone(n, value=1000):
+    return np.full(n, value, dtype=np.int16)
+
+
+def test_silence_when_nothing_is_scheduled():
+    comp = make()
+    out = comp.audio_at(0, 960)
+    assert out.dtype == np.int16 and out.shape == (960,) and not out.any()
+    plan = comp.frame_plan(3)
+    assert plan.mouth == 0 and plan.segment_id is None and plan.t_ns == 120_000_000
+
+
+def test_segment_starts_on_frame_boundary_after_lead():
+    clock = ManualClock(start_ns=1_010_000_000)  # 1.01 s
+    comp = make(clock)
+    s = comp.schedule(Segment(pcm=tone(SPF * 3), mouth=np.ones(3, np.float32)))
+    # earliest = 1.31 s -> next frame boundary 1.32 s = frame 33
+    assert s.first_frame == 33
+    assert s.start == 33 * SPF
+    assert s.start % SPF == 0
+
+
+def test_audio_samples_play_at_start_plus_i():
+    comp = make()
+    pcm = np.arange(1, SPF * 2 + 1, dtype=np.int16)
+    s = comp.schedule(Segment(pcm=pcm, mouth=np.zeros(2, np.float32)))
+    before = comp.audio_at(s.start - 480, 960)
+    assert not before[:480].any()
+    assert list(before[480:483]) == [1, 2, 3]
+    mid = comp.audio_at(s.start + 100, 10)
+    assert list(mid) == list(range(101, 111))
+    after = comp.audio_at(s.end, 960)
+    assert not after.any()
+
+
+def test_video_frame_k_reads_mouth_of_same_audio_window():
+    comp = make(fade=0)
+    mouth = np.linspace(0.1, 1.0, 10).astype(np.float32)
+    s = comp.schedule(Segment(pcm=tone(SPF * 10), mouth=mouth))
+    for j in range(10):
+        plan = comp.frame_plan(s.first_frame + j)
+        assert plan.mouth == pytest.approx(float(mouth[j]))
+        # frame k covers exactly the segment's samples [j*SPF, (j+1)*SPF)
+        assert comp.frame_start_sample(plan.index) - s.start == j * SPF
+    assert comp.frame_plan(s.first_frame - 1).segment_id is None
+    assert comp.frame_plan(s.first_frame + 10).segment_id is None
+
+
+def test_crossfade_in_and_out_over_five_frames():
+    comp = make(fade=5)
+    n = 30
+    s = comp.schedule(Segment(pcm=tone(SPF * n), mouth=np.ones(n, np.float32)))
+    blends = [comp.frame_plan(s.first_frame + j).blend for j in range(n)]
+    assert blends[:5] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6])
+    assert all(b == 1.0 for b in blends[5:-5])
+    assert blends[-5:] == pytest.approx([5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
+    # mouth is scaled by the cross-fade
+    assert comp.frame_plan(s.first_frame).mouth == pytest.approx(1 / 6)
+
+
+def test_second_segment_queues_back_to_back_without_fade_between():
+    comp = make(fade=5)
+    a = comp.schedule(Segment(pcm=tone(SPF * 10 + 5), mouth=np.ones(11, np.float32)))
+    b = comp.schedule(Segment(pcm=tone(SPF * 10), mouth=np.ones(10, np.float32)))
+    assert b.first_frame == a.first_frame + 11  # next frame boundary after a's end
+    assert b.start >= a.end
+    assert comp.frame_plan(a.first_frame + a.n_frames - 1).blend == 1.0
+    assert comp.frame_plan(b.first_frame).blend == 1.0
+    assert comp.frame_plan(b.first_frame + 9).blend < 1.0  # fades out at the very end
+
+
+def test_state_events_follow_playout_in_order():
+    events = []
+    comp = make(events=events)
+    a = comp.schedule(Segment(pcm=tone(SPF * 5), mouth=np.ones(5, np.float32)))
+    comp.schedule(Segment(pcm=tone(SPF * 5), mouth=np.ones(5, np.float32)))
+    pts = 0
+    while pts < a.start:
+        comp.audio_at(pts, 960)
+        pts += 960
+    assert events == []
+    comp.audio_at(pts, 960)
+    assert events == [{"type": "state", "state": "speaking"}]
+    for _ in range(40):
+        pts += 960
+        comp.audio_at(pts, 960)
+    # both segments played with no idle in between
+    assert events == [
+        {"type": "state", "state": "speaking"},
+        {"type": "state", "state": "idle"},
+    ]
+
+
+def test_flash_frames_are_planned_on_their_frames():
+    comp = make()
+    s = comp.schedule(
+        Segment(pcm=tone(SPF * 20), mouth=np.zeros(0, np.float32), flash_frames=frozenset({3}))
+    )
+    assert comp.frame_plan(s.first_frame + 3).flash
+    assert not comp.frame_plan(s.first_frame + 2).flash
+    assert not comp.frame_plan(s.first_frame + 4).flash
+
+
+def test_clear_drops_unplayed_segments():
+    comp = make()
+    comp.schedule(Segment(pcm=tone(SPF), mouth=np.ones(1, np.float32)))
+    comp.clear()
+    assert comp.queued == 0
+    assert not comp.audio_at(0, SR).any()
