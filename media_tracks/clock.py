@@ -114,3 +114,4 @@ class ManualClock(MediaClock):
                 for _ in range(8):
                     await asyncio.sleep(0)
         self._now = target
+        await asyncio.sleep(0)

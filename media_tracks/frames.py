@@ -19,20 +19,13 @@ from media_tracks.compositor import Compositor, FramePlan
 
 logger = logging.getLogger(__name__)
 
-# cv2's RGB->I420 is full range; WebRTC decoders assume BT.601 limited range.
-_LUT_Y = np.array([16 + round(v * 219 / 255) for v in range(256)], dtype=np.uint8)
-_LUT_C = np.array([128 + round((v - 128) * 224 / 255) for v in range(256)], dtype=np.uint8)
-
 Yuv = np.ndarray  # (h * 3 // 2, w) uint8, planar I420, limited range
 
 
 def rgb_to_i420(rgb: np.ndarray) -> Yuv:
-    """RGB (h, w, 3) uint8 -> I420 limited-range planes stacked as (h*3//2, w)."""
-    h = rgb.shape[0]
-    yuv = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)
-    yuv[:h] = cv2.LUT(yuv[:h], _LUT_Y)
-    yuv[h:] = cv2.LUT(yuv[h:], _LUT_C)
-    return yuv
+    """RGB (h, w, 3) uint8 -> I420 planes stacked as (h*3//2, w), BT.601 limited range
+    (what WebRTC decoders assume; OpenCV's conversion is already limited range)."""
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)
 
 
 def flash_i420(width: int, height: int) -> Yuv:

@@ -1,0 +1,1 @@
+"""The server: aiohttp app factory, signaling, sessions, and the headless bot client."""

@@ -1,0 +1,188 @@
+"""The aiohttp application: signaling, sessions, health, and the web pages."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from aiohttp import web
+
+from avatars.library import AvatarLibrary
+from config import Settings
+from pipeline.errors import AvatarServerError, BadRequest, ServerFull
+from pipeline.tts import PiperTTS, TextToSpeech
+from rtc_server.ice import use_host_candidates
+from rtc_server.session import Session
+
+logger = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+RETRY_AFTER_S = 5
+
+SETTINGS = web.AppKey("settings", Settings)
+SESSIONS = web.AppKey("sessions", dict)
+AVATARS = web.AppKey("avatars", AvatarLibrary)
+TTS = web.AppKey("tts", TextToSpeech)  # type: ignore[type-abstract]
+RENDER_POOL = web.AppKey("render_pool", ThreadPoolExecutor)
+
+
+def json_error(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> (
+    web.Response
+):
+    return web.json_response({"error": error, "detail": detail}, status=status, headers=headers)
+
+
+@web.middleware
+async def errors_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every failure is a JSON ``{error, detail}`` with a fitting status, never a traceback."""
+    try:
+        return await handler(request)
+    except ServerFull as exc:
+        return json_error(
+            exc.status, exc.code, exc.detail, headers={"Retry-After": str(exc.retry_after_s)}
+        )
+    except AvatarServerError as exc:
+        return json_error(exc.status, exc.code, exc.detail)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return json_error(413, "body_too_large", exc.text or "request body too large")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return json_error(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        logger.exception("unhandled error on %s %s", request.method, request.path)
+        return json_error(500, "internal_error", "the server failed; see its log")
+
+
+async def read_json_object(request: web.Request) -> dict[str, object]:
+    if request.content_type != "application/json":
+        raise BadRequest(f"Content-Type must be application/json, not {request.content_type!r}")
+    body = await request.read()  # raises 413 past client_max_size
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BadRequest("body must be a JSON object")
+    return data
+
+
+async def handle_offer(request: web.Request) -> web.Response:
+    app = request.app
+    settings = app[SETTINGS]
+    data = await read_json_object(request)
+    sdp, kind = data.get("sdp"), data.get("type")
+    if not isinstance(sdp, str) or not sdp.strip():
+        raise BadRequest("field 'sdp' (string) is required")
+    if kind != "offer":
+        raise BadRequest("field 'type' must be \"offer\"")
+    if not sdp.lstrip().startswith("v=0"):
+        raise BadRequest("field 'sdp' is not an SDP description (must start with v=0)")
+    avatar_id = data.get("avatar_id", settings.avatars.default)
+    if not isinstance(avatar_id, str):
+        raise BadRequest("field 'avatar_id' must be a string")
+    sessions: dict[str, Session] = app[SESSIONS]
+    if len(sessions) >= settings.sessions.max_concurrent:
+        raise ServerFull(
+            f"the server is at its limit of {settings.sessions.max_concurrent} sessions",
+            retry_after_s=RETRY_AFTER_S,
+        )
+    library = app[AVATARS]
+    loop = asyncio.get_running_loop()
+    avatar = await loop.run_in_executor(app[RENDER_POOL], library.get, avatar_id)
+    session = Session(
+        settings=settings,
+        avatar=avatar,
+        tts=app[TTS],
+        render_executor=app[RENDER_POOL],
+        on_closed=lambda s: sessions.pop(s.id, None),
+    )
+    sessions[session.id] = session
+    try:
+        answer = await session.accept_offer(sdp)
+    except BaseException:
+        await session.aclose("offer failed")
+        raise
+    logger.info("session %s created (avatar %s)", session.id[:8], avatar_id)
+    return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session.id})
+
+
+async def handle_sessions(request: web.Request) -> web.Response:
+    sessions: dict[str, Session] = request.app[SESSIONS]
+    return web.json_response({"sessions": [s.describe() for s in list(sessions.values())]})
+
+
+async def handle_delete_session(request: web.Request) -> web.Response:
+    sessions: dict[str, Session] = request.app[SESSIONS]
+    session = sessions.get(request.match_info["session_id"])
+    if session is None:
+        return json_error(404, "not_found", "no such session")
+    await session.aclose("deleted by API")
+    return web.json_response({"id": session.id, "state": session.state})
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    return web.json_response(
+        {"status": "ok", "sessions": len(request.app[SESSIONS])}
+    )
+
+
+async def handle_index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(WEB_DIR / "index.html")
+
+
+def create_app(settings: Settings, *, tts: TextToSpeech | None = None) -> web.Application:
+    """The application. ``tts`` replaces the configured voice (tests pass a fake)."""
+    app = web.Application(
+        client_max_size=settings.server.max_body_bytes, middlewares=[errors_middleware]
+    )
+    app[SETTINGS] = settings
+    app[SESSIONS] = {}
+    use_host_candidates(settings.webrtc.host_candidates)
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="render")
+        app[RENDER_POOL] = pool
+        media = settings.media
+        library = AvatarLibrary(
+            data_dir=Path(settings.avatars.data_dir),
+            width=media.video_width,
+            height=media.video_height,
+        )
+        app[AVATARS] = library
+        loop = asyncio.get_running_loop()
+        # the default avatar must load, or the server does not start
+        await loop.run_in_executor(pool, library.get, settings.avatars.default)
+        if tts is None:
+            voice = settings.engines.piper_voice
+            piper = PiperTTS(
+                voice_path=Path(voice) if voice else None,
+                sample_rate=media.audio_sample_rate,
+                speed=settings.engines.tts_speed,
+            )
+            await piper.aload()
+            app[TTS] = piper
+        else:
+            app[TTS] = tts
+        yield
+        sessions: dict[str, Session] = app[SESSIONS]
+        await asyncio.gather(*(s.aclose("server shutting down") for s in list(sessions.values())))
+        pool.shutdown(wait=True, cancel_futures=True)
+
+    app.cleanup_ctx.append(resources)
+    app.router.add_get("/", handle_index)
+    app.router.add_get("/health", handle_health)
+    app.router.add_post("/offer", handle_offer)
+    app.router.add_get("/sessions", handle_sessions)
+    app.router.add_delete("/sessions/{session_id}", handle_delete_session)
+    app.router.add_static("/web/", WEB_DIR, show_index=False)
+    return app

@@ -1,0 +1,325 @@
+"""Headless bot: joins a call like a browser would and measures what it receives.
+
+``python -m rtc_server.bot --url URL [--mic FILE.wav] [--say TEXT] [--seconds N]
+[--record OUT.mp4] [--clapper N] [--avatar ID]``
+
+Prints one JSON summary: time to first video/audio frame, fps received, frame-interval
+jitter, audio gaps, state events, and the A/V offset of a clapper segment measured as a
+browser lines the streams up: each stream's RTP timestamps mapped to the sender's wall clock
+through its RTCP sender reports (and, for reference, by arrival time)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import json
+import socket
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+import aiohttp
+import numpy as np
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCRtpReceiver,
+    RTCSessionDescription,
+)
+from aiortc.contrib.media import MediaPlayer, MediaRecorder
+from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
+from aiortc.rtcp import RtcpSrPacket
+
+from media_tracks.clapper import detect_beep_onsets, detect_flash_onsets, pair_offsets_ms
+from rtc_server.ice import use_host_candidates
+
+NTP_EPOCH_OFFSET = 0  # both streams' SRs use the same sender clock; only differences matter
+
+
+@dataclass
+class StreamLog:
+    """What one receiver decoded: relative RTP pts and local arrival time (monotonic s)."""
+
+    kind: str
+    clock_rate: int
+    pts: list[int] = field(default_factory=list)
+    arrival: list[float] = field(default_factory=list)
+    lumas: list[float] = field(default_factory=list)  # video: mean luma per frame
+    audio: list[np.ndarray] = field(default_factory=list)  # audio: mono int16 per frame
+    sender_reports: list[tuple[int, int]] = field(default_factory=list)  # (ntp64, rtp raw)
+    receiver: RTCRtpReceiver | None = None
+
+    def rtp_origin(self) -> int | None:
+        mapper = getattr(self.receiver, "_RTCRtpReceiver__timestamp_mapper", None)
+        return getattr(mapper, "_origin", None)
+
+    def sender_time_s(self, rel_pts: int) -> float | None:
+        """Sender wall-clock time (s, NTP) of relative pts, via the latest sender report."""
+        origin = self.rtp_origin()
+        if origin is None or not self.sender_reports:
+            return None
+        ntp, rtp_sr = self.sender_reports[-1]
+        raw = (origin + rel_pts) & 0xFFFFFFFF
+        diff = ((raw - rtp_sr + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)  # signed 32-bit
+        return (ntp >> 32) + (ntp & 0xFFFFFFFF) / 2**32 + diff / self.clock_rate
+
+
+def instrument(receiver: RTCRtpReceiver, log: StreamLog) -> None:
+    """Record the RTCP sender reports a receiver gets (aiortc keeps only stats of them)."""
+    log.receiver = receiver
+    original = receiver._handle_rtcp_packet
+
+    async def handle(packet: Any) -> None:
+        if isinstance(packet, RtcpSrPacket):
+            log.sender_reports.append(
+                (packet.sender_info.ntp_timestamp, packet.sender_info.rtp_timestamp)
+            )
+        await original(packet)
+
+    receiver._handle_rtcp_packet = handle  # type: ignore[method-assign]
+
+
+def is_loopback_url(url: str) -> bool:
+    host = urlparse(url).hostname or ""
+    try:
+        return all(
+            ipaddress.ip_address(info[4][0]).is_loopback
+            for info in socket.getaddrinfo(host, None)
+        )
+    except (OSError, ValueError):
+        return False
+
+
+class Bot:
+    def __init__(
+        self,
+        url: str,
+        *,
+        mic: str | None = None,
+        avatar_id: str | None = None,
+        record: str | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.avatar_id = avatar_id
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.video = StreamLog("video", 90_000)
+        self.audio = StreamLog("audio", 48_000)
+        self.events: list[dict[str, Any]] = []
+        self.session_id: str | None = None
+        self.t0 = 0.0
+        self._player = MediaPlayer(mic, loop=True) if mic else None
+        self._recorder = MediaRecorder(record) if record else None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._opened = asyncio.Event()
+        self._event_cond = asyncio.Condition()
+        self.channel = self.pc.createDataChannel("control")
+        self.channel.on("open", self._opened.set)
+        self.channel.on("message", self._on_message)
+        self.pc.on("track", self._on_track)
+
+    def _on_message(self, raw: str | bytes) -> None:
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            return
+        event["_t"] = round(time.monotonic() - self.t0, 4)
+        self.events.append(event)
+
+        async def notify() -> None:
+            async with self._event_cond:
+                self._event_cond.notify_all()
+
+        self._tasks.append(asyncio.ensure_future(notify()))
+
+    async def wait_event(self, pred: Any, timeout: float) -> dict[str, Any]:
+        """The first event (already received or coming) for which ``pred(event)`` is true."""
+        seen = 0
+
+        async def find() -> dict[str, Any]:
+            nonlocal seen
+            async with self._event_cond:
+                while True:
+                    for e in self.events[seen:]:
+                        if pred(e):
+                            return e
+                    seen = len(self.events)
+                    await self._event_cond.wait()
+
+        return await asyncio.wait_for(find(), timeout)
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        log = self.video if track.kind == "video" else self.audio
+        if self._recorder is not None:
+            self._recorder.addTrack(track)
+        self._tasks.append(asyncio.ensure_future(self._consume(track, log)))
+
+    async def _consume(self, track: MediaStreamTrack, log: StreamLog) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            log.arrival.append(time.monotonic())
+            log.pts.append(int(frame.pts or 0))
+            if log.kind == "video":
+                y = frame.to_ndarray(format="gray")  # type: ignore[union-attr]
+                log.lumas.append(float(y.mean()))
+            else:
+                arr = frame.to_ndarray()  # type: ignore[union-attr]
+                channels = len(frame.layout.channels)  # type: ignore[union-attr]
+                log.audio.append(arr.reshape(-1, channels)[:, 0].astype(np.int16))
+
+    async def connect(self) -> None:
+        self.t0 = time.monotonic()
+        mic_track = self._player.audio if self._player else AudioStreamTrack()
+        self.pc.addTransceiver(mic_track, direction="sendrecv")
+        video_tr = self.pc.addTransceiver("video", direction="recvonly")
+        audio_tr = self.pc.getTransceivers()[0]
+        instrument(audio_tr.receiver, self.audio)
+        instrument(video_tr.receiver, self.video)
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        body: dict[str, Any] = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
+        if self.avatar_id:
+            body["avatar_id"] = self.avatar_id
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{self.url}/offer", json=body) as resp:
+                answer = await resp.json()
+                if resp.status != 200:
+                    raise RuntimeError(f"offer refused: {resp.status} {answer}")
+        self.session_id = answer["session_id"]
+        await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
+        if self._recorder is not None:
+            await self._recorder.start()
+        await asyncio.wait_for(self._opened.wait(), 15)
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.channel.send(json.dumps(message))
+
+    async def wait_first_video(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.video.arrival and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+
+    async def aclose(self) -> None:
+        if self._recorder is not None:
+            await self._recorder.stop()
+        if self._player is not None and self._player.audio is not None:
+            self._player.audio.stop()
+        await self.pc.close()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # --- analysis -------------------------------------------------------------------------
+    def av_offsets(self) -> dict[str, list[float]]:
+        """Clapper offsets (beep - flash, ms; positive = audio late): by sender clock through
+        RTCP sender reports, and by local arrival time."""
+        if not self.audio.audio or not self.video.lumas:
+            return {"sender_clock": [], "arrival": []}
+        flashes = detect_flash_onsets(self.video.lumas)
+        sizes = [len(a) for a in self.audio.audio]
+        samples = np.concatenate(self.audio.audio)
+        starts = np.cumsum([0, *sizes[:-1]])
+        beeps = detect_beep_onsets(samples, 48_000)
+        out: dict[str, list[float]] = {"sender_clock": [], "arrival": []}
+        beep_sender, beep_arrival = [], []
+        for b in beeps:
+            i = int(np.searchsorted(starts, b, side="right") - 1)
+            rel_pts = self.audio.pts[i] + (b - int(starts[i]))
+            s = self.audio.sender_time_s(rel_pts)
+            if s is not None:
+                beep_sender.append(s * 1000)
+            beep_arrival.append((self.audio.arrival[i] + (b - int(starts[i])) / 48_000) * 1000)
+        flash_sender, flash_arrival = [], []
+        for f in flashes:
+            s = self.video.sender_time_s(self.video.pts[f])
+            if s is not None:
+                flash_sender.append(s * 1000)
+            flash_arrival.append(self.video.arrival[f] * 1000)
+        out["sender_clock"] = [round(x, 2) for x in pair_offsets_ms(beep_sender, flash_sender)]
+        out["arrival"] = [round(x, 2) for x in pair_offsets_ms(beep_arrival, flash_arrival)]
+        return out
+
+    def summary(self, window: tuple[float, float] | None = None) -> dict[str, Any]:
+        v, a = self.video, self.audio
+        arr = v.arrival
+        if window is not None:
+            arr = [t for t in arr if window[0] <= t - self.t0 <= window[1]]
+        intervals = np.diff(arr) * 1000 if len(arr) > 2 else np.zeros(0)
+        duration = (arr[-1] - arr[0]) if len(arr) > 1 else 0.0
+        gaps, gap_ms = 0, 0.0
+        for p0, p1, n0 in zip(a.pts, a.pts[1:], a.audio, strict=False):
+            missing = p1 - p0 - len(n0)
+            if missing > 0:
+                gaps += 1
+                gap_ms += missing / 48
+        offsets = self.av_offsets()
+        sender = offsets["sender_clock"]
+        return {
+            "session_id": self.session_id,
+            "first_video_frame_ms": round((v.arrival[0] - self.t0) * 1000, 1) if v.arrival
+            else None,
+            "first_audio_frame_ms": round((a.arrival[0] - self.t0) * 1000, 1) if a.arrival
+            else None,
+            "video_frames": len(v.arrival),
+            "audio_frames": len(a.arrival),
+            "fps_received": round((len(arr) - 1) / duration, 2) if duration > 0 else 0.0,
+            "frame_interval_ms": {
+                "mean": round(float(intervals.mean()), 2) if intervals.size else None,
+                "jitter_std": round(float(intervals.std()), 2) if intervals.size else None,
+                "max": round(float(intervals.max()), 2) if intervals.size else None,
+            },
+            "audio_gaps": {"count": gaps, "total_ms": round(gap_ms, 1)},
+            "av_offset_ms": round(statistics.mean(sender), 2) if sender else None,
+            "av_offsets_ms": offsets,
+            "events": [e for e in self.events if e.get("type") != "hello"],
+        }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.ice == "loopback" or (args.ice == "auto" and is_loopback_url(args.url)):
+        use_host_candidates("loopback")
+    bot = Bot(args.url, mic=args.mic, avatar_id=args.avatar, record=args.record)
+    try:
+        await bot.connect()
+        await bot.wait_first_video(15)
+        if args.say:
+            bot.send({"type": "say", "text": args.say})
+        if args.clapper:
+            bot.send({"type": "clapper", "count": args.clapper})
+        await asyncio.sleep(args.seconds)
+        return bot.summary()
+    finally:
+        with contextlib.suppress(Exception):
+            await bot.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rtc_server.bot", description=__doc__)
+    p.add_argument("--url", required=True, help="server base URL, e.g. http://localhost:8080")
+    p.add_argument("--mic", help="a WAV file sent (looped) as the bot's microphone")
+    p.add_argument("--say", help="text for the avatar to speak once connected")
+    p.add_argument("--clapper", type=int, default=0, help="play an A/V sync test of N flashes")
+    p.add_argument("--seconds", type=float, default=10.0, help="how long to stay in the call")
+    p.add_argument("--record", help="record received audio+video to this file (.mp4)")
+    p.add_argument("--avatar", help="avatar id to request")
+    p.add_argument("--ice", choices=["auto", "all", "loopback"], default="auto",
+                   help="host candidates: loopback for a loopback URL (auto) or all interfaces")
+    args = p.parse_args(argv)
+    try:
+        summary = asyncio.run(run(args))
+    except (RuntimeError, OSError, TimeoutError, aiohttp.ClientError) as exc:
+        print(json.dumps({"error": str(exc) or type(exc).__name__}))
+        return 1
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

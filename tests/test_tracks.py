@@ -1,0 +1,161 @@
+"""Tracks paced by a ManualClock: deadlines from the epoch, pts grids, repeated frames."""
+
+import asyncio
+from concurrent.futures import Executor, Future
+from fractions import Fraction
+
+import numpy as np
+
+from media_tracks.clock import VIDEO_TIME_BASE, ManualClock
+from media_tracks.compositor import Compositor, FramePlan, Segment
+from media_tracks.frames import FrameProducer, flash_i420, rgb_to_i420
+from media_tracks.tracks import AvatarAudioTrack, AvatarVideoTrack
+
+SR, FPS, W, H = 48000, 25, 64, 48
+
+
+class InlineExecutor(Executor):
+    """Runs submitted work at once, so rendering is deterministic under a ManualClock."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except Exception as exc:
+            fut.set_exception(exc)
+        return fut
+
+
+def setup(clock, render=None, lead_ms=80):
+    comp = Compositor(clock=clock, fps=FPS, sample_rate=SR, schedule_lead_ms=120,
+                      crossfade_frames=0)
+    calls: list[FramePlan] = []
+
+    def default_render(plan: FramePlan) -> np.ndarray:
+        calls.append(plan)
+        if plan.flash:
+            return flash_i420(W, H)
+        y = np.full((H * 3 // 2, W), 128, np.uint8)
+        y[:H] = min(255, plan.index)  # frame index encoded in luma
+        return y
+
+    frames = FrameProducer(clock=clock, compositor=comp, render=render or default_render,
+                           lead_ms=lead_ms, executor=InlineExecutor())
+    audio = AvatarAudioTrack(clock=clock, compositor=comp, sample_rate=SR, frame_samples=960)
+    video = AvatarVideoTrack(clock=clock, compositor=comp, frames=frames)
+    return comp, frames, audio, video, calls
+
+
+async def pull(track, clock, step_ns):
+    task = asyncio.ensure_future(track.recv())
+    for _ in range(1000):
+        await asyncio.sleep(0)
+        if task.done():
+            return task.result()
+        await clock.advance(step_ns)
+    raise AssertionError("recv never returned")
+
+
+async def test_audio_pts_are_sample_counts_released_at_their_deadline():
+    clock = ManualClock(start_ns=5_000_000)  # 5 ms after the epoch
+    _, _, audio, _, _ = setup(clock)
+    got = []
+    for _ in range(5):
+        frame = await pull(audio, clock, 1_000_000)
+        got.append((frame.pts, clock.now_ns()))
+        assert frame.time_base == Fraction(1, SR)
+        assert frame.samples == 960 and frame.format.name == "s16"
+    # starts on the first 20 ms boundary after "now", then every 960 samples
+    assert [p for p, _ in got] == [960, 1920, 2880, 3840, 4800]
+    for pts, released in got:
+        assert released == pts * 1_000_000_000 // SR  # exactly at epoch + pts * time_base
+
+
+async def test_audio_never_drifts_over_an_hour_of_frames():
+    clock = ManualClock()
+    _, _, audio, _, _ = setup(clock)
+    audio._pts = 48000 * 3600 - 960  # resume just before the one-hour mark
+    frame = await pull(audio, clock, 1_000_000_000 * 3600)
+    assert frame.pts == 48000 * 3600
+    assert clock.now_ns() >= 3600 * 1_000_000_000
+
+
+async def test_video_pts_on_90khz_grid_and_frames_rendered_ahead():
+    clock = ManualClock()
+    comp, frames, _, video, calls = setup(clock)
+    frames.start()
+    out = []
+    for _ in range(6):
+        f = await pull(video, clock, 10_000_000)
+        out.append(f)
+    assert [f.pts for f in out] == [0, 3600, 7200, 10800, 14400, 18000]
+    assert all(f.time_base == VIDEO_TIME_BASE for f in out)
+    assert (out[0].width, out[0].height) == (W, H)
+    # frame k carries the pixels rendered for plan k (luma encodes the index)
+    for k, f in enumerate(out):
+        assert int(f.to_ndarray()[0, 0]) == k
+    assert video.stats.frames_repeated == 0
+    assert frames.rendered >= 6
+    await frames.aclose()
+
+
+async def test_video_repeats_last_frame_when_render_is_late_and_counts_it():
+    clock = ManualClock()
+    _, frames, _, video, _ = setup(clock)
+    # no producer running: only the very first frame is rendered on demand
+    first = await pull(video, clock, 10_000_000)
+    second = await pull(video, clock, 10_000_000)
+    assert second.pts == first.pts + 3600
+    assert np.array_equal(first.to_ndarray(), second.to_ndarray())
+    assert video.stats.frames_repeated == 1
+
+
+async def test_video_skips_ahead_when_far_behind_the_clock():
+    clock = ManualClock()
+    _, frames, _, video, _ = setup(clock)
+    await pull(video, clock, 10_000_000)
+    await clock.advance(400_000_000)  # stalled for 10 frames
+    f = await pull(video, clock, 1_000_000)
+    assert f.pts >= 10 * 3600
+    assert video.stats.frames_skipped >= 9
+
+
+async def test_clapper_flash_frame_and_beep_share_one_media_time():
+    from media_tracks.clapper import clapper_pcm, detect_beep_onsets, flash_frames
+
+    clock = ManualClock()
+    comp, frames, audio, video, _ = setup(clock)
+    s = comp.schedule(Segment(pcm=clapper_pcm(count=2, fps=FPS, sample_rate=SR),
+                              mouth=np.zeros(0, np.float32),
+                              flash_frames=frozenset(flash_frames(2, FPS))))
+    frames.start()
+    got: dict[str, list] = {"audio": [], "video": []}
+
+    async def consume(track):
+        while True:
+            got[track.kind].append(await track.recv())
+
+    tasks = [asyncio.create_task(consume(audio)), asyncio.create_task(consume(video))]
+    end_ns = (s.end * 1_000_000_000) // SR + 100_000_000
+    while clock.now_ns() < end_ns:
+        await clock.advance(1_000_000)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    flash_pts = [f.pts for f in got["video"] if f.to_ndarray()[0, 0] > 200]
+    first_pts = got["audio"][0].pts
+    pcm = np.concatenate([a.to_ndarray().reshape(-1) for a in got["audio"]])
+    beep_samples = [first_pts + o for o in detect_beep_onsets(pcm, SR)]
+    flash_samples = [v * SR // 90000 for v in flash_pts]
+    assert len(flash_samples) == 2 and len(beep_samples) == 2
+    for b, fl in zip(beep_samples, flash_samples, strict=True):
+        assert 0 <= b - fl < SR // 1000 * 2  # onset within the 1 ms ramp of the flash time
+    await frames.aclose()
+
+
+def test_rgb_to_i420_is_limited_range():
+    white = np.full((4, 4, 3), 255, np.uint8)
+    black = np.zeros((4, 4, 3), np.uint8)
+    assert rgb_to_i420(white)[:4].max() == 235
+    assert rgb_to_i420(black)[:4].min() == 16
+    assert abs(int(rgb_to_i420(white)[4:].mean()) - 128) <= 1
