@@ -27,7 +27,7 @@ RETRY_AFTER_S = 5
 SETTINGS = web.AppKey("settings", Settings)
 SESSIONS = web.AppKey("sessions", dict)
 AVATARS = web.AppKey("avatars", AvatarLibrary)
-TTS = web.AppKey("tts", TextToSpeech)  # type: ignore[type-abstract]
+TTS = web.AppKey("tts", TextToSpeech)
 RENDER_POOL = web.AppKey("render_pool", ThreadPoolExecutor)
 
 
@@ -104,7 +104,7 @@ async def handle_offer(request: web.Request) -> web.Response:
         avatar=avatar,
         tts=app[TTS],
         render_executor=app[RENDER_POOL],
-        on_closed=lambda s: sessions.pop(s.id, None),
+        on_closed=lambda s: _forget(sessions, s),
     )
     sessions[session.id] = session
     try:
@@ -114,6 +114,10 @@ async def handle_offer(request: web.Request) -> web.Response:
         raise
     logger.info("session %s created (avatar %s)", session.id[:8], avatar_id)
     return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session.id})
+
+
+def _forget(sessions: dict[str, Session], session: Session) -> None:
+    sessions.pop(session.id, None)
 
 
 async def handle_sessions(request: web.Request) -> web.Response:

@@ -34,7 +34,7 @@ from aiortc import (
 )
 from aiortc.contrib.media import MediaPlayer, MediaRecorder
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
-from aiortc.rtcp import RtcpSrPacket
+from aiortc.rtcrtpreceiver import RtcpSrPacket
 
 from media_tracks.clapper import detect_beep_onsets, detect_flash_onsets, pair_offsets_ms
 from rtc_server.ice import use_host_candidates
@@ -117,6 +117,7 @@ class Bot:
         self._recorder = MediaRecorder(record) if record else None
         self._tasks: list[asyncio.Task[None]] = []
         self._opened = asyncio.Event()
+        self._first_video = asyncio.Event()
         self._event_cond = asyncio.Condition()
         self.channel = self.pc.createDataChannel("control")
         self.channel.on("open", self._opened.set)
@@ -137,7 +138,7 @@ class Bot:
 
         self._tasks.append(asyncio.ensure_future(notify()))
 
-    async def wait_event(self, pred: Any, timeout: float) -> dict[str, Any]:
+    async def wait_event(self, pred: Any, limit_s: float) -> dict[str, Any]:
         """The first event (already received or coming) for which ``pred(event)`` is true."""
         seen = 0
 
@@ -151,7 +152,7 @@ class Bot:
                     seen = len(self.events)
                     await self._event_cond.wait()
 
-        return await asyncio.wait_for(find(), timeout)
+        return await asyncio.wait_for(find(), limit_s)
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         log = self.video if track.kind == "video" else self.audio
@@ -168,8 +169,11 @@ class Bot:
             log.arrival.append(time.monotonic())
             log.pts.append(int(frame.pts or 0))
             if log.kind == "video":
-                y = frame.to_ndarray(format="gray")  # type: ignore[union-attr]
+                y = frame.to_ndarray()  # type: ignore[union-attr]
+                if frame.format.name == "yuv420p":  # type: ignore[union-attr]
+                    y = y[: frame.height]  # type: ignore[union-attr]
                 log.lumas.append(float(y.mean()))
+                self._first_video.set()
             else:
                 arr = frame.to_ndarray()  # type: ignore[union-attr]
                 channels = len(frame.layout.channels)  # type: ignore[union-attr]
@@ -177,7 +181,9 @@ class Bot:
 
     async def connect(self) -> None:
         self.t0 = time.monotonic()
-        mic_track = self._player.audio if self._player else AudioStreamTrack()
+        mic_track: MediaStreamTrack = AudioStreamTrack()
+        if self._player is not None and self._player.audio is not None:
+            mic_track = self._player.audio
         self.pc.addTransceiver(mic_track, direction="sendrecv")
         video_tr = self.pc.addTransceiver("video", direction="recvonly")
         audio_tr = self.pc.getTransceivers()[0]
@@ -201,10 +207,16 @@ class Bot:
     def send(self, message: dict[str, Any]) -> None:
         self.channel.send(json.dumps(message))
 
-    async def wait_first_video(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.video.arrival and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
+    async def server_session(self) -> dict[str, Any] | None:
+        """This call as the server's ``GET /sessions`` describes it."""
+        async with aiohttp.ClientSession() as http, http.get(f"{self.url}/sessions") as resp:
+            body = await resp.json()
+        return next((s for s in body["sessions"] if s["id"] == self.session_id), None)
+
+    async def wait_first_video(self, limit_s: float) -> None:
+        """Wait (at most ``limit_s``) for the first decoded video frame."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._first_video.wait(), limit_s)
 
     async def aclose(self) -> None:
         if self._recorder is not None:
@@ -294,7 +306,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.clapper:
             bot.send({"type": "clapper", "count": args.clapper})
         await asyncio.sleep(args.seconds)
-        return bot.summary()
+        server = await bot.server_session()
+        return {**bot.summary(), "server": server}
     finally:
         with contextlib.suppress(Exception):
             await bot.aclose()

@@ -6,10 +6,13 @@ process gather exactly 127.0.0.1, so no packet is ever addressed anywhere else."
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import aioice.ice
 from aiortc import RTCConfiguration, RTCIceServer
+
+from config import IceServer
 
 _original_get_host_addresses = aioice.ice.get_host_addresses
 
@@ -26,15 +29,11 @@ def use_host_candidates(mode: Literal["all", "loopback"] | str) -> None:
         aioice.ice.get_host_addresses = _original_get_host_addresses
 
 
-def rtc_configuration(ice_servers: list[dict[str, object]]) -> RTCConfiguration:
+def rtc_configuration(ice_servers: Sequence[IceServer]) -> RTCConfiguration:
     """An explicit configuration; an empty list means no STUN/TURN at all (aiortc would
     otherwise fall back to a public STUN server)."""
     servers = [
-        RTCIceServer(
-            urls=list(s["urls"]),  # type: ignore[call-overload]
-            username=s.get("username"),  # type: ignore[arg-type]
-            credential=s.get("credential"),  # type: ignore[arg-type]
-        )
+        RTCIceServer(urls=list(s.urls), username=s.username, credential=s.credential)
         for s in ice_servers
     ]
     return RTCConfiguration(iceServers=servers)

@@ -21,6 +21,7 @@ import numpy as np
 from aiortc import MediaStreamTrack, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
+from avatars.library import LoadedAvatar
 from config import Settings
 from media_tracks import (
     AvatarAudioTrack,
@@ -35,7 +36,6 @@ from media_tracks.clapper import clapper_pcm, flash_frames
 from pipeline.errors import BadRequest
 from pipeline.lipsync import mouth_from_energy
 from pipeline.tts import TextToSpeech
-from avatars.library import LoadedAvatar
 from rtc_server.ice import rtc_configuration
 
 logger = logging.getLogger(__name__)
@@ -109,11 +109,7 @@ class Session:
         self.video_track = AvatarVideoTrack(
             clock=self.clock, compositor=self.compositor, frames=self.frames
         )
-        ice = [
-            {"urls": s.urls, "username": s.username, "credential": s.credential}
-            for s in settings.webrtc.ice_servers
-        ]
-        self.pc = RTCPeerConnection(rtc_configuration(ice))
+        self.pc = RTCPeerConnection(rtc_configuration(settings.webrtc.ice_servers))
         self.pc.on("track", self._on_track)
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("connectionstatechange", self._on_connection_state)
@@ -254,7 +250,7 @@ class Session:
     def _on_message(self, raw: object) -> None:
         self.last_activity = time.monotonic()
         try:
-            msg = json.loads(raw if isinstance(raw, str) else bytes(raw).decode())  # type: ignore[arg-type]
+            msg = json.loads(raw if isinstance(raw, str | bytes) else str(raw))
         except (ValueError, UnicodeDecodeError):
             self._error("control messages must be JSON objects")
             return

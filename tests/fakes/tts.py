@@ -1,0 +1,24 @@
+"""A fake TextToSpeech: a tone whose length follows the text, instantly, no model."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import numpy as np
+
+from pipeline.tts import SpeechAudio
+
+
+class ToneTTS:
+    def __init__(self, *, sample_rate: int = 48000, ms_per_char: int = 40) -> None:
+        self.sample_rate = sample_rate
+        self.ms_per_char = ms_per_char
+        self.requests: list[str] = []
+
+    async def sentences(self, text: str) -> AsyncIterator[SpeechAudio]:
+        self.requests.append(text)
+        for sentence in [s for s in text.split(".") if s.strip()]:
+            n = len(sentence) * self.ms_per_char * self.sample_rate // 1000
+            t = np.arange(n) / self.sample_rate
+            pcm = (np.sin(2 * np.pi * 220 * t) * 12000).astype(np.int16)
+            yield SpeechAudio(text=sentence, pcm=pcm, sample_rate=self.sample_rate)
