@@ -1,0 +1,150 @@
+"""Session lifecycle with real peer connections (in-process server, loopback only)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import weakref
+
+import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection
+
+from config import load_settings
+from rtc_server.app import SESSIONS, create_app
+from rtc_server.bot import Bot
+from rtc_server.ice import use_host_candidates
+from tests.fakes.tts import ToneTTS
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
+
+
+def make_app(**overrides):
+    base = {"webrtc.host_candidates": "loopback", "sessions.max_concurrent": 2}
+    base.update(overrides)
+    return create_app(load_settings(env={}, overrides=base), tts=ToneTTS())
+
+
+async def wait_until(pred, limit_s=10.0):
+    for _ in range(int(limit_s / 0.05)):
+        if pred():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not reached")
+
+
+async def offer_sdp() -> tuple[RTCPeerConnection, str]:
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("audio", direction="sendrecv")
+    pc.addTransceiver("video", direction="recvonly")
+    pc.createDataChannel("control")
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc, pc.localDescription.sdp
+
+
+@pytest.fixture
+async def app_client(loopback_only, aiohttp_client):
+    use_host_candidates("loopback")
+    app = make_app(**{"sessions.connect_timeout_s": 2.0})
+    client = await aiohttp_client(app)
+    return app, client
+
+
+async def test_peer_close_tears_session_down_completely(app_client):
+    app, client = app_client
+    bot = Bot(str(client.make_url("")).rstrip("/"))
+    await bot.connect()
+    await bot.wait_first_video(10)
+    sessions = app[SESSIONS]
+    assert len(sessions) == 1
+    session = next(iter(sessions.values()))
+    tasks = list(session._tasks)
+    assert tasks, "a live session runs tasks"
+    ref = weakref.ref(session)
+    del session
+    await bot.aclose()
+    await wait_until(lambda: not sessions)
+    assert all(t.done() for t in tasks)
+    s = ref()
+    if s is not None:
+        assert s.state == "closed"
+        assert s.audio_track.readyState == "ended" and s.video_track.readyState == "ended"
+        assert s.frames._task is None
+    del s, tasks
+    gc.collect()
+    assert ref() is None, "the closed session is still referenced somewhere"
+
+
+async def test_delete_session_ends_the_call(app_client):
+    app, client = app_client
+    bot = Bot(str(client.make_url("")).rstrip("/"))
+    await bot.connect()
+    await bot.wait_first_video(10)
+    listed = await (await client.get("/sessions")).json()
+    (entry,) = listed["sessions"]
+    assert entry["id"] == bot.session_id
+    assert entry["frames_sent"]["video"] > 0
+    resp = await client.delete(f"/sessions/{bot.session_id}")
+    assert resp.status == 200
+    assert (await resp.json())["state"] == "closed"
+    assert app[SESSIONS] == {}
+    await wait_until(lambda: bot.pc.connectionState in ("closed", "failed"), 15)
+    await bot.aclose()
+
+
+async def test_session_that_never_connects_is_torn_down(app_client):
+    app, client = app_client
+    pc, sdp = await offer_sdp()
+    resp = await client.post("/offer", json={"sdp": sdp, "type": "offer"})
+    assert resp.status == 200
+    assert len(app[SESSIONS]) == 1
+    # the answer is never applied: no ICE, no DTLS; connect_timeout_s is 2
+    await wait_until(lambda: not app[SESSIONS], 8)
+    await pc.close()
+
+
+async def test_over_the_session_limit_is_503_with_retry_after(app_client):
+    app, client = app_client
+    pcs = []
+    for _ in range(2):
+        pc, sdp = await offer_sdp()
+        pcs.append(pc)
+        assert (await client.post("/offer", json={"sdp": sdp, "type": "offer"})).status == 200
+    pc, sdp = await offer_sdp()
+    pcs.append(pc)
+    resp = await client.post("/offer", json={"sdp": sdp, "type": "offer"})
+    assert resp.status == 503
+    assert int(resp.headers["Retry-After"]) > 0
+    body = await resp.json()
+    assert body["error"] == "server_full" and "2" in body["detail"]
+    assert len(app[SESSIONS]) == 2
+    for pc in pcs:
+        await pc.close()
+
+
+async def test_offer_without_video_is_400(app_client):
+    app, client = app_client
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("audio", direction="sendrecv")
+    await pc.setLocalDescription(await pc.createOffer())
+    resp = await client.post("/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"})
+    assert resp.status == 400
+    assert "video" in (await resp.json())["detail"]
+    assert app[SESSIONS] == {}
+    await pc.close()
+
+
+async def test_bad_control_messages_get_error_events_and_call_goes_on(app_client):
+    app, client = app_client
+    bot = Bot(str(client.make_url("")).rstrip("/"))
+    await bot.connect()
+    bot.channel.send("not json")
+    bot.send({"type": "say"})
+    bot.send({"type": "dance"})
+    bot.send({"type": "say", "text": "Still here."})
+    errors = []
+    for _ in range(3):
+        e = await bot.wait_event(lambda e: e.get("type") == "error" and e not in errors, 5)
+        errors.append(e)
+    assert all(e["fatal"] is False for e in errors)
+    await bot.wait_event(lambda e: e.get("state") == "speaking", 5)
+    await bot.aclose()
