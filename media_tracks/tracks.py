@@ -24,8 +24,16 @@ class TrackStats:
     max_late_ns: int = 0  # the worst lateness of a send relative to its deadline
 
 
+# libopus (as aiortc drives it) delays its output by its lookahead, 312 samples at 48 kHz, and
+# WebRTC receivers do not remove it; the audio track sends that much ahead to cancel it.
+OPUS_DELAY_48K = 312
+
+
 class AvatarAudioTrack(MediaStreamTrack):
-    """Mono s16 audio, ``frame_samples`` per frame, pts in samples (time_base 1/sample_rate)."""
+    """Mono s16 audio, ``frame_samples`` per frame, pts in samples (time_base 1/sample_rate).
+
+    The frame with pts ``p`` carries the compositor's samples from ``p + codec_delay`` so that
+    after the encoder's lookahead they play at their scheduled media time."""
 
     kind = "audio"
 
@@ -38,6 +46,7 @@ class AvatarAudioTrack(MediaStreamTrack):
         self.sample_rate = sample_rate
         self.frame_samples = frame_samples
         self.time_base = Fraction(1, sample_rate)
+        self.codec_delay = OPUS_DELAY_48K * sample_rate // 48_000
         self._pts: int | None = None
         self.stats = TrackStats()
 
@@ -56,7 +65,7 @@ class AvatarAudioTrack(MediaStreamTrack):
         deadline = pts_to_ns(pts, self.time_base)
         await self._clock.sleep_until_ns(deadline)
         self.stats.max_late_ns = max(self.stats.max_late_ns, self._clock.now_ns() - deadline)
-        pcm = self._compositor.audio_at(pts, self.frame_samples)
+        pcm = self._compositor.audio_at(pts + self.codec_delay, self.frame_samples)
         frame = AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = self.sample_rate
         frame.pts = pts

@@ -52,22 +52,27 @@ class StreamLog:
     arrival: list[float] = field(default_factory=list)
     lumas: list[float] = field(default_factory=list)  # video: mean luma per frame
     audio: list[np.ndarray] = field(default_factory=list)  # audio: mono int16 per frame
-    sender_reports: list[tuple[int, int]] = field(default_factory=list)  # (ntp64, rtp raw)
+    # (ntp64, raw rtp timestamp, local arrival monotonic s) of each RTCP sender report
+    sender_reports: list[tuple[int, int, float]] = field(default_factory=list)
     receiver: RTCRtpReceiver | None = None
 
     def rtp_origin(self) -> int | None:
         mapper = getattr(self.receiver, "_RTCRtpReceiver__timestamp_mapper", None)
         return getattr(mapper, "_origin", None)
 
-    def sender_time_s(self, rel_pts: int) -> float | None:
-        """Sender wall-clock time (s, NTP) of relative pts, via the latest sender report."""
+    def sender_time_s(self, rel_pts: int, at: float) -> float | None:
+        """Sender wall-clock time (s, NTP) of relative pts, estimated as a browser does it at
+        local time ``at``: the RTP->NTP offset averaged over the last 20 reports by then."""
         origin = self.rtp_origin()
-        if origin is None or not self.sender_reports:
+        reports = [r for r in self.sender_reports if r[2] <= at][-20:]
+        if origin is None or not reports:
             return None
-        ntp, rtp_sr = self.sender_reports[-1]
         raw = (origin + rel_pts) & 0xFFFFFFFF
-        diff = ((raw - rtp_sr + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)  # signed 32-bit
-        return (ntp >> 32) + (ntp & 0xFFFFFFFF) / 2**32 + diff / self.clock_rate
+        offsets = []
+        for ntp, rtp_sr, _ in reports:
+            diff = ((raw - rtp_sr + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)  # signed 32-bit
+            offsets.append((ntp >> 32) + (ntp & 0xFFFFFFFF) / 2**32 + diff / self.clock_rate)
+        return statistics.fmean(offsets)
 
 
 def instrument(receiver: RTCRtpReceiver, log: StreamLog) -> None:
@@ -78,7 +83,11 @@ def instrument(receiver: RTCRtpReceiver, log: StreamLog) -> None:
     async def handle(packet: Any) -> None:
         if isinstance(packet, RtcpSrPacket):
             log.sender_reports.append(
-                (packet.sender_info.ntp_timestamp, packet.sender_info.rtp_timestamp)
+                (
+                    packet.sender_info.ntp_timestamp,
+                    packet.sender_info.rtp_timestamp,
+                    time.monotonic(),
+                )
             )
         await original(packet)
 
@@ -244,13 +253,13 @@ class Bot:
         for b in beeps:
             i = int(np.searchsorted(starts, b, side="right") - 1)
             rel_pts = self.audio.pts[i] + (b - int(starts[i]))
-            s = self.audio.sender_time_s(rel_pts)
+            s = self.audio.sender_time_s(rel_pts, self.audio.arrival[i])
             if s is not None:
                 beep_sender.append(s * 1000)
             beep_arrival.append((self.audio.arrival[i] + (b - int(starts[i])) / 48_000) * 1000)
         flash_sender, flash_arrival = [], []
         for f in flashes:
-            s = self.video.sender_time_s(self.video.pts[f])
+            s = self.video.sender_time_s(self.video.pts[f], self.video.arrival[f])
             if s is not None:
                 flash_sender.append(s * 1000)
             flash_arrival.append(self.video.arrival[f] * 1000)
