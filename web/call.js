@@ -1,0 +1,464 @@
+// Browser side of an avatar call: one RTCPeerConnection to the server (POST /offer, no
+// trickle ICE), a "control" data channel, a live stats panel, and a small test hook on
+// window.avatarCall. Plain JS, no build step.
+"use strict";
+
+(() => {
+  const ICE_GATHER_TIMEOUT_MS = 3000;
+  const OFFER_TIMEOUT_MS = 15000;
+  const MAX_EVENTS = 500;
+  const RECORDER_MIME = "video/webm;codecs=vp8,opus";
+
+  const $ = (id) => document.getElementById(id);
+  const ui = {
+    status: $("status"),
+    video: $("remote"),
+    start: $("start"),
+    stop: $("stop"),
+    mic: $("mic"),
+    sayForm: $("say-form"),
+    sayText: $("say-text"),
+    say: $("say"),
+    errors: $("errors"),
+    stats: $("stats"),
+  };
+
+  // Everything about the current call. `state` is the call's state:
+  // "new" | "connecting" | "connected" | "closed" | "failed";
+  // `avatarState` is what the server last said: "idle" | "speaking" | null.
+  const call = {
+    state: "new",
+    avatarState: null,
+    sessionId: null,
+    hello: null,
+    lastEvents: [],
+    pc: null,
+    dc: null,
+    micTrack: null,
+    remoteStream: null,
+    statsTimer: null,
+    prevStats: null,
+    lastStats: {},
+    recorder: null,
+  };
+
+  // ---- UI helpers -------------------------------------------------------------------
+
+  function render() {
+    const live = call.state === "connecting" || call.state === "connected";
+    const open = call.dc !== null && call.dc.readyState === "open";
+    ui.start.disabled = live;
+    ui.stop.disabled = !live;
+    ui.mic.disabled = !live || call.micTrack === null;
+    const micOn = call.micTrack !== null && call.micTrack.enabled;
+    ui.mic.textContent = micOn ? "Microphone: on" : "Microphone: off";
+    ui.mic.setAttribute("aria-pressed", String(micOn));
+    ui.sayText.disabled = !open;
+    ui.say.disabled = !open;
+
+    let text = {
+      new: "Not connected",
+      connecting: "Connecting…",
+      connected: "Connected",
+      closed: "Call ended",
+      failed: "Call failed",
+    }[call.state];
+    let shown = call.state;
+    if (call.state === "connected" && call.avatarState) {
+      text = call.avatarState === "speaking" ? "Connected — speaking" : "Connected — idle";
+      shown = call.avatarState;
+    }
+    ui.status.textContent = text;
+    ui.status.dataset.state = shown;
+  }
+
+  function showError(message) {
+    const line = document.createElement("p");
+    line.textContent = message;
+    ui.errors.append(line);
+    while (ui.errors.childElementCount > 4) ui.errors.firstElementChild.remove();
+    ui.errors.hidden = false;
+    console.warn("avatar call:", message);
+  }
+
+  function clearErrors() {
+    ui.errors.replaceChildren();
+    ui.errors.hidden = true;
+  }
+
+  function setState(state) {
+    call.state = state;
+    render();
+  }
+
+  // ---- Call setup -------------------------------------------------------------------
+
+  async function openMicrophone() {
+    if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+      showError("This browser cannot capture a microphone here (it needs https or localhost). " +
+        "Continuing receive-only.");
+      return null;
+    }
+    try {
+      const stream = await navigator.mediaDevices.getUserMedia({ audio: true, video: false });
+      return stream.getAudioTracks()[0] || null;
+    } catch (err) {
+      const why = err && err.name === "NotAllowedError"
+        ? "Microphone permission was denied"
+        : err && err.name === "NotFoundError"
+          ? "No microphone was found"
+          : `The microphone could not be opened (${err && err.name ? err.name : err})`;
+      showError(`${why}. Continuing receive-only: you can watch and listen, and type to the avatar.`);
+      return null;
+    }
+  }
+
+  function waitForIceGathering(pc) {
+    if (pc.iceGatheringState === "complete") return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        pc.removeEventListener("icegatheringstatechange", check);
+        resolve();
+      };
+      const check = () => { if (pc.iceGatheringState === "complete") done(); };
+      const timer = setTimeout(done, ICE_GATHER_TIMEOUT_MS);
+      pc.addEventListener("icegatheringstatechange", check);
+    });
+  }
+
+  // POST the offer; returns the answer JSON or throws an Error with a readable message.
+  async function postOffer(description) {
+    const body = { sdp: description.sdp, type: description.type };
+    const avatarId = new URLSearchParams(location.search).get("avatar");
+    if (avatarId) body.avatar_id = avatarId;
+
+    const abort = new AbortController();
+    const timer = setTimeout(() => abort.abort(), OFFER_TIMEOUT_MS);
+    let response;
+    try {
+      response = await fetch("/offer", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+        signal: abort.signal,
+      });
+    } catch (err) {
+      throw new Error(err.name === "AbortError"
+        ? "The server did not answer the offer in time."
+        : `Could not reach the server (${err.message}).`);
+    } finally {
+      clearTimeout(timer);
+    }
+
+    let payload = null;
+    try { payload = await response.json(); } catch (_) { /* not JSON */ }
+    if (response.ok && payload && payload.sdp) return payload;
+
+    const detail = payload && (payload.detail || payload.error);
+    if (response.status === 503) {
+      const retry = response.headers.get("Retry-After");
+      throw new Error("The server is full" + (retry ? `: try again in ${retry} s.` : ".") +
+        (detail ? ` (${detail})` : ""));
+    }
+    if (response.status === 404) {
+      throw new Error(`Unknown avatar${avatarId ? ` "${avatarId}"` : ""}` +
+        (detail ? `: ${detail}` : "."));
+    }
+    throw new Error(`The server refused the call (HTTP ${response.status})` +
+      (detail ? `: ${detail}` : "."));
+  }
+
+  function onMessage(event) {
+    let msg;
+    try { msg = JSON.parse(event.data); } catch (_) { return; }
+    call.lastEvents.push(msg);
+    if (call.lastEvents.length > MAX_EVENTS) call.lastEvents.shift();
+
+    if (msg.type === "hello") {
+      call.hello = msg;
+      if (msg.session_id) call.sessionId = msg.session_id;
+      if (!call.avatarState) call.avatarState = "idle"; // a new session starts idle
+    } else if (msg.type === "state") {
+      call.avatarState = msg.state;
+    } else if (msg.type === "error") {
+      showError(`Server: ${msg.message}`);
+      if (msg.fatal) {
+        stop({ failed: true });
+        return;
+      }
+    }
+    render();
+  }
+
+  function watchConnection(pc) {
+    const failed = (what) => {
+      if (pc !== call.pc) return;
+      showError(`The connection failed (${what}): no network path to the server. ` +
+        "Check firewalls/VPNs and try again.");
+      stop({ failed: true });
+    };
+    pc.addEventListener("iceconnectionstatechange", () => {
+      if (pc.iceConnectionState === "failed") failed("ICE");
+    });
+    pc.addEventListener("connectionstatechange", () => {
+      if (pc !== call.pc) return;
+      if (pc.connectionState === "connected") setState("connected");
+      else if (pc.connectionState === "failed") failed("connection");
+      else if (pc.connectionState === "disconnected") ui.status.textContent = "Reconnecting…";
+    });
+  }
+
+  async function start() {
+    if (call.state === "connecting" || call.state === "connected") return call.sessionId;
+    clearErrors();
+    Object.assign(call, { avatarState: null, sessionId: null, hello: null, lastEvents: [] });
+    setState("connecting");
+
+    const pc = new RTCPeerConnection({ iceServers: [] });
+    call.pc = pc;
+    call.remoteStream = new MediaStream();
+    ui.video.srcObject = call.remoteStream;
+    watchConnection(pc);
+    pc.addEventListener("track", (event) => {
+      call.remoteStream.addTrack(event.track);
+      ui.video.play().catch(() => { /* autoplay policy: the user can press play */ });
+    });
+
+    try {
+      const mic = await openMicrophone();
+      if (pc !== call.pc) { // stopped while the permission prompt was up
+        if (mic) mic.stop();
+        return null;
+      }
+      call.micTrack = mic;
+      pc.addTransceiver("video", { direction: "recvonly" });
+      if (mic) {
+        pc.addTransceiver(mic, { direction: "sendrecv" });
+      } else {
+        pc.addTransceiver("audio", { direction: "sendrecv" });
+      }
+
+      const dc = pc.createDataChannel("control", { ordered: true });
+      call.dc = dc;
+      dc.addEventListener("open", render);
+      dc.addEventListener("close", render);
+      dc.addEventListener("message", onMessage);
+
+      await pc.setLocalDescription(await pc.createOffer());
+      await waitForIceGathering(pc);
+      const answer = await postOffer(pc.localDescription);
+      if (pc !== call.pc) return null;
+      call.sessionId = answer.session_id || call.sessionId;
+      await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
+    } catch (err) {
+      if (pc === call.pc) {
+        showError(err.message || String(err));
+        stop({ failed: true });
+      }
+      throw err;
+    }
+
+    call.prevStats = null;
+    call.statsTimer = setInterval(updateStats, 1000);
+    render();
+    return call.sessionId;
+  }
+
+  function stop({ failed = false } = {}) {
+    const { pc, sessionId } = call;
+    if (call.recorder && call.recorder.state !== "inactive") call.recorder.stop();
+    clearInterval(call.statsTimer);
+    call.statsTimer = null;
+    if (call.dc) call.dc.close();
+    if (pc) pc.close();
+    if (call.micTrack) call.micTrack.stop();
+    Object.assign(call, { pc: null, dc: null, micTrack: null });
+    ui.video.srcObject = null;
+    if (pc && sessionId) {
+      // Tell the server at once instead of letting it time the session out.
+      fetch(`/sessions/${encodeURIComponent(sessionId)}`, { method: "DELETE", keepalive: true })
+        .catch(() => { /* best effort */ });
+    }
+    if (failed) setState("failed");
+    else if (pc) setState("closed");
+  }
+
+  function send(obj) {
+    if (!call.dc || call.dc.readyState !== "open") {
+      throw new Error("The call is not connected.");
+    }
+    call.dc.send(JSON.stringify(obj));
+  }
+
+  // ---- Stats ------------------------------------------------------------------------
+
+  const ms = (seconds) => (seconds == null ? null : Math.round(seconds * 10000) / 10);
+
+  // Playout delay over the last interval if possible, else the running average (ms).
+  function playoutDelayMs(now, prev) {
+    if (!now || now.jitterBufferEmittedCount == null) return null;
+    const count = now.jitterBufferEmittedCount - (prev ? prev.jitterBufferEmittedCount : 0);
+    const delay = now.jitterBufferDelay - (prev ? prev.jitterBufferDelay : 0);
+    if (count > 0) return ms(delay / count);
+    return now.jitterBufferEmittedCount > 0
+      ? ms(now.jitterBufferDelay / now.jitterBufferEmittedCount) : null;
+  }
+
+  async function collectStats() {
+    const report = await call.pc.getStats();
+    let video = null;
+    let audio = null;
+    let pair = null;
+    let selectedPairId = null;
+    report.forEach((s) => {
+      if (s.type === "inbound-rtp" && s.kind === "video") video = s;
+      else if (s.type === "inbound-rtp" && s.kind === "audio") audio = s;
+      else if (s.type === "transport" && s.selectedCandidatePairId) {
+        selectedPairId = s.selectedCandidatePairId;
+      }
+    });
+    report.forEach((s) => {
+      if (s.type !== "candidate-pair") return;
+      if (s.id === selectedPairId || (!selectedPairId && s.nominated && s.state === "succeeded")) {
+        pair = s;
+      }
+    });
+
+    const prev = call.prevStats;
+    const now = performance.now();
+    let fps = video && video.framesPerSecond != null ? video.framesPerSecond : null;
+    if (fps == null && video && prev && prev.video) {
+      fps = (video.framesDecoded - prev.video.framesDecoded) / ((now - prev.at) / 1000);
+    }
+    call.prevStats = { at: now, video, audio };
+    return {
+      fps: fps == null ? null : Math.round(fps * 10) / 10,
+      frameWidth: video ? video.frameWidth || null : null,
+      frameHeight: video ? video.frameHeight || null : null,
+      framesDecoded: video ? video.framesDecoded : null,
+      rttMs: pair ? ms(pair.currentRoundTripTime) : null,
+      audioJitterMs: audio ? ms(audio.jitter) : null,
+      audioPlayoutDelayMs: playoutDelayMs(audio, prev && prev.audio),
+      videoPlayoutDelayMs: playoutDelayMs(video, prev && prev.video),
+      audioPacketsLost: audio ? audio.packetsLost : null,
+      videoPacketsLost: video ? video.packetsLost : null,
+    };
+  }
+
+  function showStats(s) {
+    const fmt = (v, unit = "") => (v == null ? "–" : `${v}${unit}`);
+    const cells = {
+      fps: fmt(s.fps),
+      frameSize: s.frameWidth ? `${s.frameWidth} × ${s.frameHeight}` : "–",
+      framesDecoded: fmt(s.framesDecoded),
+      rtt: fmt(s.rttMs, " ms"),
+      audioJitter: fmt(s.audioJitterMs, " ms"),
+      audioPlayoutDelay: fmt(s.audioPlayoutDelayMs, " ms"),
+      videoPlayoutDelay: fmt(s.videoPlayoutDelayMs, " ms"),
+      packetsLost: `${fmt(s.audioPacketsLost)} / ${fmt(s.videoPacketsLost)}`,
+      session: call.sessionId ? call.sessionId.slice(0, 8) : "–",
+    };
+    for (const [key, text] of Object.entries(cells)) {
+      ui.stats.querySelector(`[data-stat="${key}"]`).textContent = text;
+    }
+    ui.stats.querySelector('[data-stat="session"]').title = call.sessionId || "";
+  }
+
+  async function updateStats() {
+    if (!call.pc) return;
+    try {
+      call.lastStats = await collectStats();
+      showStats(call.lastStats);
+    } catch (err) {
+      console.warn("getStats failed", err);
+    }
+  }
+
+  // ---- Recording the remote stream (what the user sees and hears) ---------------------
+
+  function startRecording(mimeType = RECORDER_MIME) {
+    if (!call.remoteStream || call.remoteStream.getTracks().length === 0) {
+      throw new Error("Nothing to record: no remote stream.");
+    }
+    if (call.recorder && call.recorder.state !== "inactive") {
+      throw new Error("Already recording.");
+    }
+    const recorder = new MediaRecorder(call.remoteStream, { mimeType });
+    const chunks = [];
+    recorder.addEventListener("dataavailable", (e) => { if (e.data.size) chunks.push(e.data); });
+    recorder.done = new Promise((resolve, reject) => {
+      recorder.addEventListener("stop", () => resolve(new Blob(chunks, { type: mimeType })));
+      recorder.addEventListener("error", (e) => reject(e.error || new Error("recorder error")));
+    });
+    recorder.start(500);
+    call.recorder = recorder;
+  }
+
+  function blobToBase64(blob) {
+    return new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => {
+        const url = String(reader.result); // data:<mime, which has commas>;base64,<data>
+        resolve(url.slice(url.indexOf(";base64,") + ";base64,".length));
+      };
+      reader.onerror = () => reject(reader.error);
+      reader.readAsDataURL(blob);
+    });
+  }
+
+  // Resolves with the recording as base64 webm.
+  async function stopRecording() {
+    const recorder = call.recorder;
+    if (!recorder) throw new Error("Not recording.");
+    call.recorder = null;
+    if (recorder.state !== "inactive") recorder.stop();
+    return blobToBase64(await recorder.done);
+  }
+
+  async function record(durationMs, mimeType = RECORDER_MIME) {
+    startRecording(mimeType);
+    await new Promise((resolve) => setTimeout(resolve, durationMs));
+    return stopRecording();
+  }
+
+  // ---- Wiring -----------------------------------------------------------------------
+
+  ui.start.addEventListener("click", () => { start().catch(() => { /* shown already */ }); });
+  ui.stop.addEventListener("click", () => stop());
+  ui.mic.addEventListener("click", () => {
+    if (!call.micTrack) return;
+    call.micTrack.enabled = !call.micTrack.enabled;
+    render();
+  });
+  ui.sayForm.addEventListener("submit", (event) => {
+    event.preventDefault(); // Enter in the text box submits the form too
+    const text = ui.sayText.value.trim();
+    if (!text) return;
+    try {
+      send({ type: "say", text });
+      ui.sayText.value = "";
+    } catch (err) {
+      showError(err.message);
+    }
+  });
+  window.addEventListener("pagehide", () => { if (call.pc) stop(); });
+  render();
+
+  window.avatarCall = {
+    start,
+    stop: () => stop(),
+    send,
+    get state() { return call.state; },
+    get avatarState() { return call.avatarState; },
+    get sessionId() { return call.sessionId; },
+    get pc() { return call.pc; },
+    get hello() { return call.hello; },
+    get lastEvents() { return call.lastEvents; },
+    get micEnabled() { return call.micTrack !== null && call.micTrack.enabled; },
+    statsSnapshot: () => ({ ...call.lastStats }),
+    record,
+    startRecording,
+    stopRecording,
+  };
+})();
