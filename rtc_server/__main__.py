@@ -9,7 +9,9 @@ from pathlib import Path
 
 from aiohttp import web
 
+from avatars.model import AvatarError
 from config import ConfigError, load_settings
+from pipeline.errors import AvatarServerError
 from rtc_server.app import create_app
 
 
@@ -37,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     host, port = settings.server.host, settings.server.port
     print(f"avatar server on http://{'localhost' if host == '0.0.0.0' else host}:{port}",
           flush=True)
-    web.run_app(app, host=host, port=port, print=None, handle_signals=True)
+    try:
+        web.run_app(app, host=host, port=port, print=None, handle_signals=True)
+    except (AvatarServerError, AvatarError, OSError) as exc:
+        print(f"start-up failed: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import cv2
 from aiohttp import web
 
 from avatars.library import AvatarLibrary
@@ -154,6 +155,8 @@ def create_app(settings: Settings, *, tts: TextToSpeech | None = None) -> web.Ap
     use_host_candidates(settings.webrtc.host_candidates)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
+        # sessions render on a thread pool; OpenCV's own threads on top only add spikes
+        cv2.setNumThreads(1)
         pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="render")
         app[RENDER_POOL] = pool
         media = settings.media

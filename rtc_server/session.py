@@ -46,8 +46,19 @@ MAX_QUEUED_SAYS = 16
 
 @dataclass(slots=True)
 class MicStats:
+    """The microphone level: mean power over roughly the last second, in dBFS."""
+
     frames_received: int = 0
-    rms_dbfs: float = -120.0
+    mean_power: float = 0.0
+
+    def observe(self, power: float) -> None:
+        alpha = 1.0 if self.frames_received == 0 else 0.05
+        self.mean_power += (power - self.mean_power) * alpha
+        self.frames_received += 1
+
+    @property
+    def rms_dbfs(self) -> float:
+        return 10 * math.log10(max(self.mean_power, 1e-12))
 
 
 class Session:
@@ -214,11 +225,8 @@ class Session:
             self.last_activity = time.monotonic()
             if track.kind == "audio":
                 pcm = frame.to_ndarray().astype(np.float32) / 32768.0  # type: ignore[union-attr]
-                rms = float(np.sqrt(np.mean(pcm * pcm))) if pcm.size else 0.0
-                db = 20 * math.log10(max(rms, 1e-6))
-                m = self.mic
-                m.rms_dbfs = db if m.frames_received == 0 else 0.9 * m.rms_dbfs + 0.1 * db
-                m.frames_received += 1
+                power = float(np.mean(pcm * pcm)) if pcm.size else 0.0
+                self.mic.observe(power)
 
     # --- control channel ------------------------------------------------------------------
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
