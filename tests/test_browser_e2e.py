@@ -9,8 +9,8 @@ recording, browser_av_offsets.json, the browser console) go to ``artifacts_dir``
 from __future__ import annotations
 
 import json
-import statistics
 import re
+import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
