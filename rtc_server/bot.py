@@ -32,7 +32,7 @@ from aiortc import (
     RTCRtpReceiver,
     RTCSessionDescription,
 )
-from aiortc.contrib.media import MediaPlayer, MediaRecorder
+from aiortc.contrib.media import MediaPlayer, MediaRecorder, MediaRelay
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
 from aiortc.rtcrtpreceiver import RtcpSrPacket
 
@@ -124,6 +124,7 @@ class Bot:
         self.t0 = 0.0
         self._player = MediaPlayer(mic, loop=True) if mic else None
         self._recorder = MediaRecorder(record) if record else None
+        self._relay = MediaRelay()
         self._tasks: list[asyncio.Task[None]] = []
         self._opened = asyncio.Event()
         self._first_video = asyncio.Event()
@@ -166,7 +167,9 @@ class Bot:
     def _on_track(self, track: MediaStreamTrack) -> None:
         log = self.video if track.kind == "video" else self.audio
         if self._recorder is not None:
-            self._recorder.addTrack(track)
+            # both the recorder and the measurements need every frame
+            self._recorder.addTrack(self._relay.subscribe(track))
+            track = self._relay.subscribe(track)
         self._tasks.append(asyncio.ensure_future(self._consume(track, log)))
 
     async def _consume(self, track: MediaStreamTrack, log: StreamLog) -> None:

@@ -148,3 +148,35 @@ async def test_bad_control_messages_get_error_events_and_call_goes_on(app_client
     assert all(e["fatal"] is False for e in errors)
     await bot.wait_event(lambda e: e.get("state") == "speaking", 5)
     await bot.aclose()
+
+
+async def test_bot_sends_its_wav_as_microphone_and_records_the_call(app_client, tmp_path):
+    import wave
+
+    import av
+    import numpy as np
+
+    app, client = app_client
+    mic = tmp_path / "mic.wav"
+    tone = (np.sin(2 * np.pi * 300 * np.arange(48000) / 48000) * 16000).astype(np.int16)
+    with wave.open(str(mic), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(48000)
+        w.writeframes(tone.tobytes())
+    out = tmp_path / "call.mp4"
+    bot = Bot(str(client.make_url("")).rstrip("/"), mic=str(mic), record=str(out))
+    await bot.connect()
+    await bot.wait_first_video(10)
+    await asyncio.sleep(2.0)
+    server = await bot.server_session()
+    await bot.aclose()
+    assert server is not None and server["mic"]["frames_received"] > 50
+    assert server["mic"]["rms_dbfs"] > -20  # a -6 dBFS tone, not silence
+    with av.open(str(out)) as container:
+        kinds = {s.type for s in container.streams}
+        assert kinds == {"audio", "video"}
+        video = container.streams.video[0]
+        assert (video.codec_context.width, video.codec_context.height) == (512, 512)
+        frames = sum(1 for _ in container.decode(video=0))
+    assert frames >= 40  # ~2 s at 25 fps: the recorder saw every frame, not a share of them
