@@ -44,6 +44,10 @@ class Avatar:
     landmarks: npt.NDArray[np.float32]  # (68, 2) dlib 68-point order, pixel coords in `image`
     loop_frames: tuple[Rgb, ...] = ()  # optional idle loop frames (RGB, same size)
     loop_fps: float = 0.0
+    # per loop frame: (68, 2) landmarks in output pixels (registered video avatars); empty:
+    # ``landmarks`` holds for every frame
+    loop_landmarks: tuple[npt.NDArray[np.float32], ...] = ()
+    loop_mode: str = "pingpong"  # "pingpong" (0..n-1..0) or "cycle" (0..n-1, 0..: seamless)
 
     def __post_init__(self) -> None:
         if self.image.ndim != 3 or self.image.shape[2] != 3 or self.image.dtype != np.uint8:
@@ -57,6 +61,14 @@ class Avatar:
                 raise AvatarError("loop frames must have the image's shape and dtype")
         if self.loop_frames and not (math.isfinite(self.loop_fps) and self.loop_fps > 0):
             raise AvatarError(f"loop_fps must be > 0 with loop frames, got {self.loop_fps}")
+        if self.loop_landmarks and len(self.loop_landmarks) != len(self.loop_frames):
+            raise AvatarError(
+                f"{len(self.loop_landmarks)} landmark sets for {len(self.loop_frames)} loop frames"
+            )
+        if any(lm.shape != (N_LANDMARKS, 2) for lm in self.loop_landmarks):
+            raise AvatarError(f"loop landmarks must be ({N_LANDMARKS}, 2) each")
+        if self.loop_mode not in ("pingpong", "cycle"):
+            raise AvatarError(f"loop_mode must be 'pingpong' or 'cycle', got {self.loop_mode!r}")
 
     @property
     def size(self) -> tuple[int, int]:
@@ -249,6 +261,26 @@ def load_avatar_dir(path: Path, *, width: int, height: int) -> Avatar:
             fitted.append(fit.apply_image(frame))
         loop_frames = tuple(fitted)
 
+    loop_landmarks: tuple[npt.NDArray[np.float32], ...] = ()
+    face_data = path / "face_data.npz"
+    if loop_frames and face_data.is_file():
+        try:
+            with np.load(face_data) as data:
+                per_frame = np.asarray(data["landmarks"], dtype=np.float64)
+        except (OSError, KeyError, ValueError) as exc:
+            raise AvatarError(f"cannot read {face_data}: {exc}") from exc
+        if per_frame.shape != (len(loop_frames), N_LANDMARKS, 2):
+            raise AvatarError(
+                f"{face_data}: landmarks {per_frame.shape} do not match "
+                f"{len(loop_frames)} loop frames"
+            )
+        loop_landmarks = tuple(fit.apply_points(lm).astype(np.float32) for lm in per_frame)
+        for lm in loop_landmarks:
+            lm.setflags(write=False)
+    loop_mode = meta.get("loop_mode", "pingpong")
+    if loop_mode not in ("pingpong", "cycle"):
+        raise AvatarError(f"{json_path}: 'loop_mode' must be 'pingpong' or 'cycle'")
+
     image.setflags(write=False)
     pts = fit.apply_points(landmarks).astype(np.float32)
     pts.setflags(write=False)
@@ -261,4 +293,6 @@ def load_avatar_dir(path: Path, *, width: int, height: int) -> Avatar:
         landmarks=pts,
         loop_frames=loop_frames,
         loop_fps=loop_fps,
+        loop_landmarks=loop_landmarks,
+        loop_mode=str(loop_mode),
     )

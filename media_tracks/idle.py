@@ -630,17 +630,35 @@ class FaceRenderer:
         self._pivot = (float(lm[8, 0]), float(lm[8, 1] + 0.35 * face_h))
         self._loop = avatar.loop_frames
         self._loop_fps = avatar.loop_fps
+        self._loop_cycle = avatar.loop_mode == "cycle"
+        # mouth rigs of loop frames with their own landmarks, built on first use (only
+        # speaking frames need one); a race builds the same rig twice, harmlessly
+        self._loop_mouths: dict[int, _MouthRig] = {}
 
     @property
     def avatar(self) -> Avatar:
         return self._avatar
 
+    def _loop_mouth(self, i: int) -> _MouthRig:
+        """The mouth rig for loop frame ``i``: its own landmarks when the avatar has them."""
+        lms = self._avatar.loop_landmarks
+        if not lms:
+            return self._mouth
+        rig = self._loop_mouths.get(i)
+        if rig is None:
+            rig = _MouthRig(self._loop[i], lms[i].astype(np.float64))
+            self._loop_mouths[i] = rig
+        return rig
+
     def loop_index(self, t_ns: int) -> int:
-        """Loop frame shown at ``t_ns``: ping-pong 0, 1, .., n-1, n-2, .., 1, 0, 1, ..."""
+        """Loop frame shown at ``t_ns``: ping-pong 0, 1, .., n-1, n-2, .., 1, 0, 1, ..., or for
+        a seamless (``cycle``) loop 0, 1, .., n-1, 0, 1, ..."""
         n = len(self._loop)
         if n <= 1:
             return 0
         i = int(math.floor(max(t_ns, 0) * self._loop_fps / NS_PER_S))
+        if self._loop_cycle:
+            return i % n
         i %= 2 * (n - 1)
         return i if i < n else 2 * (n - 1) - i
 
@@ -673,11 +691,14 @@ class FaceRenderer:
     def render(self, pose: FacePose) -> U8:
         """HxWx3 uint8 RGB frame for ``pose`` (a new array every call)."""
         if self._loop:
-            frame = self._loop[self.loop_index(pose.t_ns)].copy()
-            p = self._mouth.patch(frame, pose.mouth_open)
-            if p is not None:
-                x0, y0, x1, y1 = self._mouth.box
-                frame[y0:y1, x0:x1] = p
+            i = self.loop_index(pose.t_ns)
+            frame = self._loop[i].copy()
+            if pose.mouth_open > 1e-3:
+                rig = self._loop_mouth(i)
+                p = rig.patch(frame, pose.mouth_open)
+                if p is not None:
+                    x0, y0, x1, y1 = rig.box
+                    frame[y0:y1, x0:x1] = p
             return frame
         patches = self._patches(pose)
         m = self.head_matrix(pose)
