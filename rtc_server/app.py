@@ -145,6 +145,10 @@ async def handle_index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(WEB_DIR / "index.html")
 
 
+async def handle_register(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(WEB_DIR / "register.html")
+
+
 def create_app(settings: Settings, *, tts: TextToSpeech | None = None) -> web.Application:
     """The application. ``tts`` replaces the configured voice (tests pass a fake)."""
     app = web.Application(
@@ -187,6 +191,7 @@ def create_app(settings: Settings, *, tts: TextToSpeech | None = None) -> web.Ap
 
     app.cleanup_ctx.append(resources)
     app.router.add_get("/", handle_index)
+    app.router.add_get("/register", handle_register)
     app.router.add_get("/health", handle_health)
     app.router.add_post("/offer", handle_offer)
     app.router.add_get("/sessions", handle_sessions)

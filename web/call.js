@@ -1,6 +1,7 @@
 // Browser side of an avatar call: one RTCPeerConnection to the server (POST /offer, no
-// trickle ICE), a "control" data channel, a live stats panel, and a small test hook on
-// window.avatarCall. Plain JS, no build step.
+// trickle ICE), a "control" data channel, an avatar picker (GET /avatars; ?avatar=ID
+// preselects one), a live stats panel, and a small test hook on window.avatarCall. Plain JS,
+// no build step.
 "use strict";
 
 (() => {
@@ -21,7 +22,10 @@
     say: $("say"),
     errors: $("errors"),
     stats: $("stats"),
+    avatarSelect: $("avatar-select"),
+    avatarThumb: $("avatar-thumb"),
   };
+  const urlAvatar = new URLSearchParams(location.search).get("avatar") || "";
 
   // Everything about the current call. `state` is the call's state:
   // "new" | "connecting" | "connected" | "closed" | "failed";
@@ -40,6 +44,8 @@
     prevStats: null,
     lastStats: {},
     recorder: null,
+    avatars: null, // the list from GET /avatars, once loaded
+    avatarId: null, // the avatar of the current (or last) call
   };
 
   // ---- UI helpers -------------------------------------------------------------------
@@ -48,6 +54,7 @@
     const live = call.state === "connecting" || call.state === "connected";
     const open = call.dc !== null && call.dc.readyState === "open";
     ui.start.disabled = live;
+    ui.avatarSelect.disabled = live;
     ui.stop.disabled = !live;
     ui.mic.disabled = !live || call.micTrack === null;
     const micOn = call.micTrack !== null && call.micTrack.enabled;
@@ -130,7 +137,7 @@
   // POST the offer; returns the answer JSON or throws an Error with a readable message.
   async function postOffer(description) {
     const body = { sdp: description.sdp, type: description.type };
-    const avatarId = new URLSearchParams(location.search).get("avatar");
+    const avatarId = call.avatarId;
     if (avatarId) body.avatar_id = avatarId;
 
     const abort = new AbortController();
@@ -213,6 +220,7 @@
     if (call.state === "connecting" || call.state === "connected") return call.sessionId;
     clearErrors();
     Object.assign(call, { avatarState: null, sessionId: null, hello: null, lastEvents: [] });
+    call.avatarId = ui.avatarSelect.value || null; // null: the server's default
     setState("connecting");
 
     const pc = new RTCPeerConnection({ iceServers: [] });
@@ -422,6 +430,87 @@
     return stopRecording();
   }
 
+  // ---- The avatar picker ------------------------------------------------------------
+
+  const thumbnailUrl = (id) => `/avatars/${encodeURIComponent(id)}/thumbnail`;
+
+  function avatarOption(value, text, title) {
+    const option = document.createElement("option");
+    option.value = value;
+    option.textContent = text;
+    if (title) option.title = title;
+    return option;
+  }
+
+  // Show the chosen avatar's thumbnail beside the picker and on the idle video.
+  function showChosenAvatar() {
+    const id = ui.avatarSelect.value;
+    const known = id && call.avatars && call.avatars.some((a) => a.id === id);
+    if (known) {
+      ui.avatarThumb.src = thumbnailUrl(id);
+      ui.avatarThumb.hidden = false;
+      ui.video.poster = thumbnailUrl(id);
+    } else {
+      ui.avatarThumb.hidden = true;
+      ui.avatarThumb.removeAttribute("src");
+      ui.video.removeAttribute("poster");
+    }
+  }
+
+  function selectAvatar(id) {
+    if (call.state === "connecting" || call.state === "connected") {
+      throw new Error("The avatar cannot change during a call.");
+    }
+    const value = id || "";
+    if (![...ui.avatarSelect.options].some((o) => o.value === value)) {
+      ui.avatarSelect.append(avatarOption(value, `${value} (not registered)`));
+    }
+    ui.avatarSelect.value = value;
+    onAvatarChosen();
+  }
+
+  function onAvatarChosen() {
+    showChosenAvatar();
+    // keep the choice in the address, so a reload or a shared link calls the same avatar
+    const url = new URL(location.href);
+    if (ui.avatarSelect.value) url.searchParams.set("avatar", ui.avatarSelect.value);
+    else url.searchParams.delete("avatar");
+    history.replaceState(history.state, "", url);
+  }
+
+  async function loadAvatars() {
+    let avatars;
+    try {
+      const response = await fetch("/avatars", { headers: { Accept: "application/json" } });
+      const body = await response.json();
+      if (!response.ok || !body || !Array.isArray(body.avatars)) {
+        throw new Error(`HTTP ${response.status}`);
+      }
+      avatars = body.avatars;
+    } catch (err) {
+      console.warn("avatar call: could not list the avatars", err);
+      return null; // keep the picker as it is: the URL's avatar or the server's default
+    }
+    call.avatars = avatars;
+    const wanted = ui.avatarSelect.value || urlAvatar || "default";
+    const names = new Map();
+    for (const a of avatars) names.set(a.name, (names.get(a.name) || 0) + 1);
+    const options = avatars.map((a) => {
+      const name = a.name || a.id;
+      return avatarOption(a.id, names.get(a.name) > 1 ? `${name} (${a.id})` : name, a.id);
+    });
+    if (!avatars.some((a) => a.id === wanted)) {
+      options.unshift(wanted === "default"
+        ? avatarOption("", "Default avatar")
+        : avatarOption(wanted, `${wanted} (not registered)`));
+    }
+    ui.avatarSelect.replaceChildren(...options);
+    ui.avatarSelect.value = wanted === "default" && !avatars.some((a) => a.id === wanted)
+      ? "" : wanted;
+    showChosenAvatar();
+    return avatars;
+  }
+
   // ---- Wiring -----------------------------------------------------------------------
 
   ui.start.addEventListener("click", () => { start().catch(() => { /* shown already */ }); });
@@ -442,7 +531,14 @@
       showError(err.message);
     }
   });
+  ui.avatarSelect.addEventListener("change", onAvatarChosen);
+  ui.avatarThumb.addEventListener("error", () => { ui.avatarThumb.hidden = true; });
   window.addEventListener("pagehide", () => { if (call.pc) stop(); });
+  if (urlAvatar) {
+    ui.avatarSelect.replaceChildren(avatarOption(urlAvatar, urlAvatar));
+    ui.avatarSelect.value = urlAvatar;
+  }
+  const avatarsLoaded = loadAvatars();
   render();
 
   window.avatarCall = {
@@ -456,6 +552,14 @@
     get hello() { return call.hello; },
     get lastEvents() { return call.lastEvents; },
     get micEnabled() { return call.micTrack !== null && call.micTrack.enabled; },
+    // the avatar picked for the next call (null: the server's default) and, in a call, its own
+    get avatarId() {
+      const live = call.state === "connecting" || call.state === "connected";
+      return live ? call.avatarId : ui.avatarSelect.value || null;
+    },
+    get avatars() { return call.avatars; },
+    avatarsLoaded,
+    selectAvatar,
     statsSnapshot: () => ({ ...call.lastStats }),
     record,
     startRecording,
