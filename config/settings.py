@@ -49,6 +49,7 @@ AudioFrameMs = Literal[10, 20, 40, 60]
 HostCandidates = Literal["all", "loopback"]
 TtsEngine = Literal["piper"]
 LipsyncEngine = Literal["energy"]
+FaceAnalyzerBackend = Literal["dlib", "haar", "insightface"]
 
 ICE_URL_SCHEMES = ("stun", "turn", "turns")
 RTP_VIDEO_CLOCK_HZ = 90000
@@ -141,6 +142,12 @@ class SessionSettings:
 class AvatarSettings:
     default: str
     data_dir: str
+    max_upload_bytes: int
+    max_video_s: float
+    min_face_px: int
+    analyzer: FaceAnalyzerBackend
+    insightface_root: str | None
+    crop_size: int
 
     @property
     def data_path(self) -> Path:
@@ -583,7 +590,19 @@ def _sessions(s: _Section) -> SessionSettings:
 
 
 def _avatars(s: _Section) -> AvatarSettings:
-    return AvatarSettings(default=s.get_str("default"), data_dir=s.get_str("data_dir"))
+    crop_size = s.get_int("crop_size", 32, 512)
+    if crop_size % 2:
+        raise s.error("crop_size", f"must be even, got {crop_size}")
+    return AvatarSettings(
+        default=s.get_str("default"),
+        data_dir=s.get_str("data_dir"),
+        max_upload_bytes=s.get_int("max_upload_bytes", 1024, 2**31),
+        max_video_s=s.get_float("max_video_s", 0, 600, lo_open=True),
+        min_face_px=s.get_int("min_face_px", 16, 4096),
+        analyzer=s.get_choice("analyzer", get_args(FaceAnalyzerBackend)),
+        insightface_root=s.get_optional_str("insightface_root"),
+        crop_size=crop_size,
+    )
 
 
 def _engines(s: _Section) -> EngineSettings:

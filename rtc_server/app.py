@@ -14,9 +14,12 @@ import cv2
 from aiohttp import web
 
 from avatars.library import AvatarLibrary
+from avatars.registration import PrepareFn, RegistrationService
+from avatars.store import AvatarStore
 from config import Settings
 from pipeline.errors import AvatarServerError, BadRequest, ServerFull
 from pipeline.tts import PiperTTS, TextToSpeech
+from rtc_server.avatars_api import AVATAR_API, AvatarApi, add_avatar_routes
 from rtc_server.ice import use_host_candidates
 from rtc_server.session import Session
 
@@ -149,8 +152,15 @@ async def handle_register(request: web.Request) -> web.FileResponse:
     return web.FileResponse(WEB_DIR / "register.html")
 
 
-def create_app(settings: Settings, *, tts: TextToSpeech | None = None) -> web.Application:
-    """The application. ``tts`` replaces the configured voice (tests pass a fake)."""
+def create_app(
+    settings: Settings,
+    *,
+    tts: TextToSpeech | None = None,
+    prepare: PrepareFn | None = None,
+    analyzer_factory: Callable[[], object] | None = None,
+) -> web.Application:
+    """The application. ``tts`` replaces the configured voice; ``prepare`` and
+    ``analyzer_factory`` replace avatar registration's face analysis (tests pass fakes)."""
     app = web.Application(
         client_max_size=settings.server.max_body_bytes, middlewares=[errors_middleware]
     )
@@ -164,12 +174,24 @@ def create_app(settings: Settings, *, tts: TextToSpeech | None = None) -> web.Ap
         pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="render")
         app[RENDER_POOL] = pool
         media = settings.media
+        store = AvatarStore(Path(settings.avatars.data_dir))
         library = AvatarLibrary(
             data_dir=Path(settings.avatars.data_dir),
             width=media.video_width,
             height=media.video_height,
+            store=store,
         )
         app[AVATARS] = library
+        registration = RegistrationService(
+            store, settings.avatars, prepare=prepare, analyzer_factory=analyzer_factory
+        )
+        app[AVATAR_API] = AvatarApi(
+            settings=settings.avatars,
+            store=store,
+            library=library,
+            service=registration,
+            sessions=app[SESSIONS],
+        )
         loop = asyncio.get_running_loop()
         # the default avatar must load, or the server does not start
         await loop.run_in_executor(pool, library.get, settings.avatars.default)
@@ -187,6 +209,7 @@ def create_app(settings: Settings, *, tts: TextToSpeech | None = None) -> web.Ap
         yield
         sessions: dict[str, Session] = app[SESSIONS]
         await asyncio.gather(*(s.aclose("server shutting down") for s in list(sessions.values())))
+        await asyncio.to_thread(registration.close)
         pool.shutdown(wait=True, cancel_futures=True)
 
     app.cleanup_ctx.append(resources)
@@ -196,5 +219,6 @@ def create_app(settings: Settings, *, tts: TextToSpeech | None = None) -> web.Ap
     app.router.add_post("/offer", handle_offer)
     app.router.add_get("/sessions", handle_sessions)
     app.router.add_delete("/sessions/{session_id}", handle_delete_session)
+    add_avatar_routes(app)
     app.router.add_static("/web/", WEB_DIR, show_index=False)
     return app

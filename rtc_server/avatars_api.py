@@ -1,0 +1,251 @@
+"""HTTP API for avatars: register (upload), list, inspect, thumbnail, delete.
+
+``POST /avatars``                 multipart/form-data with parts ``file`` and ``name``.
+                                  201 ``{id, name, frames, fps, width, height, quality,
+                                  created: true, created_at, source_hash, builtin: false}``;
+                                  200 with ``created: false`` and the existing avatar when
+                                  the same content was registered before. The upload is
+                                  streamed and refused with 413 as soon as it passes
+                                  ``avatars.max_upload_bytes``. The answer comes once the
+                                  avatar is prepared (synchronous; the page shows the upload
+                                  progress from its XHR, then waits).
+``GET /avatars``                  ``{"avatars": [...]}``: the built-in ``default`` first
+                                  (``builtin: true``), then registered ones, oldest first.
+``GET /avatars/{id}``             one avatar's metadata and quality report.
+``GET /avatars/{id}/thumbnail``   ``image/jpeg``.
+``DELETE /avatars/{id}``          200 ``{id, deleted: true}``; 409 ``avatar_in_use`` while a
+                                  live session shows it; 403 ``builtin_avatar`` for
+                                  ``default`` and 403 ``default_avatar`` for the avatar set as
+                                  ``avatars.default``; 404 for an unknown id.
+
+Ids other than ``default`` and ``av_`` + 12 hex digits are a 404 before any file-system or
+registry access. Every error is the app's JSON ``{error, detail}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+from aiohttp import BodyPartReader, web
+
+from avatars.library import AVATAR_ID_RE, BUILTIN_ID, AvatarLibrary
+from avatars.model import DEFAULT_AVATAR_DIR, AvatarError
+from avatars.registration import RegistrationService, UploadTooLarge
+from avatars.store import AvatarRecord, AvatarStore, make_thumbnail
+from config.settings import AvatarSettings
+from pipeline.errors import AvatarServerError, BadRequest, NotFound
+
+__all__ = ["AVATAR_API", "AvatarApi", "AvatarInUse", "Forbidden", "add_avatar_routes"]
+
+CHUNK_BYTES = 256 * 1024
+# Room for the multipart framing and the name part on top of the file itself.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+MAX_NAME_PART_BYTES = 4096
+
+
+class AvatarInUse(AvatarServerError):
+    status = 409
+    code = "avatar_in_use"
+
+
+class Forbidden(AvatarServerError):
+    status = 403
+    code = "forbidden"
+
+    def __init__(self, detail: str, *, code: str) -> None:
+        super().__init__(detail)
+        self.code = code
+
+
+@dataclass
+class AvatarApi:
+    """What the handlers need; built in the app's start-up (``rtc_server.app``).
+
+    ``sessions`` is the app's live-session dict (values have ``.avatar.avatar_id``)."""
+
+    settings: AvatarSettings
+    store: AvatarStore
+    library: AvatarLibrary
+    service: RegistrationService
+    sessions: dict[str, Any]
+    _builtin: dict[str, Any] | None = field(default=None, init=False)
+    _builtin_thumbnail: bytes | None = field(default=None, init=False)
+
+    def builtin(self) -> dict[str, Any]:
+        """The built-in avatar as a list entry (read once; blocking)."""
+        if self._builtin is None:
+            meta = json.loads((DEFAULT_AVATAR_DIR / "avatar.json").read_text(encoding="utf-8"))
+            image = cv2.imread(str(DEFAULT_AVATAR_DIR / meta["image"]), cv2.IMREAD_COLOR)
+            if image is None:
+                raise AvatarError("cannot read the built-in avatar image")
+            rgb = np.asarray(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), dtype=np.uint8)
+            self._builtin_thumbnail = make_thumbnail(rgb)
+            self._builtin = {
+                "id": BUILTIN_ID,
+                "name": str(meta.get("name", BUILTIN_ID)),
+                "frames": 1,
+                "fps": 0.0,
+                "width": int(image.shape[1]),
+                "height": int(image.shape[0]),
+                "quality": {},
+                "created_at": None,
+                "source_hash": None,
+                "builtin": True,
+            }
+        return dict(self._builtin)
+
+    def builtin_thumbnail(self) -> bytes:
+        self.builtin()
+        assert self._builtin_thumbnail is not None
+        return self._builtin_thumbnail
+
+
+AVATAR_API = web.AppKey("avatar_api", AvatarApi)
+
+
+def _entry(record: AvatarRecord) -> dict[str, Any]:
+    out = record.to_dict()
+    out["builtin"] = False
+    return out
+
+
+def _avatar_id(request: web.Request) -> str:
+    """The id from the path, or NotFound for anything that is not an avatar id."""
+    avatar_id = request.match_info.get("avatar_id", "")
+    if not AVATAR_ID_RE.fullmatch(avatar_id):
+        raise NotFound("no such avatar")
+    return avatar_id
+
+
+async def _read_upload(request: web.Request, limit: int) -> tuple[bytes, str]:
+    """The ``file`` and ``name`` parts, reading no more than ``limit`` bytes of file."""
+    if request.content_length is not None and (
+        request.content_length > limit + MULTIPART_OVERHEAD_BYTES
+    ):
+        raise UploadTooLarge(
+            f"the upload is {request.content_length} bytes; at most {limit} are accepted"
+        )
+    if request.content_type != "multipart/form-data":
+        raise BadRequest(
+            "Content-Type must be multipart/form-data (parts 'file' and 'name'), not "
+            f"{request.content_type!r}"
+        )
+    data: bytearray | None = None
+    name: str | None = None
+    try:
+        reader = await request.multipart()
+        async for part in reader:
+            if not isinstance(part, BodyPartReader):
+                raise BadRequest("nested multipart bodies are not accepted")
+            if part.name == "file":
+                if data is not None:
+                    raise BadRequest("more than one 'file' part")
+                data = bytearray()
+                while chunk := await part.read_chunk(CHUNK_BYTES):
+                    data += chunk
+                    if len(data) > limit:
+                        raise UploadTooLarge(f"the file is over the limit of {limit} bytes")
+            else:
+                raw = bytearray()
+                while chunk := await part.read_chunk(CHUNK_BYTES):
+                    raw += chunk
+                    if len(raw) > MAX_NAME_PART_BYTES:
+                        raise BadRequest(f"part {part.name!r} is too long")
+                if part.name == "name":
+                    if name is not None:
+                        raise BadRequest("more than one 'name' part")
+                    try:
+                        name = raw.decode(part.get_charset(default="utf-8"))
+                    except (LookupError, UnicodeDecodeError) as exc:
+                        raise BadRequest(f"field 'name' is not valid text: {exc}") from None
+    except (ValueError, AssertionError) as exc:  # malformed multipart framing
+        raise BadRequest(f"malformed multipart body: {exc}") from None
+    if data is None:
+        raise BadRequest("multipart part 'file' (the image or video) is required")
+    if name is None:
+        raise BadRequest("multipart part 'name' is required")
+    return bytes(data), name
+
+
+async def handle_create(request: web.Request) -> web.Response:
+    api = request.app[AVATAR_API]
+    data, name = await _read_upload(request, api.settings.max_upload_bytes)
+    record, created = await api.service.register(data, name)
+    body = _entry(record)
+    body["created"] = created
+    return web.json_response(body, status=201 if created else 200)
+
+
+async def handle_list(request: web.Request) -> web.Response:
+    api = request.app[AVATAR_API]
+    builtin = await asyncio.to_thread(api.builtin)
+    records = await asyncio.to_thread(api.store.list)
+    return web.json_response({"avatars": [builtin, *(_entry(r) for r in records)]})
+
+
+async def handle_get(request: web.Request) -> web.Response:
+    api = request.app[AVATAR_API]
+    avatar_id = _avatar_id(request)
+    if avatar_id == BUILTIN_ID:
+        return web.json_response(await asyncio.to_thread(api.builtin))
+    record = await asyncio.to_thread(api.store.get, avatar_id)
+    if record is None:
+        raise NotFound(f"no avatar with id {avatar_id!r}")
+    return web.json_response(_entry(record))
+
+
+async def handle_thumbnail(request: web.Request) -> web.Response:
+    api = request.app[AVATAR_API]
+    avatar_id = _avatar_id(request)
+    if avatar_id == BUILTIN_ID:
+        jpeg: bytes | None = await asyncio.to_thread(api.builtin_thumbnail)
+    else:
+        jpeg = await asyncio.to_thread(api.store.thumbnail, avatar_id)
+    if jpeg is None:
+        raise NotFound(f"no avatar with id {avatar_id!r}")
+    return web.Response(
+        body=jpeg, content_type="image/jpeg", headers={"Cache-Control": "max-age=3600"}
+    )
+
+
+async def handle_delete(request: web.Request) -> web.Response:
+    api = request.app[AVATAR_API]
+    avatar_id = _avatar_id(request)
+    if avatar_id == BUILTIN_ID:
+        raise Forbidden("the built-in avatar cannot be deleted", code="builtin_avatar")
+    if avatar_id == api.settings.default:
+        raise Forbidden(
+            f"{avatar_id} is the server's default avatar (avatars.default); change the setting "
+            "first",
+            code="default_avatar",
+        )
+    record = await asyncio.to_thread(api.store.get, avatar_id)
+    if record is None:
+        raise NotFound(f"no avatar with id {avatar_id!r}")
+    users = [
+        sid
+        for sid, session in list(api.sessions.items())
+        if getattr(getattr(session, "avatar", None), "avatar_id", None) == avatar_id
+    ]
+    if users:
+        raise AvatarInUse(
+            f"avatar {avatar_id} is used by {len(users)} live session(s); end them first"
+        )
+    deleted = await asyncio.to_thread(api.store.delete, avatar_id)
+    api.library.forget(avatar_id)
+    if not deleted:  # deleted meanwhile by another request or process
+        raise NotFound(f"no avatar with id {avatar_id!r}")
+    return web.json_response({"id": avatar_id, "deleted": True})
+
+
+def add_avatar_routes(app: web.Application) -> None:
+    app.router.add_post("/avatars", handle_create)
+    app.router.add_get("/avatars", handle_list)
+    app.router.add_get("/avatars/{avatar_id}", handle_get)
+    app.router.add_get("/avatars/{avatar_id}/thumbnail", handle_thumbnail)
+    app.router.add_delete("/avatars/{avatar_id}", handle_delete)
