@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib
-import inspect
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, Protocol, TypeVar
 
+from avatars.analysis import create_analyzer
 from avatars.media_input import DecodedMedia, UnsupportedMedia, sniff_and_decode
+from avatars.prepare import prepare_avatar
 from avatars.store import MAX_NAME_CHARS, AvatarRecord, AvatarStore, DuplicateSource, PreparedLike
 from config.settings import AvatarSettings
 from pipeline.errors import AvatarServerError, BadRequest
@@ -41,7 +41,7 @@ ProgressFn = Callable[[str, float], None]
 
 
 class PrepareFn(Protocol):
-    """``avatars.prepare.prepare_avatar``'s shape (LAYOUT.md)."""
+    """``avatars.prepare.prepare_avatar``'s shape (LAYOUT.md): ``progress(fraction)``."""
 
     def __call__(
         self,
@@ -49,7 +49,8 @@ class PrepareFn(Protocol):
         analyzer: Any,
         *,
         crop_size: int = ...,
-        progress: Callable[..., None] | None = ...,
+        progress: Callable[[float], None] | None = ...,
+        quality_thresholds: Mapping[str, Any] | None = ...,
     ) -> PreparedLike: ...
 
 
@@ -72,30 +73,13 @@ def clean_name(name: object) -> str:
     return cleaned
 
 
-def _fraction(args: tuple[Any, ...]) -> float | None:
-    """A progress fraction from a callback's arguments: (done, total), (fraction,) or
-    (stage, fraction) / (stage, done, total)."""
-    numbers = [float(a) for a in args if isinstance(a, int | float) and not isinstance(a, bool)]
-    if len(numbers) >= 2 and numbers[-1] > 0:
-        value = numbers[-2] / numbers[-1]
-    elif len(numbers) == 1:
-        value = numbers[0]
-    else:
-        return None
-    return min(1.0, max(0.0, value))
-
-
-def _default_prepare() -> PrepareFn:
-    fn: PrepareFn = importlib.import_module("avatars.prepare").prepare_avatar
-    return fn
-
-
 class RegistrationService:
     """Registers uploads into ``store``.
 
     ``prepare`` (default ``avatars.prepare.prepare_avatar``) and ``analyzer_factory``
     (default ``avatars.analysis.create_analyzer`` with the configured backend) are injectable
-    for tests. The analyzer is created on first use, on the worker thread."""
+    for tests. The analyzer is created on first use, on the worker thread, and reused (the
+    worker is a single thread, so analyzer calls never overlap)."""
 
     def __init__(
         self,
@@ -107,7 +91,7 @@ class RegistrationService:
     ) -> None:
         self.store = store
         self.settings = settings
-        self._prepare = prepare
+        self._prepare: PrepareFn = prepare if prepare is not None else prepare_avatar
         self._analyzer_factory = analyzer_factory
         self._analyzer: Any = None
         self._analyzer_lock = threading.Lock()
@@ -173,7 +157,6 @@ class RegistrationService:
             if self._analyzer is None:
                 factory = self._analyzer_factory
                 if factory is None:
-                    create_analyzer = importlib.import_module("avatars.analysis").create_analyzer
                     backend = self.settings.analyzer
                     root = self.settings.insightface_root
 
@@ -186,30 +169,27 @@ class RegistrationService:
     def _call_prepare(
         self, media: DecodedMedia, progress: ProgressFn | None
     ) -> PreparedLike:
-        prepare = self._prepare if self._prepare is not None else _default_prepare()
-        kwargs: dict[str, Any] = {"crop_size": self.settings.crop_size}
-        try:
-            params = inspect.signature(prepare).parameters
-        except (TypeError, ValueError):
-            params = {}  # type: ignore[assignment]
-        # avatars.min_face_px reaches the quality check (prepare_avatar's quality_thresholds)
-        if "quality_thresholds" in params:
-            kwargs["quality_thresholds"] = {"min_face_px": self.settings.min_face_px}
-        elif "min_face_px" in params:
-            kwargs["min_face_px"] = self.settings.min_face_px
+        on_progress: Callable[[float], None] | None = None
         if progress is not None:
 
-            def on_progress(*args: Any) -> None:
-                fraction = _fraction(args)
-                if fraction is not None:
-                    progress("analyse", fraction)
+            def on_progress(fraction: float) -> None:
+                progress("analyse", min(1.0, max(0.0, float(fraction))))
 
-            kwargs["progress"] = on_progress
-        return prepare(media, self.analyzer(), **kwargs)
+        return self._prepare(
+            media,
+            self.analyzer(),
+            crop_size=self.settings.crop_size,
+            progress=on_progress,
+            # avatars.min_face_px reaches the quality check
+            quality_thresholds={"min_face_px": self.settings.min_face_px},
+        )
 
     def _register_blocking(
         self, data: bytes, name: str, digest: str, progress: ProgressFn | None
     ) -> AvatarRecord:
+        existing = self.store.find_by_hash(digest)
+        if existing is not None:  # an earlier request for it finished meanwhile
+            raise DuplicateSource(existing)
         if progress is not None:
             progress("decode", 0.0)
         media = sniff_and_decode(data, max_video_s=self.settings.max_video_s)

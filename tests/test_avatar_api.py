@@ -14,6 +14,7 @@ import pytest
 from yarl import URL
 
 from avatars.library import LoadedAvatar
+from avatars.model import DEFAULT_AVATAR_DIR
 from config import load_settings
 from rtc_server.app import AVATARS, SESSIONS, create_app
 from rtc_server.avatars_api import AVATAR_API
@@ -46,12 +47,12 @@ def fake_prepare():
 
 @pytest.fixture
 def make_client(aiohttp_client, tmp_path, fake_prepare):
-    async def make(data_dir=None, prepare=None, **overrides):
+    async def make(data_dir=None, prepare=None, real=False, **overrides):
         app = create_app(
             settings(data_dir or tmp_path / "data", **overrides),
             tts=ToneTTS(),
-            prepare=prepare or fake_prepare,
-            analyzer_factory=FakeAnalyzer,
+            prepare=None if real else prepare or fake_prepare,
+            analyzer_factory=None if real else FakeAnalyzer,
         )
         return await aiohttp_client(app)
 
@@ -421,3 +422,94 @@ async def test_list_reads_a_registry_written_by_another_process(client, tmp_path
     assert json.loads((tmp_path / "data" / "avatars" / record.id / "avatar.json").read_text())[
         "name"
     ] == "From CLI"
+
+
+# --------------------------------------------------------------------------- the service
+
+
+def service_for(tmp_path, prepare, **overrides):
+    from avatars.registration import RegistrationService
+    from avatars.store import AvatarStore
+
+    s = settings(tmp_path / "data", **overrides)
+    return RegistrationService(
+        AvatarStore(s.avatars.data_dir), s.avatars, prepare=prepare,
+        analyzer_factory=FakeAnalyzer,
+    )
+
+
+async def test_service_reports_progress_by_stage(tmp_path):
+    service = service_for(tmp_path, FakePrepare())
+    seen: list[tuple[str, float]] = []
+    try:
+        video = encode_video(moving_frames(10, (64, 64)), 25)
+        record, created = await service.register(video, "P", progress=lambda s, f: seen.append(
+            (s, f)))
+    finally:
+        service.close()
+    assert created and record.frames == 10
+    stages = [s for s, _ in seen]
+    assert stages[0] == "decode" and stages[-1] == "store"
+    assert stages.index("analyse") > stages.index("decode")
+    assert stages.index("store") > max(i for i, s in enumerate(stages) if s == "analyse")
+    for stage in ("decode", "analyse", "store"):
+        values = [f for s, f in seen if s == stage]
+        assert values == sorted(values) and values[-1] == 1.0
+        assert all(0.0 <= f <= 1.0 for f in values)
+
+
+async def test_cancelled_request_still_registers_once(tmp_path):
+    prepare = FakePrepare(sleep_s=0.3)
+    service = service_for(tmp_path, prepare)
+    try:
+        task = asyncio.create_task(service.register(PORTRAIT_PNG, "First"))
+        await asyncio.sleep(0.1)
+        task.cancel()  # the client went away mid-analysis
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        record, created = await service.register(PORTRAIT_PNG, "Retry")
+    finally:
+        service.close()
+    assert created is False and record.name == "First"
+    assert prepare.calls == 1
+    assert [r.id for r in service.store.list()] == [record.id]
+
+
+# --------------------------------------------------------------------------- real analysis
+
+
+async def test_real_analysis_registers_a_portrait(make_client):
+    client = await make_client(real=True)
+    portrait = (DEFAULT_AVATAR_DIR / "astronaut.png").read_bytes()
+    resp = await upload(client, portrait, name="Astronaut")
+    assert resp.status == 201, await resp.text()
+    body = await resp.json()
+    assert (body["frames"], body["width"], body["height"]) == (1, 512, 512)
+    quality = body["quality"]
+    assert quality["backend"] == "dlib"
+    assert set(quality["checks"].values()) == {"pass"}
+    assert quality["thresholds"]["min_face_px"] == 96
+    loaded = await asyncio.to_thread(client.app[AVATARS].get, body["id"])
+    assert loaded.avatar.name == "Astronaut"
+
+    flat = encode_image(np.full((256, 256, 3), 120, np.uint8), ".png")
+    await error_of(await upload(client, flat), 422, "no_face")
+    small = encode_image(portrait_rgb((256, 256)), ".png")  # a ~55 px face
+    body = await error_of(await upload(client, small), 422, "face_too_small")
+    assert "96" in body["detail"]
+    assert len(stored_ids(client)) == 1
+
+
+async def test_real_analysis_registers_a_video_loop(make_client, tmp_path):
+    client = await make_client(real=True, **{"avatars.min_face_px": 48})
+    video = encode_video(moving_frames(40, (384, 384)), 25)
+    resp = await upload(client, video, name="Sway", content_type="video/mp4")
+    assert resp.status == 201, await resp.text()
+    body = await resp.json()
+    assert body["fps"] == 25.0 and 1 < body["frames"] <= 40  # minus the loop's cross-fade
+    assert body["quality"]["thresholds"]["min_face_px"] == 48
+    folder = tmp_path / "data" / "avatars" / body["id"]
+    assert json.loads((folder / "avatar.json").read_text())["loop_mode"] == "cycle"
+    loaded = await asyncio.to_thread(client.app[AVATARS].get, body["id"])
+    assert len(loaded.avatar.loop_frames) == body["frames"]
+    assert len(loaded.avatar.loop_landmarks) == body["frames"]

@@ -122,3 +122,19 @@ def test_bad_config_exits_2_and_help_works(tmp_path):
     assert res.returncode == 0 and "register" in res.stdout
     res = run("register", "x.png", fake=False)  # --name is required
     assert res.returncode == 2 and "--name" in res.stderr
+
+
+def test_real_analysis_from_the_command_line(tmp_path):
+    dd = ["--data-dir", str(tmp_path / "data")]
+    portrait = ROOT / "avatars" / "default" / "astronaut.png"
+    res = run("register", str(portrait), "--name", "Astronaut", *dd, fake=False)
+    assert res.returncode == 0, res.stderr
+    body = json.loads(res.stdout)
+    assert body["created"] is True and body["quality"]["backend"] == "dlib"
+    assert "analysing [" in res.stderr
+    flat = tmp_path / "flat.png"
+    flat.write_bytes(encode_image(np.full((200, 200, 3), 120, np.uint8), ".png"))
+    res = run("register", str(flat), "--name", "Nobody", *dd, fake=False)
+    assert res.returncode == 1 and "refused (no_face)" in res.stderr
+    res = run("list", *dd, fake=False)
+    assert [a["id"] for a in json.loads(res.stdout)] == [body["id"]]

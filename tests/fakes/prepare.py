@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,8 +75,8 @@ class FakePrepare:
         analyzer: Any,
         *,
         crop_size: int = 96,
-        progress: Callable[..., None] | None = None,
-        quality_thresholds: dict[str, Any] | None = None,
+        progress: Callable[[float], None] | None = None,
+        quality_thresholds: Mapping[str, Any] | None = None,
     ) -> FakePreparedAvatar:
         with self._lock:
             self.calls += 1
