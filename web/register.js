@@ -334,8 +334,7 @@
       title = REFUSAL_TITLES[code];
       hint = REFUSAL_HINTS[code];
     } else if (status === 415) {
-      title = "Not an image or video we can read";
-      hint = "Use a photo (JPEG, PNG, WebP) or a short video (MP4, WebM, MOV) or an animated GIF.";
+      title = "Not an image or video we can read"; // the server's detail names the formats
     } else if (status === 413) {
       title = "The file is too large";
       hint = "Use a smaller photo, or a shorter or lower-resolution video.";
@@ -348,6 +347,10 @@
     }
     showRefusal(status, title, detail || (status >= 500 ? "The server failed; see its log." : ""),
       hint, code);
+  }
+
+  function setResult(...children) {
+    ui.result.replaceChildren(...children.filter((c) => c != null));
   }
 
   function showSuccess(avatar, existing) {
@@ -373,7 +376,7 @@
     const link = el("a", { id: "call-link", className: "button primary", href: callUrl(avatar.id) },
       "Start a call with this avatar");
 
-    ui.result.replaceChildren(
+    setResult(
       el("h3", {}, existing ? "Already registered" : "Avatar registered"),
       existing ? el("p", { className: "muted" },
         "This exact file was registered before; here is that avatar.") : null,
@@ -387,7 +390,7 @@
   }
 
   function showRefusal(status, title, detail, hint, code) {
-    ui.result.replaceChildren(
+    setResult(
       el("h3", { id: "result-title" }, title),
       detail ? el("p", { id: "result-detail" }, detail) : null,
       hint ? el("p", { className: "muted" }, hint) : null,
