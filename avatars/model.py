@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,7 +190,9 @@ def _read_image(path: Path) -> Rgb:
     return np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), dtype=np.uint8)
 
 
-def _read_loop_video(path: Path) -> tuple[list[Rgb], float]:
+def _read_loop_video(path: Path, fit_frame: Callable[[Rgb], Rgb]) -> tuple[list[Rgb], float]:
+    """Decode the loop video, fitting each frame as it comes (``fit_frame``) so that only
+    output-sized frames are ever held: a 10 s 720p loop would otherwise peak at ~700 MB."""
     import av  # imported lazily: only loop-video avatars need it
 
     frames: list[Rgb] = []
@@ -198,10 +201,12 @@ def _read_loop_video(path: Path) -> tuple[list[Rgb], float]:
             if not container.streams.video:
                 raise AvatarError(f"no video stream in {path}")
             stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
             rate = stream.average_rate or stream.base_rate or stream.guessed_rate
             fps = float(rate) if rate else 0.0
             for frame in container.decode(stream):
-                frames.append(np.ascontiguousarray(frame.to_ndarray(format="rgb24")))
+                rgb: Rgb = np.ascontiguousarray(frame.to_ndarray(format="rgb24"), dtype=np.uint8)
+                frames.append(fit_frame(rgb))
     except AvatarError:
         raise
     except (av.error.FFmpegError, OSError, ValueError) as exc:
@@ -245,9 +250,8 @@ def load_avatar_dir(path: Path, *, width: int, height: int) -> Avatar:
     if loop_name is not None:
         if not isinstance(loop_name, str) or not loop_name:
             raise AvatarError(f"{json_path}: 'loop_video' must be a non-empty string")
-        raw_frames, loop_fps = _read_loop_video(_resolve(path, loop_name, "loop video"))
-        fitted: list[Rgb] = []
-        for frame in raw_frames:
+
+        def fit_frame(frame: Rgb) -> Rgb:
             vh, vw = frame.shape[:2]
             if (vh, vw) != (src_h, src_w):
                 # the loop video must show the image's framing (landmarks are the image's)
@@ -258,7 +262,9 @@ def load_avatar_dir(path: Path, *, width: int, height: int) -> Avatar:
                     )
                 interp = cv2.INTER_AREA if vw > src_w else cv2.INTER_CUBIC
                 frame = np.asarray(cv2.resize(frame, (src_w, src_h), interpolation=interp))
-            fitted.append(fit.apply_image(frame))
+            return fit.apply_image(frame)
+
+        fitted, loop_fps = _read_loop_video(_resolve(path, loop_name, "loop video"), fit_frame)
         loop_frames = tuple(fitted)
 
     loop_landmarks: tuple[npt.NDArray[np.float32], ...] = ()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,9 @@ class Forbidden(AvatarServerError):
         self.code = code
 
 
+logger = logging.getLogger(__name__)
+
+
 @dataclass
 class AvatarApi:
     """What the handlers need; built in the app's start-up (``rtc_server.app``).
@@ -75,6 +79,21 @@ class AvatarApi:
     sessions: dict[str, Any]
     _builtin: dict[str, Any] | None = field(default=None, init=False)
     _builtin_thumbnail: bytes | None = field(default=None, init=False)
+    _warming: set[asyncio.Future[Any]] = field(default_factory=set, init=False)
+
+    def warm(self, avatar_id: str) -> None:
+        """Load a just-registered avatar in the background, so its first call starts as fast
+        as any other (a 10 s video loop takes seconds to decode and fit)."""
+
+        def load() -> None:
+            try:
+                self.library.get(avatar_id)
+            except Exception:  # noqa: BLE001 - a call would report it; here only log
+                logger.exception("preloading avatar %s failed", avatar_id)
+
+        fut = asyncio.get_running_loop().run_in_executor(None, load)
+        self._warming.add(fut)
+        fut.add_done_callback(self._warming.discard)
 
     def builtin(self) -> dict[str, Any]:
         """The built-in avatar as a list entry (read once; blocking)."""
@@ -176,6 +195,7 @@ async def handle_create(request: web.Request) -> web.Response:
     api = request.app[AVATAR_API]
     data, name = await _read_upload(request, api.settings.max_upload_bytes)
     record, created = await api.service.register(data, name)
+    api.warm(record.id)
     body = _entry(record)
     body["created"] = created
     return web.json_response(body, status=201 if created else 200)
