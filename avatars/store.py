@@ -361,9 +361,13 @@ class AvatarStore:
         """Folders of deletions (any age) and of saves that crashed (older than an hour)."""
         now = time.time()
         for entry in self.avatars_dir.iterdir():
-            if entry.name.startswith(".del-") or (
-                entry.name.startswith(".tmp-") and now - entry.stat().st_mtime > _STALE_TMP_S
-            ):
+            try:  # another process may rename or remove the entry meanwhile
+                stale = entry.name.startswith(".tmp-") and (
+                    now - entry.stat().st_mtime > _STALE_TMP_S
+                )
+            except OSError:
+                continue
+            if entry.name.startswith(".del-") or stale:
                 shutil.rmtree(entry, ignore_errors=True)
 
     def _one(self, sql: str, args: tuple[Any, ...]) -> AvatarRecord | None:
