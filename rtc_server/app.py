@@ -195,6 +195,10 @@ def create_app(
         loop = asyncio.get_running_loop()
         # the default avatar must load, or the server does not start
         await loop.run_in_executor(pool, library.get, settings.avatars.default)
+        if settings.avatars.analyzer == "insightface" and analyzer_factory is None:
+            # a configured model pack must be there and load: a clear start-up error, not a
+            # failure at the first registration (dlib and Haar load lazily, from packages)
+            await loop.run_in_executor(pool, registration.analyzer)
         if tts is None:
             voice = settings.engines.piper_voice
             piper = PiperTTS(

@@ -10,6 +10,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def run_server(*args: str, env_extra: dict[str, str] | None = None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AVATAR_")}
     env.update(env_extra or {})
@@ -35,3 +43,14 @@ def test_missing_config_file_is_reported(tmp_path):
     proc = run_server("--config", str(tmp_path / "nope.yaml"))
     assert proc.returncode == 2
     assert "nope.yaml" in proc.stderr
+
+
+def test_missing_insightface_pack_is_a_clear_start_up_error(tmp_path):
+    proc = run_server("--port", str(free_port()), env_extra={
+        "AVATAR_AVATARS__ANALYZER": "insightface",
+        "AVATAR_AVATARS__INSIGHTFACE_ROOT": str(tmp_path / "no-pack"),
+        "AVATAR_AVATARS__DATA_DIR": str(tmp_path / "data"),
+        "AVATAR_SERVER__HOST": "127.0.0.1",
+    })
+    assert proc.returncode == 1
+    assert "start-up failed" in proc.stderr and "no-pack" in proc.stderr
