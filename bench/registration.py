@@ -21,7 +21,6 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,22 +34,11 @@ from avatars import DEFAULT_AVATAR_DIR  # noqa: E402
 from avatars.analysis import create_analyzer  # noqa: E402
 from avatars.prepare import prepare_avatar  # noqa: E402
 from bench.common import print_table, write_result  # noqa: E402
+from tests.fakes.prepare import FrameMedia  # noqa: E402
 
 IMAGE_TARGET_S = 2.0
 VIDEO_TARGET_FPS = 15.0
 FACE_CENTRE = (225.0, 132.0)
-
-
-@dataclass
-class Media:
-    kind: str
-    frames: list[np.ndarray]
-    fps: float = 0.0
-    width: int = field(init=False)
-    height: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.height, self.width = self.frames[0].shape[:2]
 
 
 def _portrait() -> np.ndarray:
@@ -131,7 +119,7 @@ def main() -> None:
             )
         )
 
-    image = Media("image", [face])
+    image = FrameMedia("image", [face])
     image_results = {}
     for backend, analyzer in analyzers.items():
         times = []
@@ -167,7 +155,7 @@ def main() -> None:
     progress: list[float] = []
     prepared, wall, cpu = _timed(
         lambda: prepare_avatar(
-            Media("video", frames, 25.0), analyzers["dlib"], progress=progress.append
+            FrameMedia("video", frames, 25.0), analyzers["dlib"], progress=progress.append
         )
     )
     peak = _peak_mb() - before if reset else float("nan")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -11,7 +12,11 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
+
+from avatars.model import DEFAULT_AVATAR_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("AVATAR_TEST_ARTIFACTS", ROOT / "build" / "test-artifacts"))
@@ -81,6 +86,29 @@ def start_server(port: int, env_extra: dict[str, str] | None = None) -> subproce
     raise RuntimeError("server did not become healthy in 60 s")
 
 
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def face_rgb() -> np.ndarray:
+    """The default avatar's portrait (a real face with committed landmarks), RGB."""
+    bgr = cv2.imread(str(DEFAULT_AVATAR_DIR / "astronaut.png"))
+    assert bgr is not None
+    return np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+
+
+@pytest.fixture(scope="module")
+def committed() -> np.ndarray:
+    """The default avatar's committed 68 landmarks."""
+    meta = json.loads((DEFAULT_AVATAR_DIR / "avatar.json").read_text())
+    return np.array(meta["landmarks"], dtype=np.float64)
+
+
 @pytest.fixture(scope="module")
 def live_server(loopback_only: None, artifacts_dir: Path) -> Iterator[str]:
     """URL of a real server process (``python -m rtc_server``) on 127.0.0.1."""
@@ -89,8 +117,4 @@ def live_server(loopback_only: None, artifacts_dir: Path) -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)

@@ -36,7 +36,7 @@ from tests.browser import (
     wait_speaking_then_idle,
     write_tone_wav,
 )
-from tests.conftest import free_port, start_server
+from tests.conftest import free_port, start_server, stop_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -209,5 +209,4 @@ def test_server_full_shows_retry_after(page: Any, artifacts_dir: Path) -> None:
         page.close()
     finally:
         page.switch_to.window(first)
-        proc.terminate()
-        proc.wait(timeout=15)
+        stop_server(proc)

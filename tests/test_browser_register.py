@@ -10,7 +10,6 @@ Screenshots and the browser console go to ``artifacts_dir``."""
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -34,7 +33,7 @@ from tests.browser import (
     wait_js,
     write_tone_wav,
 )
-from tests.conftest import ROOT, free_port, start_server
+from tests.conftest import ROOT, free_port, start_server, stop_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -61,11 +60,7 @@ def server(
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
 
 
 @pytest.fixture(scope="module")

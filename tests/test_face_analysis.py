@@ -11,7 +11,6 @@ import cv2
 import numpy as np
 import pytest
 
-from avatars import DEFAULT_AVATAR_DIR
 from avatars.analysis import AnalyzerError, DetectedFace, FaceAnalyzer, create_analyzer
 from avatars.analysis.haar_backend import HaarAnalyzer
 from avatars.analysis.insightface_backend import map_106_to_68
@@ -36,19 +35,6 @@ MIRROR_68 = [
     54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55,
     64, 63, 62, 61, 60, 67, 66, 65,
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def face_rgb() -> np.ndarray:
-    bgr = cv2.imread(str(DEFAULT_AVATAR_DIR / "astronaut.png"))
-    assert bgr is not None
-    return np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-
-
-@pytest.fixture(scope="module")
-def committed() -> np.ndarray:
-    meta = json.loads((DEFAULT_AVATAR_DIR / "avatar.json").read_text())
-    return np.array(meta["landmarks"], dtype=np.float64)
 
 
 @pytest.fixture(scope="module")

@@ -5,45 +5,19 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 import pytest
 
-from avatars import DEFAULT_AVATAR_DIR
 from avatars.analysis import DetectedFace, FaceAnalyzer, create_analyzer
 from avatars.prepare import PreparedAvatar, crop_square, prepare_avatar
 from avatars.quality import RegistrationRefused, face_box_from_landmarks
+from tests.fakes.prepare import FrameMedia
 from tests.test_face_analysis import lift_to_3d, project
 
 FPS = 25.0
 FACE_CENTRE = (225.0, 132.0)  # roughly the default face's centre in astronaut.png
-
-
-@dataclass
-class Media:
-    kind: str
-    frames: list[np.ndarray]
-    fps: float = 0.0
-    width: int = field(init=False)
-    height: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.height, self.width = self.frames[0].shape[:2]
-
-
-@pytest.fixture(scope="module")
-def face_rgb() -> np.ndarray:
-    bgr = cv2.imread(str(DEFAULT_AVATAR_DIR / "astronaut.png"))
-    assert bgr is not None
-    return np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-
-
-@pytest.fixture(scope="module")
-def committed() -> np.ndarray:
-    meta = json.loads((DEFAULT_AVATAR_DIR / "avatar.json").read_text())
-    return np.array(meta["landmarks"], dtype=np.float64)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +59,7 @@ def video(face_rgb, committed) -> tuple[list[np.ndarray], np.ndarray]:
 def prepared_video(analyzer, video) -> tuple[PreparedAvatar, list[float]]:
     calls: list[float] = []
     frames, _ = video
-    prepared = prepare_avatar(Media("video", frames, FPS), analyzer, progress=calls.append)
+    prepared = prepare_avatar(FrameMedia("video", frames, FPS), analyzer, progress=calls.append)
     return prepared, calls
 
 
@@ -99,7 +73,7 @@ def third_diff_rms(x: np.ndarray) -> float:
 
 def test_image_avatar(analyzer, face_rgb, committed):
     calls: list[float] = []
-    p = prepare_avatar(Media("image", [face_rgb]), analyzer, progress=calls.append)
+    p = prepare_avatar(FrameMedia("image", [face_rgb]), analyzer, progress=calls.append)
     assert p.frame_count == 1 and p.frames[0] is face_rgb
     assert p.landmarks.shape == (1, 68, 2) and p.landmarks.dtype == np.float32
     assert np.abs(p.landmarks[0] - committed).mean() < 0.6
@@ -116,7 +90,7 @@ def test_image_avatar(analyzer, face_rgb, committed):
 
 
 def test_image_crop_is_the_face_and_matches_the_frame(analyzer, face_rgb):
-    p = prepare_avatar(Media("image", [face_rgb]), analyzer, crop_size=128)
+    p = prepare_avatar(FrameMedia("image", [face_rgb]), analyzer, crop_size=128)
     assert p.crops.shape == (1, 128, 128, 3) and p.crop_size == 128
     x0, y0, x1, y1 = p.crop_boxes[0]
     assert x1 - x0 == pytest.approx(y1 - y0)  # square
@@ -132,7 +106,7 @@ def test_image_crop_is_the_face_and_matches_the_frame(analyzer, face_rgb):
 
 
 def test_masks_are_feathered_and_cover_mouth_and_face(analyzer, face_rgb):
-    p = prepare_avatar(Media("image", [face_rgb]), analyzer)
+    p = prepare_avatar(FrameMedia("image", [face_rgb]), analyzer)
     square = crop_square(p.boxes[0])
     k = 96 / (square[2] - square[0])
     crop_pts = (p.landmarks[0] - np.array(square[:2])) * k
@@ -191,7 +165,7 @@ def test_refusals(analyzer, face_rgb, case):
     make, code, words = REFUSALS[case]
     image = np.ascontiguousarray(make(face_rgb))
     with pytest.raises(RegistrationRefused) as e:
-        prepare_avatar(Media("image", [image]), analyzer)
+        prepare_avatar(FrameMedia("image", [image]), analyzer)
     assert e.value.code == code, e.value.detail
     assert e.value.status == 422
     assert words in e.value.detail
@@ -199,13 +173,15 @@ def test_refusals(analyzer, face_rgb, case):
 
 def test_too_small_names_both_sizes(analyzer, face_rgb):
     with pytest.raises(RegistrationRefused) as e:
-        prepare_avatar(Media("image", [make_small(face_rgb)]), analyzer)
+        prepare_avatar(FrameMedia("image", [make_small(face_rgb)]), analyzer)
     assert e.value.detail.endswith("px, at least 96 px needed")
 
 
 def test_thresholds_are_adjustable(analyzer, face_rgb):
     small = make_small(face_rgb)
-    p = prepare_avatar(Media("image", [small]), analyzer, quality_thresholds={"min_face_px": 48})
+    p = prepare_avatar(
+        FrameMedia("image", [small]), analyzer, quality_thresholds={"min_face_px": 48}
+    )
     assert p.quality["thresholds"]["min_face_px"] == 48
 
 
@@ -231,7 +207,7 @@ class TurnedFace:
 
 def test_turned_face_refused_through_prepare(analyzer, face_rgb):
     with pytest.raises(RegistrationRefused) as e:
-        prepare_avatar(Media("image", [face_rgb]), TurnedFace(analyzer))
+        prepare_avatar(FrameMedia("image", [face_rgb]), TurnedFace(analyzer))
     assert e.value.code == "face_turned", e.value.detail
 
 
@@ -246,9 +222,9 @@ def test_bad_input(analyzer, face_rgb):
     with pytest.raises(ValueError, match="no frames"):
         prepare_avatar(NoFrames(), analyzer)
     with pytest.raises(ValueError, match="crop_size"):
-        prepare_avatar(Media("image", [face_rgb]), analyzer, crop_size=8)
+        prepare_avatar(FrameMedia("image", [face_rgb]), analyzer, crop_size=8)
     with pytest.raises(ValueError, match="HxWx3 uint8"):
-        prepare_avatar(Media("image", [face_rgb[:, :, 0].copy()]), analyzer)
+        prepare_avatar(FrameMedia("image", [face_rgb[:, :, 0].copy()]), analyzer)
 
 
 # --------------------------------------------------------------------------- video
@@ -331,7 +307,7 @@ def test_video_progress_and_report(prepared_video):
 
 def test_gif_without_crossfade(analyzer, video):
     frames, truth = video
-    p = prepare_avatar(Media("gif", frames[:12], 10.0), analyzer, loop_crossfade_s=0.0)
+    p = prepare_avatar(FrameMedia("gif", frames[:12], 10.0), analyzer, loop_crossfade_s=0.0)
     assert p.frame_count == 12 and p.fps == 10.0
     assert np.abs(p.landmarks - truth[:12]).mean() < 1.0
 
@@ -341,7 +317,7 @@ def test_short_face_loss_is_bridged(analyzer, video):
     frames = list(frames)
     for i in range(18, 21):  # 3 frames (0.12 s) without the face
         frames[i] = np.full_like(frames[i], 128)
-    p = prepare_avatar(Media("video", frames, FPS), analyzer)
+    p = prepare_avatar(FrameMedia("video", frames, FPS), analyzer)
     assert p.quality["video"]["filled_frames"] >= 3
     c = p.quality["video"]["crossfade_frames"]
     # the bridged frames lie between their neighbours, near where the face would be
@@ -354,7 +330,7 @@ def test_long_face_loss_is_refused(analyzer, video):
     for i in range(12, 30):  # 0.72 s without the face
         frames[i] = np.full_like(frames[i], 128)
     with pytest.raises(RegistrationRefused) as e:
-        prepare_avatar(Media("video", frames, FPS), analyzer)
+        prepare_avatar(FrameMedia("video", frames, FPS), analyzer)
     assert e.value.code == "no_face"
     assert "lost" in e.value.detail
 
@@ -367,6 +343,6 @@ def test_second_face_entering_mid_video_is_refused(analyzer, video, face_rgb):
         f[:180, :180] = intruder
         frames[i] = f
     with pytest.raises(RegistrationRefused) as e:
-        prepare_avatar(Media("video", frames, FPS), analyzer)
+        prepare_avatar(FrameMedia("video", frames, FPS), analyzer)
     assert e.value.code == "multiple_faces"
     assert e.value.detail.startswith("at ")

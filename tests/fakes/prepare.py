@@ -182,3 +182,17 @@ def encode_video(
         for packet in stream.encode(None):
             out.mux(packet)
     return buf.getvalue()
+
+
+@dataclass
+class FrameMedia:
+    """Decoded media held in memory (what ``prepare_avatar`` reads), for tests and benches."""
+
+    kind: str
+    frames: list[np.ndarray]
+    fps: float = 0.0
+    width: int = field(init=False)
+    height: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.height, self.width = self.frames[0].shape[:2]
