@@ -31,6 +31,7 @@ __all__ = [
     "ConfigError",
     "EngineSettings",
     "IceServer",
+    "LipsyncSettings",
     "MediaSettings",
     "ServerSettings",
     "SessionSettings",
@@ -48,7 +49,8 @@ SampleRate = Literal[16000, 24000, 48000]
 AudioFrameMs = Literal[10, 20, 40, 60]
 HostCandidates = Literal["all", "loopback"]
 TtsEngine = Literal["piper"]
-LipsyncEngine = Literal["energy"]
+LipsyncEngine = Literal["auto", "wav2lip", "viseme"]
+LipsyncDevice = Literal["auto", "cuda", "cpu"]
 FaceAnalyzerBackend = Literal["dlib", "haar", "insightface"]
 
 ICE_URL_SCHEMES = ("stun", "turn", "turns")
@@ -157,9 +159,25 @@ class AvatarSettings:
 @dataclass(frozen=True, slots=True)
 class EngineSettings:
     tts: TtsEngine
-    lipsync: LipsyncEngine
     piper_voice: str | None
     tts_speed: float
+
+
+@dataclass(frozen=True, slots=True)
+class LipsyncSettings:
+    engine: LipsyncEngine
+    wav2lip_model: str | None
+    model_cache_dir: str | None
+    device: LipsyncDevice
+    fp16: bool
+    max_batch: int
+    max_wait_ms: float
+    intra_op_threads: int
+    late_frame_fallback: str
+
+    @property
+    def wav2lip_path(self) -> Path | None:
+        return Path(self.wav2lip_model).expanduser() if self.wav2lip_model else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +188,7 @@ class Settings:
     sessions: SessionSettings
     avatars: AvatarSettings
     engines: EngineSettings
+    lipsync: LipsyncSettings
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain data (lists, not tuples) for logging or a /config endpoint.
@@ -195,6 +214,7 @@ _SECTION_TYPES: dict[str, type] = {
     "sessions": SessionSettings,
     "avatars": AvatarSettings,
     "engines": EngineSettings,
+    "lipsync": LipsyncSettings,
 }
 _SCHEMA: dict[str, tuple[str, ...]] = {
     name: tuple(f.name for f in fields(cls)) for name, cls in _SECTION_TYPES.items()
@@ -452,6 +472,12 @@ class _Section:
         _check_range(self, key, number, lo, hi)
         return number
 
+    def get_bool(self, key: str) -> bool:
+        value = self.raw(key)
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected bool, got {_describe(value)}")
+        return value
+
     def get_str(self, key: str) -> str:
         value = self.raw(key)
         if not isinstance(value, str):
@@ -608,9 +634,22 @@ def _avatars(s: _Section) -> AvatarSettings:
 def _engines(s: _Section) -> EngineSettings:
     return EngineSettings(
         tts=s.get_choice("tts", get_args(TtsEngine)),
-        lipsync=s.get_choice("lipsync", get_args(LipsyncEngine)),
         piper_voice=s.get_optional_str("piper_voice"),
         tts_speed=s.get_float("tts_speed", 0.5, 2.0),
+    )
+
+
+def _lipsync(s: _Section) -> LipsyncSettings:
+    return LipsyncSettings(
+        engine=s.get_choice("engine", get_args(LipsyncEngine)),
+        wav2lip_model=s.get_optional_str("wav2lip_model"),
+        model_cache_dir=s.get_optional_str("model_cache_dir"),
+        device=s.get_choice("device", get_args(LipsyncDevice)),
+        fp16=s.get_bool("fp16"),
+        max_batch=s.get_int("max_batch", 1, 256),
+        max_wait_ms=s.get_float("max_wait_ms", 0, 100),
+        intra_op_threads=s.get_int("intra_op_threads", 0, 256),
+        late_frame_fallback=s.get_choice("late_frame_fallback", ("last", "idle")),
     )
 
 
@@ -653,4 +692,5 @@ def load_settings(
         sessions=_sessions(_Section(merged, "sessions")),
         avatars=_avatars(_Section(merged, "avatars")),
         engines=_engines(_Section(merged, "engines")),
+        lipsync=_lipsync(_Section(merged, "lipsync")),
     )

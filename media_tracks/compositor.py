@@ -58,7 +58,11 @@ class Scheduled:
 @dataclass(frozen=True, slots=True)
 class FramePlan:
     """What video frame ``index`` shows: the idle face at ``t_ns``, with the speaking mouth
-    ``mouth`` (already multiplied by the cross-fade weight ``blend``) or a flash."""
+    or a flash.
+
+    ``lips`` is the lip-sync engine's feature for this frame (``LipTrack.at``; None when no
+    speech is on), ``blend`` the cross-fade weight between the idle face (0) and the engine's
+    mouth (1), and ``mouth`` the mouth opening 0..1 already multiplied by ``blend``."""
 
     index: int
     t_ns: int
@@ -66,6 +70,7 @@ class FramePlan:
     blend: float = 0.0
     flash: bool = False
     segment_id: int | None = None
+    lips: object | None = None
 
 
 @dataclass(slots=True)

@@ -317,7 +317,12 @@ def test_wrong_type_names_key_expected_type_and_value(tmp_path: Path) -> None:
         ("sessions.connect_timeout_s", 0, "> 0"),
         ("avatars.default", None, "expected str"),
         ("engines.tts", "espeak", "one of piper"),
-        ("engines.lipsync", "wav2lip", "one of energy"),
+        ("lipsync.engine", "energy", "one of auto, wav2lip, viseme"),
+        ("lipsync.device", "tpu", "one of auto, cuda, cpu"),
+        ("lipsync.fp16", "yes", "expected bool"),
+        ("lipsync.max_batch", 0, "1..256"),
+        ("lipsync.max_wait_ms", 500, "0..100"),
+        ("lipsync.wav2lip_model", "", "must not be empty"),
         ("engines.piper_voice", 3, "expected str or null"),
         ("engines.tts_speed", 2.5, "0.5..2.0"),
         ("engines.tts_speed", False, "expected float"),
@@ -415,4 +420,4 @@ def test_to_dict_redacts_ice_credentials() -> None:
 def test_to_dict_is_plain_data() -> None:
     out = load(overrides={"webrtc.ice_servers": [{"urls": "stun:s"}]}).to_dict()
     yaml.safe_dump(out)  # only plain types: no tuples, no dataclasses
-    assert set(out) == {"server", "media", "webrtc", "sessions", "avatars", "engines"}
+    assert set(out) == {"server", "media", "webrtc", "sessions", "avatars", "engines", "lipsync"}

@@ -1,0 +1,82 @@
+"""The lip-sync seam: what every engine provides.
+
+An engine turns a speech segment's audio into a ``LipTrack`` (one feature per video frame of
+the segment: viseme weights for the viseme engine, a 16-step mel window for Wav2Lip), and
+renders the frames a session's compositor plans (``FramePlan.lips`` is the track's feature for
+that frame, ``FramePlan.blend`` the cross-fade weight between idle (0) and speech (1)).
+
+Audio goes in with its pts (the compositor schedules the segment on a frame boundary: local
+frame ``j`` of the segment is global frame ``first_frame + j``), frames come out with theirs
+(frame ``k`` has 90 kHz pts ``k * 90000 // fps``); ``Compositor.clear()`` drops queued speech at
+the next frame boundary and the renderers see the cut through the plans.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from concurrent.futures import Executor
+
+    from avatars.library import LoadedAvatar
+    from media_tracks.compositor import FramePlan
+    from media_tracks.idle import IdleTimeline
+    from pipeline.tts import SpeechAudio
+
+Yuv = npt.NDArray[np.uint8]  # (h * 3 // 2, w) planar I420, limited range
+
+# The mouth shapes both engines talk about (render timelines use the same names).
+VISEMES: tuple[str, ...] = ("REST", "AA", "EE", "OH", "OO", "FF", "TH")
+
+
+@runtime_checkable
+class LipTrack(Protocol):
+    """Mouth motion of one speech segment: one engine-specific feature per video frame."""
+
+    @property
+    def n_frames(self) -> int: ...
+
+    def at(self, j: int) -> object:
+        """The feature for local frame ``j`` (clamped to ``0..n_frames-1``)."""
+        ...
+
+    def openness(self) -> npt.NDArray[np.float32]:
+        """(n_frames,) how open the mouth is, 0..1 (metrics, tests and the energy fallback)."""
+        ...
+
+
+class FrameRenderer(Protocol):
+    """Renders one session's frames. ``render`` never runs heavy work on the event loop."""
+
+    async def render(self, plan: FramePlan) -> Yuv: ...
+
+
+class LipSyncEngine(Protocol):
+    """One per server (per device): shared by every session."""
+
+    name: str
+
+    def info(self) -> dict[str, object]:
+        """What runs: engine, provider actually in use, precision, batching limits."""
+        ...
+
+    def analyse(self, audio: SpeechAudio, *, fps: int) -> LipTrack:
+        """The segment's per-frame features (blocking, CPU: call it from an executor)."""
+        ...
+
+    def renderer(
+        self,
+        avatar: LoadedAvatar,
+        timeline: IdleTimeline,
+        *,
+        width: int,
+        height: int,
+        executor: Executor | None,
+    ) -> FrameRenderer:
+        """A renderer for one session showing ``avatar`` with its own idle ``timeline``."""
+        ...
+
+    async def aclose(self) -> None: ...
