@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +30,8 @@ class Segment:
     pcm: int16 mono at the compositor's sample rate.
     mouth: opening 0..1 per video frame of the segment (frame j covers samples
     ``[j*sr//fps, (j+1)*sr//fps)``); shorter arrays are padded with 0.
+    lips: the lip-sync engine's per-frame features (``pipeline.lipsync.base.LipTrack``),
+    handed to the renderer through ``FramePlan.lips``; None for sounds without a mouth.
     flash_frames: local frame indices shown as a uniform bright frame (A/V sync test).
     """
 
@@ -37,6 +40,7 @@ class Segment:
     text: str = ""
     kind: str = "speech"
     flash_frames: frozenset[int] = frozenset()
+    lips: Any = None
 
 
 @dataclass(slots=True)
@@ -48,11 +52,16 @@ class Scheduled:
     fade_in: bool = True
     fade_out: bool = True
     id: int = 0
+    # set by ``Compositor.clear()``: the local frame where the speech was cut and the audio
+    # pts where its sound stops (a frame boundary); the face fades to idle from there
+    cut_frame: int | None = None
+    cut_sample: int | None = None
 
     @property
     def end(self) -> int:
-        """Audio pts just after the last sample."""
-        return self.start + len(self.segment.pcm)
+        """Audio pts just after the last sample played."""
+        end = self.start + len(self.segment.pcm)
+        return end if self.cut_sample is None else min(end, self.cut_sample)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +86,7 @@ class FramePlan:
 class CompositorStats:
     segments_played: int = 0
     audio_frames: int = 0
+    clears: int = 0
     events: list[Event] = field(default_factory=list)
 
 
@@ -103,6 +113,7 @@ class Compositor:
         self._next_id = 1
         self._speaking = False
         self._audio_pos = 0  # audio pts up to which playout has been asked for
+        self._cut_listeners: list[Callable[[int], None]] = []
         self.stats = CompositorStats()
 
     # --- time helpers -------------------------------------------------------------------
@@ -133,7 +144,9 @@ class Compositor:
         earliest = self.frame_at_or_after_ns(self.clock.now_ns() + self.schedule_lead_ns)
         prev = self._segments[-1] if self._segments else None
         first = earliest
-        if prev is not None and prev.end > self._audio_pos:
+        if prev is not None and prev.cut_frame is not None:
+            first = max(first, prev.first_frame + prev.n_frames)  # after its fade to idle
+        elif prev is not None and prev.end > self._audio_pos:
             after_prev = -(-prev.end * self.fps // self.sample_rate)  # frame at/after its end
             first = max(first, after_prev)
         n_frames = -(-len(segment.pcm) * self.fps // self.sample_rate)
@@ -145,16 +158,49 @@ class Compositor:
             id=self._next_id,
         )
         self._next_id += 1
-        if prev is not None and prev.first_frame + prev.n_frames >= first:
+        if (
+            prev is not None
+            and prev.cut_frame is None
+            and prev.first_frame + prev.n_frames >= first
+        ):
             # back to back: no fade between them
             prev.fade_out = False
             item.fade_in = False
         self._segments.append(item)
         return item
 
-    def clear(self) -> None:
-        """Drop every segment that has not started playing yet."""
-        self._segments = [s for s in self._segments if s.start < self._audio_pos]
+    def add_cut_listener(self, listener: Callable[[int], None]) -> None:
+        """``listener(k)`` is called after ``clear()`` changed the plans of frames ``>= k``."""
+        self._cut_listeners.append(listener)
+
+    def clear(self) -> int:
+        """Interrupt: stop speech at the next video frame boundary that audio playout has not
+        reached, drop every segment queued after it, and cross-fade the face to idle from
+        there (the mouth holds its last shape while it fades). Returns that frame's index.
+
+        Audio already handed to the audio track plays out (at most one frame); frames from the
+        returned index on are re-planned, and cut listeners are told so they re-render."""
+        cut = -(-self._audio_pos * self.fps // self.sample_rate)  # frame at/after playout
+        cut_sample = self.frame_start_sample(cut)
+        kept: list[Scheduled] = []
+        for s in self._segments:
+            if s.first_frame >= cut:
+                continue  # not started: dropped
+            j = cut - s.first_frame
+            if j < s.n_frames and (s.cut_frame is None or j < s.cut_frame):
+                s.cut_frame = j
+                s.cut_sample = cut_sample
+                s.n_frames = j + (self.crossfade_frames if s.segment.kind == "speech" else 0)
+                s.fade_out = True
+            kept.append(s)
+        self._segments = kept
+        self.stats.clears += 1
+        for listener in list(self._cut_listeners):
+            try:
+                listener(cut)
+            except Exception:
+                logger.exception("cut listener failed")
+        return cut
 
     # --- audio --------------------------------------------------------------------------
     def audio_at(self, pts: int, n: int) -> np.ndarray:
@@ -205,13 +251,18 @@ class Compositor:
                         blend = min(blend, (j + 1) / (fade + 1))
                     if s.fade_out:
                         blend = min(blend, (s.n_frames - j) / (fade + 1))
-                mouth = float(s.segment.mouth[j]) if j < len(s.segment.mouth) else 0.0
+                # after a cut the mouth holds the shape of the last frame played
+                src = j if s.cut_frame is None else min(j, s.cut_frame - 1)
+                seg = s.segment
+                mouth = float(seg.mouth[src]) if src < len(seg.mouth) else 0.0
+                lips = seg.lips.at(src) if seg.lips is not None else None
                 return FramePlan(
                     index=k,
                     t_ns=t_ns,
                     mouth=mouth * blend,
                     blend=blend,
-                    flash=j in s.segment.flash_frames,
+                    flash=s.cut_frame is None and j in seg.flash_frames,
                     segment_id=s.id,
+                    lips=lips,
                 )
         return FramePlan(index=k, t_ns=t_ns)

@@ -8,7 +8,8 @@ import contextlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -34,8 +35,29 @@ def flash_i420(width: int, height: int) -> Yuv:
     return yuv
 
 
+class SyncRenderer:
+    """Adapts a blocking ``plan -> Yuv`` function to the async ``FrameRenderer`` seam by
+    running it on ``executor`` (None: the loop's default executor)."""
+
+    def __init__(self, fn: Callable[[FramePlan], Yuv], executor: Executor | None) -> None:
+        self._fn = fn
+        self._executor = executor
+
+    def render_sync(self, plan: FramePlan) -> Yuv:
+        return self._fn(plan)
+
+    async def render(self, plan: FramePlan) -> Yuv:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._fn, plan)
+
+
+class AsyncRenderer(Protocol):
+    async def render(self, plan: FramePlan) -> Yuv: ...
+
+
 class FaceFrameRenderer:
-    """Turns a ``FramePlan`` into an I420 frame with the avatar's idle face and mouth.
+    """Turns a ``FramePlan`` into an I420 frame with the avatar's idle face and an
+    energy-driven jaw (``plan.mouth``): the renderer used without a lip-sync engine.
 
     ``face`` is a ``media_tracks.idle.FaceRenderer`` and ``timeline`` an ``IdleTimeline``;
     both are thread-safe, so frames may render concurrently."""
@@ -55,46 +77,80 @@ class FaceFrameRenderer:
         return rgb_to_i420(rgb)
 
 
+@dataclass(slots=True)
+class ProducerStats:
+    rendered: int = 0
+    late: int = 0  # finished after their deadline (the track had shown another frame)
+    skipped: int = 0  # never started: rendering fell more than the lead behind the clock
+    failed: int = 0
+    rerendered: int = 0  # re-planned by an interruption after they had been rendered
+    max_inflight: int = 0
+
+
 class FrameProducer:
-    """Renders frame ``k`` once media time reaches ``t_k - lead``; ``take(k)`` never waits."""
+    """Keeps the frames of the next ``lead_ms`` in flight: frame ``k`` is handed to the
+    renderer once media time reaches ``t_k - lead`` (without waiting for earlier frames, so a
+    batching engine sees several frames at once), and ``take(k)`` never waits.
+
+    At most ``max_inflight`` frames render at once (a bounded queue); an interruption
+    (``Compositor.clear``) discards frames already rendered or in flight for the re-planned
+    media time and renders them again."""
 
     def __init__(
         self,
         *,
         clock: MediaClock,
         compositor: Compositor,
-        render: Callable[[FramePlan], Yuv],
+        renderer: AsyncRenderer,
         lead_ms: int,
-        executor: Executor | None,
+        max_inflight: int | None = None,
     ) -> None:
         self._clock = clock
         self._compositor = compositor
-        self._render = render
+        self._renderer = renderer
         self._lead_ns = lead_ms * 1_000_000
-        self._executor = executor
+        lead_frames = -(-lead_ms * compositor.fps // 1000)
+        self._max_inflight = max_inflight or max(2, lead_frames + 2)
         self._ready: dict[int, Yuv] = {}
+        self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._slots = asyncio.Semaphore(self._max_inflight)
         self._task: asyncio.Task[None] | None = None
-        self.rendered = 0
-        self.skipped = 0  # frames never rendered because rendering fell behind the clock
+        self._next = 0
+        self._wake = asyncio.Event()
+        self.stats = ProducerStats()
+        compositor.add_cut_listener(self._on_cut)
+
+    @property
+    def rendered(self) -> int:
+        return self.stats.rendered
+
+    @property
+    def skipped(self) -> int:
+        return self.stats.skipped
+
+    @property
+    def queued(self) -> int:
+        """Frames rendered ahead or in flight."""
+        return len(self._ready) + len(self._inflight)
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="frames")
 
     async def aclose(self) -> None:
+        tasks = list(self._inflight.values())
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            tasks.append(self._task)
             self._task = None
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._inflight.clear()
         self._ready.clear()
 
     async def render_now(self, k: int) -> Yuv:
         """Render frame ``k`` immediately (used once, for the very first frame)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, self._render, self._compositor.frame_plan(k)
-        )
+        return await self._renderer.render(self._compositor.frame_plan(k))
 
     def take(self, k: int) -> Yuv | None:
         """The frame for index ``k`` if rendered; older frames are dropped."""
@@ -102,24 +158,71 @@ class FrameProducer:
             del self._ready[old]
         return self._ready.pop(k, None)
 
+    def _on_cut(self, k: int) -> None:
+        """Frames from ``k`` on were re-planned: forget them and render them again."""
+        stale = [i for i in self._ready if i >= k]
+        for i in stale:
+            del self._ready[i]
+        for i in [i for i in self._inflight if i >= k]:
+            self._inflight.pop(i).cancel()
+            stale.append(i)
+        self.stats.rerendered += len(stale)
+        if self._task is not None and self._next > k:
+            self._next = k
+            self._wake.set()
+
+    async def _render_one(self, k: int, plan: FramePlan) -> None:
+        try:
+            frame = await self._renderer.render(plan)
+        except Exception:
+            logger.exception("rendering frame %d failed", k)
+            self.stats.failed += 1
+            return
+        if self._clock.now_ns() > self._compositor.frame_t_ns(k):
+            self.stats.late += 1  # the track has already moved past it
+            return
+        self._ready[k] = frame
+        self.stats.rendered += 1
+
+    def _done(self, k: int, task: asyncio.Task[None]) -> None:
+        # a done callback, not ``finally``: a task cancelled before it ever ran skips its body
+        self._slots.release()
+        if self._inflight.get(k) is task:
+            del self._inflight[k]
+
     async def _run(self) -> None:
         comp, clock = self._compositor, self._clock
         loop = asyncio.get_running_loop()
-        k = comp.frame_at_or_after_ns(clock.now_ns())
+        self._next = comp.frame_at_or_after_ns(clock.now_ns())
         while True:
-            now = clock.now_ns()
-            if comp.frame_t_ns(k) < now:
-                behind = comp.frame_at_or_after_ns(now)
-                self.skipped += behind - k
-                k = behind
-            await clock.sleep_until_ns(comp.frame_t_ns(k) - self._lead_ns)
-            plan = comp.frame_plan(k)
+            await self._slots.acquire()
             try:
-                frame = await loop.run_in_executor(self._executor, self._render, plan)
-            except Exception:
-                logger.exception("rendering frame %d failed", k)
-                k += 1
+                while True:
+                    k = self._next
+                    now = clock.now_ns()
+                    if comp.frame_t_ns(k) < now:
+                        behind = comp.frame_at_or_after_ns(now)
+                        self.stats.skipped += behind - k
+                        k = self._next = behind
+                    due = comp.frame_t_ns(k) - self._lead_ns
+                    if due <= now:
+                        break
+                    self._wake.clear()
+                    sleeper = loop.create_task(clock.sleep_until_ns(due))
+                    waker = loop.create_task(self._wake.wait())
+                    try:
+                        await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        sleeper.cancel()
+                        waker.cancel()
+            except BaseException:
+                self._slots.release()
+                raise
+            self._next = k + 1
+            if k in self._ready or k in self._inflight:
+                self._slots.release()
                 continue
-            self._ready[k] = frame
-            self.rendered += 1
-            k += 1
+            task = loop.create_task(self._render_one(k, comp.frame_plan(k)), name=f"frame-{k}")
+            task.add_done_callback(lambda t, k=k: self._done(k, t))  # type: ignore[misc]
+            self._inflight[k] = task
+            self.stats.max_inflight = max(self.stats.max_inflight, len(self._inflight))

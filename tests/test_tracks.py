@@ -8,7 +8,7 @@ import numpy as np
 
 from media_tracks.clock import VIDEO_TIME_BASE, ManualClock
 from media_tracks.compositor import Compositor, FramePlan, Segment
-from media_tracks.frames import FrameProducer, flash_i420, rgb_to_i420
+from media_tracks.frames import FrameProducer, SyncRenderer, flash_i420, rgb_to_i420
 from media_tracks.tracks import AvatarAudioTrack, AvatarVideoTrack
 
 SR, FPS, W, H = 48000, 25, 64, 48
@@ -39,8 +39,8 @@ def setup(clock, render=None, lead_ms=80):
         y[:H] = min(255, plan.index)  # frame index encoded in luma
         return y
 
-    frames = FrameProducer(clock=clock, compositor=comp, render=render or default_render,
-                           lead_ms=lead_ms, executor=InlineExecutor())
+    renderer = SyncRenderer(render or default_render, InlineExecutor())
+    frames = FrameProducer(clock=clock, compositor=comp, renderer=renderer, lead_ms=lead_ms)
     audio = AvatarAudioTrack(clock=clock, compositor=comp, sample_rate=SR, frame_samples=960)
     video = AvatarVideoTrack(clock=clock, compositor=comp, frames=frames)
     return comp, frames, audio, video, calls
