@@ -129,3 +129,68 @@ def test_clear_drops_unplayed_segments():
     comp.clear()
     assert comp.queued == 0
     assert not comp.audio_at(0, SR).any()
+
+
+class Lips:
+    """A LipTrack whose feature for frame j is j itself."""
+
+    def __init__(self, n):
+        self.n_frames = n
+
+    def at(self, j):
+        return min(max(j, 0), self.n_frames - 1)
+
+    def openness(self):
+        return np.ones(self.n_frames, np.float32)
+
+
+def test_plan_carries_the_lip_feature_of_its_own_frame():
+    comp = make(fade=0)
+    s = comp.schedule(Segment(pcm=tone(SPF * 10), mouth=np.ones(10, np.float32), lips=Lips(10)))
+    for j in range(10):
+        assert comp.frame_plan(s.first_frame + j).lips == j
+    assert comp.frame_plan(s.first_frame + 10).lips is None
+
+
+def test_clear_cuts_speech_at_the_next_frame_boundary_and_fades_holding_the_mouth():
+    comp = make(fade=4)
+    a = comp.schedule(Segment(pcm=tone(SPF * 40), mouth=np.ones(40, np.float32), lips=Lips(40)))
+    b = comp.schedule(Segment(pcm=tone(SPF * 10), mouth=np.ones(10, np.float32), lips=Lips(10)))
+    # play up to the middle of local frame 12 of the first segment
+    pos = a.start
+    while pos < a.start + 12 * SPF + SPF // 2:
+        comp.audio_at(pos, 960)
+        pos += 960
+    played = comp.frame_plan(a.first_frame + 12)
+    cut = comp.clear()
+    assert cut == a.first_frame + 13  # the first frame boundary playout has not reached
+    # the second segment is gone; of the first only the rest of the frame playing is left
+    assert all(s is not b for s in comp._segments)
+    assert a.end == a.start + 13 * SPF and 0 < a.end - pos < SPF
+    # audio: the rest of frame 12 still plays, silence from the boundary on
+    rest = comp.audio_at(pos, a.start + 13 * SPF - pos)
+    assert (rest == 1000).all()
+    assert not comp.audio_at(a.start + 13 * SPF, SR).any()
+    # video: frames before the cut unchanged; after it the mouth holds frame 12's shape and
+    # fades out over the cross-fade frames, then idle
+    assert comp.frame_plan(a.first_frame + 12) == played
+    blends = []
+    for j in range(13, 13 + 4):
+        plan = comp.frame_plan(a.first_frame + j)
+        assert plan.lips == 12
+        blends.append(plan.blend)
+    assert blends == sorted(blends, reverse=True) and 0 < blends[-1] < blends[0] < 1
+    after = comp.frame_plan(a.first_frame + 17)
+    assert after.lips is None and after.blend == 0 and after.segment_id is None
+
+
+def test_speech_scheduled_after_a_cut_starts_once_the_fade_is_over():
+    clock = ManualClock()
+    comp = make(clock=clock, fade=4, lead_ms=0)
+    a = comp.schedule(Segment(pcm=tone(SPF * 40), mouth=np.ones(40, np.float32), lips=Lips(40)))
+    comp.audio_at(a.start, SPF * 3)
+    cut = comp.clear()
+    c = comp.schedule(Segment(pcm=tone(SPF * 5), mouth=np.ones(5, np.float32), lips=Lips(5)))
+    assert c.first_frame >= cut + 4
+    assert comp.frame_plan(c.first_frame).segment_id == c.id
+    assert comp.frame_plan(c.first_frame).blend < 1  # fades in again

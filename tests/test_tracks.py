@@ -160,3 +160,119 @@ def test_rgb_to_i420_is_limited_range():
     assert rgb_to_i420(white)[:4].max() == 235
     assert rgb_to_i420(black)[:4].min() == 16
     assert abs(int(rgb_to_i420(white)[4:].mean()) - 128) <= 1
+
+
+class GatedRenderer:
+    """An async renderer whose frames finish only when the test opens the gate."""
+
+    def __init__(self):
+        self.gate = asyncio.Event()
+        self.started: list[int] = []
+        self.plans: dict[int, FramePlan] = {}
+        self.inflight = 0
+        self.max_inflight = 0
+
+    async def render(self, plan):
+        self.started.append(plan.index)
+        self.plans[plan.index] = plan
+        self.inflight += 1
+        self.max_inflight = max(self.max_inflight, self.inflight)
+        try:
+            await self.gate.wait()
+        finally:
+            self.inflight -= 1
+        y = np.full((H * 3 // 2, W), 128, np.uint8)
+        y[:H] = 200 if plan.blend > 0 else 50  # speaking frames bright, idle dark
+        return y
+
+
+def gated_setup(clock, lead_ms=200):
+    comp = Compositor(clock=clock, fps=FPS, sample_rate=SR, schedule_lead_ms=0,
+                      crossfade_frames=0)
+    renderer = GatedRenderer()
+    frames = FrameProducer(clock=clock, compositor=comp, renderer=renderer, lead_ms=lead_ms)
+    audio = AvatarAudioTrack(clock=clock, compositor=comp, sample_rate=SR, frame_samples=960)
+    video = AvatarVideoTrack(clock=clock, compositor=comp, frames=frames)
+    return comp, frames, renderer, audio, video
+
+
+async def test_producer_keeps_the_lead_in_flight_for_a_slow_engine():
+    clock = ManualClock()
+    comp, frames, renderer, _, _ = gated_setup(clock)
+    frames.start()
+    await asyncio.sleep(0)
+    for _ in range(4):
+        await clock.advance(1_000_000)
+    # 200 ms lead at 25 fps: frames 0..5 are due at once, all handed over without waiting
+    assert renderer.started[:6] == [0, 1, 2, 3, 4, 5]
+    assert renderer.max_inflight >= 6
+    assert renderer.max_inflight <= frames._max_inflight  # bounded
+    renderer.gate.set()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    # frame 0 (due at t = 0) finished late; the rest are ready ahead of their time
+    assert frames.stats.late == 1 and frames.stats.rendered >= 5 and frames.queued >= 5
+    await frames.aclose()
+
+
+async def test_late_frames_repeat_the_last_frame_count_late_and_audio_never_waits():
+    clock = ManualClock()
+    comp, frames, renderer, audio, video = gated_setup(clock)
+    frames.start()
+    got = {"audio": [], "video": []}
+
+    async def consume(track):
+        while True:
+            got[track.kind].append(await track.recv())
+
+    renderer.gate.set()
+    tasks = [asyncio.create_task(consume(audio)), asyncio.create_task(consume(video))]
+    for _ in range(200):  # 200 ms with frames on time
+        await clock.advance(1_000_000)
+    renderer.gate.clear()  # the engine stalls for 400 ms (frames already started finish)
+    for _ in range(400):
+        await clock.advance(1_000_000)
+    renderer.gate.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    for _ in range(200):
+        await clock.advance(1_000_000)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    # audio: every 20 ms frame, contiguous pts, none missing while video stalled
+    pts = [f.pts for f in got["audio"]]
+    assert pts == list(range(pts[0], pts[0] + 960 * len(pts), 960))
+    assert len(pts) >= 39
+    # video kept its 25 fps grid by repeating frames, and the late ones were counted
+    vpts = [f.pts for f in got["video"]]
+    assert vpts == list(range(vpts[0], vpts[0] + 3600 * len(vpts), 3600))
+    # frames started after the stall began and due before it ended (t = 440..560 ms) were late
+    assert frames.stats.late >= 4
+    assert video.stats.frames_repeated >= frames.stats.late
+    await frames.aclose()
+
+
+async def test_clear_drops_frames_rendered_ahead_and_renders_them_again():
+    clock = ManualClock()
+    comp, frames, renderer, audio, video = gated_setup(clock, lead_ms=200)
+    renderer.gate.set()
+    seg = comp.schedule(Segment(pcm=np.full(SR, 1000, np.int16), mouth=np.ones(25, np.float32)))
+    frames.start()
+    for _ in range(5):
+        await clock.advance(1_000_000)
+    ahead = sorted(frames._ready)
+    assert ahead and all(renderer.plans[k].blend > 0 for k in ahead)  # speaking, pre-rendered
+    comp.audio_at(0, 960)  # playout has reached 20 ms
+    cut = comp.clear()
+    assert cut == 1 and not any(k >= cut for k in frames._ready)  # the frame queue emptied
+    before = len(renderer.started)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    # the re-planned frames were handed to the renderer again, now idle (no fade configured)
+    again = renderer.started[before:]
+    assert set(again) >= {k for k in ahead if k >= cut}
+    assert all(renderer.plans[k].blend == 0 for k in again)
+    assert frames.stats.rerendered >= len([k for k in ahead if k >= cut])
+    assert seg.end == SR // FPS  # the audio queue ends at the cut
+    await frames.aclose()
