@@ -1,0 +1,105 @@
+"""The cross-session batch worker: batches fill from every submitter, results go back to the
+right caller, cancelled items are skipped, failures reach every waiter of their batch."""
+
+import asyncio
+import threading
+
+import pytest
+
+from pipeline.lipsync.batching import BatchWorker, WorkerClosed
+
+
+class Model:
+    """Doubles its inputs; the first call can be held until the test releases it."""
+
+    def __init__(self, hold_first=False):
+        self.batches: list[list[int]] = []
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        if not hold_first:
+            self.release.set()
+
+    def __call__(self, items):
+        self.batches.append(list(items))
+        self.entered.set()
+        self.release.wait(10)
+        if any(i < 0 for i in items):
+            raise ValueError("negative input")
+        return [2 * i for i in items]
+
+
+async def test_items_queued_while_busy_run_as_one_batch_and_answer_their_callers():
+    model = Model(hold_first=True)
+    worker = BatchWorker(model, max_batch=8, max_wait_s=0.0)
+    first = asyncio.ensure_future(worker.run(100))
+    await asyncio.to_thread(model.entered.wait, 5)
+    # ten "sessions" submit while the worker is busy with the first batch
+    rest = [asyncio.ensure_future(worker.run(i)) for i in range(10)]
+    await asyncio.sleep(0.01)
+    model.release.set()
+    assert await first == 200
+    assert await asyncio.gather(*rest) == [2 * i for i in range(10)]
+    assert model.batches[0] == [100]
+    assert model.batches[1] == list(range(8))  # a full batch, in submission order
+    assert model.batches[2] == [8, 9]
+    assert worker.stats.batches == 3 and worker.stats.items == 11
+    assert worker.stats.sizes == {1: 1, 8: 1, 2: 1}
+    worker.close()
+
+
+async def test_the_first_item_waits_up_to_max_wait_for_company():
+    model = Model()
+    worker = BatchWorker(model, max_batch=4, max_wait_s=1.0)
+    a = asyncio.ensure_future(worker.run(1))
+    await asyncio.sleep(0.02)
+    b = asyncio.ensure_future(worker.run(2))
+    assert await asyncio.gather(a, b) == [2, 4]
+    assert model.batches == [[1, 2]]
+    worker.close()
+
+
+async def test_a_full_batch_does_not_wait():
+    model = Model()
+    worker = BatchWorker(model, max_batch=2, max_wait_s=30.0)
+    # would hang the test for 30 s if a full batch still waited
+    assert await asyncio.wait_for(asyncio.gather(worker.run(1), worker.run(2)), 5) == [2, 4]
+    worker.close()
+
+
+async def test_cancelled_items_are_skipped_and_failures_reach_every_waiter():
+    model = Model(hold_first=True)
+    worker = BatchWorker(model, max_batch=8, max_wait_s=0.0)
+    first = asyncio.ensure_future(worker.run(1))
+    await asyncio.to_thread(model.entered.wait, 5)
+    gone = asyncio.ensure_future(worker.run(5))
+    bad = [asyncio.ensure_future(worker.run(i)) for i in (3, -1)]
+    await asyncio.sleep(0.01)
+    gone.cancel()  # the session was interrupted before its frame ran
+    await asyncio.sleep(0.01)  # (the cancellation reaches the queue on the next loop turn)
+    model.release.set()
+    assert await first == 2
+    for fut in bad:
+        with pytest.raises(ValueError, match="negative"):
+            await fut
+    assert [5] not in model.batches and all(5 not in b for b in model.batches)
+    assert worker.stats.cancelled == 1 and worker.stats.failed_batches == 1
+    assert await worker.run(4) == 8  # the worker carries on
+    worker.close()
+
+
+async def test_close_fails_what_is_still_queued():
+    model = Model(hold_first=True)
+    worker = BatchWorker(model, max_batch=1, max_wait_s=0.0)
+    first = asyncio.ensure_future(worker.run(1))
+    await asyncio.to_thread(model.entered.wait, 5)
+    queued = asyncio.ensure_future(worker.run(2))
+    await asyncio.sleep(0.01)
+    closer = asyncio.get_running_loop().run_in_executor(None, worker.close)
+    await asyncio.sleep(0.01)
+    model.release.set()
+    await closer
+    assert await first == 2
+    with pytest.raises(WorkerClosed):
+        await queued
+    with pytest.raises(WorkerClosed):
+        await worker.run(3)
