@@ -118,3 +118,11 @@ def live_server(loopback_only: None, artifacts_dir: Path) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         stop_server(proc)
+
+
+@pytest.fixture(scope="session")
+def wav2lip_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight Wav2Lip generator exported to ONNX (seed 0), built once per session."""
+    from tests.fakes.wav2lip import random_wav2lip_onnx  # imports torch: only when used
+
+    return random_wav2lip_onnx(tmp_path_factory.mktemp("wav2lip"), seed=0)
