@@ -173,7 +173,6 @@ class LipsyncSettings:
     max_batch: int
     max_wait_ms: float
     intra_op_threads: int
-    late_frame_fallback: str
 
     @property
     def wav2lip_path(self) -> Path | None:
@@ -649,7 +648,6 @@ def _lipsync(s: _Section) -> LipsyncSettings:
         max_batch=s.get_int("max_batch", 1, 256),
         max_wait_ms=s.get_float("max_wait_ms", 0, 100),
         intra_op_threads=s.get_int("intra_op_threads", 0, 256),
-        late_frame_fallback=s.get_choice("late_frame_fallback", ("last", "idle")),
     )
 
 

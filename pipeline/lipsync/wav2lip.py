@@ -1,0 +1,471 @@
+"""The Wav2Lip engine: the production lip-sync, an ONNX Runtime session shared by every call.
+
+Per speech segment (``analyse``): the audio is resampled to 16 kHz and turned into the mel
+spectrogram Wav2Lip was trained on; video frame ``j`` of the segment gets the 16-column mel
+window starting at column ``int(j * 80 / fps)``.
+
+Per video frame (``Wav2LipRenderer.render``): the idle face is rendered (blinks, glances,
+breathing stay alive), the square face box is cut out and resized to 96x96, its lower half is
+blanked, and [masked, reference] (BGR, /255, as Wav2Lip was trained) goes with the mel window to
+the device's one ``BatchWorker``, which runs frames from every live session in one batch. The
+96x96 prediction is resized back to the box and blended in through a feathered lower-face mask
+(times the cross-fade weight), so the eyes and everything outside the mask keep the idle
+frame's exact pixels and no seam shows.
+
+Execution providers are tried in the order TensorRT -> CUDA -> CPU (``lipsync.device``); the
+providers the session really uses (``InferenceSession.get_providers()``) are logged and reported
+by ``info()``. On a GPU the model runs in float16 (TensorRT's fp16 mode, or an fp16 copy of the
+model converted once and cached for CUDA).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from avatars.quality import face_box_from_landmarks
+from media_tracks.frames import flash_i420, rgb_to_i420
+from pipeline.errors import PipelineError
+from pipeline.lipsync.base import Yuv
+from pipeline.lipsync.batching import BatchWorker
+from pipeline.lipsync.mel import MEL_STEP, mel_windows, to_wav2lip_audio, wav2lip_mel
+
+if TYPE_CHECKING:
+    from avatars.library import LoadedAvatar
+    from media_tracks.compositor import FramePlan
+    from media_tracks.idle import FaceRenderer, IdleTimeline
+    from pipeline.tts import SpeechAudio
+
+logger = logging.getLogger(__name__)
+
+FACE_SIZE = 96  # Wav2Lip's input and output side
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+_ORDER = {
+    "auto": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+    "cuda": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+    "cpu": ("CPUExecutionProvider",),
+}
+
+F32 = npt.NDArray[np.float32]
+U8 = npt.NDArray[np.uint8]
+
+
+# --------------------------------------------------------------------------- audio side
+
+
+@dataclass(frozen=True, slots=True)
+class MelTrack:
+    """A segment's mel windows, one (80, 16) window per video frame (``LipTrack``)."""
+
+    windows: F32  # (n_frames, 80, 16)
+    level: F32  # (n_frames,) 0..1 voice level, for metrics and tests
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.windows.shape[0])
+
+    def at(self, j: int) -> F32:
+        return self.windows[min(max(j, 0), self.n_frames - 1)]
+
+    def openness(self) -> F32:
+        return self.level
+
+
+def _frame_levels(pcm: npt.NDArray[np.int16], sample_rate: int, fps: int, n: int) -> F32:
+    """Per-frame voice level 0..1 (RMS from -42 to -14 dBFS)."""
+    x = pcm.astype(np.float32) / 32768.0
+    out = np.zeros(n, np.float32)
+    for j in range(n):
+        w = x[j * sample_rate // fps : (j + 1) * sample_rate // fps]
+        if w.size:
+            db = 20.0 * math.log10(max(float(np.sqrt(np.mean(w * w))), 1e-6))
+            out[j] = min(max((db + 42.0) / 28.0, 0.0), 1.0)
+    return out
+
+
+def mel_track(pcm: npt.NDArray[np.int16], sample_rate: int, fps: int) -> MelTrack:
+    """The mel windows for every video frame covering ``pcm`` (int16 mono)."""
+    n_frames = max(1, -(-len(pcm) * fps // sample_rate))
+    mel = wav2lip_mel(to_wav2lip_audio(pcm, sample_rate))
+    windows = mel_windows(mel, n_frames, fps).astype(np.float32, copy=False)
+    return MelTrack(windows=windows, level=_frame_levels(pcm, sample_rate, fps, n_frames))
+
+
+# --------------------------------------------------------------------------- face side
+
+
+@dataclass(frozen=True, slots=True)
+class FaceGeometry:
+    """Where Wav2Lip works on one avatar frame: an integer square ``box`` (x0, y0, side) inside
+    the frame, and the feathered lower-face ``mask`` (side x side, 0..1) it pastes through."""
+
+    x0: int
+    y0: int
+    side: int
+    mask: F32
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        return slice(self.y0, self.y0 + self.side), slice(self.x0, self.x0 + self.side)
+
+
+def face_geometry(landmarks: npt.ArrayLike, width: int, height: int) -> FaceGeometry:
+    """The paste box and mask for 68 landmarks (dlib order) in a ``width`` x ``height`` frame.
+
+    The box is the square around the same landmark face box registration uses (cached crops are
+    cut from it too), clamped into the frame. The mask covers the jaw, mouth, cheeks and nose
+    tip (landmarks 2-14 and the nose), grown a little and feathered inwards, so it is exactly 0
+    on the box's border and above the nose (eyes untouched)."""
+    lm = np.asarray(landmarks, dtype=np.float64)
+    bx0, by0, bx1, by1 = face_box_from_landmarks(lm)
+    side = int(round(max(bx1 - bx0, by1 - by0)))
+    side = max(FACE_SIZE // 2, min(side, width, height))
+    cx, cy = (bx0 + bx1) / 2, (by0 + by1) / 2
+    x0 = int(round(min(max(cx - side / 2, 0), width - side)))
+    y0 = int(round(min(max(cy - side / 2, 0), height - side)))
+    pts = lm[[*range(2, 15), 35, 30, 31]] - np.array([x0, y0])
+    mask = np.zeros((side, side), np.uint8)
+    hull = cv2.convexHull(np.round(pts * 16).astype(np.int32))
+    cv2.fillConvexPoly(mask, hull, 255, lineType=cv2.LINE_AA, shift=4)
+    feather = max(2.0, side / 24)
+    grow = max(1, int(round(side / 40)))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))
+    grown = np.asarray(cv2.dilate(mask, kernel), dtype=np.float32)
+    soft = cv2.GaussianBlur(grown / 255.0, (0, 0), feather)
+    # keep it inside the box: fade smoothly to 0 towards the border (the chin often lies
+    # close to the box's bottom edge)
+    idx = np.arange(side, dtype=np.float32)
+    edge = np.minimum(idx, side - 1 - idx)
+    dist = np.minimum(edge[:, None], edge[None, :])
+    ramp = np.clip(dist / (2.0 * feather), 0.0, 1.0)
+    inner = ramp * ramp * (3.0 - 2.0 * ramp)
+    out = (soft * inner).astype(np.float32)
+    out[out < 1.0 / 512] = 0.0  # what rounds to "no change" is exactly no change
+    out.setflags(write=False)
+    return FaceGeometry(x0=x0, y0=y0, side=side, mask=out)
+
+
+def crop_face(rgb: U8, geo: FaceGeometry) -> U8:
+    """The box resized to 96x96, BGR (the channel order Wav2Lip was trained on)."""
+    ys, xs = geo.slices
+    crop = rgb[ys, xs]
+    interp = cv2.INTER_AREA if geo.side > FACE_SIZE else cv2.INTER_CUBIC
+    small = cv2.resize(crop, (FACE_SIZE, FACE_SIZE), interpolation=interp)
+    return np.ascontiguousarray(small[..., ::-1])
+
+
+def model_input(face_bgr: U8) -> F32:
+    """(6, 96, 96) float32: the face with its lower half blanked, then the face, /255."""
+    ref = face_bgr.astype(np.float32) * (1.0 / 255.0)
+    masked = ref.copy()
+    masked[FACE_SIZE // 2 :] = 0.0
+    return np.ascontiguousarray(np.concatenate([masked, ref], axis=2).transpose(2, 0, 1))
+
+
+def paste(rgb: U8, pred_bgr: F32, geo: FaceGeometry, weight: float) -> U8:
+    """``rgb`` with the prediction ((3, 96, 96) BGR 0..1) blended into the box through the
+    mask times ``weight``; pixels where that is 0 keep their exact values. Returns a new
+    array."""
+    out = rgb.copy()
+    if weight <= 0.0:
+        return out
+    ys, xs = geo.slices
+    pred = np.clip(pred_bgr.transpose(1, 2, 0)[..., ::-1] * 255.0, 0.0, 255.0)
+    big = cv2.resize(
+        np.ascontiguousarray(pred), (geo.side, geo.side), interpolation=cv2.INTER_CUBIC
+    )
+    alpha = (geo.mask * np.float32(min(weight, 1.0)))[..., None]
+    region = out[ys, xs].astype(np.float32)
+    blended = region + alpha * (big - region)
+    out[ys, xs] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
+class AvatarFaces:
+    """Paste geometry per avatar frame (one for a still avatar, one per loop frame), computed
+    once per loaded avatar and shared by its sessions."""
+
+    def __init__(self, face: FaceRenderer) -> None:
+        avatar = face.avatar
+        w, h = avatar.size
+        self._face = face
+        self.still = face_geometry(avatar.landmarks, w, h)
+        self._per_frame = [face_geometry(lm, w, h) for lm in avatar.loop_landmarks]
+
+    def at(self, t_ns: int) -> FaceGeometry:
+        if not self._per_frame:
+            return self.still
+        return self._per_frame[self._face.loop_index(t_ns)]
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def choose_providers(device: str, available: Sequence[str]) -> list[str]:
+    """Providers to ask for, best first, among those this onnxruntime build has."""
+    return [p for p in _ORDER[device] if p in available] or ["CPUExecutionProvider"]
+
+
+def _fp16_copy(model: Path, cache_dir: Path) -> Path:
+    """An fp16 copy of ``model`` (inputs/outputs stay float32), converted once and cached."""
+    out = cache_dir / f"{model.stem}-fp16.onnx"
+    if out.is_file() and out.stat().st_mtime >= model.stat().st_mtime:
+        return out
+    import onnx
+    from onnxconverter_common import float16
+
+    converted = float16.convert_float_to_float16(onnx.load(str(model)), keep_io_types=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    onnx.save(converted, str(tmp))
+    tmp.replace(out)
+    return out
+
+
+class Wav2LipModel:
+    """An ONNX Runtime session of the Wav2Lip generator: ``run(mel, face)`` on batches."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        device: str = "auto",
+        fp16: bool = True,
+        intra_op_threads: int = 0,
+        cache_dir: Path | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        available = ort.get_available_providers()
+        wanted = choose_providers(device, available)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads:
+            opts.intra_op_num_threads = intra_op_threads
+        cache = cache_dir or self.path.parent
+        provider_opts: list[tuple[str, dict[str, Any]] | str] = []
+        for p in wanted:
+            if p == "TensorrtExecutionProvider":
+                provider_opts.append(
+                    (
+                        p,
+                        {
+                            "trt_fp16_enable": bool(fp16),
+                            "trt_engine_cache_enable": True,
+                            "trt_engine_cache_path": str(cache / "trt"),
+                        },
+                    )
+                )
+            else:
+                provider_opts.append(p)
+        model_file = self.path
+        gpu_wanted = any(p in GPU_PROVIDERS for p in wanted)
+        if fp16 and "CUDAExecutionProvider" in wanted and "TensorrtExecutionProvider" not in wanted:
+            try:
+                model_file = _fp16_copy(self.path, cache)
+            except Exception as exc:  # noqa: BLE001 - fall back to fp32, say so
+                logger.warning("fp16 conversion of %s failed (%s); running fp32", self.path, exc)
+        try:
+            self._session = ort.InferenceSession(
+                str(model_file), sess_options=opts, providers=provider_opts
+            )
+        except Exception as exc:
+            raise PipelineError(
+                f"lipsync.wav2lip_model: cannot load {self.path.name} with onnxruntime ({exc})"
+            ) from exc
+        self.providers: list[str] = list(self._session.get_providers())
+        self.gpu = self.providers[0] in GPU_PROVIDERS
+        if self.gpu:
+            self.precision = "fp16" if fp16 else "fp32"
+        else:
+            self.precision = "fp32"
+        if device == "cuda" and not self.gpu:
+            raise PipelineError(
+                "lipsync.device is cuda but no GPU execution provider is active "
+                f"(onnxruntime uses {self.providers}; available: {available}); install "
+                "onnxruntime-gpu with CUDA 12 and cuDNN 9, or set lipsync.device: auto"
+            )
+        if gpu_wanted and not self.gpu:
+            logger.info("no GPU provider active for Wav2Lip (using %s)", self.providers)
+        names = [i.name for i in self._session.get_inputs()]
+        if sorted(names) != ["face", "mel"]:
+            raise PipelineError(
+                f"lipsync.wav2lip_model: {self.path.name} has inputs {names}; expected 'mel' "
+                "and 'face' (export .pth checkpoints through this server, which names them)"
+            )
+        self._lock = threading.Lock()
+        logger.info(
+            "Wav2Lip %s loaded: providers %s, %s", self.path.name, self.providers, self.precision
+        )
+
+    def run(self, mel: F32, face: F32) -> F32:
+        """mel (B, 1, 80, 16), face (B, 6, 96, 96) -> (B, 3, 96, 96) BGR 0..1."""
+        with self._lock:
+            (out,) = self._session.run(["frames"], {"mel": mel, "face": face})
+        return np.asarray(out, dtype=np.float32)
+
+    def warm_up(self, batch: int = 1) -> float:
+        """Run once (allocations, kernel selection); returns the seconds it took."""
+        t0 = time.perf_counter()
+        self.run(
+            np.zeros((batch, 1, 80, MEL_STEP), np.float32),
+            np.zeros((batch, 6, FACE_SIZE, FACE_SIZE), np.float32),
+        )
+        return time.perf_counter() - t0
+
+
+FrameJob = tuple[F32, F32]  # (mel window (80, 16), face input (6, 96, 96))
+
+
+def run_batch(model: Wav2LipModel, jobs: Sequence[FrameJob]) -> list[F32]:
+    mel = np.stack([m for m, _ in jobs])[:, None].astype(np.float32, copy=False)
+    face = np.stack([f for _, f in jobs]).astype(np.float32, copy=False)
+    out = model.run(mel, face)
+    return [out[i] for i in range(len(jobs))]
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class Wav2LipEngine:
+    """``LipSyncEngine`` running Wav2Lip: one model and one batching worker per server."""
+
+    name = "wav2lip"
+
+    def __init__(
+        self, model: Wav2LipModel, *, max_batch: int = 16, max_wait_ms: float = 4.0
+    ) -> None:
+        self.model = model
+        self.worker: BatchWorker[FrameJob, F32] = BatchWorker(
+            lambda jobs: run_batch(model, jobs),
+            max_batch=max_batch,
+            max_wait_s=max_wait_ms / 1000.0,
+            name="wav2lip-worker",
+        )
+        self._faces: dict[int, AvatarFaces] = {}
+        self._faces_lock = threading.Lock()
+
+    def info(self) -> dict[str, object]:
+        return {
+            "engine": self.name,
+            "model": self.model.path.name,
+            "providers": self.model.providers,
+            "device": "gpu" if self.model.gpu else "cpu",
+            "precision": self.model.precision,
+            "max_batch": self.worker.max_batch,
+            "max_wait_ms": round(self.worker.max_wait_s * 1000, 3),
+            "batching": self.worker.stats.to_dict(),
+            "queue_depth": self.worker.queue_depth,
+        }
+
+    def analyse(self, audio: SpeechAudio, *, fps: int) -> MelTrack:
+        return mel_track(audio.pcm, audio.sample_rate, fps)
+
+    def faces(self, face: FaceRenderer) -> AvatarFaces:
+        with self._faces_lock:
+            found = self._faces.get(id(face))
+            if found is None or found._face is not face:
+                found = AvatarFaces(face)
+                self._faces[id(face)] = found
+            return found
+
+    def renderer(
+        self,
+        avatar: LoadedAvatar,
+        timeline: IdleTimeline,
+        *,
+        width: int,
+        height: int,
+        executor: Executor | None,
+    ) -> Wav2LipRenderer:
+        return Wav2LipRenderer(
+            self, avatar.face, timeline, width=width, height=height, executor=executor
+        )
+
+    async def aclose(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.worker.close)
+
+
+class Wav2LipRenderer:
+    """One session's frames: idle face, then (while speaking) Wav2Lip's mouth pasted in."""
+
+    def __init__(
+        self,
+        engine: Wav2LipEngine,
+        face: FaceRenderer,
+        timeline: IdleTimeline,
+        *,
+        width: int,
+        height: int,
+        executor: Executor | None,
+    ) -> None:
+        self._engine = engine
+        self._face = face
+        self._timeline = timeline
+        self._executor = executor
+        self._flash = flash_i420(width, height)
+        self._faces = engine.faces(face)
+
+    def idle_rgb(self, plan: FramePlan) -> U8:
+        return self._face.render(self._timeline.pose_at(plan.t_ns))
+
+    def _prepare(self, plan: FramePlan) -> tuple[U8, FaceGeometry, F32]:
+        rgb = self.idle_rgb(plan)
+        geo = self._faces.at(plan.t_ns)
+        return rgb, geo, model_input(crop_face(rgb, geo))
+
+    def _finish(self, rgb: U8, pred: F32, geo: FaceGeometry, blend: float) -> Yuv:
+        return rgb_to_i420(paste(rgb, pred, geo, blend))
+
+    async def render(self, plan: FramePlan) -> Yuv:
+        if plan.flash:
+            return self._flash
+        loop = asyncio.get_running_loop()
+        if plan.lips is None or plan.blend <= 0.0:
+            return await loop.run_in_executor(
+                self._executor, lambda: rgb_to_i420(self.idle_rgb(plan))
+            )
+        rgb, geo, face_in = await loop.run_in_executor(self._executor, self._prepare, plan)
+        mel = np.asarray(plan.lips, dtype=np.float32)
+        pred = await self._engine.worker.run((mel, face_in))
+        return await loop.run_in_executor(
+            self._executor, self._finish, rgb, pred, geo, float(plan.blend)
+        )
+
+
+def load_wav2lip_engine(
+    model_path: Path,
+    *,
+    cache_dir: Path,
+    device: str = "auto",
+    fp16: bool = True,
+    intra_op_threads: int = 0,
+    max_batch: int = 16,
+    max_wait_ms: float = 4.0,
+) -> Wav2LipEngine:
+    """Resolve (``.pth`` -> cached ONNX), load and warm up the model. Blocking."""
+    from pipeline.lipsync.wav2lip_model import resolve_wav2lip_model
+
+    onnx_path = resolve_wav2lip_model(Path(model_path), Path(cache_dir))
+    model = Wav2LipModel(
+        onnx_path,
+        device=device,
+        fp16=fp16,
+        intra_op_threads=intra_op_threads,
+        cache_dir=Path(cache_dir),
+    )
+    model.warm_up()
+    return Wav2LipEngine(model, max_batch=max_batch, max_wait_ms=max_wait_ms)
