@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import cv2
 import numpy as np
@@ -83,6 +83,40 @@ def _smoothstep(x: float) -> float:
 
 
 @dataclass(frozen=True, slots=True)
+class MouthShape:
+    """A speaking mouth, as amounts of a few lip and jaw movements (all 0 = the image's own
+    mouth). The renderer adds their displacement fields, so shapes blend linearly."""
+
+    open: float = 0.0  # jaw drop, 0..1 (1 = the renderer's widest opening)
+    width: float = 0.0  # -1 rounded (corners in, lips forward) .. 0 .. +1 spread (corners out)
+    teeth: float = 0.0  # 0..1 upper lip raised, teeth shown
+    tongue: float = 0.0  # 0..1 tongue visible in the opening (tip to the teeth when nearly shut)
+    press: float = 0.0  # 0..1 lips closed together over the teeth
+    tuck: float = 0.0  # 0..1 lower lip up under the upper teeth (f, v)
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("open", "width", "teeth", "tongue", "press", "tuck")
+
+    def clipped(self) -> MouthShape:
+        """The same shape with every amount in its range."""
+
+        def unit(v: float) -> float:
+            return min(max(float(v), 0.0), 1.0)
+
+        return MouthShape(
+            unit(self.open),
+            min(max(float(self.width), -1.0), 1.0),
+            unit(self.teeth),
+            unit(self.tongue),
+            unit(self.press),
+            unit(self.tuck),
+        )
+
+    def is_rest(self) -> bool:
+        """True when nothing would move (every amount below 1e-3)."""
+        return all(abs(getattr(self, f)) <= 1e-3 for f in self.FIELDS)
+
+
+@dataclass(frozen=True, slots=True)
 class FacePose:
     t_ns: int  # media time in ns since the session epoch (used to pick loop-video frames)
     blink: float  # 0 = eyes open, 1 = fully closed
@@ -92,12 +126,19 @@ class FacePose:
     head_dy: float  # pixels
     head_roll_deg: float
     head_scale: float  # ~1.0 (breathing)
-    mouth_open: float = 0.0  # 0..1, set by the compositor for speech
+    mouth_open: float = 0.0  # 0..1 jaw drop (the energy-driven mouth)
+    mouth: MouthShape | None = None  # the full mouth shape; when set, mouth_open is ignored
 
     @classmethod
-    def neutral(cls, t_ns: int = 0, *, mouth_open: float = 0.0) -> FacePose:
+    def neutral(
+        cls, t_ns: int = 0, *, mouth_open: float = 0.0, mouth: MouthShape | None = None
+    ) -> FacePose:
         """Eyes open and centred, no head motion."""
-        return cls(t_ns, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, mouth_open)
+        return cls(t_ns, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, mouth_open, mouth)
+
+    def mouth_shape(self) -> MouthShape:
+        """The mouth to render: ``mouth`` when set, else a jaw drop of ``mouth_open``."""
+        return self.mouth if self.mouth is not None else MouthShape(open=self.mouth_open)
 
 
 @dataclass(frozen=True, slots=True)
@@ -479,13 +520,40 @@ class _EyeRig:
         return np.asarray(roi + alpha * (lid - roi), dtype=np.float32)
 
 
+def _cosine_fade(t: F64) -> F64:
+    """1 at t <= 0, 0 at t >= 1, a half cosine in between (zero slope at both ends)."""
+    return np.asarray(0.5 + 0.5 * np.cos(np.pi * np.clip(t, 0.0, 1.0)), dtype=np.float64)
+
+
+def _smooth_1d(a: F64, sigma: float) -> F64:
+    """Gaussian smoothing of a 1-D profile (edges replicated)."""
+    if sigma <= 0.3:
+        return a
+    r = int(math.ceil(3 * sigma))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k /= k.sum()
+    return np.asarray(np.convolve(np.pad(a, r, mode="edge"), k, mode="valid"), dtype=np.float64)
+
+
 class _MouthRig:
-    """Jaw drop: a precomputed displacement field plus the split line between the lips."""
+    """The speaking mouth: displacement fields around the lips, precomputed once per image and
+    weighted per frame by a ``MouthShape``, plus the painted mouth cavity.
+
+    Two passes over the rig's box. The *vertical* pass moves the upper and the lower part of
+    the mouth apart or together, each side of a fold line (the split between the lips): jaw
+    drop (``open``), lips closed over the teeth (``press``), lower lip up to the upper teeth
+    (``tuck``) and upper lip raised (``teeth``); where the lips part, the cavity is painted
+    (dark mouth, tongue, teeth). The *lateral* pass then rounds (corners in and down, lips
+    pushed forward) or spreads (corners out and up) the result, cavity included, so a rounded
+    opening comes out narrower and rounder. Every field is zero on the box's border ring, so
+    nothing outside the box changes and there is no seam.
+    """
 
     def __init__(self, image: U8, lm: npt.NDArray[np.float64]) -> None:
         h, w = image.shape[:2]
         c_l, c_r = lm[48], lm[54]
         mouth_w = float(np.hypot(*(c_r - c_l)))
+        self.mouth_w = mouth_w
         cx = float((c_l[0] + c_r[0]) / 2)
         chin_y = float(lm[8, 1])
         nose_y = float(lm[33, 1])
@@ -545,13 +613,15 @@ class _MouthRig:
         tu = np.clip((split[None, :] - yy) / max(split.mean() - nose_y, 1.0), 0, 1)
         wx_lip = np.clip(1.0 - (np.abs(xs[None, :] - cx) / half_lip) ** 2, 0, 1) ** 1.5
         upper = -lift * wx_lip * (0.5 + 0.5 * np.cos(np.pi * tu))
-        below = (ys[:, None] - y0) >= split_roi
-        field = np.where(below, lower, upper) * self.drop
-        self.field = _frozen(field.astype(np.float32))
+        # Content displacement (px, + = down) at weight 1, on each side of the fold: the
+        # upper-side field applies above the fold, the lower-side one below it.
+        self.jaw_up = _frozen((upper * self.drop).astype(np.float32))
+        self.jaw_lo = _frozen((lower * self.drop).astype(np.float32))
         # where the split line lands, per column, at mouth_open = 1
         col = np.arange(rw)
         row = np.clip(np.round(split_roi[0]).astype(int), 0, rh - 1)
         self.split = _frozen(split_roi.astype(np.float32))
+        self.split64 = _frozen(split_roi.astype(np.float64))
         self.split_lo = _frozen(lower[row, col].astype(np.float32)[None, :] * np.float32(self.drop))
         self.split_up = _frozen(
             (
@@ -559,55 +629,336 @@ class _MouthRig:
             ).astype(np.float32)[None, :]
         )
         self.yy = _frozen(np.broadcast_to((ys - y0)[:, None].astype(np.float32), (rh, rw)).copy())
+        self.yy64 = _frozen((ys - y0)[:, None].astype(np.float64))
         self.map_x = _frozen(
             np.broadcast_to(np.arange(rw, dtype=np.float32)[None, :], (rh, rw)).copy()
         )
         self.feather = max(1.0, 0.022 * mouth_w)
-        opens = np.nonzero((self.split_lo[0] - self.split_up[0]) > 1e-4)[0]
-        if opens.size:
-            self.cav_cols = (max(0, int(opens[0]) - 2), min(rw, int(opens[-1]) + 3))
-        else:
-            self.cav_cols = (0, rw)
         lateral = np.clip(1.0 - (np.abs(xs - cx) / half_lip) ** 2, 0, 1)
         self.cavity_lateral = _frozen(lateral.astype(np.float32)[None, :])
         self.cavity_dark = np.array([30.0, 12.0, 14.0], dtype=np.float32)
         self.cavity_tongue = np.array([62.0, 18.0, 20.0], dtype=np.float32)
 
-    def patch(self, frame: U8, mouth_open: float) -> U8 | None:
-        """The mouth region (``self.box`` of ``frame``) with the jaw dropped, or None when
-        ``mouth_open`` is 0."""
-        m = float(np.clip(mouth_open, 0.0, 1.0))
-        if m <= 1e-3:
+        # -- the lip lines of the image ------------------------------------------------------
+        def line(idx: list[int]) -> F64:
+            pts = lm[idx]
+            o = np.argsort(pts[:, 0])
+            return np.asarray(np.interp(xs, pts[o, 0], pts[o, 1]) - y0, dtype=np.float64)
+
+        sig = 0.04 * mouth_w
+        in_u = _smooth_1d(line([48, 60, 61, 62, 63, 64, 54]), sig)  # inner upper lip
+        in_l = _smooth_1d(line([48, 60, 67, 66, 65, 64, 54]), sig)  # inner lower lip
+        out_u = _smooth_1d(line([48, 49, 50, 51, 52, 53, 54]), sig)  # outer upper lip
+        out_l = _smooth_1d(line([48, 59, 58, 57, 56, 55, 54]), sig)  # outer lower lip
+        s0 = split_roi[0]
+        gap0 = np.maximum(in_l - in_u, 0.0)  # teeth and mouth shown between the lips at rest
+        inside = (xs >= xi0) & (xs <= xi1)
+        # what the image already shows between the lips (teeth, in a smile)
+        self.image_gap_h = float(np.median(gap0[inside])) if inside.any() else 0.0
+        self.in_u = _frozen(in_u.astype(np.float32)[None, :])
+        self.in_l = _frozen(in_l.astype(np.float32)[None, :])
+        # the new fields ease out before the box's border ring (the box starts at the nose)
+        ring = _PATCH_INSET + 1
+        y_nose = max(nose_y - y0, float(ring))
+        y_chin = chin_y - y0
+        yr = self.yy64
+        # upper side: rigid from the split up to the inner upper lip, then easing out to the nose
+        up_fall = _cosine_fade((in_u[None, :] - yr) / np.maximum(in_u[None, :] - y_nose, 1.0))
+        up_fall = np.where(yr >= in_u[None, :], 1.0, up_fall)
+        # lower side: rigid from the split down to the inner lower lip, easing out to the chin
+        lo_fall = _cosine_fade((yr - in_l[None, :]) / np.maximum(y_chin - in_l[None, :], 1.0))
+        lo_fall = np.where(yr <= in_l[None, :], 1.0, lo_fall)
+
+        # press: the lips close over the teeth, meeting 30% of the way down the gap; the fold
+        # moves up to the meeting line with them, so the lower lip covers the teeth below it
+        meet = 0.3
+        closing = gap0 + 0.03 * mouth_w * lateral  # a little overlap: no sliver of teeth left
+        self.press_up = _frozen((meet * closing[None, :] * up_fall).astype(np.float32))
+        self.press_lo = _frozen((-(1.0 - meet) * closing[None, :] * lo_fall).astype(np.float32))
+        meet_y = in_u + meet * closing
+        self.press_fold = _frozen(np.maximum(s0 - meet_y, 0.0)[None, :])
+        # tuck (f, v): the lower lip rises to the upper teeth's edge (a little behind them) and
+        # rolls in: its outer edge rises more than its inner edge, so it looks thinner
+        reach = np.maximum(in_l - s0, 0.0) + 0.12 * gap0 + 0.02 * mouth_w * lateral
+        lip_lo_h = np.maximum(out_l - in_l, 1.0)
+        roll = 0.35 * lip_lo_h * lateral**0.7
+        t_roll = np.clip((yr - in_l[None, :]) / lip_lo_h[None, :], 0.0, 1.0)
+        roll_y = np.where(
+            yr <= out_l[None, :],
+            t_roll * t_roll * (3 - 2 * t_roll),
+            _cosine_fade((yr - out_l[None, :]) / np.maximum(y_chin - out_l[None, :], 1.0)),
+        )
+        self.tuck_up = _frozen(np.zeros((rh, rw), dtype=np.float32))
+        self.tuck_lo = _frozen(
+            (-(reach[None, :] * lo_fall) - roll[None, :] * roll_y).astype(np.float32)
+        )
+        # teeth: the upper lip (with whatever teeth the image shows) rises a little
+        self.lift_px = 0.05 * mouth_w
+        self.lift_up = _frozen(
+            (-self.lift_px * lateral[None, :] ** 1.5 * up_fall).astype(np.float32)
+        )
+        self.lift_lo = _frozen(np.zeros((rh, rw), dtype=np.float32))
+        # the same fields on the split line (per column): where the lip edges land
+        self.edge_fields = {
+            "press": ((meet * closing)[None, :], (-(1.0 - meet) * closing)[None, :]),
+            "tuck": (np.zeros((1, rw)), -reach[None, :]),
+            "teeth": ((-self.lift_px * lateral**1.5)[None, :], np.zeros((1, rw))),
+        }
+        self.edge_fields = {
+            k: (_frozen(a.astype(np.float32)), _frozen(b.astype(np.float32)))
+            for k, (a, b) in self.edge_fields.items()
+        }
+
+        # -- lateral pass: rounding and spreading --------------------------------------------
+        dxr = xs[None, :] - cx
+        room = min(cx - x0, x1 - 1 - cx) - half_lip - ring
+        fade_x = max(min(0.85 * half_lip, room), 1.0)
+        ex = _cosine_fade((np.abs(dxr) - half_lip) / fade_x)
+        out_u_m = float(np.median(out_u[inside])) if inside.any() else float(s0.mean())
+        out_l_m = float(np.median(out_l[inside])) if inside.any() else float(s0.mean())
+        lip_top, lip_bot = out_u_m, out_l_m
+        ey = np.where(
+            yr < lip_top,
+            _cosine_fade((lip_top - yr) / max(lip_top - y_nose, 1.0)),
+            _cosine_fade((yr - lip_bot) / max(0.8 * (y_chin - lip_bot), 1.0)),
+        )
+        env = ex * ey
+        # rounding: corners in by 24% of the half width, the smile's corners down to the lip
+        # line, lips a little fuller (pushed forward)
+        lip_mid = 0.5 * (lip_top + lip_bot)
+        corner_y = 0.5 * (c_l[1] + c_r[1]) - y0
+        rel = np.clip(np.abs(dxr) / half_lip, 0.0, 1.0) ** 2
+        self.round_x = _frozen((-0.34 * dxr * env).astype(np.float32))
+        self.round_y = _frozen(
+            ((max(lip_mid - corner_y, 0.0) * 0.8 * rel + 0.1 * (yr - lip_mid)) * env).astype(
+                np.float32
+            )
+        )
+        # spreading: corners out by 10% and up
+        self.spread_x = _frozen((0.1 * dxr * env).astype(np.float32))
+        self.spread_y = _frozen((-0.04 * mouth_w * rel * env).astype(np.float32))
+        # rounded lips close at the sides but not in the middle, where they arch apart: the
+        # "o" opening
+        pucker = np.exp(-((dxr[0] / (0.17 * mouth_w)) ** 4))  # flat middle, steep sides
+        self.pucker = _frozen(pucker.astype(np.float32)[None, :])
+        self.hole_up = _frozen((-0.055 * mouth_w * pucker[None, :] * up_fall).astype(np.float32))
+        self.hole_lo = _frozen((0.025 * mouth_w * pucker[None, :] * lo_fall).astype(np.float32))
+        self.edge_fields["round"] = (
+            _frozen((-0.055 * mouth_w * pucker).astype(np.float32)[None, :]),
+            _frozen((0.025 * mouth_w * pucker).astype(np.float32)[None, :]),
+        )
+
+        # -- paint ---------------------------------------------------------------------------
+        self.cx_roi = cx - x0
+        # upper teeth to paint under the upper lip: as much as the image does not show already
+        self.paint_teeth_h = max(0.0, 0.11 * mouth_w - self.image_gap_h)
+        self.teeth_rgb = self._teeth_colour(image, x0, y0, in_u, in_l, inside)
+        self.tongue_half_w = 0.3 * mouth_w
+        self.tongue_rgb = np.array([200.0, 104.0, 108.0], dtype=np.float32)
+        self.shadow_rgb = np.array([52.0, 24.0, 26.0], dtype=np.float32)
+
+        opens = np.nonzero(
+            ((self.split_lo[0] - self.split_up[0]) > 1e-4) | (gap0 > 1e-3) | (reach > 1e-3)
+        )[0]
+        if opens.size:
+            self.cav_cols = (max(0, int(opens[0]) - 2), min(rw, int(opens[-1]) + 3))
+        else:
+            self.cav_cols = (0, rw)
+        self._check_border()
+
+    @staticmethod
+    def _teeth_colour(
+        image: U8, x0: int, y0: int, in_u: F64, in_l: F64, inside: npt.NDArray[np.bool_]
+    ) -> F32:
+        """The image's own teeth colour when it shows teeth, else a slightly shaded white."""
+        default = np.array([208.0, 200.0, 186.0], dtype=np.float32)
+        cols = np.flatnonzero(inside)
+        px = []
+        for c in cols:
+            a, b = int(math.ceil(in_u[c])), int(math.floor(in_l[c]))
+            if b > a:
+                px.append(image[y0 + a : y0 + b, x0 + c].reshape(-1, 3))
+        if not px:
+            return default
+        band = np.concatenate(px).astype(np.float32)
+        luma = band @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        bright = band[luma > max(120.0, float(np.percentile(luma, 60)))]
+        if len(bright) < 4:
+            return default
+        return np.asarray(np.median(bright, axis=0) * 0.92, dtype=np.float32)
+
+    def _check_border(self) -> None:
+        """The fields leave the box's border ring alone (no seam with the unedited frame).
+
+        Upper-side fields only apply above the fold and lower-side ones below it, so each is
+        checked on the part of the ring it can reach."""
+        k = _PATCH_INSET + 1
+        s_min = max(0, int(float(self.split.min())) - 1)
+        s_max = int(math.ceil(float(self.split.max()))) + 1
+
+        def ring(f: F32, rows: slice) -> float:
+            parts = [f[rows, :k], f[rows, -k:]]
+            if rows.start is None:
+                parts.append(f[:k])
+            if rows.stop is None:
+                parts.append(f[-k:])
+            return max(float(np.abs(p).max()) if p.size else 0.0 for p in parts)
+
+        above, below, whole = slice(None, s_max), slice(s_min, None), slice(None, None)
+        checks = [(f, above) for f in (self.press_up, self.lift_up, self.hole_up)]
+        checks += [(f, below) for f in (self.press_lo, self.tuck_lo, self.hole_lo)]
+        checks += [(f, whole) for f in (self.round_x, self.round_y, self.spread_x, self.spread_y)]
+        for f, rows in checks:
+            if ring(f, rows) > 0.02:
+                raise ValueError("a mouth rig field reaches the border of its box")
+
+    def patch(self, frame: U8, shape: MouthShape | float) -> U8 | None:
+        """The mouth region (``self.box`` of ``frame``) for ``shape`` (a bare float is a jaw
+        drop), or None when the shape is the rest mouth."""
+        if not isinstance(shape, MouthShape):
+            shape = MouthShape(open=float(shape))
+        s = shape.clipped()
+        if s.is_rest():
             return None
         x0, y0, x1, y1 = self.box
         roi = frame[y0:y1, x0:x1]
-        map_y = self.yy - np.float32(m) * self.field
-        moved = cv2.remap(roi, self.map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        # the cavity only exists between the moved lip edges: work on that band only
+        m = np.float32(s.open)
+        # per side: total displacement field, and the same on the split line
+        up = m * self.jaw_up
+        lo = m * self.jaw_lo
+        e_up = m * self.split_up
+        e_lo = m * self.split_lo
+        # rounded lips press together at the sides only (per-column press weight)
+        press: float | F32 = s.press
+        if s.press > 1e-4 and s.width < 0:
+            press = np.float32(s.press) * (1.0 - np.float32(-s.width) * self.pucker)
+        for name, weight, f_up, f_lo in (
+            ("round", max(0.0, -s.width), self.hole_up, self.hole_lo),
+            ("press", press, self.press_up, self.press_lo),
+            ("tuck", s.tuck, self.tuck_up, self.tuck_lo),
+            ("teeth", s.teeth, self.lift_up, self.lift_lo),
+        ):
+            if np.max(weight) > 1e-4:
+                wf = np.asarray(weight, dtype=np.float32)
+                up = up + wf * f_up
+                lo = lo + wf * f_lo
+                a, b = self.edge_fields[name]
+                e_up = e_up + wf * a
+                e_lo = e_lo + wf * b
+        top = self.split + e_up  # the upper lip's edge after the move
+        bot = self.split + e_lo  # the lower lip's edge
+        # The fold, where the output switches from the upper side's content to the lower's.
+        # Any line between the two landings of the split is seamless (lips apart: it is
+        # inside the painted cavity; lips overlapping: both sides show their own content up
+        # to it); pressed lips meet higher up, on the line where their edges come together.
+        fold = np.clip(
+            self.split64 - press * self.press_fold, np.minimum(top, bot), np.maximum(top, bot)
+        )
+        map_y = self.yy - np.where(self.yy64 >= fold, lo, up)
+        moved = np.asarray(
+            cv2.remap(roi, self.map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE),
+            dtype=np.uint8,
+        )
+        self._paint(moved, s, top, bot, fold, e_up, e_lo)
+        if abs(s.width) > 1e-4:
+            ww = np.float32(abs(s.width))
+            fx, fy = (self.round_x, self.round_y) if s.width < 0 else (self.spread_x, self.spread_y)
+            mx = self.map_x - ww * fx
+            my = self.yy - ww * fy
+            moved = np.asarray(
+                cv2.remap(moved, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE),
+                dtype=np.uint8,
+            )
+        return moved
+
+    def _paint(
+        self, moved: U8, s: MouthShape, top: F32, bot: F32, fold: F64, e_up: F32, e_lo: F32
+    ) -> None:
+        """Paint the mouth (in place) between the moved lip edges: the dark cavity where they
+        parted, tongue and teeth in it, the shadow behind rounded lips, and where the lips
+        touch, the thin dark line between them. ``top``/``bot``: where the split line landed on
+        the upper/lower side; ``e_up``/``e_lo``: how far each side moved there."""
         c0, c1 = self.cav_cols
-        mf = np.float32(m)
-        top = self.split[:, c0:c1] + mf * self.split_up[:, c0:c1]  # upper lip edge, lifted
-        bot = self.split[:, c0:c1] + mf * self.split_lo[:, c0:c1]  # lower lip edge, dropped
+        top = top[:, c0:c1]
+        bot = bot[:, c0:c1]
         fe = self.feather
         rh = moved.shape[0]
-        r0 = max(0, int(math.floor(float(top.min()) - fe)) - 1)
-        r1 = min(rh, int(math.ceil(float(bot.max()) + fe)) + 2)
+        lo_edge = float(min(top.min(), bot.min()))
+        hi_edge = float(max(bot.max(), top.max()))
+        rounding = max(0.0, -s.width)
+        if rounding > 1e-3:
+            lip_u = self.in_u[:, c0:c1] + e_up[:, c0:c1]
+            lip_l = self.in_l[:, c0:c1] + e_lo[:, c0:c1]
+            lo_edge = min(lo_edge, float(lip_u.min()))
+            hi_edge = max(hi_edge, float(lip_l.max()))
+        r0 = max(0, int(math.floor(lo_edge - fe)) - 1)
+        r1 = min(rh, int(math.ceil(hi_edge + fe)) + 2)
         if r0 >= r1:
-            return np.asarray(moved, dtype=np.uint8)
+            return
         yy = self.yy[r0:r1, c0:c1]
         gap = bot - top
-        inside = np.minimum(yy - top, bot - yy)
-        alpha = np.clip(inside / fe + 0.5, 0, 1) * np.clip(gap / fe, 0, 1)
-        # dark mouth cavity: deepest under the upper teeth and towards the corners, a little
-        # redder towards the tongue at the bottom
-        v = np.clip((yy - top) / np.maximum(gap, 1e-3), 0, 1)
-        light = (v * v) * self.cavity_lateral[:, c0:c1]
-        a = alpha[..., None]
-        cav = self.cavity_dark + light[..., None] * self.cavity_tongue
         band = moved[r0:r1, c0:c1]
-        blended = band.astype(np.float32) * (1.0 - a) + cav * a
-        moved[r0:r1, c0:c1] = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
-        return np.asarray(moved, dtype=np.uint8)
+        base = band.astype(np.float32)
+        lat = self.cavity_lateral[:, c0:c1]
+        if rounding > 1e-3:
+            # lips pushed forward: what shows between them (teeth) falls into their shadow
+            inner = np.clip(np.minimum(yy - lip_u, lip_l - yy) / fe + 0.5, 0, 1)
+            k = (np.float32(0.85 * rounding**2) * inner * np.sqrt(lat))[..., None]
+            base = base + k * (self.shadow_rgb - base)
+        if float(gap.max()) > 0:
+            inside = np.minimum(yy - top, bot - yy)
+            alpha = np.clip(inside / fe + 0.5, 0, 1) * np.clip(gap / fe, 0, 1)
+            # dark mouth cavity: deepest under the upper teeth and towards the corners, a little
+            # redder towards the tongue at the bottom
+            gp = np.maximum(gap, 1e-3)
+            v = np.clip((yy - top) / gp, 0, 1)
+            light = (v * v) * lat
+            cav = self.cavity_dark + light[..., None] * self.cavity_tongue
+            if s.tongue > 1e-3:
+                cav = self._tongue(cav, s, yy, top, gp, c0, c1)
+            if s.teeth > 1e-3 and self.paint_teeth_h > 0.3:
+                cav = self._teeth(cav, s, yy, top, gp, lat)
+            a = alpha[..., None]
+            base = base * (1.0 - a) + cav * a
+        closed = s.press + s.tuck
+        if closed > 1e-3:
+            # where the lips overlap, a soft dark contact line along the fold
+            shut = np.clip((top - bot) / fe, 0, 1)
+            d = np.abs(yy - fold[:, c0:c1].astype(np.float32))
+            line = np.exp(-(d * d) / (0.5 * fe * fe)) * shut
+            line *= np.float32(0.4 * min(1.0, closed)) * np.sqrt(lat)
+            base = base * (1.0 - line[..., None])
+        moved[r0:r1, c0:c1] = np.clip(base + 0.5, 0, 255).astype(np.uint8)
+
+    def _tongue(
+        self, cav: F32, s: MouthShape, yy: F32, top: F32, gap: F32, c0: int, c1: int
+    ) -> F32:
+        """The tongue: a rounded body rising from the bottom of the cavity; with the jaw nearly
+        shut (th) its tip fills the gap up to the teeth, lit; with the jaw open it lies low
+        and in shadow."""
+        tip = float(np.clip(s.tongue * (1.0 - 0.8 * s.open), 0.0, 1.0))
+        dx = (np.arange(c0, c1, dtype=np.float32) - np.float32(self.cx_roi))[None, :]
+        half_w = np.float32(self.tongue_half_w * (1.0 - 0.3 * tip))
+        arch = np.sqrt(np.clip(1.0 - (dx / half_w) ** 2, 0.0, 1.0))
+        height = gap * np.float32(0.3 + 0.7 * tip) * arch
+        surface = top + gap - height  # the tongue's upper edge
+        fe = self.feather
+        cover = np.clip((yy - surface) / fe + 0.5, 0, 1) * (height > 0.2)
+        cover *= np.float32(min(1.0, 1.5 * s.tongue))
+        # lit towards its upper edge, darker below and at the back
+        depth = np.clip((yy - surface) / np.maximum(height, 1e-3), 0, 1)
+        shade = (0.55 + 0.45 * tip) * (1.0 - 0.3 * depth)
+        col = self.tongue_rgb * shade[..., None]
+        return np.asarray(cav + cover[..., None] * (col - cav), dtype=np.float32)
+
+    def _teeth(self, cav: F32, s: MouthShape, yy: F32, top: F32, gap: F32, lat: F32) -> F32:
+        """Upper teeth under the upper lip, for images that show none of their own."""
+        fe = self.feather
+        h_up = np.minimum(gap * 0.6, np.float32(self.paint_teeth_h * s.teeth)) * lat**0.3
+        cover = np.clip((top + h_up - yy) / fe + 0.5, 0, 1) * (h_up > 0.3)
+        shade = 0.8 + 0.2 * np.clip((yy - top) / np.maximum(h_up, 1e-3), 0, 1)
+        col = self.teeth_rgb * (shade * (0.6 + 0.4 * lat))[..., None]
+        return np.asarray(cav + cover[..., None] * (col - cav), dtype=np.float32)
 
 
 def _overlap(a: Box, b: Box) -> bool:
@@ -683,7 +1034,7 @@ class FaceRenderer:
             p = eye.patch(pose.gaze_x, pose.gaze_y, pose.blink)
             if p is not None:
                 out.append((eye.box, p))
-        p = self._mouth.patch(self._image, pose.mouth_open)
+        p = self._mouth.patch(self._image, pose.mouth_shape())
         if p is not None:
             out.append((self._mouth.box, p))
         return out
@@ -693,9 +1044,10 @@ class FaceRenderer:
         if self._loop:
             i = self.loop_index(pose.t_ns)
             frame = self._loop[i].copy()
-            if pose.mouth_open > 1e-3:
+            shape = pose.mouth_shape()
+            if not shape.is_rest():
                 rig = self._loop_mouth(i)
-                p = rig.patch(frame, pose.mouth_open)
+                p = rig.patch(frame, shape)
                 if p is not None:
                     x0, y0, x1, y1 = rig.box
                     frame[y0:y1, x0:x1] = p

@@ -1,0 +1,92 @@
+"""The embedded lip-sync engine: visemes from Piper's phoneme timings (or the audio), drawn by
+warping the avatar's own mouth. No weights, no GPU; a speaking frame costs about as much as
+an idle one."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Executor
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from media_tracks.frames import flash_i420, rgb_to_i420
+from pipeline.lipsync.base import VISEMES, Yuv
+from pipeline.lipsync.visemes import VisemeTrack, shape_for, track_for
+
+if TYPE_CHECKING:
+    from avatars.library import LoadedAvatar
+    from media_tracks.compositor import FramePlan
+    from media_tracks.idle import FaceRenderer, IdleTimeline
+    from pipeline.tts import SpeechAudio
+
+
+class VisemeRenderer:
+    """Renders one session's frames: the idle face, with the viseme mouth while speech plays.
+
+    ``render_sync`` is pure (the same plan gives the same frame) and thread-safe."""
+
+    def __init__(
+        self,
+        face: FaceRenderer,
+        timeline: IdleTimeline,
+        *,
+        width: int,
+        height: int,
+        executor: Executor | None,
+    ) -> None:
+        self._face = face
+        self._timeline = timeline
+        self._width = width
+        self._height = height
+        self._executor = executor
+        self._flash = flash_i420(width, height)
+        self._flash.setflags(write=False)
+
+    def render_sync(self, plan: FramePlan) -> Yuv:
+        """The I420 frame for ``plan`` (blocking: run it in an executor)."""
+        if plan.flash:
+            return self._flash
+        pose = self._timeline.pose_at(plan.t_ns)
+        if plan.lips is not None and plan.blend > 0:
+            pose = replace(pose, mouth=shape_for(np.asarray(plan.lips), blend=plan.blend))
+        return rgb_to_i420(self._face.render(pose))
+
+    async def render(self, plan: FramePlan) -> Yuv:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.render_sync, plan)
+
+
+class VisemeEngine:
+    """``LipSyncEngine`` for visemes: one per server, shared by every session."""
+
+    name = "viseme"
+
+    def info(self) -> dict[str, object]:
+        return {
+            "engine": self.name,
+            "device": "cpu",
+            "precision": "float32",
+            "visemes": list(VISEMES),
+            "features": "phoneme alignments (Piper), else spectral shape of the audio",
+        }
+
+    def analyse(self, audio: SpeechAudio, *, fps: int) -> VisemeTrack:
+        """Viseme weights for every video frame of ``audio`` (blocking, a few ms)."""
+        return track_for(audio, fps)
+
+    def renderer(
+        self,
+        avatar: LoadedAvatar,
+        timeline: IdleTimeline,
+        *,
+        width: int,
+        height: int,
+        executor: Executor | None,
+    ) -> VisemeRenderer:
+        return VisemeRenderer(avatar.face, timeline, width=width, height=height,
+                              executor=executor)  # fmt: skip
+
+    async def aclose(self) -> None:
+        return None
