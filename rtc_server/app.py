@@ -18,6 +18,7 @@ from avatars.registration import PrepareFn, RegistrationService
 from avatars.store import AvatarStore
 from config import Settings
 from pipeline.errors import AvatarServerError, BadRequest, ServerFull
+from pipeline.lipsync import LipSyncEngine, create_lipsync_engine
 from pipeline.tts import PiperTTS, TextToSpeech
 from rtc_server.avatars_api import AVATAR_API, AvatarApi, add_avatar_routes
 from rtc_server.ice import use_host_candidates
@@ -33,6 +34,7 @@ SESSIONS = web.AppKey("sessions", dict)
 AVATARS = web.AppKey("avatars", AvatarLibrary)
 TTS = web.AppKey("tts", TextToSpeech)
 RENDER_POOL = web.AppKey("render_pool", ThreadPoolExecutor)
+LIPSYNC = web.AppKey("lipsync", LipSyncEngine)
 
 
 def json_error(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> (
@@ -107,6 +109,7 @@ async def handle_offer(request: web.Request) -> web.Response:
         settings=settings,
         avatar=avatar,
         tts=app[TTS],
+        lipsync=app[LIPSYNC],
         render_executor=app[RENDER_POOL],
         on_closed=lambda s: _forget(sessions, s),
     )
@@ -140,7 +143,11 @@ async def handle_delete_session(request: web.Request) -> web.Response:
 
 async def handle_health(request: web.Request) -> web.Response:
     return web.json_response(
-        {"status": "ok", "sessions": len(request.app[SESSIONS])}
+        {
+            "status": "ok",
+            "sessions": len(request.app[SESSIONS]),
+            "lipsync": request.app[LIPSYNC].info(),
+        }
     )
 
 
@@ -156,10 +163,12 @@ def create_app(
     settings: Settings,
     *,
     tts: TextToSpeech | None = None,
+    lipsync: LipSyncEngine | None = None,
     prepare: PrepareFn | None = None,
     analyzer_factory: Callable[[], object] | None = None,
 ) -> web.Application:
-    """The application. ``tts`` replaces the configured voice; ``prepare`` and
+    """The application. ``tts`` replaces the configured voice and ``lipsync`` the configured
+    lip-sync engine (the caller keeps ownership of it); ``prepare`` and
     ``analyzer_factory`` replace avatar registration's face analysis (tests pass fakes)."""
     app = web.Application(
         client_max_size=settings.server.max_body_bytes, middlewares=[errors_middleware]
@@ -210,10 +219,16 @@ def create_app(
             app[TTS] = piper
         else:
             app[TTS] = tts
+        engine = lipsync
+        if engine is None:
+            engine = await loop.run_in_executor(pool, create_lipsync_engine, settings)
+        app[LIPSYNC] = engine
         yield
         sessions: dict[str, Session] = app[SESSIONS]
         await asyncio.gather(*(s.aclose("server shutting down") for s in list(sessions.values())))
         await asyncio.to_thread(registration.close)
+        if lipsync is None:
+            await engine.aclose()
         pool.shutdown(wait=True, cancel_futures=True)
 
     app.cleanup_ctx.append(resources)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -27,14 +28,13 @@ from media_tracks import (
     AvatarAudioTrack,
     AvatarVideoTrack,
     Compositor,
-    FaceFrameRenderer,
     FrameProducer,
     MediaClock,
     Segment,
 )
 from media_tracks.clapper import clapper_pcm, flash_frames
 from pipeline.errors import BadRequest
-from pipeline.lipsync import mouth_from_energy
+from pipeline.lipsync import LipSyncEngine
 from pipeline.tts import TextToSpeech
 from rtc_server.ice import rtc_configuration
 
@@ -68,6 +68,7 @@ class Session:
         settings: Settings,
         avatar: LoadedAvatar,
         tts: TextToSpeech,
+        lipsync: LipSyncEngine,
         render_executor: Executor | None,
         on_closed: Callable[[Session], None],
         clock: MediaClock | None = None,
@@ -80,6 +81,9 @@ class Session:
         self.last_activity = self.created_monotonic
         self.mic = MicStats()
         self._tts = tts
+        self._lipsync = lipsync
+        self._render_executor = render_executor
+        self._say_job: asyncio.Task[None] | None = None
         self._on_closed = on_closed
         self._tasks: set[asyncio.Task[Any]] = set()
         self._channel: RTCDataChannel | None = None
@@ -98,18 +102,18 @@ class Session:
             crossfade_frames=media.crossfade_frames,
             on_event=self.send_event,
         )
-        render = FaceFrameRenderer(
-            avatar.face,
+        renderer = lipsync.renderer(
+            avatar,
             avatar.new_timeline(),
             width=media.video_width,
             height=media.video_height,
+            executor=render_executor,
         )
         self.frames = FrameProducer(
             clock=self.clock,
             compositor=self.compositor,
-            render=render,
+            renderer=renderer,
             lead_ms=media.render_lead_ms,
-            executor=render_executor,
         )
         self.audio_track = AvatarAudioTrack(
             clock=self.clock,
@@ -277,6 +281,8 @@ class Session:
                     self._says.put_nowait(text.strip())
                 except asyncio.QueueFull:
                     self._error(f"too many queued says (max {MAX_QUEUED_SAYS})")
+        elif kind == "interrupt":
+            self.interrupt()
         elif kind == "clapper":
             count = msg.get("count", 5)
             if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 600:
@@ -298,21 +304,44 @@ class Session:
             )
         )
 
+    def interrupt(self) -> int:
+        """Stop speaking now: queued says are dropped, synthesis in progress is cancelled, and
+        the compositor cuts speech at the next frame boundary and fades to idle. Returns the
+        video frame index where the cut takes effect."""
+        dropped = 0
+        while not self._says.empty():
+            self._says.get_nowait()
+            dropped += 1
+        if self._say_job is not None and not self._say_job.done():
+            self._say_job.cancel()
+        cut = self.compositor.clear()
+        logger.info(
+            "session %s interrupted at frame %d (%d says dropped)", self.id[:8], cut, dropped
+        )
+        return cut
+
     async def _say_worker(self) -> None:
-        media = self.settings.media
         while True:
             text = await self._says.get()
-            try:
-                async for sentence in self._tts.sentences(text):
-                    mouth = mouth_from_energy(
-                        sentence.pcm, sample_rate=media.audio_sample_rate, fps=media.fps
-                    )
-                    self.compositor.schedule(Segment(pcm=sentence.pcm, mouth=mouth, text=text))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                logger.exception("speech synthesis failed")
-                self._error(f"speech synthesis failed: {exc}")
+            job = self._spawn(self._speak(text), "speak")
+            self._say_job = job
+            await asyncio.wait({job})  # an interrupt cancels the job, not this worker
+
+    async def _speak(self, text: str) -> None:
+        fps = self.settings.media.fps
+        loop = asyncio.get_running_loop()
+        try:
+            async for sentence in self._tts.sentences(text):
+                analyse = functools.partial(self._lipsync.analyse, sentence, fps=fps)
+                track = await loop.run_in_executor(self._render_executor, analyse)
+                self.compositor.schedule(
+                    Segment(pcm=sentence.pcm, mouth=track.openness(), lips=track, text=text)
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.exception("speech synthesis failed")
+            self._error(f"speech synthesis failed: {exc}")
 
     # --- reporting ------------------------------------------------------------------------
     def describe(self) -> dict[str, object]:
@@ -327,6 +356,8 @@ class Session:
             },
             "frames_repeated": self.video_track.stats.frames_repeated,
             "frames_skipped": self.video_track.stats.frames_skipped,
+            "frames_late": self.frames.stats.late,
+            "lipsync": self._lipsync.name,
             "speaking": self.compositor.speaking,
             "mic": {
                 "frames_received": self.mic.frames_received,

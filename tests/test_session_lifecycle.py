@@ -9,6 +9,7 @@ import pytest
 
 from avatars.library import AvatarLibrary
 from config import load_settings
+from pipeline.lipsync.viseme_engine import VisemeEngine
 from rtc_server.session import Session
 from tests.fakes.tts import ToneTTS
 
@@ -32,7 +33,8 @@ def avatar():
 def make_session(avatar, **overrides):
     settings = load_settings(env={}, overrides=overrides)
     closed: list[Session] = []
-    session = Session(settings=settings, avatar=avatar, tts=ToneTTS(), render_executor=None,
+    session = Session(settings=settings, avatar=avatar, tts=ToneTTS(), lipsync=VisemeEngine(),
+                      render_executor=None,
                       on_closed=closed.append)
     real_pc = session.pc
     session.pc = StubPeer()  # type: ignore[assignment]

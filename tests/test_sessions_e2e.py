@@ -180,3 +180,57 @@ async def test_bot_sends_its_wav_as_microphone_and_records_the_call(app_client, 
         assert (video.codec_context.width, video.codec_context.height) == (512, 512)
         frames = sum(1 for _ in container.decode(video=0))
     assert frames >= 40  # ~2 s at 25 fps: the recorder saw every frame, not a share of them
+
+
+async def test_interrupt_stops_speech_at_once_and_the_call_goes_on(app_client):
+    app, client = app_client
+    bot = Bot(str(client.make_url("")).rstrip("/"))
+    await bot.connect()
+    await bot.wait_first_video(10)
+    bot.send({"type": "say", "text": "A long sentence that would play for several seconds " * 2})
+    bot.send({"type": "say", "text": "And one queued after it."})
+    await bot.wait_event(lambda e: e.get("state") == "speaking", 5)
+    session = next(iter(app[SESSIONS].values()))
+    bot.send({"type": "interrupt"})
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await bot.wait_event(lambda e: e.get("state") == "idle", 2)
+    # the cut lands on the next frame boundary: idle well before the ~4 s of speech ended
+    assert loop.time() - t0 < 1.0
+    assert session.compositor.queued == 0 and session._says.empty()
+    await asyncio.sleep(0.5)
+    assert not session.compositor.speaking  # the queued say was dropped, not played
+    bot.send({"type": "say", "text": "Back again."})  # and the session still speaks
+    await bot.wait_event(lambda e: e.get("state") == "speaking" and loop.time() - t0 > 0.5, 5)
+    await bot.aclose()
+
+
+async def test_a_call_uses_the_configured_wav2lip_model(loopback_only, aiohttp_client, wav2lip_onnx,
+                                                         tmp_path):
+    """A call with lipsync.engine: wav2lip renders its speaking frames through that model (here
+    the random-weight network on the CPU)."""
+    use_host_candidates("loopback")
+    app = make_app(**{
+        "lipsync.engine": "wav2lip",
+        "lipsync.wav2lip_model": str(wav2lip_onnx),
+        "lipsync.model_cache_dir": str(tmp_path),
+        "lipsync.device": "cpu",
+    })
+    client = await aiohttp_client(app)
+    health = await (await client.get("/health")).json()
+    assert health["lipsync"]["engine"] == "wav2lip"
+    assert health["lipsync"]["providers"] == ["CPUExecutionProvider"]
+    bot = Bot(str(client.make_url("")).rstrip("/"))
+    await bot.connect()
+    await bot.wait_first_video(10)
+    bot.send({"type": "say", "text": "Hello from the model."})
+    await bot.wait_event(lambda e: e.get("state") == "speaking", 10)
+    await bot.wait_event(lambda e: e.get("state") == "idle", 10)
+    server = await bot.server_session()
+    health = await (await client.get("/health")).json()
+    await bot.aclose()
+    assert server is not None and server["lipsync"] == "wav2lip"
+    # speaking frames went through the model (how many were on time is bench.wav2lip's business:
+    # the CPU runs this network at about 25-35 frames/s)
+    assert health["lipsync"]["batching"]["items"] >= 1
+    assert health["lipsync"]["batching"]["failed_batches"] == 0

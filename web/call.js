@@ -20,6 +20,7 @@
     sayForm: $("say-form"),
     sayText: $("say-text"),
     say: $("say"),
+    hush: $("hush"),
     errors: $("errors"),
     stats: $("stats"),
     avatarSelect: $("avatar-select"),
@@ -62,6 +63,7 @@
     ui.mic.setAttribute("aria-pressed", String(micOn));
     ui.sayText.disabled = !open;
     ui.say.disabled = !open;
+    ui.hush.disabled = !open;
 
     let text = {
       new: "Not connected",
@@ -527,6 +529,13 @@
     try {
       send({ type: "say", text });
       ui.sayText.value = "";
+    } catch (err) {
+      showError(err.message);
+    }
+  });
+  ui.hush.addEventListener("click", () => {
+    try {
+      send({ type: "interrupt" });
     } catch (err) {
       showError(err.message);
     }
