@@ -4,7 +4,6 @@ deadline, so the video track never waits for pixels."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
