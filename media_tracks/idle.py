@@ -728,7 +728,7 @@ class _MouthRig:
         lip_mid = 0.5 * (lip_top + lip_bot)
         corner_y = 0.5 * (c_l[1] + c_r[1]) - y0
         rel = np.clip(np.abs(dxr) / half_lip, 0.0, 1.0) ** 2
-        self.round_x = _frozen((-0.34 * dxr * env).astype(np.float32))
+        self.round_x = _frozen((-0.3 * dxr * env).astype(np.float32))
         self.round_y = _frozen(
             ((max(lip_mid - corner_y, 0.0) * 0.8 * rel + 0.1 * (yr - lip_mid)) * env).astype(
                 np.float32
@@ -739,13 +739,13 @@ class _MouthRig:
         self.spread_y = _frozen((-0.04 * mouth_w * rel * env).astype(np.float32))
         # rounded lips close at the sides but not in the middle, where they arch apart: the
         # "o" opening
-        pucker = np.exp(-((dxr[0] / (0.17 * mouth_w)) ** 4))  # flat middle, steep sides
+        pucker = np.exp(-(np.abs(dxr[0] / (0.18 * mouth_w)) ** 3))  # flat middle, steep sides
         self.pucker = _frozen(pucker.astype(np.float32)[None, :])
-        self.hole_up = _frozen((-0.055 * mouth_w * pucker[None, :] * up_fall).astype(np.float32))
-        self.hole_lo = _frozen((0.025 * mouth_w * pucker[None, :] * lo_fall).astype(np.float32))
+        self.hole_up = _frozen((-0.07 * mouth_w * pucker[None, :] * up_fall).astype(np.float32))
+        self.hole_lo = _frozen((0.01 * mouth_w * pucker[None, :] * lo_fall).astype(np.float32))
         self.edge_fields["round"] = (
-            _frozen((-0.055 * mouth_w * pucker).astype(np.float32)[None, :]),
-            _frozen((0.025 * mouth_w * pucker).astype(np.float32)[None, :]),
+            _frozen((-0.07 * mouth_w * pucker).astype(np.float32)[None, :]),
+            _frozen((0.01 * mouth_w * pucker).astype(np.float32)[None, :]),
         )
 
         # -- paint ---------------------------------------------------------------------------
@@ -755,7 +755,7 @@ class _MouthRig:
         self.teeth_rgb = self._teeth_colour(image, x0, y0, in_u, in_l, inside)
         self.tongue_half_w = 0.3 * mouth_w
         self.tongue_rgb = np.array([200.0, 104.0, 108.0], dtype=np.float32)
-        self.shadow_rgb = np.array([52.0, 24.0, 26.0], dtype=np.float32)
+        self.shadow_rgb = np.array([66.0, 32.0, 34.0], dtype=np.float32)
 
         opens = np.nonzero(
             ((self.split_lo[0] - self.split_up[0]) > 1e-4) | (gap0 > 1e-3) | (reach > 1e-3)
@@ -828,10 +828,12 @@ class _MouthRig:
         lo = m * self.jaw_lo
         e_up = m * self.split_up
         e_lo = m * self.split_lo
-        # rounded lips press together at the sides only (per-column press weight)
+        # rounded lips close at the sides and part in the middle (a per-column press weight)
         press: float | F32 = s.press
-        if s.press > 1e-4 and s.width < 0:
-            press = np.float32(s.press) * (1.0 - np.float32(-s.width) * self.pucker)
+        if s.width < -1e-4:
+            r = np.float32(-s.width)
+            sides = np.sqrt(r) * (1.0 - self.pucker)
+            press = (1.0 - np.float32(1.0 - s.press) * (1.0 - sides)) * (1.0 - r * r * self.pucker)
         for name, weight, f_up, f_lo in (
             ("round", max(0.0, -s.width), self.hole_up, self.hole_lo),
             ("press", press, self.press_up, self.press_lo),
@@ -903,7 +905,9 @@ class _MouthRig:
         if rounding > 1e-3:
             # lips pushed forward: what shows between them (teeth) falls into their shadow
             inner = np.clip(np.minimum(yy - lip_u, lip_l - yy) / fe + 0.5, 0, 1)
-            k = (np.float32(0.85 * rounding**2) * inner * np.sqrt(lat))[..., None]
+            inner *= np.clip((lip_l - lip_u) / (2.0 * fe), 0, 1)  # a sliver: barely
+            dim = 0.88 * _smoothstep((rounding - 0.2) / 0.6)
+            k = (np.float32(dim) * inner * np.sqrt(lat))[..., None]
             base = base + k * (self.shadow_rgb - base)
         if float(gap.max()) > 0:
             inside = np.minimum(yy - top, bot - yy)

@@ -174,7 +174,7 @@ def test_cues_from_audio_rest_in_silence_and_shapes_in_speech(speech: list[Speec
     # speech gets visemes: most of the voiced time is not REST
     track = VisemeTrack(cues, n_frames=len(pcm) * FPS // sr, fps=FPS)
     speaking = track.weights[FPS + 5 : FPS + len(s.pcm) * FPS // sr - 5]
-    assert (speaking[:, 0] < 0.7).mean() > 0.6
+    assert (speaking[:, 0] < 0.7).mean() > 0.5
     assert len({c.viseme for c in cues}) >= 4
     assert cues_from_audio(np.zeros(4800, np.int16), sr) == [MouthCue(0, "REST", 1.0)]
 
@@ -234,15 +234,21 @@ def test_bilabials_close_the_lips_between_vowels() -> None:
         if nxt.t_ms - cue.t_ms > 150:
             continue  # a pause, not a closure
         j0, j1 = int(cue.t_ms // frame_ms), int(nxt.t_ms // frame_ms) + 1
-        near = o[max(0, j0 - 3) : j1 + 3]
-        assert o[j0 : j1 + 1].min() <= 0.5 * near.max(), (cue, o[j0 - 3 : j1 + 3])
+        # the lips shut (REST: pressed together) and the jaw nearly closed
+        assert track.weights[j0 : j1 + 1, 0].max() >= 0.6, (cue, track.weights[j0 : j1 + 1, 0])
+        assert o[j0 : j1 + 1].min() <= 0.2, (cue, o[j0 - 3 : j1 + 3])
         closures += 1
     assert closures >= 4
 
 
 def test_short_cues_are_not_fully_reached_long_ones_are() -> None:
-    cues = [MouthCue(0, "REST", 1.0), MouthCue(100, "AA", 1.0), MouthCue(130, "REST", 1.0),
-            MouthCue(400, "OO", 1.0), MouthCue(800, "REST", 1.0)]  # fmt: skip
+    cues = [
+        MouthCue(0, "REST", 1.0),
+        MouthCue(100, "AA", 1.0),
+        MouthCue(130, "REST", 1.0),
+        MouthCue(400, "OO", 1.0),
+        MouthCue(800, "REST", 1.0),
+    ]
     w = weights_from_cues(cues, n_frames=30, fps=FPS)
     aa, oo = VISEMES.index("AA"), VISEMES.index("OO")
     assert 0.1 < w[:, aa].max() < 0.8  # 30 ms: only part of the way

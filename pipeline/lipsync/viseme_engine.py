@@ -85,8 +85,7 @@ class VisemeEngine:
         height: int,
         executor: Executor | None,
     ) -> VisemeRenderer:
-        return VisemeRenderer(avatar.face, timeline, width=width, height=height,
-                              executor=executor)  # fmt: skip
+        return VisemeRenderer(avatar.face, timeline, width=width, height=height, executor=executor)
 
     async def aclose(self) -> None:
         return None

@@ -341,13 +341,16 @@ def _classify(f: dict[str, F32]) -> tuple[npt.NDArray[np.int64], F32]:
     sibilant = noisy & (f["hiss"] > 0.5) & (f["db"] > GATE_DBFS + 10)
     vis[noisy] = VISEME_INDEX["FF"]
     vis[sibilant] = VISEME_INDEX["EE"]
-    # voiced: F1 high -> open (AA); F2 high -> front/spread (EE); both low -> rounded
+    # voiced: F1 high -> open (AA); F2 high -> front/spread (EE); both low -> rounded; all the
+    # energy below ~330 Hz and nothing above is a nasal murmur (m, n): lips closed or nearly
     openness = f["f1"] / (f["low"] + f["f1"] + 1e-6)
     front = f["f2hi"] / (f["f1"] + f["f2lo"] + f["f2hi"] + 1e-6)
     v = voiced & (f["db"] > GATE_DBFS)
-    ee = v & (front > 0.3)
-    aa = v & ~ee & (openness > 0.55)
-    oh = v & ~ee & ~aa & (openness > 0.3)
+    nasal = v & (f["low"] > 0.93) & (f["centroid"] < 330.0)
+    v &= ~nasal
+    ee = v & (front > 0.35)
+    aa = v & ~ee & (openness > 0.38)
+    oh = v & ~ee & ~aa & (openness > 0.1)
     oo = v & ~ee & ~aa & ~oh
     vis[ee] = VISEME_INDEX["EE"]
     vis[aa] = VISEME_INDEX["AA"]
@@ -413,7 +416,10 @@ def cues_from_audio(pcm: np.ndarray, sample_rate: int) -> list[MouthCue]:
 PLATEAU = 0.5  # fraction of a cue's half-length where its dominance is full
 TAU_MS = 50.0  # fall-off time constant around the plateau
 LEAD_MS = 15  # the mouth moves a little ahead of the sound it makes
-_STRENGTH = {REST: 1.8, "FF": 1.5, "TH": 1.2, "OO": 1.1, "AA": 1.0, "EE": 1.0, "OH": 1.0}
+_STRENGTH = {REST: 2.0, "FF": 1.5, "TH": 1.2, "OO": 1.1, "AA": 1.0, "EE": 1.0, "OH": 1.0}
+# Contacts are held for at least about a video frame however short the phoneme (lips shut for
+# /m b p/, lip on teeth for /f v/): half-width of the full-dominance plateau, ms.
+_MIN_HOLD_MS = {REST: 22.0, "FF": 14.0}
 
 
 def _targets(cues: Sequence[MouthCue]) -> F32:
@@ -441,11 +447,13 @@ def weights_from_cues(
     ends = np.append(starts[1:], max(end_ms, starts[-1] + 1.0))
     centre = 0.5 * (starts + ends)
     half = 0.5 * (ends - starts)
+    hold = np.maximum(
+        PLATEAU * half, np.array([_MIN_HOLD_MS.get(c.viseme, 0.0) for c in cues], dtype=np.float64)
+    )
     strength = np.array(
-        [_STRENGTH[c.viseme] * (0.45 + 0.55 * c.weight if c.viseme != REST else 1.0)
-         for c in cues],
+        [_STRENGTH[c.viseme] * (0.45 + 0.55 * c.weight if c.viseme != REST else 1.0) for c in cues],
         dtype=np.float64,
-    )  # fmt: skip
+    )
     targets = _targets(cues).astype(np.float64)
     # three samples per frame (1/4, 1/2, 3/4 of the frame), weighted 1:2:1
     frame_ms = 1000.0 / fps
@@ -455,7 +463,7 @@ def weights_from_cues(
     chunk = 512
     for a in range(0, t.size, chunk):
         tc = t[a : a + chunk, None]
-        gap = np.maximum(np.abs(tc - centre[None, :]) - PLATEAU * half[None, :], 0.0)
+        gap = np.maximum(np.abs(tc - centre[None, :]) - hold[None, :], 0.0)
         dom = strength[None, :] * np.exp(-((gap / TAU_MS) ** 2))
         dom += 1e-12
         out[a : a + chunk] = (dom @ targets) / dom.sum(axis=1, keepdims=True)
@@ -514,8 +522,15 @@ class VisemeTrack:
 
     Frame ``j`` covers samples ``[j*sr//fps, (j+1)*sr//fps)`` of the segment."""
 
-    def __init__(self, cues: Sequence[MouthCue], *, n_frames: int, fps: int,
-                 duration_ms: float | None = None, source: str = "phonemes") -> None:  # fmt: skip
+    def __init__(
+        self,
+        cues: Sequence[MouthCue],
+        *,
+        n_frames: int,
+        fps: int,
+        duration_ms: float | None = None,
+        source: str = "phonemes",
+    ) -> None:
         self.cues: tuple[MouthCue, ...] = tuple(cues)
         self.fps = fps
         self.source = source
