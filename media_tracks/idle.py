@@ -13,6 +13,8 @@ Eye and mouth geometry come from the avatar's 68 dlib landmarks:
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -30,6 +32,7 @@ U8 = npt.NDArray[np.uint8]
 _A = TypeVar("_A", bound="np.ndarray[Any, Any]")
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
 _PATCH_INSET = 2  # rigs leave this many border pixels of their region unedited
+LOOP_RIGS = 128  # loop-video avatars: mouth rigs kept (about 0.3 MB each at 512x512)
 
 # ---------------------------------------------------------------------------------------------
 # Timeline
@@ -562,9 +565,11 @@ class _MouthRig:
         fall = max(2.5 * self.drop, 0.3 * face_h)  # below the chin the motion fades out
         jaw_l = float(lm[2:8, 0].min())
         jaw_r = float(lm[9:15, 0].max())
+        # the box reaches halfway up the nose (the jaw's fields end at its base; the lips' fields
+        # need the room to ease out)
         x0, y0, x1, y1 = _roi(
             min(jaw_l, c_l[0]) - 0.1 * mouth_w,
-            nose_y,
+            nose_y - 0.5 * max(nose_y - float(lm[30, 1]), 0.0),
             max(jaw_r, c_r[0]) + 0.1 * mouth_w,
             chin_y + fall + _PATCH_INSET + 1,
             w,
@@ -615,7 +620,7 @@ class _MouthRig:
         upper = -lift * wx_lip * (0.5 + 0.5 * np.cos(np.pi * tu))
         # Content displacement (px, + = down) at weight 1, on each side of the fold: the
         # upper-side field applies above the fold, the lower-side one below it.
-        self.jaw_up = _frozen((upper * self.drop).astype(np.float32))
+        self.jaw_up_full = (upper * self.drop).astype(np.float32)
         self.jaw_lo = _frozen((lower * self.drop).astype(np.float32))
         # where the split line lands, per column, at mouth_open = 1
         col = np.arange(rw)
@@ -673,8 +678,6 @@ class _MouthRig:
         # moves up to the meeting line with them, so the lower lip covers the teeth below it
         meet = 0.3
         closing = gap0 + 0.03 * mouth_w * lateral  # a little overlap: no sliver of teeth left
-        self.press_up = _frozen((meet * closing[None, :] * up_fall).astype(np.float32))
-        self.press_lo = _frozen((-(1.0 - meet) * closing[None, :] * lo_fall).astype(np.float32))
         meet_y = in_u + meet * closing
         self.press_fold = _frozen(np.maximum(s0 - meet_y, 0.0)[None, :])
         # tuck (f, v): the lower lip rises to the upper teeth's edge (a little behind them) and
@@ -688,65 +691,103 @@ class _MouthRig:
             t_roll * t_roll * (3 - 2 * t_roll),
             _cosine_fade((yr - out_l[None, :]) / np.maximum(y_chin - out_l[None, :], 1.0)),
         )
-        self.tuck_up = _frozen(np.zeros((rh, rw), dtype=np.float32))
-        self.tuck_lo = _frozen(
-            (-(reach[None, :] * lo_fall) - roll[None, :] * roll_y).astype(np.float32)
-        )
+        tuck_lo = -(reach[None, :] * lo_fall) - roll[None, :] * roll_y
         # teeth: the upper lip (with whatever teeth the image shows) rises a little
-        self.lift_px = 0.05 * mouth_w
-        self.lift_up = _frozen(
-            (-self.lift_px * lateral[None, :] ** 1.5 * up_fall).astype(np.float32)
-        )
-        self.lift_lo = _frozen(np.zeros((rh, rw), dtype=np.float32))
-        # the same fields on the split line (per column): where the lip edges land
-        self.edge_fields = {
-            "press": ((meet * closing)[None, :], (-(1.0 - meet) * closing)[None, :]),
-            "tuck": (np.zeros((1, rw)), -reach[None, :]),
-            "teeth": ((-self.lift_px * lateral**1.5)[None, :], np.zeros((1, rw))),
-        }
-        self.edge_fields = {
-            k: (_frozen(a.astype(np.float32)), _frozen(b.astype(np.float32)))
-            for k, (a, b) in self.edge_fields.items()
-        }
+        lift_px = 0.05 * mouth_w
+        lift_up = -lift_px * lateral[None, :] ** 1.5 * up_fall
 
         # -- lateral pass: rounding and spreading --------------------------------------------
+        # Inside the mouth the lateral shift grows with the distance from the middle; beyond
+        # each corner it eases out before the face's outline (the jaw contour at lip height),
+        # so the cheek between them stretches and the outline itself never moves.
         dxr = xs[None, :] - cx
-        room = min(cx - x0, x1 - 1 - cx) - half_lip - ring
-        fade_x = max(min(0.85 * half_lip, room), 1.0)
-        ex = _cosine_fade((np.abs(dxr) - half_lip) / fade_x)
+        lip_row = float(np.mean(py))
+        contour_l = float(np.interp(lip_row, lm[0:9, 1], lm[0:9, 0]))
+        contour_r = float(np.interp(lip_row, lm[8:17, 1][::-1], lm[8:17, 0][::-1]))
+        margin = 0.12 * mouth_w
+        fades = [
+            float(np.clip(room - margin, 0.25 * half_lip, 0.85 * half_lip))
+            for room in (
+                cx - half_lip - max(contour_l, x0 + ring),
+                min(contour_r, x1 - 1 - ring) - cx - half_lip,
+            )
+        ]
+        fade_x = np.where(dxr < 0, fades[0], fades[1])
+        ex = _cosine_fade((np.abs(dxr) - half_lip) / fade_x)  # 1 inside the mouth
+        eff_dx = np.where(np.abs(dxr) <= half_lip, dxr, np.sign(dxr) * half_lip * ex)
         out_u_m = float(np.median(out_u[inside])) if inside.any() else float(s0.mean())
         out_l_m = float(np.median(out_l[inside])) if inside.any() else float(s0.mean())
         lip_top, lip_bot = out_u_m, out_l_m
+        y_top = float(ring + 1)
         ey = np.where(
             yr < lip_top,
-            _cosine_fade((lip_top - yr) / max(lip_top - y_nose, 1.0)),
+            _cosine_fade((lip_top - yr) / max(lip_top - y_top, 1.0)),
             _cosine_fade((yr - lip_bot) / max(0.8 * (y_chin - lip_bot), 1.0)),
         )
-        env = ex * ey
-        # rounding: corners in by 24% of the half width, the smile's corners down to the lip
-        # line, lips a little fuller (pushed forward)
         lip_mid = 0.5 * (lip_top + lip_bot)
         corner_y = 0.5 * (c_l[1] + c_r[1]) - y0
-        rel = np.clip(np.abs(dxr) / half_lip, 0.0, 1.0) ** 2
-        self.round_x = _frozen((-0.3 * dxr * env).astype(np.float32))
-        self.round_y = _frozen(
-            ((max(lip_mid - corner_y, 0.0) * 0.8 * rel + 0.1 * (yr - lip_mid)) * env).astype(
-                np.float32
-            )
-        )
-        # spreading: corners out by 10% and up
-        self.spread_x = _frozen((0.1 * dxr * env).astype(np.float32))
-        self.spread_y = _frozen((-0.04 * mouth_w * rel * env).astype(np.float32))
+        rel = np.clip(np.abs(dxr) / half_lip, 0.0, 1.0) ** 2 * ex
+        # The lateral fields are products of one envelope and per-row/per-column factors:
+        #   rounding: x -= 0.25 dx (corners in by 25% of the half width), y += the smile's
+        #     corners down to the lip line + lips 10% fuller (pushed forward)
+        #   spreading: x += 0.1 dx (corners out), y -= 4% of the mouth width at the corners
+        window = self._window(rh, rw, ring)
+        self.env = _frozen((ey * window).astype(np.float32))
+        self.dx_row = _frozen(eff_dx.astype(np.float32))
+        self.rel_row = _frozen(rel.astype(np.float32))
+        self.ex_row = _frozen(ex.astype(np.float32))
+        self.ydev_col = _frozen((yr - lip_mid).astype(np.float32))
+        self.corner_drop = 0.55 * max(lip_mid - corner_y, 0.0)
         # rounded lips close at the sides but not in the middle, where they arch apart: the
         # "o" opening
         pucker = np.exp(-(np.abs(dxr[0] / (0.18 * mouth_w)) ** 3))  # flat middle, steep sides
+        hole_up = -0.07 * mouth_w * pucker[None, :] * up_fall
+        hole_lo = 0.01 * mouth_w * pucker[None, :] * lo_fall
+
+        # The vertical fields only move the mouth's own columns: they are kept for those
+        # columns only, [lc0, lc1), and tapered to 0 before the box's border ring.
+        local = {
+            "jaw": (self.jaw_up_full, None),
+            "round": (hole_up, hole_lo),
+            "press": (
+                meet * closing[None, :] * up_fall,
+                -(1.0 - meet) * closing[None, :] * lo_fall,
+            ),
+            "tuck": (None, tuck_lo),
+            "teeth": (lift_up, None),
+        }
+        used = np.zeros(rw, dtype=bool)
+        for pair in local.values():
+            for f in pair:
+                if f is not None:
+                    used |= np.abs(f).max(axis=0) > 1e-6
+        cols = np.flatnonzero(used)
+        lc0, lc1 = (int(cols[0]), int(cols[-1]) + 1) if cols.size else (0, 1)
+        self.local_cols = (lc0, lc1)
+        win = window[:, lc0:lc1]
+
+        def crop(f: F64 | F32 | None, taper: bool = True) -> F32 | None:
+            if f is None:
+                return None
+            c = f[:, lc0:lc1] * (win if taper else 1.0)
+            return _frozen(np.ascontiguousarray(c, dtype=np.float32))
+
+        # the jaw's upper field is the original one, untapered (mouth_open renders as it did)
+        self.fields = {k: (crop(a, k != "jaw"), crop(b)) for k, (a, b) in local.items()}
+        del self.jaw_up_full
+        # the same fields on the split line (per column): where the lip edges land
+        zero = np.zeros((1, rw))
+        edges = {
+            "round": (-0.07 * mouth_w * pucker[None, :], 0.01 * mouth_w * pucker[None, :]),
+            "press": ((meet * closing)[None, :], (-(1.0 - meet) * closing)[None, :]),
+            "tuck": (zero, -reach[None, :]),
+            "teeth": ((-lift_px * lateral**1.5)[None, :], zero),
+        }
+        self.edge_fields = {
+            k: (_frozen(a.astype(np.float32)), _frozen(b.astype(np.float32)))
+            for k, (a, b) in edges.items()
+        }
         self.pucker = _frozen(pucker.astype(np.float32)[None, :])
-        self.hole_up = _frozen((-0.07 * mouth_w * pucker[None, :] * up_fall).astype(np.float32))
-        self.hole_lo = _frozen((0.01 * mouth_w * pucker[None, :] * lo_fall).astype(np.float32))
-        self.edge_fields["round"] = (
-            _frozen((-0.07 * mouth_w * pucker).astype(np.float32)[None, :]),
-            _frozen((0.01 * mouth_w * pucker).astype(np.float32)[None, :]),
-        )
 
         # -- paint ---------------------------------------------------------------------------
         self.cx_roi = cx - x0
@@ -764,7 +805,6 @@ class _MouthRig:
             self.cav_cols = (max(0, int(opens[0]) - 2), min(rw, int(opens[-1]) + 3))
         else:
             self.cav_cols = (0, rw)
-        self._check_border()
 
     @staticmethod
     def _teeth_colour(
@@ -787,30 +827,17 @@ class _MouthRig:
             return default
         return np.asarray(np.median(bright, axis=0) * 0.92, dtype=np.float32)
 
-    def _check_border(self) -> None:
-        """The fields leave the box's border ring alone (no seam with the unedited frame).
+    @staticmethod
+    def _window(rh: int, rw: int, ring: int) -> F64:
+        """1 inside the box, easing to 0 on its border ring (``ring`` pixels) over 4 pixels."""
 
-        Upper-side fields only apply above the fold and lower-side ones below it, so each is
-        checked on the part of the ring it can reach."""
-        k = _PATCH_INSET + 1
-        s_min = max(0, int(float(self.split.min())) - 1)
-        s_max = int(math.ceil(float(self.split.max()))) + 1
+        def ramp(n: int) -> F64:
+            i = np.arange(n, dtype=np.float64)
+            d = np.minimum(i, n - 1 - i) - (ring - 1)
+            t = np.clip(d / 4.0, 0.0, 1.0)
+            return np.asarray(t * t * (3.0 - 2.0 * t), dtype=np.float64)
 
-        def ring(f: F32, rows: slice) -> float:
-            parts = [f[rows, :k], f[rows, -k:]]
-            if rows.start is None:
-                parts.append(f[:k])
-            if rows.stop is None:
-                parts.append(f[-k:])
-            return max(float(np.abs(p).max()) if p.size else 0.0 for p in parts)
-
-        above, below, whole = slice(None, s_max), slice(s_min, None), slice(None, None)
-        checks = [(f, above) for f in (self.press_up, self.lift_up, self.hole_up)]
-        checks += [(f, below) for f in (self.press_lo, self.tuck_lo, self.hole_lo)]
-        checks += [(f, whole) for f in (self.round_x, self.round_y, self.spread_x, self.spread_y)]
-        for f, rows in checks:
-            if ring(f, rows) > 0.02:
-                raise ValueError("a mouth rig field reaches the border of its box")
+        return np.asarray(ramp(rh)[:, None] * ramp(rw)[None, :], dtype=np.float64)
 
     def patch(self, frame: U8, shape: MouthShape | float) -> U8 | None:
         """The mouth region (``self.box`` of ``frame``) for ``shape`` (a bare float is a jaw
@@ -823,9 +850,14 @@ class _MouthRig:
         x0, y0, x1, y1 = self.box
         roi = frame[y0:y1, x0:x1]
         m = np.float32(s.open)
+        lc0, lc1 = self.local_cols
         # per side: total displacement field, and the same on the split line
-        up = m * self.jaw_up
+        jaw_up, _ = self.fields["jaw"]
+        assert jaw_up is not None
+        up = np.zeros_like(self.jaw_lo)
+        up_local = m * jaw_up
         lo = m * self.jaw_lo
+        lo_local = lo[:, lc0:lc1]  # a view: added to in place
         e_up = m * self.split_up
         e_lo = m * self.split_lo
         # rounded lips close at the sides and part in the middle (a per-column press weight)
@@ -834,19 +866,25 @@ class _MouthRig:
             r = np.float32(-s.width)
             sides = np.sqrt(r) * (1.0 - self.pucker)
             press = (1.0 - np.float32(1.0 - s.press) * (1.0 - sides)) * (1.0 - r * r * self.pucker)
-        for name, weight, f_up, f_lo in (
-            ("round", max(0.0, -s.width), self.hole_up, self.hole_lo),
-            ("press", press, self.press_up, self.press_lo),
-            ("tuck", s.tuck, self.tuck_up, self.tuck_lo),
-            ("teeth", s.teeth, self.lift_up, self.lift_lo),
+        for name, weight in (
+            ("round", max(0.0, -s.width)),
+            ("press", press),
+            ("tuck", s.tuck),
+            ("teeth", s.teeth),
         ):
-            if np.max(weight) > 1e-4:
-                wf = np.asarray(weight, dtype=np.float32)
-                up = up + wf * f_up
-                lo = lo + wf * f_lo
-                a, b = self.edge_fields[name]
-                e_up = e_up + wf * a
-                e_lo = e_lo + wf * b
+            if np.max(weight) <= 1e-4:
+                continue
+            wf = np.asarray(weight, dtype=np.float32)
+            wl = wf[:, lc0:lc1] if wf.ndim == 2 else wf
+            f_up, f_lo = self.fields[name]
+            if f_up is not None:
+                up_local = up_local + wl * f_up
+            if f_lo is not None:
+                lo_local += wl * f_lo
+            a, b = self.edge_fields[name]
+            e_up = e_up + wf * a
+            e_lo = e_lo + wf * b
+        up[:, lc0:lc1] = up_local
         top = self.split + e_up  # the upper lip's edge after the move
         bot = self.split + e_lo  # the lower lip's edge
         # The fold, where the output switches from the upper side's content to the lower's.
@@ -864,9 +902,17 @@ class _MouthRig:
         self._paint(moved, s, top, bot, fold, e_up, e_lo)
         if abs(s.width) > 1e-4:
             ww = np.float32(abs(s.width))
-            fx, fy = (self.round_x, self.round_y) if s.width < 0 else (self.spread_x, self.spread_y)
-            mx = self.map_x - ww * fx
-            my = self.yy - ww * fy
+            if s.width < 0:
+                fx = np.float32(-0.25) * self.dx_row
+                fy = (
+                    np.float32(self.corner_drop) * self.rel_row
+                    + np.float32(0.1) * self.ex_row * self.ydev_col
+                )
+            else:
+                fx = np.float32(0.1) * self.dx_row
+                fy = np.float32(-0.04 * self.mouth_w) * self.rel_row
+            mx = self.map_x - (ww * fx) * self.env
+            my = self.yy - (ww * fy) * self.env
             moved = np.asarray(
                 cv2.remap(moved, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE),
                 dtype=np.uint8,
@@ -906,7 +952,7 @@ class _MouthRig:
             # lips pushed forward: what shows between them (teeth) falls into their shadow
             inner = np.clip(np.minimum(yy - lip_u, lip_l - yy) / fe + 0.5, 0, 1)
             inner *= np.clip((lip_l - lip_u) / (2.0 * fe), 0, 1)  # a sliver: barely
-            dim = 0.88 * _smoothstep((rounding - 0.2) / 0.6)
+            dim = 0.88 * _smoothstep((rounding - 0.45) / 0.45)
             k = (np.float32(dim) * inner * np.sqrt(lat))[..., None]
             base = base + k * (self.shadow_rgb - base)
         if float(gap.max()) > 0:
@@ -987,8 +1033,10 @@ class FaceRenderer:
         self._loop_fps = avatar.loop_fps
         self._loop_cycle = avatar.loop_mode == "cycle"
         # mouth rigs of loop frames with their own landmarks, built on first use (only
-        # speaking frames need one); a race builds the same rig twice, harmlessly
-        self._loop_mouths: dict[int, _MouthRig] = {}
+        # speaking frames need one) and kept for the most recently used LOOP_RIGS frames (a
+        # 30 s loop would otherwise hold 750 rigs); a race builds the same rig twice, harmlessly
+        self._loop_mouths: OrderedDict[int, _MouthRig] = OrderedDict()
+        self._loop_lock = threading.Lock()
 
     @property
     def avatar(self) -> Avatar:
@@ -999,10 +1047,16 @@ class FaceRenderer:
         lms = self._avatar.loop_landmarks
         if not lms:
             return self._mouth
-        rig = self._loop_mouths.get(i)
-        if rig is None:
-            rig = _MouthRig(self._loop[i], lms[i].astype(np.float64))
+        with self._loop_lock:
+            rig = self._loop_mouths.get(i)
+            if rig is not None:
+                self._loop_mouths.move_to_end(i)
+                return rig
+        rig = _MouthRig(self._loop[i], lms[i].astype(np.float64))
+        with self._loop_lock:
             self._loop_mouths[i] = rig
+            while len(self._loop_mouths) > LOOP_RIGS:
+                self._loop_mouths.popitem(last=False)
         return rig
 
     def loop_index(self, t_ns: int) -> int:

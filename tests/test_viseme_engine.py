@@ -160,23 +160,26 @@ def test_mouth_moves_with_speech_and_is_still_in_silence(
     assert all(np.array_equal(held[0], q) for q in held)
 
 
-@pytest.mark.parametrize("viseme", VISEMES)
-def test_each_viseme_changes_only_the_mouth_rig_box(
-    loaded: LoadedAvatar, avatar: Avatar, viseme: str
-) -> None:
-    face = loaded.face
+def test_each_viseme_changes_only_the_mouth_rig_box(loaded: LoadedAvatar, avatar: Avatar) -> None:
+    wide = load_avatar_dir(DEFAULT_AVATAR_DIR, width=1280, height=720)
+    for av, face in ((avatar, loaded.face), (wide, FaceRenderer(wide))):
+        for viseme in VISEMES:
+            _changes_only_the_box(av, face, viseme)
+
+
+def _changes_only_the_box(avatar: Avatar, face: FaceRenderer, viseme: str) -> None:
     out = face.render(FacePose.neutral(mouth=VISEME_SHAPES[viseme]))
     diff = np.abs(out.astype(np.int16) - avatar.image).max(axis=2)
     x0, y0, x1, y1 = face._mouth.box
     inside = diff[y0:y1, x0:x1].copy()
     diff[y0:y1, x0:x1] = 0
-    assert not diff.any()
-    assert inside.max() > 40  # and it does change the mouth
+    assert not diff.any(), viseme
+    assert inside.max() > 40, viseme  # and it does change the mouth
     # the rig's border ring is never edited: no seam
     ring = np.concatenate(
         [inside[:2].ravel(), inside[-2:].ravel(), inside[:, :2].ravel(), inside[:, -2:].ravel()]
     )
-    assert not ring.any()
+    assert not ring.any(), viseme
 
 
 def dark_width(img: np.ndarray, avatar: Avatar, thresh: float = 60.0) -> int:
@@ -213,8 +216,8 @@ def test_rounding_narrows_the_mouth_and_spreading_widens_it(
     assert dark_width(by["OH"], avatar) < dark_width(by["AA"], avatar)
     # the corners: pulled in when rounded, out when spread
     half_w = 0.5 * float(avatar.landmarks[54, 0] - avatar.landmarks[48, 0])
-    assert corner_shift(by["OO"], avatar, 48) > 0.2 * half_w
-    assert corner_shift(by["OO"], avatar, 54) < -0.2 * half_w
+    assert corner_shift(by["OO"], avatar, 48) > 0.15 * half_w
+    assert corner_shift(by["OO"], avatar, 54) < -0.15 * half_w
     assert corner_shift(by["EE"], avatar, 48) < 0 < corner_shift(by["EE"], avatar, 54)
     assert 0 < corner_shift(by["OH"], avatar, 48) < corner_shift(by["OO"], avatar, 48)
     # pressed lips (REST in speech) hide the teeth the portrait shows
@@ -249,7 +252,12 @@ def test_mouth_open_alone_is_the_plain_jaw_drop(loaded: LoadedAvatar) -> None:
         )
 
 
-def test_loop_video_avatars_get_the_same_shapes(avatar: Avatar) -> None:
+def test_loop_video_avatars_get_the_same_shapes(
+    avatar: Avatar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import media_tracks.idle
+
+    monkeypatch.setattr(media_tracks.idle, "LOOP_RIGS", 2)  # rigs are rebuilt as needed
     n, shift = 4, 6
     m = np.float32([[1, 0, shift], [0, 1, 0]])
     frames = [avatar.image]
@@ -266,3 +274,4 @@ def test_loop_video_avatars_get_the_same_shapes(avatar: Avatar) -> None:
             want = plain.render(FacePose.neutral(mouth=shape))
             s = shift * i
             np.testing.assert_array_equal(got[y0:y1, x0 + s : x1 + s], want[y0:y1, x0:x1])
+    assert len(looped._loop_mouths) == 2
