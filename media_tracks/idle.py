@@ -795,6 +795,14 @@ class _MouthRig:
         self.paint_teeth_h = max(0.0, 0.11 * mouth_w - self.image_gap_h)
         self.teeth_rgb = self._teeth_colour(image, x0, y0, in_u, in_l, inside)
         self.tongue_half_w = 0.3 * mouth_w
+        # faint gaps between painted teeth: incisors ~11% of the mouth wide, narrower to the side
+        gaps = np.zeros(rw)
+        for b in (0.0, 0.115, 0.205, 0.275, 0.335):
+            for sgn in (-1.0, 1.0) if b else (1.0,):
+                gaps += np.exp(
+                    -((((xs - cx) - sgn * b * mouth_w) / max(0.6, 0.012 * mouth_w)) ** 2)
+                )
+        self.tooth_pattern = _frozen((1.0 - 0.22 * np.clip(gaps, 0, 1)).astype(np.float32)[None, :])
         self.tongue_rgb = np.array([200.0, 104.0, 108.0], dtype=np.float32)
         self.shadow_rgb = np.array([66.0, 32.0, 34.0], dtype=np.float32)
 
@@ -811,7 +819,7 @@ class _MouthRig:
         image: U8, x0: int, y0: int, in_u: F64, in_l: F64, inside: npt.NDArray[np.bool_]
     ) -> F32:
         """The image's own teeth colour when it shows teeth, else a slightly shaded white."""
-        default = np.array([208.0, 200.0, 186.0], dtype=np.float32)
+        default = np.array([232.0, 226.0, 212.0], dtype=np.float32)
         cols = np.flatnonzero(inside)
         px = []
         for c in cols:
@@ -967,7 +975,7 @@ class _MouthRig:
             if s.tongue > 1e-3:
                 cav = self._tongue(cav, s, yy, top, gp, c0, c1)
             if s.teeth > 1e-3 and self.paint_teeth_h > 0.3:
-                cav = self._teeth(cav, s, yy, top, gp, lat)
+                cav = self._teeth(cav, s, yy, top, gp, lat, c0, c1)
             a = alpha[..., None]
             base = base * (1.0 - a) + cav * a
         closed = s.press + s.tuck
@@ -1001,13 +1009,18 @@ class _MouthRig:
         col = self.tongue_rgb * shade[..., None]
         return np.asarray(cav + cover[..., None] * (col - cav), dtype=np.float32)
 
-    def _teeth(self, cav: F32, s: MouthShape, yy: F32, top: F32, gap: F32, lat: F32) -> F32:
-        """Upper teeth under the upper lip, for images that show none of their own."""
+    def _teeth(
+        self, cav: F32, s: MouthShape, yy: F32, top: F32, gap: F32, lat: F32, c0: int, c1: int
+    ) -> F32:
+        """Upper teeth under the upper lip, for images that show none of their own: shaded
+        under the lip and towards the corners, with faint gaps between them."""
         fe = self.feather
         h_up = np.minimum(gap * 0.6, np.float32(self.paint_teeth_h * s.teeth)) * lat**0.3
         cover = np.clip((top + h_up - yy) / fe + 0.5, 0, 1) * (h_up > 0.3)
-        shade = 0.8 + 0.2 * np.clip((yy - top) / np.maximum(h_up, 1e-3), 0, 1)
-        col = self.teeth_rgb * (shade * (0.6 + 0.4 * lat))[..., None]
+        v = np.clip((yy - top) / np.maximum(h_up, 1e-3), 0, 1)
+        shade = (0.72 + 0.28 * np.minimum(v * 2.5, 1.0) - 0.08 * v * v) * (0.55 + 0.45 * lat)
+        shade = shade * self.tooth_pattern[:, c0:c1]
+        col = self.teeth_rgb * shade[..., None]
         return np.asarray(cav + cover[..., None] * (col - cav), dtype=np.float32)
 
 

@@ -275,3 +275,31 @@ def test_loop_video_avatars_get_the_same_shapes(
             s = shift * i
             np.testing.assert_array_equal(got[y0:y1, x0 + s : x1 + s], want[y0:y1, x0:x1])
     assert len(looped._loop_mouths) == 2
+
+
+def test_a_closed_mouth_portrait_gets_painted_teeth(loaded: LoadedAvatar, avatar: Avatar) -> None:
+    """A portrait with the lips together shows no teeth of its own: spread and f-shapes paint
+    them under the upper lip, the dark opening of an 'ah' stays mostly dark."""
+    face = loaded.face
+    closed = face.render(FacePose.neutral(mouth=VISEME_SHAPES["REST"]))
+    rig = face._mouth
+    lm = avatar.landmarks.copy()
+    x0, y0 = rig.box[:2]
+    for up, lo in ((60, 60), (61, 67), (62, 66), (63, 65), (64, 64)):
+        c = int(round(float(lm[up, 0]) - x0))
+        meet = float(rig.in_u[0, c] + 0.3 * (rig.in_l[0, c] - rig.in_u[0, c])) + y0
+        lm[up, 1] = lm[lo, 1] = meet
+    shut = FaceRenderer(Avatar("shut", "shut", closed, lm))
+    assert shut._mouth.paint_teeth_h > 2
+    luma = np.array([0.299, 0.587, 0.114])
+    mx0, mx1 = int(lm[60, 0]), int(lm[64, 0]) + 1
+    my0, my1 = int(lm[48:68, 1].min()) - 2, int(lm[48:68, 1].max()) + 8
+
+    def teeth_px(v: str) -> int:
+        img = shut.render(FacePose.neutral(mouth=VISEME_SHAPES[v]))[my0:my1, mx0:mx1]
+        rgb = img.astype(np.float64)
+        white = (rgb @ luma > 175) & (rgb.max(axis=2) - rgb.min(axis=2) < 30)
+        return int(white.sum())
+
+    assert teeth_px("REST") <= 5
+    assert teeth_px("EE") >= 35 and teeth_px("TH") >= 30 and teeth_px("FF") >= 8
