@@ -253,6 +253,10 @@ def test_short_cues_are_not_fully_reached_long_ones_are() -> None:
     aa, oo = VISEMES.index("AA"), VISEMES.index("OO")
     assert 0.1 < w[:, aa].max() < 0.8  # 30 ms: only part of the way
     assert w[:, oo].max() > 0.95  # 400 ms: reached
+    # a long pause stays shut all the way through (no drift towards the other cues)
+    cues = [MouthCue(0, "AA", 1.0), MouthCue(200, "REST", 1.0), MouthCue(9800, "EE", 1.0)]
+    w = weights_from_cues(cues, n_frames=250, fps=FPS)
+    assert (w[10:240, 0] > 0.999).all() and w[:3, aa].min() > 0.9 and w[-1, 2] > 0.9
 
 
 # ---------------------------------------------------------------------------------------------

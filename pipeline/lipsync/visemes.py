@@ -413,7 +413,8 @@ def cues_from_audio(pcm: np.ndarray, sample_rate: int) -> list[MouthCue]:
 # around it; the mouth at time t is the dominance-weighted mean of the targets. Long cues
 # reach their target, short ones only part of the way, and strong cues (lip closures, lip to
 # teeth) win over their neighbours so a /b/ between two vowels still closes the lips.
-PLATEAU = 0.5  # fraction of a cue's half-length where its dominance is full
+PLATEAU = 0.5  # fraction of a cue's half-length where its dominance is full ...
+TRANSITION_MS = 60.0  # ... or all of it but this much at each end, whichever is more
 TAU_MS = 50.0  # fall-off time constant around the plateau
 LEAD_MS = 15  # the mouth moves a little ahead of the sound it makes
 _STRENGTH = {REST: 2.0, "FF": 1.5, "TH": 1.2, "OO": 1.1, "AA": 1.0, "EE": 1.0, "OH": 1.0}
@@ -447,9 +448,10 @@ def weights_from_cues(
     ends = np.append(starts[1:], max(end_ms, starts[-1] + 1.0))
     centre = 0.5 * (starts + ends)
     half = 0.5 * (ends - starts)
-    hold = np.maximum(
-        PLATEAU * half, np.array([_MIN_HOLD_MS.get(c.viseme, 0.0) for c in cues], dtype=np.float64)
-    )
+    # full dominance over the middle PLATEAU of a cue, and for long cues (pauses) all but the
+    # TRANSITION_MS at each end; contacts at least _MIN_HOLD_MS
+    min_hold = np.array([_MIN_HOLD_MS.get(c.viseme, 0.0) for c in cues], dtype=np.float64)
+    hold = np.maximum(np.maximum(PLATEAU * half, half - TRANSITION_MS), min_hold)
     strength = np.array(
         [_STRENGTH[c.viseme] * (0.45 + 0.55 * c.weight if c.viseme != REST else 1.0) for c in cues],
         dtype=np.float64,
@@ -464,8 +466,9 @@ def weights_from_cues(
     for a in range(0, t.size, chunk):
         tc = t[a : a + chunk, None]
         gap = np.maximum(np.abs(tc - centre[None, :]) - hold[None, :], 0.0)
-        dom = strength[None, :] * np.exp(-((gap / TAU_MS) ** 2))
-        dom += 1e-12
+        g2 = (gap / TAU_MS) ** 2
+        g2 -= g2.min(axis=1, keepdims=True)  # the same ratios, without underflow in long cues
+        dom = strength[None, :] * np.exp(-g2)
         out[a : a + chunk] = (dom @ targets) / dom.sum(axis=1, keepdims=True)
     rows = out.reshape(n_frames, len(sub), len(VISEMES))
     w = (rows[:, 0] + 2.0 * rows[:, 1] + rows[:, 2]) / 4.0
