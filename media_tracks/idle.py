@@ -620,7 +620,7 @@ class _MouthRig:
         upper = -lift * wx_lip * (0.5 + 0.5 * np.cos(np.pi * tu))
         # Content displacement (px, + = down) at weight 1, on each side of the fold: the
         # upper-side field applies above the fold, the lower-side one below it.
-        self.jaw_up_full = (upper * self.drop).astype(np.float32)
+        jaw_up = (upper * self.drop).astype(np.float32)
         self.jaw_lo = _frozen((lower * self.drop).astype(np.float32))
         # where the split line lands, per column, at mouth_open = 1
         col = np.arange(rw)
@@ -747,7 +747,7 @@ class _MouthRig:
         # The vertical fields only move the mouth's own columns: they are kept for those
         # columns only, [lc0, lc1), and tapered to 0 before the box's border ring.
         local = {
-            "jaw": (self.jaw_up_full, None),
+            "jaw": (jaw_up, None),
             "round": (hole_up, hole_lo),
             "press": (
                 meet * closing[None, :] * up_fall,
@@ -774,7 +774,6 @@ class _MouthRig:
 
         # the jaw's upper field is the original one, untapered (mouth_open renders as it did)
         self.fields = {k: (crop(a, k != "jaw"), crop(b)) for k, (a, b) in local.items()}
-        del self.jaw_up_full
         # the same fields on the split line (per column): where the lip edges land
         zero = np.zeros((1, rw))
         edges = {

@@ -42,7 +42,6 @@ class VisemeRenderer:
         self._height = height
         self._executor = executor
         self._flash = flash_i420(width, height)
-        self._flash.setflags(write=False)
 
     def render_sync(self, plan: FramePlan) -> Yuv:
         """The I420 frame for ``plan`` (blocking: run it in an executor)."""
