@@ -2,7 +2,7 @@
 
 from media_tracks.clock import VIDEO_CLOCK_RATE, VIDEO_TIME_BASE, ManualClock, MediaClock
 from media_tracks.compositor import Compositor, FramePlan, Scheduled, Segment
-from media_tracks.frames import FaceFrameRenderer, FrameProducer, rgb_to_i420
+from media_tracks.frames import FrameProducer, SyncRenderer, rgb_to_i420
 from media_tracks.tracks import AvatarAudioTrack, AvatarVideoTrack, TrackStats
 
 __all__ = [
@@ -11,13 +11,13 @@ __all__ = [
     "AvatarAudioTrack",
     "AvatarVideoTrack",
     "Compositor",
-    "FaceFrameRenderer",
     "FramePlan",
     "FrameProducer",
     "ManualClock",
     "MediaClock",
     "Scheduled",
     "Segment",
+    "SyncRenderer",
     "TrackStats",
     "rgb_to_i420",
 ]

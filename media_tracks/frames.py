@@ -1,5 +1,5 @@
-"""Video frames ahead of the clock: render each planned frame in a worker thread before its
-deadline, so the video track never waits for pixels."""
+"""Video frames ahead of the clock: every planned frame of the next lead is handed to the
+session's lip-sync renderer before its deadline, so the video track never waits for pixels."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 import cv2
@@ -52,28 +52,6 @@ class SyncRenderer:
 
 class AsyncRenderer(Protocol):
     async def render(self, plan: FramePlan) -> Yuv: ...
-
-
-class FaceFrameRenderer:
-    """Turns a ``FramePlan`` into an I420 frame with the avatar's idle face and an
-    energy-driven jaw (``plan.mouth``): the renderer used without a lip-sync engine.
-
-    ``face`` is a ``media_tracks.idle.FaceRenderer`` and ``timeline`` an ``IdleTimeline``;
-    both are thread-safe, so frames may render concurrently."""
-
-    def __init__(self, face: object, timeline: object, *, width: int, height: int) -> None:
-        self._face = face
-        self._timeline = timeline
-        self._flash = flash_i420(width, height)
-
-    def __call__(self, plan: FramePlan) -> Yuv:
-        if plan.flash:
-            return self._flash
-        pose = self._timeline.pose_at(plan.t_ns)  # type: ignore[attr-defined]
-        if plan.mouth > 0:
-            pose = replace(pose, mouth_open=plan.mouth)
-        rgb = self._face.render(pose)  # type: ignore[attr-defined]
-        return rgb_to_i420(rgb)
 
 
 @dataclass(slots=True)

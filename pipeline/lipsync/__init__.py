@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.lipsync.base import VISEMES, FrameRenderer, LipSyncEngine, LipTrack
-from pipeline.lipsync.energy import mouth_from_energy
 
 if TYPE_CHECKING:
     from config import Settings
@@ -24,7 +23,6 @@ __all__ = [
     "LipTrack",
     "create_lipsync_engine",
     "model_cache_dir",
-    "mouth_from_energy",
 ]
 
 
