@@ -174,11 +174,11 @@ def model_input(face_bgr: U8) -> F32:
     return np.ascontiguousarray(np.concatenate([masked, ref], axis=2).transpose(2, 0, 1))
 
 
-def paste(rgb: U8, pred_bgr: F32, geo: FaceGeometry, weight: float) -> U8:
+def paste(rgb: U8, pred_bgr: F32, geo: FaceGeometry, weight: float, *, copy: bool = True) -> U8:
     """``rgb`` with the prediction ((3, 96, 96) BGR 0..1) blended into the box through the
     mask times ``weight``; pixels where that is 0 keep their exact values. Returns a new
-    array."""
-    out = rgb.copy()
+    array, or ``rgb`` itself changed in place with ``copy=False``."""
+    out = rgb.copy() if copy else rgb
     if weight <= 0.0:
         return out
     ys, xs = geo.slices
@@ -428,7 +428,7 @@ class Wav2LipRenderer:
         return rgb, geo, model_input(crop_face(rgb, geo))
 
     def _finish(self, rgb: U8, pred: F32, geo: FaceGeometry, blend: float) -> Yuv:
-        return rgb_to_i420(paste(rgb, pred, geo, blend))
+        return rgb_to_i420(paste(rgb, pred, geo, blend, copy=False))  # rgb is ours alone
 
     async def render(self, plan: FramePlan) -> Yuv:
         if plan.flash:
