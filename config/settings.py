@@ -31,7 +31,11 @@ __all__ = [
     "ConfigError",
     "EngineSettings",
     "IceServer",
+    "ConversationSettings",
     "LipsyncSettings",
+    "LlmSettings",
+    "SttSettings",
+    "VadSettings",
     "MediaSettings",
     "ServerSettings",
     "SessionSettings",
@@ -51,6 +55,7 @@ HostCandidates = Literal["all", "loopback"]
 TtsEngine = Literal["piper"]
 LipsyncEngine = Literal["auto", "wav2lip", "viseme"]
 LipsyncDevice = Literal["auto", "cuda", "cpu"]
+SttDevice = Literal["auto", "cuda", "cpu"]
 FaceAnalyzerBackend = Literal["dlib", "haar", "insightface"]
 
 ICE_URL_SCHEMES = ("stun", "turn", "turns")
@@ -180,6 +185,53 @@ class LipsyncSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class VadSettings:
+    threshold: float
+    min_speech_ms: int
+    end_silence_ms: int
+    max_utterance_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class SttSettings:
+    model: str
+    language: str | None
+    device: SttDevice
+    compute_type: str | None
+    beam_size: int
+    cache_dir: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class LlmSettings:
+    base_url: str | None
+    # Kept out of repr so logging a Settings object never prints the secret.
+    api_key: str | None = field(repr=False)
+    model: str
+    system_prompt: str
+    history_turns: int
+    first_token_timeout_s: float
+    total_timeout_s: float
+    max_retries: int
+    max_consecutive_failures: int
+    temperature: float
+    max_tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["api_key"] = None if self.api_key is None else REDACTED
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationSettings:
+    listen: bool
+    barge_in: bool
+    language: str
+    max_chat_chars: int
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings
     media: MediaSettings
@@ -188,6 +240,10 @@ class Settings:
     avatars: AvatarSettings
     engines: EngineSettings
     lipsync: LipsyncSettings
+    vad: VadSettings
+    stt: SttSettings
+    llm: LlmSettings
+    conversation: ConversationSettings
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain data (lists, not tuples) for logging or a /config endpoint.
@@ -201,6 +257,8 @@ class Settings:
                     "ice_servers": [s.to_dict() for s in section.ice_servers],
                     "host_candidates": section.host_candidates,
                 }
+            elif isinstance(section, LlmSettings):
+                out[f.name] = section.to_dict()
             else:
                 out[f.name] = asdict(section)
         return out
@@ -214,6 +272,10 @@ _SECTION_TYPES: dict[str, type] = {
     "avatars": AvatarSettings,
     "engines": EngineSettings,
     "lipsync": LipsyncSettings,
+    "vad": VadSettings,
+    "stt": SttSettings,
+    "llm": LlmSettings,
+    "conversation": ConversationSettings,
 }
 _SCHEMA: dict[str, tuple[str, ...]] = {
     name: tuple(f.name for f in fields(cls)) for name, cls in _SECTION_TYPES.items()
@@ -651,6 +713,54 @@ def _lipsync(s: _Section) -> LipsyncSettings:
     )
 
 
+def _vad(s: _Section) -> VadSettings:
+    return VadSettings(
+        threshold=s.get_float("threshold", 0.05, 0.95),
+        min_speech_ms=s.get_int("min_speech_ms", 32, 5000),
+        end_silence_ms=s.get_int("end_silence_ms", 96, 10000),
+        max_utterance_s=s.get_float("max_utterance_s", 1, 120),
+    )
+
+
+def _stt(s: _Section) -> SttSettings:
+    return SttSettings(
+        model=s.get_str("model"),
+        language=s.get_optional_str("language"),
+        device=s.get_choice("device", get_args(SttDevice)),
+        compute_type=s.get_optional_str("compute_type"),
+        beam_size=s.get_int("beam_size", 1, 10),
+        cache_dir=s.get_optional_str("cache_dir"),
+    )
+
+
+def _llm(s: _Section) -> LlmSettings:
+    base_url = s.get_optional_str("base_url")
+    if base_url is not None and not base_url.startswith(("http://", "https://")):
+        raise s.error("base_url", f"must be an http:// or https:// URL, got {base_url!r}")
+    return LlmSettings(
+        base_url=base_url,
+        api_key=s.get_optional_str("api_key"),
+        model=s.get_str("model"),
+        system_prompt=s.get_str("system_prompt"),
+        history_turns=s.get_int("history_turns", 0, 100),
+        first_token_timeout_s=s.get_float("first_token_timeout_s", 0, 600, lo_open=True),
+        total_timeout_s=s.get_float("total_timeout_s", 0, 3600, lo_open=True),
+        max_retries=s.get_int("max_retries", 0, 10),
+        max_consecutive_failures=s.get_int("max_consecutive_failures", 1, 100),
+        temperature=s.get_float("temperature", 0, 2),
+        max_tokens=s.get_int("max_tokens", 1, 8192),
+    )
+
+
+def _conversation(s: _Section) -> ConversationSettings:
+    return ConversationSettings(
+        listen=s.get_bool("listen"),
+        barge_in=s.get_bool("barge_in"),
+        language=s.get_str("language"),
+        max_chat_chars=s.get_int("max_chat_chars", 1, 100_000),
+    )
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -691,4 +801,8 @@ def load_settings(
         avatars=_avatars(_Section(merged, "avatars")),
         engines=_engines(_Section(merged, "engines")),
         lipsync=_lipsync(_Section(merged, "lipsync")),
+        vad=_vad(_Section(merged, "vad")),
+        stt=_stt(_Section(merged, "stt")),
+        llm=_llm(_Section(merged, "llm")),
+        conversation=_conversation(_Section(merged, "conversation")),
     )

@@ -318,6 +318,9 @@ def test_wrong_type_names_key_expected_type_and_value(tmp_path: Path) -> None:
         ("avatars.default", None, "expected str"),
         ("engines.tts", "espeak", "one of piper"),
         ("lipsync.engine", "energy", "one of auto, wav2lip, viseme"),
+        ("llm.base_url", "localhost:8000", "http:// or https://"),
+        ("vad.min_speech_ms", 10, "32..5000"),
+        ("conversation.barge_in", 1, "expected bool"),
         ("lipsync.device", "tpu", "one of auto, cuda, cpu"),
         ("lipsync.fp16", "yes", "expected bool"),
         ("lipsync.max_batch", 0, "1..256"),
@@ -417,7 +420,17 @@ def test_to_dict_redacts_ice_credentials() -> None:
     assert "s3cret" not in repr(s)
 
 
+def test_llm_api_key_is_never_shown() -> None:
+    s = load(env={"AVATAR_LLM__API_KEY": "sk-very-secret"})
+    assert s.llm.api_key == "sk-very-secret"
+    assert "sk-very-secret" not in repr(s) and "sk-very-secret" not in repr(s.to_dict())
+    assert s.to_dict()["llm"]["api_key"] == "***"
+
+
 def test_to_dict_is_plain_data() -> None:
     out = load(overrides={"webrtc.ice_servers": [{"urls": "stun:s"}]}).to_dict()
     yaml.safe_dump(out)  # only plain types: no tuples, no dataclasses
-    assert set(out) == {"server", "media", "webrtc", "sessions", "avatars", "engines", "lipsync"}
+    assert set(out) == {
+        "server", "media", "webrtc", "sessions", "avatars", "engines", "lipsync", "vad", "stt",
+        "llm", "conversation",
+    }
