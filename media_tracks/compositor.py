@@ -41,6 +41,7 @@ class Segment:
     kind: str = "speech"
     flash_frames: frozenset[int] = frozenset()
     lips: Any = None
+    tag: Any = None  # the caller's own marker, handed back in the "playout" event
 
 
 @dataclass(slots=True)
@@ -56,6 +57,7 @@ class Scheduled:
     # pts where its sound stops (a frame boundary); the face fades to idle from there
     cut_frame: int | None = None
     cut_sample: int | None = None
+    announced: bool = False  # its "playout" event was emitted
 
     @property
     def end(self) -> int:
@@ -204,8 +206,10 @@ class Compositor:
 
     # --- audio --------------------------------------------------------------------------
     def audio_at(self, pts: int, n: int) -> np.ndarray:
-        """int16 samples ``[pts, pts+n)``: the scheduled speech, silence elsewhere. Emits
-        ``state`` events when playout crosses into or out of speech."""
+        """int16 samples ``[pts, pts+n)``: the scheduled speech, silence elsewhere. Emits a
+        ``playout`` event (segment id, kind, text, tag) when a segment's first sample is handed
+        out, and ``state`` events (speaking / listening) when playout crosses into or out of
+        speech."""
         out = np.zeros(n, dtype=np.int16)
         active = False
         for s in self._segments:
@@ -217,9 +221,16 @@ class Compositor:
                 active = True  # the gap up to the next frame boundary between back-to-back
         self._audio_pos = max(self._audio_pos, pts + n)
         self.stats.audio_frames += 1
+        for s in self._segments:
+            if not s.announced and s.start < pts + n and s.end > s.start:
+                s.announced = True  # its first sample is in this audio frame
+                self._emit(
+                    {"type": "playout", "segment_id": s.id, "kind": s.segment.kind,
+                     "text": s.segment.text, "tag": s.segment.tag}
+                )
         if active != self._speaking:
             self._speaking = active
-            self._emit({"type": "state", "state": "speaking" if active else "idle"})
+            self._emit({"type": "state", "state": "speaking" if active else "listening"})
         self._forget_played()
         return out
 

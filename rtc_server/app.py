@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import cv2
 from aiohttp import web
@@ -35,6 +37,59 @@ AVATARS = web.AppKey("avatars", AvatarLibrary)
 TTS = web.AppKey("tts", TextToSpeech)
 RENDER_POOL = web.AppKey("render_pool", ThreadPoolExecutor)
 LIPSYNC = web.AppKey("lipsync", LipSyncEngine)
+STT = web.AppKey("stt", object)
+VAD = web.AppKey("vad", object)
+REPLIER = web.AppKey("replier_factory", object)
+
+
+@functools.lru_cache(maxsize=4)
+def shared_stt(model: str, cache_dir: str, device: str, compute_type: str | None,
+               language: str | None, beam_size: int) -> Any:
+    """One loaded Whisper model per configuration per process (sessions share it)."""
+    from pipeline.stt import WhisperSTT
+
+    stt = WhisperSTT(model, cache_dir=Path(cache_dir), device=device,  # type: ignore[arg-type]
+                     compute_type=compute_type, language=language, beam_size=beam_size)
+    stt.load()
+    return stt
+
+
+@functools.lru_cache(maxsize=1)
+def shared_vad() -> Any:
+    from pipeline.vad import SileroVad
+
+    return SileroVad()
+
+
+def load_listening(settings: Settings) -> tuple[Any, Any]:
+    """The Whisper model and the VAD model (blocking: call from an executor)."""
+    s = settings.stt
+    cache = s.cache_dir or str(Path(settings.avatars.data_dir) / "models")
+    stt = shared_stt(s.model, cache, s.device, s.compute_type, s.language, s.beam_size)
+    return stt, shared_vad()
+
+
+def replier_factory(settings: Settings) -> Callable[[], Any]:
+    """A new replier per session (each counts its own consecutive failures)."""
+    from pipeline.replier import EmbeddedReplier, OpenAIReplier
+
+    llm = settings.llm
+    if llm.base_url is None:
+        return EmbeddedReplier
+    return functools.partial(
+        OpenAIReplier,
+        base_url=llm.base_url,
+        api_key=llm.api_key,
+        model=llm.model,
+        system_prompt=llm.system_prompt,
+        history_turns=llm.history_turns,
+        first_token_timeout_s=llm.first_token_timeout_s,
+        total_timeout_s=llm.total_timeout_s,
+        max_retries=llm.max_retries,
+        max_consecutive_failures=llm.max_consecutive_failures,
+        temperature=llm.temperature,
+        max_tokens=llm.max_tokens,
+    )
 
 
 def json_error(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> (
@@ -111,6 +166,9 @@ async def handle_offer(request: web.Request) -> web.Response:
         tts=app[TTS],
         lipsync=app[LIPSYNC],
         render_executor=app[RENDER_POOL],
+        stt=app[STT],
+        vad_model=app[VAD],
+        replier=app[REPLIER](),  # type: ignore[operator]
         on_closed=lambda s: _forget(sessions, s),
     )
     sessions[session.id] = session
@@ -147,6 +205,8 @@ async def handle_health(request: web.Request) -> web.Response:
             "status": "ok",
             "sessions": len(request.app[SESSIONS]),
             "lipsync": request.app[LIPSYNC].info(),
+            "listening": request.app[STT] is not None,
+            "replier": "embedded" if request.app[SETTINGS].llm.base_url is None else "openai",
         }
     )
 
@@ -164,6 +224,7 @@ def create_app(
     *,
     tts: TextToSpeech | None = None,
     lipsync: LipSyncEngine | None = None,
+    replier: Callable[[], Any] | None = None,
     prepare: PrepareFn | None = None,
     analyzer_factory: Callable[[], object] | None = None,
 ) -> web.Application:
@@ -223,6 +284,12 @@ def create_app(
         if engine is None:
             engine = await loop.run_in_executor(pool, create_lipsync_engine, settings)
         app[LIPSYNC] = engine
+        app[REPLIER] = replier or replier_factory(settings)
+        if settings.conversation.listen:
+            stt, vad = await loop.run_in_executor(pool, load_listening, settings)
+        else:
+            stt, vad = None, None
+        app[STT], app[VAD] = stt, vad
         yield
         sessions: dict[str, Session] = app[SESSIONS]
         await asyncio.gather(*(s.aclose("server shutting down") for s in list(sessions.values())))

@@ -35,7 +35,9 @@ from media_tracks import (
 from media_tracks.clapper import clapper_pcm, flash_frames
 from pipeline.errors import BadRequest
 from pipeline.lipsync import LipSyncEngine
+from pipeline.replier import EmbeddedReplier, Replier
 from pipeline.tts import TextToSpeech
+from rtc_server.conversation import Conversation, make_conversation_parts
 from rtc_server.ice import rtc_configuration
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,9 @@ class Session:
         render_executor: Executor | None,
         on_closed: Callable[[Session], None],
         clock: MediaClock | None = None,
+        stt: Any | None = None,
+        vad_model: Any | None = None,
+        replier: Replier | None = None,
     ) -> None:
         self.id = uuid.uuid4().hex
         self.settings = settings
@@ -100,7 +105,7 @@ class Session:
             sample_rate=media.audio_sample_rate,
             schedule_lead_ms=media.schedule_lead_ms,
             crossfade_frames=media.crossfade_frames,
-            on_event=self.send_event,
+            on_event=self._on_media_event,
         )
         renderer = lipsync.renderer(
             avatar,
@@ -123,6 +128,18 @@ class Session:
         )
         self.video_track = AvatarVideoTrack(
             clock=self.clock, compositor=self.compositor, frames=self.frames
+        )
+        listener, resampler = make_conversation_parts(settings, vad_model if stt else None)
+        self.conversation = Conversation(
+            self,
+            settings=settings,
+            tts=tts,
+            lipsync=lipsync,
+            replier=replier or EmbeddedReplier(),
+            stt=stt,
+            listener=listener,
+            resampler=resampler,
+            executor=render_executor,
         )
         self.pc = RTCPeerConnection(rtc_configuration(settings.webrtc.ice_servers))
         self.pc.on("track", self._on_track)
@@ -169,6 +186,7 @@ class Session:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.conversation.aclose()
         await self.frames.aclose()
         self.audio_track.stop()
         self.video_track.stop()
@@ -231,6 +249,7 @@ class Session:
                 pcm = frame.to_ndarray().astype(np.float32) / 32768.0  # type: ignore[union-attr]
                 power = float(np.mean(pcm * pcm)) if pcm.size else 0.0
                 self.mic.observe(power)
+                await self.conversation.feed(frame)  # type: ignore[arg-type]
 
     # --- control channel ------------------------------------------------------------------
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
@@ -250,6 +269,26 @@ class Session:
                 "sample_rate": media.audio_sample_rate,
             }
         )
+
+    def _on_media_event(self, event: dict[str, object]) -> None:
+        if event.get("type") == "playout":
+            if event.get("kind") == "speech" and event.get("text"):
+                self.send_event({"type": "transcript", "role": "assistant",
+                                 "text": event["text"], "final": True})
+            self.conversation.on_playout(event.get("tag"))
+            return
+        self.send_event(event)
+
+    # --- what the conversation drives -------------------------------------------------------
+    def schedule(self, segment: Segment) -> None:
+        self.compositor.schedule(segment)
+
+    def cut(self) -> None:
+        self.compositor.clear()
+
+    @property
+    def playing(self) -> bool:
+        return self.compositor.speaking or self.compositor.queued > 0
 
     def send_event(self, event: dict[str, object]) -> None:
         ch = self._channel
@@ -281,6 +320,15 @@ class Session:
                     self._says.put_nowait(text.strip())
                 except asyncio.QueueFull:
                     self._error(f"too many queued says (max {MAX_QUEUED_SAYS})")
+        elif kind == "chat":
+            text = msg.get("text")
+            limit = self.settings.conversation.max_chat_chars
+            if not isinstance(text, str) or not text.strip():
+                self._error("chat needs a non-empty 'text' string")
+            elif len(text) > limit:
+                self._error(f"chat text is over {limit} characters")
+            else:
+                self.conversation.chat(text.strip())
         elif kind == "interrupt":
             self.interrupt()
         elif kind == "clapper":
@@ -314,6 +362,7 @@ class Session:
             dropped += 1
         if self._say_job is not None and not self._say_job.done():
             self._say_job.cancel()
+        self.conversation.cancel()
         cut = self.compositor.clear()
         logger.info(
             "session %s interrupted at frame %d (%d says dropped)", self.id[:8], cut, dropped
@@ -335,7 +384,8 @@ class Session:
                 analyse = functools.partial(self._lipsync.analyse, sentence, fps=fps)
                 track = await loop.run_in_executor(self._render_executor, analyse)
                 self.compositor.schedule(
-                    Segment(pcm=sentence.pcm, mouth=track.openness(), lips=track, text=text)
+                    Segment(pcm=sentence.pcm, mouth=track.openness(), lips=track,
+                            text=sentence.text)
                 )
         except asyncio.CancelledError:
             raise

@@ -190,9 +190,9 @@ def wait_event(
 
 
 def wait_speaking_then_idle(driver: Any, since: int, *, timeout: float = 30) -> None:
-    """Wait for state "speaking" and then state "idle" among the messages from ``since``."""
+    """Wait for state "speaking" and then state "listening" among the messages from ``since``."""
     i, _ = wait_event(driver, since, {"type": "state", "state": "speaking"}, timeout=timeout)
-    wait_event(driver, i + 1, {"type": "state", "state": "idle"}, timeout=timeout)
+    wait_event(driver, i + 1, {"type": "state", "state": "listening"}, timeout=timeout)
 
 
 # What the page records by default: what a user would save.

@@ -47,7 +47,7 @@ async def test_call_video_audio_say_and_clapper(live_server, artifacts_dir):
         # clapper: 5 beeps with 5 flashes
         bot.send({"type": "clapper", "count": 5})
         await bot.wait_event(lambda e: e.get("state") == "speaking", 5)
-        await bot.wait_event(lambda e: e.get("state") == "idle", 15)
+        await bot.wait_event(lambda e: e.get("state") == "listening", 15)
 
         # two says: the second queues after the first, one speaking..idle span
         n_events = len(bot.events)
@@ -55,9 +55,9 @@ async def test_call_video_audio_say_and_clapper(live_server, artifacts_dir):
         bot.send({"type": "say", "text": "I am the default avatar."})
         speaking = await bot.wait_event(lambda e: e.get("state") == "speaking"
                                         and bot.events.index(e) >= n_events, 15)
-        idle = await bot.wait_event(lambda e: e.get("state") == "idle"
+        idle = await bot.wait_event(lambda e: e.get("state") == "listening"
                                     and bot.events.index(e) > bot.events.index(speaking), 20)
-        assert states(bot) == ["speaking", "idle", "speaking", "idle"]
+        assert states(bot) == ["speaking", "listening", "speaking", "listening"]
         speech_s = idle["_t"] - speaking["_t"]
         assert speech_s > 2.0, f"two sentences played in only {speech_s:.2f} s"
         await asyncio.sleep(0.5)

@@ -91,25 +91,35 @@ def test_second_segment_queues_back_to_back_without_fade_between():
     assert comp.frame_plan(b.first_frame + 9).blend < 1.0  # fades out at the very end
 
 
-def test_state_events_follow_playout_in_order():
+def test_state_and_playout_events_follow_playout_in_order():
     events = []
     comp = make(events=events)
-    a = comp.schedule(Segment(pcm=tone(SPF * 5), mouth=np.ones(5, np.float32)))
-    comp.schedule(Segment(pcm=tone(SPF * 5), mouth=np.ones(5, np.float32)))
+    a = comp.schedule(Segment(pcm=tone(SPF * 5), mouth=np.ones(5, np.float32), text="one",
+                              tag=("turn", 1)))
+    b = comp.schedule(Segment(pcm=tone(SPF * 5), mouth=np.ones(5, np.float32), text="two"))
     pts = 0
     while pts < a.start:
         comp.audio_at(pts, 960)
         pts += 960
     assert events == []
     comp.audio_at(pts, 960)
-    assert events == [{"type": "state", "state": "speaking"}]
-    for _ in range(40):
-        pts += 960
-        comp.audio_at(pts, 960)
-    # both segments played with no idle in between
     assert events == [
+        {"type": "playout", "segment_id": a.id, "kind": "speech", "text": "one",
+         "tag": ("turn", 1)},
         {"type": "state", "state": "speaking"},
-        {"type": "state", "state": "idle"},
+    ]
+    pts += 960
+    while pts + 960 <= b.start:
+        comp.audio_at(pts, 960)
+        pts += 960
+    assert len(events) == 2  # the second segment's text is not released before its audio
+    for _ in range(40):
+        comp.audio_at(pts, 960)
+        pts += 960
+    # both segments played with no idle in between
+    assert events[2:] == [
+        {"type": "playout", "segment_id": b.id, "kind": "speech", "text": "two", "tag": None},
+        {"type": "state", "state": "listening"},
     ]
 
 

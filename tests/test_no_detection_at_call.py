@@ -69,7 +69,7 @@ async def test_call_with_registered_avatar_runs_no_detector(
         await bot.wait_first_video(10)
         bot.send({"type": "say", "text": "Hello from a registered face."})
         await bot.wait_event(lambda e: e.get("state") == "speaking", 10)
-        await bot.wait_event(lambda e: e.get("state") == "idle", 15)
+        await bot.wait_event(lambda e: e.get("state") == "listening", 15)
         server = await bot.server_session()
         await asyncio.sleep(0.2)
     finally:

@@ -194,7 +194,7 @@ async def test_interrupt_stops_speech_at_once_and_the_call_goes_on(app_client):
     bot.send({"type": "interrupt"})
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    await bot.wait_event(lambda e: e.get("state") == "idle", 2)
+    await bot.wait_event(lambda e: e.get("state") == "listening", 2)
     # the cut lands on the next frame boundary: idle well before the ~4 s of speech ended
     assert loop.time() - t0 < 1.0
     assert session.compositor.queued == 0 and session._says.empty()
@@ -225,7 +225,7 @@ async def test_a_call_uses_the_configured_wav2lip_model(loopback_only, aiohttp_c
     await bot.wait_first_video(10)
     bot.send({"type": "say", "text": "Hello from the model."})
     await bot.wait_event(lambda e: e.get("state") == "speaking", 10)
-    await bot.wait_event(lambda e: e.get("state") == "idle", 10)
+    await bot.wait_event(lambda e: e.get("state") == "listening", 10)
     server = await bot.server_session()
     health = await (await client.get("/health")).json()
     await bot.aclose()

@@ -21,6 +21,12 @@
     sayText: $("say-text"),
     say: $("say"),
     hush: $("hush"),
+    chatForm: $("chat-form"),
+    chatText: $("chat-text"),
+    chat: $("chat"),
+    transcript: $("transcript"),
+    turnMetrics: $("turn-metrics"),
+    replierNote: $("replier-note"),
     errors: $("errors"),
     stats: $("stats"),
     avatarSelect: $("avatar-select"),
@@ -30,7 +36,7 @@
 
   // Everything about the current call. `state` is the call's state:
   // "new" | "connecting" | "connected" | "closed" | "failed";
-  // `avatarState` is what the server last said: "idle" | "speaking" | null.
+  // `avatarState` is what the server last said: "listening" | "thinking" | "speaking" | null.
   const call = {
     state: "new",
     avatarState: null,
@@ -64,6 +70,8 @@
     ui.sayText.disabled = !open;
     ui.say.disabled = !open;
     ui.hush.disabled = !open;
+    ui.chatText.disabled = !open;
+    ui.chat.disabled = !open;
 
     let text = {
       new: "Not connected",
@@ -74,11 +82,46 @@
     }[call.state];
     let shown = call.state;
     if (call.state === "connected" && call.avatarState) {
-      text = call.avatarState === "speaking" ? "Connected — speaking" : "Connected — idle";
+      text = `Connected — ${call.avatarState}`;
       shown = call.avatarState;
     }
     ui.status.textContent = text;
     ui.status.dataset.state = shown;
+  }
+
+  function addTranscript(role, text) {
+    const line = document.createElement("p");
+    line.className = `line ${role === "user" ? "user" : "assistant"}`;
+    line.dir = "auto"; // right-to-left for Persian, Arabic, Hebrew text
+    const who = document.createElement("span");
+    who.className = "who";
+    who.textContent = role === "user" ? "You" : "Avatar";
+    const words = document.createElement("bdi");
+    words.textContent = text;
+    line.append(who, words);
+    ui.transcript.append(line);
+    while (ui.transcript.childElementCount > 200) ui.transcript.firstElementChild.remove();
+    ui.transcript.scrollTop = ui.transcript.scrollHeight;
+  }
+
+  function showMetrics(m) {
+    const part = (key, label) => (typeof m[key] === "number" ? `${label} ${Math.round(m[key])} ms` : null);
+    const parts = [
+      part("voice_to_voice_ms", "voice-to-voice"),
+      part("stt_ms", "STT"),
+      part("llm_first_token_ms", "LLM"),
+      part("tts_first_audio_ms", "TTS"),
+      part("lipsync_first_frame_ms", "lip-sync"),
+    ].filter(Boolean);
+    ui.turnMetrics.textContent = parts.length ? `(turn ${m.turn}: ${parts.join(", ")})` : "";
+  }
+
+  async function loadHealth() {
+    try {
+      const response = await fetch("/health", { headers: { Accept: "application/json" } });
+      const body = await response.json();
+      ui.replierNote.hidden = body.replier !== "embedded";
+    } catch (_) { /* the note stays hidden */ }
   }
 
   function showError(message) {
@@ -187,9 +230,13 @@
     if (msg.type === "hello") {
       call.hello = msg;
       if (msg.session_id) call.sessionId = msg.session_id;
-      if (!call.avatarState) call.avatarState = "idle"; // a new session starts idle
+      if (!call.avatarState) call.avatarState = "listening"; // a new session starts listening
     } else if (msg.type === "state") {
       call.avatarState = msg.state;
+    } else if (msg.type === "transcript") {
+      addTranscript(msg.role, msg.text);
+    } else if (msg.type === "metrics") {
+      showMetrics(msg);
     } else if (msg.type === "error") {
       showError(`Server: ${msg.message}`);
       if (msg.fatal) {
@@ -540,6 +587,17 @@
       showError(err.message);
     }
   });
+  ui.chatForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = ui.chatText.value.trim();
+    if (!text) return;
+    try {
+      send({ type: "chat", text });
+      ui.chatText.value = "";
+    } catch (err) {
+      showError(err.message);
+    }
+  });
   ui.avatarSelect.addEventListener("change", onAvatarChosen);
   ui.avatarThumb.addEventListener("error", () => { ui.avatarThumb.hidden = true; });
   window.addEventListener("pagehide", () => { if (call.pc) stop(); });
@@ -548,6 +606,7 @@
     ui.avatarSelect.value = urlAvatar;
   }
   const avatarsLoaded = loadAvatars();
+  loadHealth();
   render();
 
   window.avatarCall = {

@@ -1,0 +1,344 @@
+"""The spoken conversation of one session: microphone -> VAD -> Whisper -> replier -> Piper ->
+lip-sync -> compositor, with barge-in.
+
+- Listening: every incoming audio frame is resampled to 16 kHz mono and run through the Silero
+  VAD with endpointing, off the event loop, in arrival order.
+- A turn starts at the end of an utterance (or a chat message): transcription, then the reply
+  stream, cut into sentences as it arrives; each sentence is synthesised and handed to the
+  lip-sync engine while the next one is still being written, so the avatar starts speaking
+  after the first sentence.
+- Barge-in: confirmed speech (longer than ``vad.min_speech_ms``) while the avatar thinks or
+  speaks cancels the turn (reply stream, synthesis) and interrupts playout at the next frame.
+- Events: the user's transcript, the assistant's text when its audio starts playing (never
+  ahead of the mouth), ``thinking`` while a turn has nothing playing yet, per-turn metrics,
+  errors (fatal after ``llm.max_consecutive_failures`` failed replies in a row).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from pipeline.sentences import SentenceSplitter
+
+if TYPE_CHECKING:
+    from av import AudioFrame
+
+    from config import Settings
+    from media_tracks.compositor import Segment
+    from pipeline.lipsync import LipSyncEngine
+    from pipeline.replier import Replier
+    from pipeline.stt import Transcript
+    from pipeline.tts import TextToSpeech
+
+logger = logging.getLogger(__name__)
+
+
+class SpeechToText(Protocol):
+    async def transcribe(self, audio16k: np.ndarray) -> Transcript: ...
+
+
+class Host(Protocol):
+    """What the conversation needs from its session."""
+
+    id: str
+
+    def send_event(self, event: dict[str, object]) -> None: ...
+
+    def schedule(self, segment: Segment) -> None: ...
+
+    def cut(self) -> None: ...
+
+    @property
+    def playing(self) -> bool: ...
+
+
+@dataclass(slots=True)
+class Turn:
+    number: int
+    started: float  # time.monotonic() when the user's speech ended (or the chat arrived)
+    source: str  # "voice" | "chat"
+    user_text: str = ""
+    reply: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    first_audio_scheduled: bool = False
+    reported: bool = False
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 1)
+
+
+class Conversation:
+    def __init__(
+        self,
+        host: Host,
+        *,
+        settings: Settings,
+        tts: TextToSpeech,
+        lipsync: LipSyncEngine,
+        replier: Replier,
+        stt: SpeechToText | None,
+        listener: Any | None,
+        resampler: Any | None,
+        executor: Executor | None,
+    ) -> None:
+        self._host = host
+        self._settings = settings
+        self._tts = tts
+        self._lipsync = lipsync
+        self._replier = replier
+        self._stt = stt
+        self._listener = listener
+        self._resampler = resampler
+        self._executor = executor
+        # VAD chunks must run in order: one thread per session for the mic path
+        self._mic_pool = ThreadPoolExecutor(1, thread_name_prefix=f"mic-{host.id[:6]}")
+        self._turn_task: asyncio.Task[None] | None = None
+        self._turn: Turn | None = None
+        self._turns = 0
+        self.history: list[dict[str, str]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._mic_ms = 0.0  # audio fed to the VAD, in ms (the mic stream's own clock)
+        self._user_speaking = False
+        self.barge_ins = 0
+        self.closed = False
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=f"{name}:{self._host.id[:8]}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def aclose(self) -> None:
+        self.closed = True
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._mic_pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def busy(self) -> bool:
+        """A turn is being answered (thinking or speaking)."""
+        return self._turn_task is not None and not self._turn_task.done()
+
+    # --- listening ------------------------------------------------------------------------
+    @property
+    def listening(self) -> bool:
+        return self._listener is not None and self._stt is not None
+
+    async def feed(self, frame: AudioFrame) -> None:
+        """One incoming microphone frame (called in arrival order by the session's drain)."""
+        if not self.listening or self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        events = await loop.run_in_executor(self._mic_pool, self._listen, frame)
+        for event in events:
+            self._on_vad_event(event)
+
+    def _listen(self, frame: AudioFrame) -> list[Any]:
+        assert self._resampler is not None and self._listener is not None
+        pcm = self._resampler.push(frame)
+        if pcm.size == 0:
+            return []
+        self._mic_ms += 1000.0 * pcm.size / 16000
+        return list(self._listener.feed(pcm))
+
+    def _on_vad_event(self, event: Any) -> None:
+        kind = type(event).__name__
+        if kind == "SpeechStart":
+            self._user_speaking = True
+            if self._settings.conversation.barge_in and (self.busy or self._host.playing):
+                self.barge_in()
+            self._host.send_event({"type": "state", "state": "listening", "user": "speaking"})
+        elif kind == "SpeechEnd":
+            self._user_speaking = False
+            now = time.monotonic()
+            # how long ago, in mic-stream time, the speech really ended
+            behind_s = max(0.0, (self._mic_ms - float(event.end_ms)) / 1000.0)
+            turn = self._new_turn(now - behind_s, "voice")
+            turn.metrics["vad_end_ms"] = _ms(behind_s)
+            self._start(self._voice_turn(turn, event.audio))
+
+    def barge_in(self) -> None:
+        """The person talks over the avatar: stop the turn and the playout at once."""
+        self.barge_ins += 1
+        self.cancel()
+        self._host.cut()
+        logger.info("session %s: barge-in", self._host.id[:8])
+
+    def cancel(self) -> None:
+        if self._turn_task is not None and not self._turn_task.done():
+            self._turn_task.cancel()
+
+    # --- turns ----------------------------------------------------------------------------
+    def chat(self, text: str) -> None:
+        """A typed message: straight to the replier (interrupting a reply in progress)."""
+        if self.busy or self._host.playing:
+            self.cancel()
+            self._host.cut()
+        turn = self._new_turn(time.monotonic(), "chat")
+        turn.user_text = text
+        self._host.send_event({"type": "transcript", "role": "user", "text": text, "final": True,
+                               "turn": turn.number, "source": "chat"})
+        self._start(self._reply_turn(turn))
+
+    def _new_turn(self, started: float, source: str) -> Turn:
+        self._turns += 1
+        return Turn(number=self._turns, started=started, source=source)
+
+    def _start(self, coro: Coroutine[Any, Any, None]) -> None:
+        self.cancel()
+        self._turn_task = self._spawn(coro, "turn")
+
+    async def _voice_turn(self, turn: Turn, audio: np.ndarray) -> None:
+        assert self._stt is not None
+        self._turn = turn
+        self._host.send_event({"type": "state", "state": "thinking"})
+        t0 = time.monotonic()
+        try:
+            transcript = await self._stt.transcribe(audio)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.exception("transcription failed")
+            self._host.send_event({"type": "error", "message": f"transcription failed: {exc}",
+                                   "fatal": False})
+            self._host.send_event({"type": "state", "state": "listening"})
+            return
+        turn.metrics["stt_ms"] = _ms(time.monotonic() - t0)
+        text = transcript.text.strip()
+        if not text:
+            self._host.send_event({"type": "state", "state": "listening"})
+            return
+        turn.user_text = text
+        self._host.send_event({"type": "transcript", "role": "user", "text": text, "final": True,
+                               "turn": turn.number, "source": "voice",
+                               "language": transcript.language})
+        await self._reply_turn(turn)
+
+    async def _reply_turn(self, turn: Turn) -> None:
+        from pipeline.replier import ReplyError
+
+        self._turn = turn
+        self._host.send_event({"type": "state", "state": "thinking"})
+        sentences: asyncio.Queue[str | None] = asyncio.Queue()
+        speaker = self._spawn(self._speaker(turn, sentences), "speaker")
+        splitter = SentenceSplitter()
+        language = self._settings.conversation.language
+        t0 = time.monotonic()
+        ok = False
+        try:
+            stream = self._replier.reply(list(self.history), turn.user_text, language=language)
+            try:
+                async for delta in stream:
+                    if "llm_first_token_ms" not in turn.metrics:
+                        turn.metrics["llm_first_token_ms"] = _ms(time.monotonic() - t0)
+                    for sentence in splitter.feed(delta):
+                        sentences.put_nowait(sentence)
+            finally:
+                with contextlib.suppress(Exception):
+                    await stream.aclose()  # type: ignore[attr-defined]
+            for sentence in splitter.flush():
+                sentences.put_nowait(sentence)
+            ok = True
+        except asyncio.CancelledError:
+            speaker.cancel()
+            raise
+        except ReplyError as exc:
+            fatal = bool(getattr(self._replier, "fatal", False))
+            self._host.send_event({"type": "error", "message": f"the reply failed: {exc.detail}",
+                                   "fatal": fatal, "stage": "llm"})
+        except Exception as exc:
+            logger.exception("reply failed")
+            self._host.send_event({"type": "error", "message": f"the reply failed: {exc}",
+                                   "fatal": False, "stage": "llm"})
+        finally:
+            sentences.put_nowait(None)
+        await speaker
+        if ok and turn.reply:
+            self.history.append({"role": "user", "content": turn.user_text})
+            self.history.append({"role": "assistant", "content": " ".join(turn.reply)})
+            keep = 2 * max(self._settings.llm.history_turns, 1)
+            del self.history[:-keep]
+        if not turn.first_audio_scheduled:
+            self._host.send_event({"type": "state", "state": "listening"})
+
+    async def _speaker(self, turn: Turn, sentences: asyncio.Queue[str | None]) -> None:
+        from media_tracks.compositor import Segment
+
+        fps = self._settings.media.fps
+        loop = asyncio.get_running_loop()
+        while (sentence := await sentences.get()) is not None:
+            t0 = time.monotonic()
+            try:
+                async for audio in self._tts.sentences(sentence):
+                    t1 = time.monotonic()
+                    analyse = functools.partial(self._lipsync.analyse, audio, fps=fps)
+                    track = await loop.run_in_executor(self._executor, analyse)
+                    if not turn.first_audio_scheduled:
+                        turn.metrics["tts_first_audio_ms"] = _ms(t1 - t0)
+                        turn.metrics["lipsync_first_frame_ms"] = _ms(time.monotonic() - t1)
+                        turn.first_audio_scheduled = True
+                    self._host.schedule(
+                        Segment(pcm=audio.pcm, mouth=track.openness(), lips=track,
+                                text=audio.text, tag=("turn", turn.number))
+                    )
+                turn.reply.append(sentence)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.exception("speech synthesis failed")
+                self._host.send_event({"type": "error", "fatal": False, "stage": "tts",
+                                       "message": f"speech synthesis failed: {exc}"})
+
+    # --- playout --------------------------------------------------------------------------
+    def on_playout(self, tag: object) -> None:
+        """A segment's first sample was handed to the audio track."""
+        turn = self._turn
+        if (
+            turn is None
+            or turn.reported
+            or not isinstance(tag, tuple)
+            or tag != ("turn", turn.number)
+        ):
+            return
+        turn.reported = True
+        turn.metrics["voice_to_voice_ms"] = _ms(time.monotonic() - turn.started)
+        self._host.send_event(
+            {"type": "metrics", "turn": turn.number, "source": turn.source, **turn.metrics}
+        )
+
+
+def make_conversation_parts(
+    settings: Settings, vad_model: Any
+) -> tuple[Any | None, Any | None]:
+    """A per-session VAD listener and 48 kHz -> 16 kHz resampler (None when not listening)."""
+    if vad_model is None or not settings.conversation.listen:
+        return None, None
+    from pipeline.vad import Listener, Resampler16k
+
+    v = settings.vad
+    listener = Listener(
+        vad_model,
+        threshold=v.threshold,
+        neg_threshold=max(0.01, v.threshold - 0.15),
+        min_speech_ms=v.min_speech_ms,
+        end_silence_ms=v.end_silence_ms,
+        max_utterance_s=v.max_utterance_s,
+    )
+    return listener, Resampler16k()
+
+
+ReplierFactory = Callable[[], "Replier"]
