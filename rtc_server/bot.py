@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 from urllib.parse import urlparse
 
@@ -33,8 +34,9 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc.contrib.media import MediaPlayer, MediaRecorder, MediaRelay
-from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
+from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcrtpreceiver import RtcpSrPacket
+from av import AudioFrame
 
 from media_tracks.clapper import detect_beep_onsets, detect_flash_onsets, pair_offsets_ms
 from rtc_server.ice import use_host_candidates
@@ -105,6 +107,63 @@ def is_loopback_url(url: str) -> bool:
         return False
 
 
+class MicTrack(MediaStreamTrack):
+    """The bot's microphone: silence, and whatever ``play`` queues, in real time (20 ms
+    frames of 48 kHz mono s16). ``speech_ended`` is set when queued audio has all been sent."""
+
+    kind = "audio"
+    RATE = 48_000
+    FRAME = 960
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending = np.zeros(0, np.int16)
+        self._start: float | None = None
+        self._pts = 0
+        self.sent_until = 0.0  # time.monotonic() when the last queued sample was sent
+        self.speech_ended = asyncio.Event()
+
+    def play(self, pcm: np.ndarray, sample_rate: int = RATE) -> None:
+        """Queue int16 (or float -1..1) mono audio to be spoken into the call."""
+        if pcm.dtype != np.int16:
+            pcm = (np.clip(pcm, -1.0, 1.0) * 32767).astype(np.int16)
+        if sample_rate != self.RATE:
+            from pipeline.tts import resample_int16
+
+            pcm = resample_int16(pcm, sample_rate, self.RATE)
+        self._pending = np.concatenate([self._pending, pcm])
+        self.speech_ended.clear()
+
+    @property
+    def speaking(self) -> bool:
+        return self._pending.size > 0
+
+    async def recv(self) -> AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        now = time.monotonic()
+        if self._start is None:
+            self._start = now
+        else:
+            self._pts += self.FRAME
+            wait = self._start + self._pts / self.RATE - now
+            if wait > 0:
+                await asyncio.sleep(wait)
+        chunk = self._pending[: self.FRAME]
+        had = self._pending.size > 0
+        self._pending = self._pending[self.FRAME :]
+        if chunk.size < self.FRAME:
+            chunk = np.concatenate([chunk, np.zeros(self.FRAME - chunk.size, np.int16)])
+        if had and self._pending.size == 0:
+            self.sent_until = time.monotonic()
+            self.speech_ended.set()
+        frame = AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = self.RATE
+        frame.pts = self._pts
+        frame.time_base = Fraction(1, self.RATE)
+        return frame
+
+
 class Bot:
     def __init__(
         self,
@@ -123,6 +182,7 @@ class Bot:
         self.session_id: str | None = None
         self.t0 = 0.0
         self._player = MediaPlayer(mic, loop=True) if mic else None
+        self.mic = MicTrack()  # used when no mic file is given: silence until ``mic.play``
         self._recorder = MediaRecorder(record) if record else None
         self._relay = MediaRelay()
         self._tasks: list[asyncio.Task[None]] = []
@@ -191,9 +251,19 @@ class Bot:
                 channels = len(frame.layout.channels)  # type: ignore[union-attr]
                 log.audio.append(arr.reshape(-1, channels)[:, 0].astype(np.int16))
 
+    def first_voice_after(self, t: float, *, min_rms: float = 300.0) -> float | None:
+        """Arrival time (time.monotonic()) of the first received audio frame after ``t`` whose
+        level is above ``min_rms`` (int16 units), or None."""
+        for arrival, pcm in zip(self.audio.arrival, self.audio.audio, strict=False):
+            if arrival > t and pcm.size:
+                rms = float(np.sqrt(np.mean(pcm.astype(np.float32) ** 2)))
+                if rms > min_rms:
+                    return arrival
+        return None
+
     async def connect(self) -> None:
         self.t0 = time.monotonic()
-        mic_track: MediaStreamTrack = AudioStreamTrack()
+        mic_track: MediaStreamTrack = self.mic
         if self._player is not None and self._player.audio is not None:
             mic_track = self._player.audio
         self.pc.addTransceiver(mic_track, direction="sendrecv")

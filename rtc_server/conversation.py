@@ -282,6 +282,7 @@ class Conversation:
         loop = asyncio.get_running_loop()
         while (sentence := await sentences.get()) is not None:
             t0 = time.monotonic()
+            first = True  # the sentence's text goes with its first chunk of audio only
             try:
                 async for audio in self._tts.sentences(sentence):
                     t1 = time.monotonic()
@@ -293,8 +294,9 @@ class Conversation:
                         turn.first_audio_scheduled = True
                     self._host.schedule(
                         Segment(pcm=audio.pcm, mouth=track.openness(), lips=track,
-                                text=audio.text, tag=("turn", turn.number))
+                                text=sentence if first else "", tag=("turn", turn.number))
                     )
+                    first = False
                 turn.reply.append(sentence)
             except asyncio.CancelledError:
                 raise

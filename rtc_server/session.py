@@ -379,14 +379,16 @@ class Session:
     async def _speak(self, text: str) -> None:
         fps = self.settings.media.fps
         loop = asyncio.get_running_loop()
+        first = True  # the text goes with the first chunk of audio only
         try:
             async for sentence in self._tts.sentences(text):
                 analyse = functools.partial(self._lipsync.analyse, sentence, fps=fps)
                 track = await loop.run_in_executor(self._render_executor, analyse)
                 self.compositor.schedule(
                     Segment(pcm=sentence.pcm, mouth=track.openness(), lips=track,
-                            text=sentence.text)
+                            text=text if first else "")
                 )
+                first = False
         except asyncio.CancelledError:
             raise
         except Exception as exc:
