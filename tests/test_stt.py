@@ -1,0 +1,143 @@
+"""Speech to text with the bundled Whisper models (tiny.en, multilingual base) on Piper speech."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.stt import Transcript, WhisperSTT, resolve_whisper_model
+from tests.fakes.speech import piper_speech, with_silence
+
+SENTENCE = "Hello, what is the weather like today?"
+
+
+def words(text: str) -> list[str]:
+    return re.sub(r"[^a-z' ]+", " ", text.lower()).split()
+
+
+def word_match(said: str, heard: str) -> float:
+    """Share of the words said that were heard, in order (longest common subsequence)."""
+    a, b = words(said), words(heard)
+    lcs = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            lcs[i + 1][j + 1] = lcs[i][j] + 1 if x == y else max(lcs[i][j + 1], lcs[i + 1][j])
+    return lcs[-1][-1] / max(len(a), 1)
+
+
+@pytest.fixture(scope="module")
+def speech() -> np.ndarray:
+    return with_silence(piper_speech(SENTENCE), 0.3, 0.6)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WhisperSTT]:
+    stt = WhisperSTT("tiny.en", cache_dir=tmp_path_factory.mktemp("stt"), device="cpu")
+    stt.load()
+    yield stt
+    stt.close()
+
+
+def test_tiny_en_transcribes_speech(tiny: WhisperSTT, speech: np.ndarray) -> None:
+    result = tiny.transcribe_sync(speech)
+    assert isinstance(result, Transcript)
+    assert word_match(SENTENCE, result.text) >= 0.7, result.text
+    assert result.language == "en"
+    assert result.audio_s == pytest.approx(len(speech) / 16000)
+    assert result.elapsed_s > 0
+    info = tiny.info()
+    assert info["device_in_use"] == "cpu" and tiny.device_in_use == "cpu"
+    assert info["compute_type_in_use"].startswith("int8")  # CTranslate2 says int8_float32
+    assert info["multilingual"] is False and info["loaded"] is True
+
+
+async def test_transcribe_runs_off_the_event_loop(
+    tiny: WhisperSTT, speech: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[str] = []
+    model_transcribe = tiny._model.transcribe
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return model_transcribe(*args, **kwargs)
+
+    monkeypatch.setattr(tiny._model, "transcribe", spy)
+    ticks = 0
+
+    async def heartbeat() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    beat = asyncio.create_task(heartbeat())
+    await asyncio.sleep(0)
+    before = ticks
+    result = await tiny.transcribe(speech)
+    during = ticks - before
+    beat.cancel()
+    assert word_match(SENTENCE, result.text) >= 0.7, result.text
+    assert threads and threads[0].startswith("whisper")  # its own worker thread
+    assert threads[0] != threading.current_thread().name
+    assert during >= 3  # the loop kept ticking while Whisper worked
+
+
+def test_english_only_model_refuses_other_languages(tmp_path: Path) -> None:
+    stt = WhisperSTT("tiny.en", cache_dir=tmp_path, language="fa")
+    with pytest.raises(PipelineError, match="English-only"):
+        stt.load()
+    stt.close()
+
+
+def test_missing_model_folder_names_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match=r"stt\.model") as err:
+        resolve_whisper_model(str(tmp_path / "no-such-model"), tmp_path)
+    assert "tiny.en" in err.value.detail
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")
+    with pytest.raises(PipelineError, match=r"stt\.model"):
+        resolve_whisper_model(str(tmp_path / "half"), tmp_path)
+
+
+def test_a_model_folder_path_resolves_to_itself(tmp_path: Path) -> None:
+    tiny_path = resolve_whisper_model("tiny.en", tmp_path)
+    assert (tiny_path / "model.bin").is_file()
+    assert resolve_whisper_model(str(tiny_path), tmp_path) == tiny_path
+
+
+def test_base_is_joined_once_and_detects_english(tmp_path: Path, speech: np.ndarray) -> None:
+    folder = resolve_whisper_model("base", tmp_path)
+    assert folder == tmp_path / "whisper-base"
+    model_bin = folder / "model.bin"
+    mtime = model_bin.stat().st_mtime_ns
+    assert resolve_whisper_model("base", tmp_path) == folder
+    assert model_bin.stat().st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.iterdir()] == ["whisper-base"]  # no temporary left over
+
+    stt = WhisperSTT("base", cache_dir=tmp_path, device="cpu", language=None)
+    stt.load()
+    try:
+        assert model_bin.stat().st_mtime_ns == mtime
+        assert stt.info()["multilingual"] is True
+        result = stt.transcribe_sync(speech)
+    finally:
+        stt.close()
+    assert word_match(SENTENCE, result.text) >= 0.7, result.text
+    assert result.language == "en"
+    assert result.language_probability > 0.5
+
+
+def test_incomplete_base_folder_is_rebuilt(tmp_path: Path) -> None:
+    broken = tmp_path / "whisper-base"
+    broken.mkdir()
+    for name in ("model.bin", "config.json", "tokenizer.json"):
+        (broken / name).write_bytes(b"x")
+    folder = resolve_whisper_model("base", tmp_path)
+    assert folder == broken and (folder / "model.bin").stat().st_size > 100_000_000
