@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import numpy as np
 import pytest
@@ -189,3 +190,30 @@ async def test_bad_chat_inputs_get_error_events_and_the_session_carries_on(
     bot.send({"type": "chat", "text": "hello"})
     await bot.wait_event(lambda e: e.get("role") == "assistant", 20)
     await bot.aclose()
+
+
+async def test_another_session_keeps_its_frame_rate_while_one_transcribes(
+    loopback_only, aiohttp_client
+):
+    """Model work runs off the event loop: while session A's question is transcribed and
+    answered, session B's video keeps coming at >= 24 fps."""
+    app, client, talker = await start(aiohttp_client)
+    watcher = Bot(str(client.make_url("")).rstrip("/"))
+    await watcher.connect()
+    await watcher.wait_first_video(15)
+    watched = app[SESSIONS][watcher.session_id].video_track.stats
+    await asyncio.sleep(1.0)
+    talker.mic.play(piper_speech("What is twelve times seven?", sample_rate=48000), 48000)
+    await talker.mic.speech_ended.wait()
+    t0, sent0, skipped0 = time.monotonic(), watched.frames_sent, watched.frames_skipped
+    await talker.wait_event(lambda e: e.get("role") == "user", 30)  # transcribed
+    await talker.wait_event(lambda e: e.get("type") == "metrics", 30)  # answered, speaking
+    await asyncio.sleep(0.5)
+    t1, sent1 = time.monotonic(), watched.frames_sent
+    # the watcher's video kept its pace on the server: frames sent on their 40 ms grid, none
+    # skipped because the event loop was held up
+    fps = (sent1 - sent0) / (t1 - t0)
+    assert t1 - t0 > 1.0 and fps >= 24, (fps, t1 - t0)
+    assert watched.frames_skipped == skipped0
+    await watcher.aclose()
+    await talker.aclose()

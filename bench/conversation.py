@@ -1,0 +1,178 @@
+"""Voice-to-voice latency and barge-in time, measured at the client.
+
+A real server process (tiny.en, viseme engine) on loopback; the bot speaks Piper-synthesised
+questions into its microphone. Voice-to-voice: from the last sample of the question leaving the
+bot to the first audible reply frame arriving at the bot, split by the server's per-turn stage
+metrics. Run once with the embedded replier and once with a local OpenAI-compatible server
+(the fake one from the tests, answering at once: the LLM's own time is not counted). Barge-in:
+from the onset of the bot's interruption to the last audible avatar frame.
+
+    unshare --net bash -c 'ip link set lo up; .venv/bin/python -m bench.conversation [--turns N]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+from bench.common import print_table, start_server, write_result
+from rtc_server.bot import Bot
+from tests.fakes.openai_server import start_fake_openai
+from tests.fakes.speech import piper_speech
+
+QUESTIONS = [
+    "Hello! What is your name?",
+    "How are you today?",
+    "What can you do?",
+    "What time is it?",
+    "What is twelve times seven?",
+    "Tell me about the weather.",
+    "Do you like music?",
+    "Thank you very much.",
+    "Where do you live?",
+    "What is your favourite colour?",
+    "Can you hear me?",
+    "Goodbye for now.",
+]
+STAGES = (
+    "vad_end_ms",
+    "stt_ms",
+    "llm_first_token_ms",
+    "tts_first_audio_ms",
+    "lipsync_first_frame_ms",
+    "voice_to_voice_ms",
+)
+
+
+def audible(pcm: np.ndarray, min_rms: float = 300.0) -> bool:
+    return bool(pcm.size) and float(np.sqrt(np.mean(pcm.astype(np.float32) ** 2))) > min_rms
+
+
+async def turns(url: str, n: int) -> list[dict[str, Any]]:
+    bot = Bot(url)
+    await bot.connect()
+    await bot.wait_first_video(15)
+    await asyncio.sleep(1.0)
+    rows = []
+    for i in range(n):
+        q = piper_speech(QUESTIONS[i % len(QUESTIONS)], sample_rate=48000)
+        seen = len(bot.events)
+        bot.mic.play(q, 48000)
+        await bot.mic.speech_ended.wait()
+        t_end = bot.mic.sent_until
+        metrics = await bot.wait_event(
+            lambda e, s=seen: e.get("type") == "metrics" and bot.events.index(e) >= s, 30
+        )
+        await bot.wait_event(
+            lambda e, m=metrics: e.get("state") == "listening" and e["_t"] > m["_t"], 60
+        )
+        heard = bot.first_voice_after(t_end)
+        row = {"turn": i + 1, "client_v2v_ms": round(1000 * (heard - t_end), 1) if heard else None}
+        row.update({k: metrics.get(k) for k in STAGES})
+        rows.append(row)
+        await asyncio.sleep(0.5)
+    await bot.aclose()
+    return rows
+
+
+async def barge_ins(url: str, n: int) -> list[float]:
+    bot = Bot(url)
+    await bot.connect()
+    await bot.wait_first_video(15)
+    out = []
+    stop = piper_speech("Wait, stop please!", sample_rate=48000)
+    voiced = np.nonzero(np.abs(stop) > 0.02)[0]
+    onset_offset = voiced[0] / 48000 if voiced.size else 0.0
+    for _ in range(n):
+        bot.send(
+            {"type": "say", "text": "Let me tell you a long story about the sea and ships. " * 3}
+        )
+        await bot.wait_event(lambda e: e.get("state") == "speaking" and e["_t"] > 0, 20)
+        await asyncio.sleep(1.5)
+        t_play = time.monotonic()
+        bot.mic.play(stop, 48000)
+        onset = t_play + onset_offset
+        await asyncio.sleep(2.0)
+        # the last audible avatar frame before the first 300 ms of silence after the onset
+        # (later audio is the avatar answering the interruption)
+        last, quiet = onset, 0
+        for arrival, pcm in zip(bot.audio.arrival, bot.audio.audio, strict=False):
+            if arrival <= onset:
+                continue
+            if audible(pcm):
+                last, quiet = arrival, 0
+            else:
+                quiet += 1
+                if quiet >= 15:
+                    break
+        out.append(round(1000 * (last - onset), 1))
+        await asyncio.sleep(1.0)
+    await bot.aclose()
+    return out
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"turns": len(rows)}
+    for k in ("client_v2v_ms", *STAGES):
+        vals = [r[k] for r in rows if isinstance(r.get(k), int | float)]
+        out[f"{k}_median"] = round(statistics.median(vals), 1) if vals else None
+    return out
+
+
+async def main_async(n: int, barge: int) -> None:
+    results: dict[str, Any] = {}
+    proc, url = start_server()
+    try:
+        rows = await turns(url, n)
+        results["embedded"] = {"summary": summary(rows), "turns": rows}
+        results["barge_in_ms"] = await barge_ins(url, barge)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    llm_url, _, close = await start_fake_openai([], default=("echo",))
+    try:
+        proc, url = start_server(
+            {"AVATAR_LLM__BASE_URL": llm_url, "AVATAR_LLM__MODEL": "fake-model"}
+        )
+        try:
+            rows = await turns(url, n)
+            results["openai_compatible"] = {"summary": summary(rows), "turns": rows}
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    finally:
+        await close()
+    print("Voice-to-voice (ms), medians; client = bot's last question sample -> first reply audio")
+    print_table(
+        [{"replier": k, **results[k]["summary"]} for k in ("embedded", "openai_compatible")]
+    )
+    b = results["barge_in_ms"]
+    print(
+        f"\nBarge-in, speech onset -> avatar silent at the client (ms): {b} "
+        f"(median {statistics.median(b):.0f})"
+    )
+    write_result(
+        "conversation",
+        {
+            "note": "tiny.en int8 CPU, viseme engine, Piper joe voice; server + bot on 2 cores",
+            **results,
+            "barge_in_median_ms": round(statistics.median(b), 1),
+        },
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--turns", type=int, default=10)
+    ap.add_argument("--barge-ins", type=int, default=5)
+    args = ap.parse_args()
+    asyncio.run(main_async(args.turns, args.barge_ins))
+
+
+if __name__ == "__main__":
+    main()
