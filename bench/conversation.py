@@ -22,6 +22,7 @@ import numpy as np
 
 from bench.common import print_table, start_server, write_result
 from rtc_server.bot import Bot
+from rtc_server.ice import use_host_candidates
 from tests.fakes.openai_server import start_fake_openai
 from tests.fakes.speech import piper_speech
 
@@ -125,6 +126,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def main_async(n: int, barge: int) -> None:
+    use_host_candidates("loopback")
     results: dict[str, Any] = {}
     proc, url = start_server()
     try:

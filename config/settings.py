@@ -598,11 +598,6 @@ def _media(s: _Section) -> MediaSettings:
             raise s.error(key, f"must be even, got {sizes[key]}")
     render_lead_ms = s.get_int("render_lead_ms", 40, 2000)
     schedule_lead_ms = s.get_int("schedule_lead_ms", 40, 5000)
-    if schedule_lead_ms <= render_lead_ms:
-        raise s.error(
-            "schedule_lead_ms",
-            f"must be greater than media.render_lead_ms ({render_lead_ms}), got {schedule_lead_ms}",
-        )
     return MediaSettings(
         fps=fps,
         audio_sample_rate=s.get_choice("audio_sample_rate", get_args(SampleRate)),

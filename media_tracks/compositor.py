@@ -169,11 +169,21 @@ class Compositor:
             prev.fade_out = False
             item.fade_in = False
         self._segments.append(item)
+        self._replanned(first)
         return item
 
     def add_cut_listener(self, listener: Callable[[int], None]) -> None:
-        """``listener(k)`` is called after ``clear()`` changed the plans of frames ``>= k``."""
+        """``listener(k)`` is called when the plans of frames ``>= k`` changed: after
+        ``clear()``, and when a segment is scheduled to start at frame ``k`` (frames rendered
+        ahead for that time showed the idle face)."""
         self._cut_listeners.append(listener)
+
+    def _replanned(self, k: int) -> None:
+        for listener in list(self._cut_listeners):
+            try:
+                listener(k)
+            except Exception:
+                logger.exception("re-plan listener failed")
 
     def clear(self) -> int:
         """Interrupt: stop speech at the next video frame boundary that audio playout has not
@@ -197,11 +207,7 @@ class Compositor:
             kept.append(s)
         self._segments = kept
         self.stats.clears += 1
-        for listener in list(self._cut_listeners):
-            try:
-                listener(cut)
-            except Exception:
-                logger.exception("cut listener failed")
+        self._replanned(cut)
         return cut
 
     # --- audio --------------------------------------------------------------------------

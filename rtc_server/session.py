@@ -284,7 +284,7 @@ class Session:
         self.compositor.schedule(segment)
 
     def cut(self) -> None:
-        self.compositor.clear()
+        self.interrupt()
 
     @property
     def playing(self) -> bool:
