@@ -217,3 +217,15 @@ async def test_another_session_keeps_its_frame_rate_while_one_transcribes(
     assert watched.frames_skipped == skipped0
     await watcher.aclose()
     await talker.aclose()
+
+
+async def test_persian_chat_gets_a_persian_answer(loopback_only, aiohttp_client):
+    """Text chat in Persian with the embedded replier: the answer comes back in Persian (the
+    bundled voice is English; a Persian Piper voice is configured with engines.piper_voice)."""
+    _, _, bot = await start(aiohttp_client, **{"conversation.language": "fa"})
+    bot.send({"type": "chat", "text": "سلام، اسم تو چیست؟"})
+    user = await bot.wait_event(lambda e: e.get("role") == "user", 10)
+    assert user["text"] == "سلام، اسم تو چیست؟"
+    reply = await bot.wait_event(lambda e: e.get("role") == "assistant", 30)
+    assert re.search("[\u0600-\u06ff]", reply["text"]), reply
+    await bot.aclose()
