@@ -203,7 +203,19 @@ class SpeechEnd:
     detected_ms: int = 0
 
 
-ListenEvent = SpeechStart | SpeechEnd
+@dataclass(frozen=True, slots=True)
+class SpeechPause:
+    """The speaker has been silent for ``pause_ms`` inside an utterance: it may be its end.
+    audio: the utterance so far (as ``SpeechEnd`` would give it); end_ms: where the last speech
+    chunk ended. A ``SpeechEnd`` with the same ``end_ms`` follows unless speech resumes, so a
+    listener may start transcribing now and keep the result if the end is confirmed."""
+
+    audio: np.ndarray
+    onset_ms: int
+    end_ms: int
+
+
+ListenEvent = SpeechStart | SpeechEnd | SpeechPause
 
 
 class Endpointer:
@@ -226,6 +238,7 @@ class Endpointer:
         end_silence_ms: int = 600,
         pre_roll_ms: int = 300,
         max_utterance_s: float = 30.0,
+        pause_ms: int | None = None,
     ) -> None:
         if not 0.0 <= neg_threshold <= threshold <= 1.0:
             raise ValueError("need 0 <= neg_threshold <= threshold <= 1")
@@ -237,6 +250,7 @@ class Endpointer:
         self._end_silence = end_silence_ms * SAMPLE_RATE // 1000
         self._pre_roll = pre_roll_ms * SAMPLE_RATE // 1000
         self._max_utterance = int(max_utterance_s * SAMPLE_RATE)
+        self._pause = None if pause_ms is None else pause_ms * SAMPLE_RATE // 1000
         self._pos = 0  # samples fed so far
         self.reset()
 
@@ -246,6 +260,7 @@ class Endpointer:
         self._confirmed = False
         self._onset = -1  # sample where the current speech run began; -1: none
         self._last_speech_end = 0
+        self._paused_at = -1  # the speech end a SpeechPause was emitted for
         self._idle: deque[np.ndarray] = deque()  # pre-roll ring (whole chunks)
         self._idle_samples = 0
         self._utterance: list[np.ndarray] = []
@@ -301,8 +316,21 @@ class Endpointer:
 
         if self._pos - self._onset >= self._max_utterance:
             return [self._end(self._pos)]
-        if not self._is_speech and self._pos - self._last_speech_end >= self._end_silence:
+        silent_for = self._pos - self._last_speech_end
+        if not self._is_speech and silent_for >= self._end_silence:
             return [self._end(self._last_speech_end)]
+        if (
+            self._pause is not None
+            and not self._is_speech
+            and silent_for >= self._pause
+            and self._paused_at != self._last_speech_end
+        ):
+            self._paused_at = self._last_speech_end
+            return [
+                SpeechPause(
+                    _concat(self._utterance), self._ms(self._onset), self._ms(self._last_speech_end)
+                )
+            ]
         return []
 
     def _end(self, end: int) -> SpeechEnd:
@@ -339,6 +367,7 @@ class Listener:
         end_silence_ms: int = 600,
         pre_roll_ms: int = 300,
         max_utterance_s: float = 30.0,
+        pause_ms: int | None = None,
     ) -> None:
         if chunk_ms * SAMPLE_RATE // 1000 != CHUNK_SAMPLES:
             raise ValueError(f"Silero VAD chunks are {CHUNK_SAMPLES} samples (32 ms) at 16 kHz")
@@ -351,6 +380,7 @@ class Listener:
             end_silence_ms=end_silence_ms,
             pre_roll_ms=pre_roll_ms,
             max_utterance_s=max_utterance_s,
+            pause_ms=pause_ms,
         )
         self._pending = np.zeros(0, np.float32)
         self.last_prob = 0.0

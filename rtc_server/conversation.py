@@ -110,6 +110,8 @@ class Conversation:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._mic_ms = 0.0  # audio fed to the VAD, in ms (the mic stream's own clock)
         self._user_speaking = False
+        # an early transcription started at a pause: (speech end ms, started, task)
+        self._speculative: tuple[int, float, asyncio.Task[Any]] | None = None
         self.barge_ins = 0
         self.closed = False
 
@@ -162,6 +164,13 @@ class Conversation:
             if self._settings.conversation.barge_in and (self.busy or self._host.playing):
                 self.barge_in()
             self._host.send_event({"type": "state", "state": "listening", "user": "speaking"})
+        elif kind == "SpeechPause":
+            # maybe the end of the turn: start transcribing now, keep it if the end comes
+            if self._stt is not None and not self.closed:
+                self._cancel_speculation()
+                t0 = time.monotonic()
+                task = self._spawn(self._stt.transcribe(event.audio), "stt-early")
+                self._speculative = (int(event.end_ms), t0, task)
         elif kind == "SpeechEnd":
             self._user_speaking = False
             now = time.monotonic()
@@ -169,7 +178,17 @@ class Conversation:
             behind_s = max(0.0, (self._mic_ms - float(event.end_ms)) / 1000.0)
             turn = self._new_turn(now - behind_s, "voice")
             turn.metrics["vad_end_ms"] = _ms(behind_s)
-            self._start(self._voice_turn(turn, event.audio))
+            early = None
+            if self._speculative is not None and self._speculative[0] == int(event.end_ms):
+                early = self._speculative[1:]
+                self._speculative = None
+            self._cancel_speculation()
+            self._start(self._voice_turn(turn, event.audio, early))
+
+    def _cancel_speculation(self) -> None:
+        if self._speculative is not None:
+            self._speculative[2].cancel()
+            self._speculative = None
 
     def barge_in(self) -> None:
         """The person talks over the avatar: stop the turn and the playout at once."""
@@ -202,13 +221,21 @@ class Conversation:
         self.cancel()
         self._turn_task = self._spawn(coro, "turn")
 
-    async def _voice_turn(self, turn: Turn, audio: np.ndarray) -> None:
+    async def _voice_turn(
+        self, turn: Turn, audio: np.ndarray, early: tuple[float, asyncio.Task[Any]] | None = None
+    ) -> None:
+        """``early``: a transcription of the same speech started at its pause (when it began,
+        the task); its result is used instead of transcribing again."""
         assert self._stt is not None
         self._turn = turn
         self._host.send_event({"type": "state", "state": "thinking"})
         t0 = time.monotonic()
         try:
-            transcript = await self._stt.transcribe(audio)
+            if early is not None:
+                transcript = await early[1]
+                turn.metrics["stt_early"] = 1.0
+            else:
+                transcript = await self._stt.transcribe(audio)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -336,6 +363,8 @@ def make_conversation_parts(
         vad_model,
         threshold=v.threshold,
         neg_threshold=max(0.01, v.threshold - 0.15),
+        # transcription starts at this much silence and is kept if the turn really ends
+        pause_ms=min(250, v.end_silence_ms // 2),
         min_speech_ms=v.min_speech_ms,
         end_silence_ms=v.end_silence_ms,
         max_utterance_s=v.max_utterance_s,

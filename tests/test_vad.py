@@ -195,3 +195,32 @@ def test_48k_mono_frames(vad: SileroVad) -> None:
     assert np.abs(out[100:-100] - ref[100:-100]).max() < 0.01
     listener = Listener(vad)
     assert listener.feed(out) == [] and listener.time_ms == 16000 // 512 * 32
+
+
+def test_pause_events_come_before_the_end_and_only_once_per_silence():
+    from pipeline.vad import Endpointer, SpeechEnd, SpeechPause, SpeechStart
+
+    ep = Endpointer(min_speech_ms=96, end_silence_ms=608, pause_ms=256)
+    events = []
+    # 0.5 s speech, 0.384 s pause (a pause event, no end), 0.5 s speech, then silence
+    for prob in [0.9] * 16 + [0.0] * 12 + [0.9] * 16 + [0.0] * 30:
+        events += [(ep.time_ms, e) for e in ep.feed(prob)]
+    kinds = [type(e).__name__ for _, e in events]
+    assert kinds == ["SpeechStart", "SpeechPause", "SpeechPause", "SpeechEnd"]
+    first_pause, second_pause, end = events[1][1], events[2][1], events[3][1]
+    assert isinstance(events[0][1], SpeechStart)
+    assert isinstance(first_pause, SpeechPause) and isinstance(second_pause, SpeechPause)
+    assert isinstance(end, SpeechEnd)
+    # the first pause was not the end (speech resumed); the second one was: same end_ms
+    assert first_pause.end_ms < second_pause.end_ms == end.end_ms
+    assert events[2][0] < events[3][0]  # ... and it came 352 ms earlier
+    assert events[3][0] - events[2][0] == 608 - 256
+    assert len(second_pause.audio) <= len(end.audio)
+
+
+def test_no_pause_events_unless_asked():
+    from pipeline.vad import Endpointer
+
+    ep = Endpointer(min_speech_ms=96, end_silence_ms=608)
+    kinds = [type(e).__name__ for p in [0.9] * 16 + [0.0] * 30 for e in ep.feed(p)]
+    assert kinds == ["SpeechStart", "SpeechEnd"]
