@@ -86,14 +86,18 @@ async def barge_ins(url: str, n: int) -> list[float]:
     await bot.connect()
     await bot.wait_first_video(15)
     out = []
-    stop = piper_speech("Wait, stop please!", sample_rate=48000)
+    # one continuous phrase: a short first word followed by a pause ("Wait, ...") is rightly
+    # ignored as shorter than the minimum speech
+    stop = piper_speech("Hold on a second please", sample_rate=48000)
     voiced = np.nonzero(np.abs(stop) > 0.02)[0]
     onset_offset = voiced[0] / 48000 if voiced.size else 0.0
     for _ in range(n):
-        bot.send(
-            {"type": "say", "text": "Let me tell you a long story about the sea and ships. " * 3}
+        n0 = len(bot.events)
+        story = "Let me tell you a long story about the sea and ships. " * 3
+        bot.send({"type": "say", "text": story})
+        await bot.wait_event(
+            lambda e, n0=n0: e.get("state") == "speaking" and bot.events.index(e) >= n0, 20
         )
-        await bot.wait_event(lambda e: e.get("state") == "speaking" and e["_t"] > 0, 20)
         await asyncio.sleep(1.5)
         t_play = time.monotonic()
         bot.mic.play(stop, 48000)
@@ -112,6 +116,14 @@ async def barge_ins(url: str, n: int) -> list[float]:
                 if quiet >= 15:
                     break
         out.append(round(1000 * (last - onset), 1))
+        # let the avatar answer the interruption and fall quiet before the next round
+        n1 = len(bot.events)
+        await bot.wait_event(
+            lambda e, n1=n1: e.get("type") == "metrics" and bot.events.index(e) >= n1, 20
+        )
+        await bot.wait_event(
+            lambda e, n1=n1: e.get("state") == "listening" and bot.events.index(e) > n1, 30
+        )
         await asyncio.sleep(1.0)
     await bot.aclose()
     return out
