@@ -21,7 +21,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -108,8 +108,6 @@ class Conversation:
         self._turns = 0
         self.history: list[dict[str, str]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._mic_ms = 0.0  # audio fed to the VAD, in ms (the mic stream's own clock)
-        self._user_speaking = False
         # an early transcription started at a pause: (speech end ms, started, task)
         self._speculative: tuple[int, float, asyncio.Task[Any]] | None = None
         self.barge_ins = 0
@@ -154,13 +152,11 @@ class Conversation:
         pcm = self._resampler.push(frame)
         if pcm.size == 0:
             return []
-        self._mic_ms += 1000.0 * pcm.size / 16000
         return list(self._listener.feed(pcm))
 
     def _on_vad_event(self, event: Any) -> None:
         kind = type(event).__name__
         if kind == "SpeechStart":
-            self._user_speaking = True
             if self._settings.conversation.barge_in and (self.busy or self._host.playing):
                 self.barge_in()
             self._host.send_event({"type": "state", "state": "listening", "user": "speaking"})
@@ -172,10 +168,10 @@ class Conversation:
                 task = self._spawn(self._stt.transcribe(event.audio), "stt-early")
                 self._speculative = (int(event.end_ms), t0, task)
         elif kind == "SpeechEnd":
-            self._user_speaking = False
             now = time.monotonic()
-            # how long ago, in mic-stream time, the speech really ended
-            behind_s = max(0.0, (self._mic_ms - float(event.end_ms)) / 1000.0)
+            # how long ago, in mic-stream time (audio fed to the VAD), the speech really ended
+            assert self._listener is not None
+            behind_s = max(0.0, (self._listener.time_ms - float(event.end_ms)) / 1000.0)
             turn = self._new_turn(now - behind_s, "voice")
             turn.metrics["vad_end_ms"] = _ms(behind_s)
             early = None
@@ -209,8 +205,16 @@ class Conversation:
             self._host.cut()
         turn = self._new_turn(time.monotonic(), "chat")
         turn.user_text = text
-        self._host.send_event({"type": "transcript", "role": "user", "text": text, "final": True,
-                               "turn": turn.number, "source": "chat"})
+        self._host.send_event(
+            {
+                "type": "transcript",
+                "role": "user",
+                "text": text,
+                "final": True,
+                "turn": turn.number,
+                "source": "chat",
+            }
+        )
         self._start(self._reply_turn(turn))
 
     def _new_turn(self, started: float, source: str) -> Turn:
@@ -240,8 +244,9 @@ class Conversation:
             raise
         except Exception as exc:
             logger.exception("transcription failed")
-            self._host.send_event({"type": "error", "message": f"transcription failed: {exc}",
-                                   "fatal": False})
+            self._host.send_event(
+                {"type": "error", "message": f"transcription failed: {exc}", "fatal": False}
+            )
             self._host.send_event({"type": "state", "state": "listening"})
             return
         turn.metrics["stt_ms"] = _ms(time.monotonic() - t0)
@@ -250,9 +255,17 @@ class Conversation:
             self._host.send_event({"type": "state", "state": "listening"})
             return
         turn.user_text = text
-        self._host.send_event({"type": "transcript", "role": "user", "text": text, "final": True,
-                               "turn": turn.number, "source": "voice",
-                               "language": transcript.language})
+        self._host.send_event(
+            {
+                "type": "transcript",
+                "role": "user",
+                "text": text,
+                "final": True,
+                "turn": turn.number,
+                "source": "voice",
+                "language": transcript.language,
+            }
+        )
         await self._reply_turn(turn)
 
     async def _reply_turn(self, turn: Turn) -> None:
@@ -285,12 +298,24 @@ class Conversation:
             raise
         except ReplyError as exc:
             fatal = bool(getattr(self._replier, "fatal", False))
-            self._host.send_event({"type": "error", "message": f"the reply failed: {exc.detail}",
-                                   "fatal": fatal, "stage": "llm"})
+            self._host.send_event(
+                {
+                    "type": "error",
+                    "message": f"the reply failed: {exc.detail}",
+                    "fatal": fatal,
+                    "stage": "llm",
+                }
+            )
         except Exception as exc:
             logger.exception("reply failed")
-            self._host.send_event({"type": "error", "message": f"the reply failed: {exc}",
-                                   "fatal": False, "stage": "llm"})
+            self._host.send_event(
+                {
+                    "type": "error",
+                    "message": f"the reply failed: {exc}",
+                    "fatal": False,
+                    "stage": "llm",
+                }
+            )
         finally:
             sentences.put_nowait(None)
         await speaker
@@ -320,8 +345,13 @@ class Conversation:
                         turn.metrics["lipsync_first_frame_ms"] = _ms(time.monotonic() - t1)
                         turn.first_audio_scheduled = True
                     self._host.schedule(
-                        Segment(pcm=audio.pcm, mouth=track.openness(), lips=track,
-                                text=sentence if first else "", tag=("turn", turn.number))
+                        Segment(
+                            pcm=audio.pcm,
+                            mouth=track.openness(),
+                            lips=track,
+                            text=sentence if first else "",
+                            tag=("turn", turn.number),
+                        )
                     )
                     first = False
                 turn.reply.append(sentence)
@@ -329,8 +359,14 @@ class Conversation:
                 raise
             except Exception as exc:
                 logger.exception("speech synthesis failed")
-                self._host.send_event({"type": "error", "fatal": False, "stage": "tts",
-                                       "message": f"speech synthesis failed: {exc}"})
+                self._host.send_event(
+                    {
+                        "type": "error",
+                        "fatal": False,
+                        "stage": "tts",
+                        "message": f"speech synthesis failed: {exc}",
+                    }
+                )
 
     # --- playout --------------------------------------------------------------------------
     def on_playout(self, tag: object) -> None:
@@ -350,9 +386,7 @@ class Conversation:
         )
 
 
-def make_conversation_parts(
-    settings: Settings, vad_model: Any
-) -> tuple[Any | None, Any | None]:
+def make_conversation_parts(settings: Settings, vad_model: Any) -> tuple[Any | None, Any | None]:
     """A per-session VAD listener and 48 kHz -> 16 kHz resampler (None when not listening)."""
     if vad_model is None or not settings.conversation.listen:
         return None, None
@@ -370,6 +404,3 @@ def make_conversation_parts(
         max_utterance_s=v.max_utterance_s,
     )
     return listener, Resampler16k()
-
-
-ReplierFactory = Callable[[], "Replier"]
