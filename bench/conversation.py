@@ -55,7 +55,7 @@ def audible(pcm: np.ndarray, min_rms: float = 300.0) -> bool:
 
 
 async def turns(url: str, n: int) -> list[dict[str, Any]]:
-    bot = Bot(url)
+    bot = Bot(url, audio_prefetch=1)
     await bot.connect()
     await bot.wait_first_video(15)
     await asyncio.sleep(1.0)
@@ -81,11 +81,13 @@ async def turns(url: str, n: int) -> list[dict[str, Any]]:
     return rows
 
 
-async def barge_ins(url: str, n: int) -> list[float]:
-    bot = Bot(url)
+async def barge_ins(url: str, n: int) -> tuple[list[float], list[float]]:
+    """Per interruption: onset -> last audible avatar audio at the bot, and onset -> the
+    server's barge-in (its "user speaking" event arriving over the data channel)."""
+    bot = Bot(url, audio_prefetch=1)
     await bot.connect()
     await bot.wait_first_video(15)
-    out = []
+    out, detected = [], []
     # one continuous phrase: a short first word followed by a pause ("Wait, ...") is rightly
     # ignored as shorter than the minimum speech
     stop = piper_speech("Hold on a second please", sample_rate=48000)
@@ -116,6 +118,12 @@ async def barge_ins(url: str, n: int) -> list[float]:
                 if quiet >= 15:
                     break
         out.append(round(1000 * (last - onset), 1))
+        heard = [
+            e["_t"] + bot.t0
+            for e in bot.events[n0:]
+            if e.get("user") == "speaking" and e["_t"] + bot.t0 > t_play
+        ]
+        detected.append(round(1000 * (heard[0] - onset), 1) if heard else float("nan"))
         # let the avatar answer the interruption and fall quiet before the next round
         n1 = len(bot.events)
         await bot.wait_event(
@@ -126,7 +134,7 @@ async def barge_ins(url: str, n: int) -> list[float]:
         )
         await asyncio.sleep(1.0)
     await bot.aclose()
-    return out
+    return out, detected
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -144,7 +152,7 @@ async def main_async(n: int, barge: int) -> None:
     try:
         rows = await turns(url, n)
         results["embedded"] = {"summary": summary(rows), "turns": rows}
-        results["barge_in_ms"] = await barge_ins(url, barge)
+        results["barge_in_ms"], results["barge_in_detected_ms"] = await barge_ins(url, barge)
     finally:
         proc.terminate()
         proc.wait(10)
@@ -165,10 +173,14 @@ async def main_async(n: int, barge: int) -> None:
     print_table(
         [{"replier": k, **results[k]["summary"]} for k in ("embedded", "openai_compatible")]
     )
-    b = results["barge_in_ms"]
+    b, d = results["barge_in_ms"], results["barge_in_detected_ms"]
     print(
         f"\nBarge-in, speech onset -> avatar silent at the client (ms): {b} "
         f"(median {statistics.median(b):.0f})"
+    )
+    print(
+        f"Barge-in, speech onset -> server detects it (ms): {d} "
+        f"(median {statistics.median(d):.0f})"
     )
     write_result(
         "conversation",
@@ -176,6 +188,7 @@ async def main_async(n: int, barge: int) -> None:
             "note": "tiny.en int8 CPU, viseme engine, Piper joe voice; server + bot on 2 cores",
             **results,
             "barge_in_median_ms": round(statistics.median(b), 1),
+            "barge_in_detected_median_ms": round(statistics.median(d), 1),
         },
     )
 

@@ -135,6 +135,7 @@ class IceServer:
 class WebRTCSettings:
     ice_servers: tuple[IceServer, ...]
     host_candidates: HostCandidates
+    mic_prefetch_frames: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +190,7 @@ class VadSettings:
     threshold: float
     min_speech_ms: int
     end_silence_ms: int
+    pause_ms: int
     max_utterance_s: float
 
 
@@ -227,8 +229,41 @@ class LlmSettings:
 class ConversationSettings:
     listen: bool
     barge_in: bool
+    preemptive: bool
     language: str
     max_chat_chars: int
+
+
+@dataclass(frozen=True, slots=True)
+class RenderSettings:
+    max_text_chars: int
+    max_audio_bytes: int
+    max_audio_s: float
+    sync_timeout_s: float
+    min_fps: int
+    max_fps: int
+    h264_preset: str
+    h264_crf: int
+    vp9_crf: int
+
+
+JobsBackend = Literal["local", "redis"]
+
+
+@dataclass(frozen=True, slots=True)
+class JobsSettings:
+    backend: JobsBackend
+    redis_url: str
+    workers: int
+    max_queue: int
+    keep_finished_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    dir: str | None
+    max_bytes: int
+    ttl_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +279,9 @@ class Settings:
     stt: SttSettings
     llm: LlmSettings
     conversation: ConversationSettings
+    render: RenderSettings
+    jobs: JobsSettings
+    cache: CacheSettings
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain data (lists, not tuples) for logging or a /config endpoint.
@@ -256,6 +294,7 @@ class Settings:
                 out[f.name] = {
                     "ice_servers": [s.to_dict() for s in section.ice_servers],
                     "host_candidates": section.host_candidates,
+                    "mic_prefetch_frames": section.mic_prefetch_frames,
                 }
             elif isinstance(section, LlmSettings):
                 out[f.name] = section.to_dict()
@@ -276,6 +315,9 @@ _SECTION_TYPES: dict[str, type] = {
     "stt": SttSettings,
     "llm": LlmSettings,
     "conversation": ConversationSettings,
+    "render": RenderSettings,
+    "jobs": JobsSettings,
+    "cache": CacheSettings,
 }
 _SCHEMA: dict[str, tuple[str, ...]] = {
     name: tuple(f.name for f in fields(cls)) for name, cls in _SECTION_TYPES.items()
@@ -659,6 +701,7 @@ def _webrtc(s: _Section) -> WebRTCSettings:
     return WebRTCSettings(
         ice_servers=tuple(_ice_server(s, i, item) for i, item in enumerate(raw)),
         host_candidates=s.get_choice("host_candidates", get_args(HostCandidates)),
+        mic_prefetch_frames=s.get_int("mic_prefetch_frames", 0, 8),
     )
 
 
@@ -713,6 +756,7 @@ def _vad(s: _Section) -> VadSettings:
         threshold=s.get_float("threshold", 0.05, 0.95),
         min_speech_ms=s.get_int("min_speech_ms", 32, 5000),
         end_silence_ms=s.get_int("end_silence_ms", 96, 10000),
+        pause_ms=s.get_int("pause_ms", 32, 10000),
         max_utterance_s=s.get_float("max_utterance_s", 1, 120),
     )
 
@@ -751,8 +795,51 @@ def _conversation(s: _Section) -> ConversationSettings:
     return ConversationSettings(
         listen=s.get_bool("listen"),
         barge_in=s.get_bool("barge_in"),
+        preemptive=s.get_bool("preemptive"),
         language=s.get_str("language"),
         max_chat_chars=s.get_int("max_chat_chars", 1, 100_000),
+    )
+
+
+H264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow")
+
+
+def _render(s: _Section) -> RenderSettings:
+    min_fps = s.get_int("min_fps", 1, 60)
+    max_fps = s.get_int("max_fps", 1, 60)
+    if min_fps > max_fps:
+        raise s.error("min_fps", f"must not exceed max_fps ({max_fps})")
+    return RenderSettings(
+        max_text_chars=s.get_int("max_text_chars", 1, 100_000),
+        max_audio_bytes=s.get_int("max_audio_bytes", 1024),
+        max_audio_s=s.get_float("max_audio_s", 0, lo_open=True),
+        sync_timeout_s=s.get_float("sync_timeout_s", 0, lo_open=True),
+        min_fps=min_fps,
+        max_fps=max_fps,
+        h264_preset=s.get_choice("h264_preset", H264_PRESETS),
+        h264_crf=s.get_int("h264_crf", 0, 51),
+        vp9_crf=s.get_int("vp9_crf", 0, 63),
+    )
+
+
+def _jobs(s: _Section) -> JobsSettings:
+    url = s.get_str("redis_url")
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise s.error("redis_url", "must start with redis://, rediss:// or unix://")
+    return JobsSettings(
+        backend=s.get_choice("backend", get_args(JobsBackend)),
+        redis_url=url,
+        workers=s.get_int("workers", 0, 64),
+        max_queue=s.get_int("max_queue", 1),
+        keep_finished_s=s.get_float("keep_finished_s", 0, lo_open=True),
+    )
+
+
+def _cache(s: _Section) -> CacheSettings:
+    return CacheSettings(
+        dir=s.get_optional_str("dir"),
+        max_bytes=s.get_int("max_bytes", 1 << 20),
+        ttl_s=s.get_float("ttl_s", 0, lo_open=True),
     )
 
 
@@ -800,4 +887,7 @@ def load_settings(
         stt=_stt(_Section(merged, "stt")),
         llm=_llm(_Section(merged, "llm")),
         conversation=_conversation(_Section(merged, "conversation")),
+        render=_render(_Section(merged, "render")),
+        jobs=_jobs(_Section(merged, "jobs")),
+        cache=_cache(_Section(merged, "cache")),
     )

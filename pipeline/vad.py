@@ -215,7 +215,15 @@ class SpeechPause:
     end_ms: int
 
 
-ListenEvent = SpeechStart | SpeechEnd | SpeechPause
+@dataclass(frozen=True, slots=True)
+class SpeechResume:
+    """Speech came back after a ``SpeechPause``: that pause was not the end of the utterance.
+    at_ms: where the resumed speech chunk ended."""
+
+    at_ms: int
+
+
+ListenEvent = SpeechStart | SpeechEnd | SpeechPause | SpeechResume
 
 
 class Endpointer:
@@ -261,6 +269,7 @@ class Endpointer:
         self._onset = -1  # sample where the current speech run began; -1: none
         self._last_speech_end = 0
         self._paused_at = -1  # the speech end a SpeechPause was emitted for
+        self._pause_open = False  # a SpeechPause was emitted and no speech came since
         self._idle: deque[np.ndarray] = deque()  # pre-roll ring (whole chunks)
         self._idle_samples = 0
         self._utterance: list[np.ndarray] = []
@@ -314,6 +323,9 @@ class Endpointer:
                 return [SpeechStart(self._ms(self._onset), self._ms(self._pos))]
             return []
 
+        if self._is_speech and self._pause_open:
+            self._pause_open = False
+            return [SpeechResume(self._ms(self._pos))]
         if self._pos - self._onset >= self._max_utterance:
             return [self._end(self._pos)]
         silent_for = self._pos - self._last_speech_end
@@ -326,6 +338,7 @@ class Endpointer:
             and self._paused_at != self._last_speech_end
         ):
             self._paused_at = self._last_speech_end
+            self._pause_open = True
             return [
                 SpeechPause(
                     _concat(self._utterance), self._ms(self._onset), self._ms(self._last_speech_end)
@@ -338,6 +351,7 @@ class Endpointer:
         event = SpeechEnd(audio, self._ms(self._onset), self._ms(end), self._ms(self._pos))
         self._utterance, self._onset, self._confirmed = [], -1, False
         self._is_speech = False
+        self._pause_open = False
         return event
 
     def _keep_pre_roll(self, chunk: np.ndarray) -> None:

@@ -172,8 +172,13 @@ class Bot:
         mic: str | None = None,
         avatar_id: str | None = None,
         record: str | None = None,
+        audio_prefetch: int | None = None,
     ) -> None:
+        """audio_prefetch: 20 ms audio frames the receiver waits for before handing one on
+        (None: aiortc's 4). The bot records, it never plays: 1 measures what arrives when it
+        arrives."""
         self.url = url.rstrip("/")
+        self.audio_prefetch = audio_prefetch
         self.avatar_id = avatar_id
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.video = StreamLog("video", 90_000)
@@ -226,6 +231,10 @@ class Bot:
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         log = self.video if track.kind == "video" else self.audio
+        if track.kind == "audio" and self.audio_prefetch is not None:
+            from rtc_server.session import set_audio_prefetch
+
+            set_audio_prefetch(self.pc, track, self.audio_prefetch)
         if self._recorder is not None:
             # both the recorder and the measurements need every frame
             self._recorder.addTrack(self._relay.subscribe(track))

@@ -7,6 +7,9 @@ lip-sync -> compositor, with barge-in.
   stream, cut into sentences as it arrives; each sentence is synthesised and handed to the
   lip-sync engine while the next one is still being written, so the avatar starts speaking
   after the first sentence.
+- Preemptive answers (``conversation.preemptive``): at a pause in the person's speech the
+  turn starts at once (transcription, reply, synthesis) but is held: nothing is sent or
+  scheduled until the end of the turn is confirmed; speech resuming throws it away.
 - Barge-in: confirmed speech (longer than ``vad.min_speech_ms``) while the avatar thinks or
   speaks cancels the turn (reply stream, synthesis) and interrupts playout at the next frame.
 - Events: the user's transcript, the assistant's text when its audio starts playing (never
@@ -21,7 +24,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -64,14 +67,33 @@ class Host(Protocol):
 
 @dataclass(slots=True)
 class Turn:
-    number: int
+    """One answer. A preemptive turn is not ``committed`` yet: what it would send or schedule
+    is ``held`` until the end of the person's speech is confirmed (or thrown away). Its
+    ``number`` (shown to the client) is given when it is committed; ``key`` tags its speech."""
+
+    key: int
     started: float  # time.monotonic() when the user's speech ended (or the chat arrived)
     source: str  # "voice" | "chat"
+    number: int = 0
+    committed: bool = True
+    held: list[Callable[[], None]] = field(default_factory=list)
     user_text: str = ""
     reply: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     first_audio_scheduled: bool = False
     reported: bool = False
+
+    def when_committed(self, action: Callable[[], None]) -> None:
+        if self.committed:
+            action()
+        else:
+            self.held.append(action)
+
+    def commit(self, number: int) -> None:
+        self.number, self.committed = number, True
+        held, self.held = self.held, []
+        for action in held:
+            action()
 
 
 def _ms(seconds: float) -> float:
@@ -105,11 +127,13 @@ class Conversation:
         self._mic_pool = ThreadPoolExecutor(1, thread_name_prefix=f"mic-{host.id[:6]}")
         self._turn_task: asyncio.Task[None] | None = None
         self._turn: Turn | None = None
-        self._turns = 0
+        self._turns = 0  # turn numbers given (committed turns)
+        self._keys = 0  # turn keys given (every turn, preemptive ones too)
         self.history: list[dict[str, str]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
-        # an early transcription started at a pause: (speech end ms, started, task)
-        self._speculative: tuple[int, float, asyncio.Task[Any]] | None = None
+        # work started at a pause, kept if the end confirms it: (speech end ms, turn, task);
+        # the turn is None for an early transcription only (conversation.preemptive false)
+        self._speculative: tuple[int, Turn | None, asyncio.Task[Any]] | None = None
         self.barge_ins = 0
         self.closed = False
 
@@ -161,25 +185,46 @@ class Conversation:
                 self.barge_in()
             self._host.send_event({"type": "state", "state": "listening", "user": "speaking"})
         elif kind == "SpeechPause":
-            # maybe the end of the turn: start transcribing now, keep it if the end comes
+            # maybe the end of the turn: start on it now, keep the work if the end comes
             if self._stt is not None and not self.closed:
                 self._cancel_speculation()
-                t0 = time.monotonic()
-                task = self._spawn(self._stt.transcribe(event.audio), "stt-early")
-                self._speculative = (int(event.end_ms), t0, task)
-        elif kind == "SpeechEnd":
-            now = time.monotonic()
-            # how long ago, in mic-stream time (audio fed to the VAD), the speech really ended
-            assert self._listener is not None
-            behind_s = max(0.0, (self._listener.time_ms - float(event.end_ms)) / 1000.0)
-            turn = self._new_turn(now - behind_s, "voice")
-            turn.metrics["vad_end_ms"] = _ms(behind_s)
-            early = None
-            if self._speculative is not None and self._speculative[0] == int(event.end_ms):
-                early = self._speculative[1:]
-                self._speculative = None
+                if self._settings.conversation.preemptive:
+                    turn = self._new_turn(self._speech_ended_at(event.end_ms), "voice")
+                    turn.committed = False
+                    task = self._spawn(self._voice_turn(turn, event.audio), "turn-preemptive")
+                    self._speculative = (int(event.end_ms), turn, task)
+                else:
+                    task = self._spawn(self._stt.transcribe(event.audio), "stt-early")
+                    self._speculative = (int(event.end_ms), None, task)
+        elif kind == "SpeechResume":
             self._cancel_speculation()
-            self._start(self._voice_turn(turn, event.audio, early))
+        elif kind == "SpeechEnd":
+            started = self._speech_ended_at(event.end_ms)
+            vad_end_ms = _ms(time.monotonic() - started)
+            spec, self._speculative = self._speculative, None
+            if spec is not None and spec[0] == int(event.end_ms):
+                _, early_turn, task = spec
+                if early_turn is not None:  # preemptive: the held turn becomes the turn
+                    early_turn.metrics["vad_end_ms"] = vad_end_ms
+                    early_turn.metrics["preemptive"] = 1.0
+                    self._adopt(early_turn, task)
+                    return
+                turn = self._new_turn(started, "voice")
+                turn.metrics["vad_end_ms"] = vad_end_ms
+                self._start(turn, self._voice_turn(turn, event.audio, task))
+                return
+            if spec is not None:
+                spec[2].cancel()
+            turn = self._new_turn(started, "voice")
+            turn.metrics["vad_end_ms"] = vad_end_ms
+            self._start(turn, self._voice_turn(turn, event.audio))
+
+    def _speech_ended_at(self, end_ms: int) -> float:
+        """time.monotonic() when the speech ending at ``end_ms`` of mic-stream time (audio
+        fed to the VAD) ended."""
+        assert self._listener is not None
+        behind_s = max(0.0, (self._listener.time_ms - float(end_ms)) / 1000.0)
+        return time.monotonic() - behind_s
 
     def _cancel_speculation(self) -> None:
         if self._speculative is not None:
@@ -194,6 +239,8 @@ class Conversation:
         logger.info("session %s: barge-in", self._host.id[:8])
 
     def cancel(self) -> None:
+        """Stop the current turn and any held (preemptive) one."""
+        self._cancel_speculation()
         if self._turn_task is not None and not self._turn_task.done():
             self._turn_task.cancel()
 
@@ -205,38 +252,49 @@ class Conversation:
             self._host.cut()
         turn = self._new_turn(time.monotonic(), "chat")
         turn.user_text = text
-        self._host.send_event(
-            {
-                "type": "transcript",
-                "role": "user",
-                "text": text,
-                "final": True,
-                "turn": turn.number,
-                "source": "chat",
-            }
+        self._start(turn, self._reply_turn(turn))
+        self._emit(
+            turn,
+            {"type": "transcript", "role": "user", "text": text, "final": True, "source": "chat"},
         )
-        self._start(self._reply_turn(turn))
 
     def _new_turn(self, started: float, source: str) -> Turn:
-        self._turns += 1
-        return Turn(number=self._turns, started=started, source=source)
+        self._keys += 1
+        return Turn(key=self._keys, started=started, source=source)
 
-    def _start(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _start(self, turn: Turn, coro: Coroutine[Any, Any, None]) -> None:
+        """Make ``turn`` the current turn (replacing any other) and run ``coro`` for it."""
+        self._adopt(turn, self._spawn(coro, "turn"))
+
+    def _adopt(self, turn: Turn, task: asyncio.Task[Any]) -> None:
         self.cancel()
-        self._turn_task = self._spawn(coro, "turn")
+        self._turns += 1
+        self._turn, self._turn_task = turn, task
+        turn.commit(self._turns)
+
+    def _emit(self, turn: Turn, event: dict[str, object]) -> None:
+        """Send ``event`` for ``turn`` (held while the turn is preemptive); a ``turn`` field
+        is added with the turn's number."""
+
+        def send() -> None:
+            payload = dict(event)
+            if payload.get("type") in ("transcript", "metrics"):
+                payload["turn"] = turn.number
+            self._host.send_event(payload)
+
+        turn.when_committed(send)
 
     async def _voice_turn(
-        self, turn: Turn, audio: np.ndarray, early: tuple[float, asyncio.Task[Any]] | None = None
+        self, turn: Turn, audio: np.ndarray, early: asyncio.Task[Any] | None = None
     ) -> None:
-        """``early``: a transcription of the same speech started at its pause (when it began,
-        the task); its result is used instead of transcribing again."""
+        """``early``: a transcription of the same speech started at its pause; its result is
+        used instead of transcribing again."""
         assert self._stt is not None
-        self._turn = turn
-        self._host.send_event({"type": "state", "state": "thinking"})
+        self._emit(turn, {"type": "state", "state": "thinking"})
         t0 = time.monotonic()
         try:
             if early is not None:
-                transcript = await early[1]
+                transcript = await early
                 turn.metrics["stt_early"] = 1.0
             else:
                 transcript = await self._stt.transcribe(audio)
@@ -244,35 +302,34 @@ class Conversation:
             raise
         except Exception as exc:
             logger.exception("transcription failed")
-            self._host.send_event(
-                {"type": "error", "message": f"transcription failed: {exc}", "fatal": False}
+            self._emit(
+                turn, {"type": "error", "message": f"transcription failed: {exc}", "fatal": False}
             )
-            self._host.send_event({"type": "state", "state": "listening"})
+            self._emit(turn, {"type": "state", "state": "listening"})
             return
         turn.metrics["stt_ms"] = _ms(time.monotonic() - t0)
         text = transcript.text.strip()
         if not text:
-            self._host.send_event({"type": "state", "state": "listening"})
+            self._emit(turn, {"type": "state", "state": "listening"})
             return
         turn.user_text = text
-        self._host.send_event(
+        self._emit(
+            turn,
             {
                 "type": "transcript",
                 "role": "user",
                 "text": text,
                 "final": True,
-                "turn": turn.number,
                 "source": "voice",
                 "language": transcript.language,
-            }
+            },
         )
         await self._reply_turn(turn)
 
     async def _reply_turn(self, turn: Turn) -> None:
         from pipeline.replier import ReplyError
 
-        self._turn = turn
-        self._host.send_event({"type": "state", "state": "thinking"})
+        self._emit(turn, {"type": "state", "state": "thinking"})
         sentences: asyncio.Queue[str | None] = asyncio.Queue()
         speaker = self._spawn(self._speaker(turn, sentences), "speaker")
         splitter = SentenceSplitter()
@@ -298,34 +355,39 @@ class Conversation:
             raise
         except ReplyError as exc:
             fatal = bool(getattr(self._replier, "fatal", False))
-            self._host.send_event(
+            self._emit(
+                turn,
                 {
                     "type": "error",
                     "message": f"the reply failed: {exc.detail}",
                     "fatal": fatal,
                     "stage": "llm",
-                }
+                },
             )
         except Exception as exc:
             logger.exception("reply failed")
-            self._host.send_event(
+            self._emit(
+                turn,
                 {
                     "type": "error",
                     "message": f"the reply failed: {exc}",
                     "fatal": False,
                     "stage": "llm",
-                }
+                },
             )
         finally:
             sentences.put_nowait(None)
         await speaker
         if ok and turn.reply:
-            self.history.append({"role": "user", "content": turn.user_text})
-            self.history.append({"role": "assistant", "content": " ".join(turn.reply)})
-            keep = 2 * max(self._settings.llm.history_turns, 1)
-            del self.history[:-keep]
+            turn.when_committed(functools.partial(self._remember, turn))
         if not turn.first_audio_scheduled:
-            self._host.send_event({"type": "state", "state": "listening"})
+            self._emit(turn, {"type": "state", "state": "listening"})
+
+    def _remember(self, turn: Turn) -> None:
+        self.history.append({"role": "user", "content": turn.user_text})
+        self.history.append({"role": "assistant", "content": " ".join(turn.reply)})
+        keep = 2 * max(self._settings.llm.history_turns, 1)
+        del self.history[:-keep]
 
     async def _speaker(self, turn: Turn, sentences: asyncio.Queue[str | None]) -> None:
         from media_tracks.compositor import Segment
@@ -344,28 +406,28 @@ class Conversation:
                         turn.metrics["tts_first_audio_ms"] = _ms(t1 - t0)
                         turn.metrics["lipsync_first_frame_ms"] = _ms(time.monotonic() - t1)
                         turn.first_audio_scheduled = True
-                    self._host.schedule(
-                        Segment(
-                            pcm=audio.pcm,
-                            mouth=track.openness(),
-                            lips=track,
-                            text=sentence if first else "",
-                            tag=("turn", turn.number),
-                        )
+                    segment = Segment(
+                        pcm=audio.pcm,
+                        mouth=track.openness(),
+                        lips=track,
+                        text=sentence if first else "",
+                        tag=("turn", turn.key),
                     )
+                    turn.when_committed(functools.partial(self._host.schedule, segment))
                     first = False
                 turn.reply.append(sentence)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 logger.exception("speech synthesis failed")
-                self._host.send_event(
+                self._emit(
+                    turn,
                     {
                         "type": "error",
                         "fatal": False,
                         "stage": "tts",
                         "message": f"speech synthesis failed: {exc}",
-                    }
+                    },
                 )
 
     # --- playout --------------------------------------------------------------------------
@@ -376,14 +438,12 @@ class Conversation:
             turn is None
             or turn.reported
             or not isinstance(tag, tuple)
-            or tag != ("turn", turn.number)
+            or tag != ("turn", turn.key)
         ):
             return
         turn.reported = True
         turn.metrics["voice_to_voice_ms"] = _ms(time.monotonic() - turn.started)
-        self._host.send_event(
-            {"type": "metrics", "turn": turn.number, "source": turn.source, **turn.metrics}
-        )
+        self._emit(turn, {"type": "metrics", "source": turn.source, **turn.metrics})
 
 
 def make_conversation_parts(settings: Settings, vad_model: Any) -> tuple[Any | None, Any | None]:
@@ -398,7 +458,7 @@ def make_conversation_parts(settings: Settings, vad_model: Any) -> tuple[Any | N
         threshold=v.threshold,
         neg_threshold=max(0.01, v.threshold - 0.15),
         # transcription starts at this much silence and is kept if the turn really ends
-        pause_ms=min(250, v.end_silence_ms // 2),
+        pause_ms=min(v.pause_ms, v.end_silence_ms // 2),
         min_speech_ms=v.min_speech_ms,
         end_silence_ms=v.end_silence_ms,
         max_utterance_s=v.max_utterance_s,

@@ -198,7 +198,7 @@ def test_48k_mono_frames(vad: SileroVad) -> None:
 
 
 def test_pause_events_come_before_the_end_and_only_once_per_silence():
-    from pipeline.vad import Endpointer, SpeechEnd, SpeechPause, SpeechStart
+    from pipeline.vad import Endpointer, SpeechEnd, SpeechPause, SpeechResume, SpeechStart
 
     ep = Endpointer(min_speech_ms=96, end_silence_ms=608, pause_ms=256)
     events = []
@@ -206,7 +206,11 @@ def test_pause_events_come_before_the_end_and_only_once_per_silence():
     for prob in [0.9] * 16 + [0.0] * 12 + [0.9] * 16 + [0.0] * 30:
         events += [(ep.time_ms, e) for e in ep.feed(prob)]
     kinds = [type(e).__name__ for _, e in events]
-    assert kinds == ["SpeechStart", "SpeechPause", "SpeechPause", "SpeechEnd"]
+    assert kinds == ["SpeechStart", "SpeechPause", "SpeechResume", "SpeechPause", "SpeechEnd"]
+    resume = events.pop(2)
+    # the resume comes with the first speech chunk after the pause, and only once
+    assert isinstance(resume[1], SpeechResume) and resume[0] == resume[1].at_ms
+    assert resume[1].at_ms == (16 + 12 + 1) * 32
     first_pause, second_pause, end = events[1][1], events[2][1], events[3][1]
     assert isinstance(events[0][1], SpeechStart)
     assert isinstance(first_pause, SpeechPause) and isinstance(second_pause, SpeechPause)

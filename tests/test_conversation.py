@@ -1,0 +1,249 @@
+"""The conversation's turn logic without a network: VAD events are fed by hand, the host
+records what would go to the client. Covers preemptive answers (started at a pause, held until
+the end of the turn is confirmed, thrown away when speech resumes)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+
+from config import load_settings
+from pipeline.lipsync.viseme_engine import VisemeEngine
+from pipeline.stt import Transcript
+from pipeline.vad import SpeechEnd, SpeechPause, SpeechResume, SpeechStart
+from rtc_server.conversation import Conversation
+from tests.fakes.tts import ToneTTS
+
+
+class Host:
+    id = "unit-test-session"
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.scheduled: list[Any] = []
+        self.cuts = 0
+
+    def send_event(self, event: dict[str, object]) -> None:
+        self.events.append(dict(event))
+
+    def schedule(self, segment: Any) -> None:
+        self.scheduled.append(segment)
+
+    def cut(self) -> None:
+        self.cuts += 1
+
+    @property
+    def playing(self) -> bool:
+        return False
+
+
+class CountingSTT:
+    def __init__(self, text: str = "hello there") -> None:
+        self.text = text
+        self.calls = 0
+
+    async def transcribe(self, audio16k: np.ndarray) -> Transcript:
+        self.calls += 1
+        await asyncio.sleep(0)
+        return Transcript(self.text, "en", 1.0, len(audio16k) / 16000, 0.0)
+
+
+class CountingReplier:
+    name = "counting"
+
+    def __init__(self, answer: str = "Hello, my friend. Nice to meet you today.") -> None:
+        self.answer = answer
+        self.calls: list[str] = []
+        self.closed = 0
+
+    async def reply(
+        self, history: Sequence[Any], text: str, *, language: str = "en"
+    ) -> AsyncIterator[str]:
+        self.calls.append(text)
+        try:
+            for word in self.answer.split(" "):
+                await asyncio.sleep(0)
+                yield word + " "
+        finally:
+            self.closed += 1
+
+
+class Mic:
+    """Stands in for the VAD listener: only its clock is read."""
+
+    time_ms = 0
+
+
+def make(preemptive: bool = True) -> tuple[Conversation, Host, CountingSTT, CountingReplier, Mic]:
+    settings = load_settings(env={}, overrides={"conversation.preemptive": preemptive})
+    host, stt, replier, mic = Host(), CountingSTT(), CountingReplier(), Mic()
+    conv = Conversation(
+        host,
+        settings=settings,
+        tts=ToneTTS(),
+        lipsync=VisemeEngine(),
+        replier=replier,
+        stt=stt,
+        listener=mic,
+        resampler=None,
+        executor=None,
+    )
+    return conv, host, stt, replier, mic
+
+
+AUDIO = np.zeros(16000, np.float32)
+
+
+async def settle(conv: Conversation) -> None:
+    """Let every task of the conversation run as far as it can."""
+    for _ in range(200):
+        await asyncio.sleep(0)
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    if tasks:
+        await asyncio.wait(tasks, timeout=5)
+    for _ in range(50):
+        await asyncio.sleep(0)
+
+
+def sent(host: Host) -> list[str]:
+    return [e.get("state") or e["type"] for e in host.events]
+
+
+@pytest.mark.asyncio
+async def test_a_preemptive_answer_is_held_until_the_end_of_the_turn():
+    conv, host, stt, replier, mic = make()
+    conv._on_vad_event(SpeechStart(0, 250))
+    host.events.clear()
+    mic.time_ms = 1250
+    conv._on_vad_event(SpeechPause(AUDIO, 0, 1000))
+    await settle(conv)
+    # everything is ready (transcribed, answered, synthesised) but nothing went out
+    assert stt.calls == 1 and replier.calls == ["hello there"]
+    assert host.events == [] and host.scheduled == []
+    assert conv.history == []
+    mic.time_ms = 1600
+    conv._on_vad_event(SpeechEnd(AUDIO, 0, 1000, 1600))
+    # the end releases the held turn in order, without transcribing or answering again
+    assert sent(host) == ["thinking", "transcript", "thinking"]
+    transcript = host.events[1]
+    assert transcript["text"] == "hello there" and transcript["turn"] == 1
+    assert [s.text for s in host.scheduled] == ["Hello, my friend.", "Nice to meet you today."]
+    assert stt.calls == 1 and len(replier.calls) == 1
+    assert [m["role"] for m in conv.history] == ["user", "assistant"]
+    # the turn's speech is tagged for the playout report; the metrics follow playout
+    conv.on_playout(host.scheduled[0].tag)
+    metrics = host.events[-1]
+    assert metrics["type"] == "metrics" and metrics["turn"] == 1
+    assert metrics["preemptive"] == 1.0
+    # the speech ended 600 ms of mic time before the end was declared
+    assert 590 <= metrics["vad_end_ms"] <= 700
+    await conv.aclose()
+
+
+@pytest.mark.asyncio
+async def test_speech_resuming_throws_the_held_answer_away():
+    conv, host, stt, replier, mic = make()
+    conv._on_vad_event(SpeechStart(0, 250))
+    host.events.clear()
+    mic.time_ms = 1250
+    conv._on_vad_event(SpeechPause(AUDIO, 0, 1000))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    conv._on_vad_event(SpeechResume(1300))
+    await settle(conv)
+    assert host.events == [] and host.scheduled == [] and conv.history == []
+    assert replier.closed == len(replier.calls)  # a started reply stream was closed
+    # the real end: a fresh turn, numbered 1 (the discarded one took no number)
+    stt.text = "hello there, how are you"
+    mic.time_ms = 2600
+    conv._on_vad_event(SpeechEnd(AUDIO, 0, 2000, 2600))
+    await settle(conv)
+    transcripts = [e for e in host.events if e["type"] == "transcript"]
+    assert [(t["text"], t["turn"]) for t in transcripts] == [("hello there, how are you", 1)]
+    assert len(host.scheduled) == 2
+    assert conv.history[0]["content"] == "hello there, how are you"
+    await conv.aclose()
+
+
+@pytest.mark.asyncio
+async def test_an_end_for_other_speech_replaces_the_held_answer():
+    conv, host, stt, replier, mic = make()
+    mic.time_ms = 1250
+    conv._on_vad_event(SpeechPause(AUDIO, 0, 1000))
+    await settle(conv)
+    mic.time_ms = 2700
+    conv._on_vad_event(SpeechEnd(AUDIO, 0, 2100, 2700))  # speech went on past the pause
+    await settle(conv)
+    assert stt.calls == 2 and len(replier.calls) == 2
+    assert [e["turn"] for e in host.events if e["type"] == "transcript"] == [1]
+    assert len(host.scheduled) == 2  # only the confirmed turn speaks
+    await conv.aclose()
+
+
+@pytest.mark.asyncio
+async def test_without_preemption_only_the_transcription_starts_at_the_pause():
+    conv, host, stt, replier, mic = make(preemptive=False)
+    mic.time_ms = 1250
+    conv._on_vad_event(SpeechPause(AUDIO, 0, 1000))
+    await settle(conv)
+    assert stt.calls == 1 and replier.calls == [] and host.events == []
+    mic.time_ms = 1600
+    conv._on_vad_event(SpeechEnd(AUDIO, 0, 1000, 1600))
+    await settle(conv)
+    assert stt.calls == 1 and replier.calls == ["hello there"]
+    metrics_free = [e["type"] for e in host.events]
+    assert metrics_free[:2] == ["state", "transcript"]
+    assert len(host.scheduled) == 2
+    await conv.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_chat_message_drops_a_held_answer():
+    conv, host, stt, replier, mic = make()
+    mic.time_ms = 1250
+    conv._on_vad_event(SpeechPause(AUDIO, 0, 1000))
+    await settle(conv)
+    conv.chat("What is your name?")
+    await settle(conv)
+    mic.time_ms = 1600
+    conv._on_vad_event(SpeechEnd(AUDIO, 0, 1000, 1600))  # too late: the held turn is gone
+    await settle(conv)
+    transcripts = [(e["text"], e["turn"]) for e in host.events if e["type"] == "transcript"]
+    # the chat is turn 1; the end of speech after it starts a fresh turn 2
+    assert transcripts[0] == ("What is your name?", 1)
+    assert [t for _, t in transcripts] == [1, 2]
+    await conv.aclose()
+
+
+@pytest.mark.asyncio
+async def test_the_microphone_receiver_hands_frames_on_after_one_more_not_four():
+    from aiortc import RTCPeerConnection
+    from aiortc.rtp import RtpPacket
+
+    from rtc_server.session import set_audio_prefetch
+
+    pc = RTCPeerConnection()
+    try:
+        transceiver = pc.addTransceiver("audio", direction="recvonly")
+        receiver = transceiver.receiver
+
+        def frames_out(n_packets: int) -> int:
+            buf = receiver._RTCRtpReceiver__jitter_buffer  # type: ignore[attr-defined]
+            out = 0
+            for seq in range(n_packets):
+                packet = RtpPacket(payload_type=111, sequence_number=seq, timestamp=seq * 960)
+                packet._data = b"\x00"  # what the receiver stores after depacketising
+                _, frame = buf.add(packet)
+                out += frame is not None
+            return out
+
+        assert frames_out(5) == 1  # aiortc's default: a frame once four more are queued
+        assert set_audio_prefetch(pc, receiver.track, 1)
+        assert frames_out(5) == 4  # now every frame but the newest is out
+        assert not set_audio_prefetch(pc, object(), 1)  # type: ignore[arg-type]
+    finally:
+        await pc.close()
