@@ -24,6 +24,7 @@ from pipeline.lipsync import LipSyncEngine, create_lipsync_engine
 from pipeline.tts import PiperTTS, TextToSpeech
 from rtc_server.avatars_api import AVATAR_API, AvatarApi, add_avatar_routes
 from rtc_server.ice import use_host_candidates
+from rtc_server.render_api import RENDER_SERVICE, add_render_routes, start_render_service
 from rtc_server.session import Session
 
 logger = logging.getLogger(__name__)
@@ -290,7 +291,10 @@ def create_app(
         else:
             stt, vad = None, None
         app[STT], app[VAD] = stt, vad
+        render_service = await start_render_service(settings, library, engine, app[TTS])
+        app[RENDER_SERVICE] = render_service
         yield
+        await render_service.aclose()
         sessions: dict[str, Session] = app[SESSIONS]
         await asyncio.gather(*(s.aclose("server shutting down") for s in list(sessions.values())))
         await asyncio.to_thread(registration.close)
@@ -306,5 +310,6 @@ def create_app(
     app.router.add_get("/sessions", handle_sessions)
     app.router.add_delete("/sessions/{session_id}", handle_delete_session)
     add_avatar_routes(app)
+    add_render_routes(app)
     app.router.add_static("/web/", WEB_DIR, show_index=False)
     return app
