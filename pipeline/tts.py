@@ -102,12 +102,20 @@ class PiperTTS:
     async def aload(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self.load)
 
-    def _iter_sentences(self, text: str) -> Iterator[SpeechAudio]:
+    @property
+    def speed(self) -> float:
+        """The speech rate used when a call gives none (1.0 = the voice's natural speed)."""
+        return self._speed
+
+    def _iter_sentences(self, text: str, *, speed: float | None = None) -> Iterator[SpeechAudio]:
         from piper import SynthesisConfig
 
         if self._voice is None:
             self.load()
-        cfg = SynthesisConfig(length_scale=1.0 / self._speed)
+        rate = self._speed if speed is None else speed
+        if not (0.1 <= rate <= 10.0):
+            raise PipelineError(f"speech rate must be in 0.1..10, got {rate}")
+        cfg = SynthesisConfig(length_scale=1.0 / rate)
         for chunk in self._voice.synthesize(text, syn_config=cfg, include_alignments=True):
             src_rate = int(chunk.sample_rate)
             pcm = resample_int16(chunk.audio_int16_array, src_rate, self.sample_rate)
@@ -124,9 +132,13 @@ class PiperTTS:
                 phonemes=phonemes,
             )
 
-    async def sentences(self, text: str) -> AsyncIterator[SpeechAudio]:
+    async def sentences(
+        self, text: str, *, speed: float | None = None
+    ) -> AsyncIterator[SpeechAudio]:
+        """Synthesise ``text`` sentence by sentence; ``speed`` (None: the constructor's)
+        scales the speech rate for this call only (Piper's length_scale = 1 / speed)."""
         loop = asyncio.get_running_loop()
-        it = self._iter_sentences(text)
+        it = self._iter_sentences(text, speed=speed)
         sentinel = object()
         while True:
             item = await loop.run_in_executor(self._executor, next, it, sentinel)
