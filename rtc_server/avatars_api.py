@@ -40,10 +40,10 @@ from avatars.registration import RegistrationService, UploadTooLarge
 from avatars.store import AvatarRecord, AvatarStore, make_thumbnail
 from config.settings import AvatarSettings
 from pipeline.errors import AvatarServerError, BadRequest, NotFound
+from rtc_server.multipart import read_part
 
 __all__ = ["AVATAR_API", "AvatarApi", "AvatarInUse", "Forbidden", "add_avatar_routes"]
 
-CHUNK_BYTES = 256 * 1024
 # Room for the multipart framing and the name part on top of the file itself.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 MAX_NAME_PART_BYTES = 4096
@@ -154,7 +154,7 @@ async def _read_upload(request: web.Request, limit: int) -> tuple[bytes, str]:
             "Content-Type must be multipart/form-data (parts 'file' and 'name'), not "
             f"{request.content_type!r}"
         )
-    data: bytearray | None = None
+    data: bytes | None = None
     name: str | None = None
     try:
         reader = await request.multipart()
@@ -164,17 +164,17 @@ async def _read_upload(request: web.Request, limit: int) -> tuple[bytes, str]:
             if part.name == "file":
                 if data is not None:
                     raise BadRequest("more than one 'file' part")
-                data = bytearray()
-                while chunk := await part.read_chunk(CHUNK_BYTES):
-                    data += chunk
-                    if len(data) > limit:
-                        raise UploadTooLarge(f"the file is over the limit of {limit} bytes")
+                data = await read_part(
+                    part,
+                    limit,
+                    UploadTooLarge(f"the file is over the limit of {limit} bytes"),
+                )
             else:
-                raw = bytearray()
-                while chunk := await part.read_chunk(CHUNK_BYTES):
-                    raw += chunk
-                    if len(raw) > MAX_NAME_PART_BYTES:
-                        raise BadRequest(f"part {part.name!r} is too long")
+                raw = await read_part(
+                    part,
+                    MAX_NAME_PART_BYTES,
+                    BadRequest(f"part {part.name!r} is too long"),
+                )
                 if part.name == "name":
                     if name is not None:
                         raise BadRequest("more than one 'name' part")
@@ -188,7 +188,7 @@ async def _read_upload(request: web.Request, limit: int) -> tuple[bytes, str]:
         raise BadRequest("multipart part 'file' (the image or video) is required")
     if name is None:
         raise BadRequest("multipart part 'name' is required")
-    return bytes(data), name
+    return data, name
 
 
 async def handle_create(request: web.Request) -> web.Response:

@@ -43,6 +43,7 @@ from pipeline.render.cache import RenderCache
 from pipeline.render.jobs import JobQueue, JobState
 from pipeline.render.spec import RenderSpec
 from pipeline.tts import TextToSpeech
+from rtc_server.multipart import read_part
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ RESULT_FILES = {
 }
 FIELDS = ("avatar_id", "text", "voice", "speed", "format", "fps", "async", "priority")
 MAX_FIELD_BYTES = 64 * 1024
-CHUNK_BYTES = 256 * 1024
 KEY_LEN = 64
 
 
@@ -307,7 +307,7 @@ async def read_request(
             f"the upload is {request.content_length} bytes; at most {limit} are accepted"
         )
     fields: dict[str, object] = {}
-    audio: bytearray | None = None
+    audio: bytes | None = None
     try:
         reader = await request.multipart()
         async for part in reader:
@@ -317,28 +317,26 @@ async def read_request(
             if name == "audio":
                 if audio is not None:
                     raise BadRequest("more than one 'audio' part")
-                audio = bytearray()
-                while chunk := await part.read_chunk(CHUNK_BYTES):
-                    audio += chunk
-                    if len(audio) > limit:
-                        raise UploadTooLarge(f"the audio file is over the limit of {limit} bytes")
+                audio = await read_part(
+                    part,
+                    limit,
+                    UploadTooLarge(f"the audio file is over the limit of {limit} bytes"),
+                )
                 continue
             if name not in FIELDS:
                 raise BadRequest(f"unknown part {name[:40]!r}; accepted: audio, {list(FIELDS)}")
             if name in fields:
                 raise BadRequest(f"more than one {name!r} part")
-            raw = bytearray()
-            while chunk := await part.read_chunk(CHUNK_BYTES):
-                raw += chunk
-                if len(raw) > MAX_FIELD_BYTES:
-                    raise BadRequest(f"part {name!r} is too long")
+            raw = await read_part(
+                part, MAX_FIELD_BYTES, BadRequest(f"part {name!r} is too long")
+            )
             try:
                 fields[name] = raw.decode(part.get_charset(default="utf-8"))
             except (LookupError, UnicodeDecodeError) as exc:
                 raise BadRequest(f"part {name!r} is not valid text: {exc}") from None
     except (ValueError, AssertionError) as exc:
         raise BadRequest(f"malformed multipart body: {exc}") from None
-    return fields, None if audio is None else bytes(audio)
+    return fields, audio
 
 
 def probe_audio(data: bytes, max_s: float) -> float:
