@@ -234,3 +234,35 @@ async def test_cache_administration(aiohttp_client, tmp_path):
     assert (await client.get(files["video"])).status == 404
     stats = await (await client.get("/cache/stats")).json()
     assert stats["entries"] == 0 and stats["bytes"] == 0
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    from tests.fakes.redis_server import redis_server, redis_server_binary
+
+    if redis_server_binary() is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server)")
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+async def test_the_redis_backend_renders_and_its_jobs_outlive_the_api(
+    aiohttp_client, tmp_path, redis_url
+):
+    overrides = {"jobs.backend": "redis", "jobs.redis_url": redis_url}
+    client = await start(aiohttp_client, tmp_path, **overrides)
+    r = await client.post("/v1/render", json={"text": "Through the queue.", "async": True})
+    assert r.status == 202
+    job = await r.json()
+    async with client.ws_connect(job["ws_url"]) as ws:
+        states = [json.loads(msg.data) async for msg in ws]
+    assert states[-1]["status"] == "done"
+    video = await client.get(states[-1]["result"]["files"]["video"])
+    assert decode_video(await video.read())[:2] == ("h264", "aac")
+    await client.close()
+    # a new API process (no workers of its own) on the same Redis and cache still knows the job
+    client = await start(aiohttp_client, tmp_path, **overrides, **{"jobs.workers": 0})
+    status = await (await client.get(job["status_url"])).json()
+    assert status["status"] == "done" and status["result"]["files"]["video"]
+    r = await client.post("/v1/render", json={"text": "Through the queue."})
+    assert r.status == 200 and (await r.json())["cached"] is True
