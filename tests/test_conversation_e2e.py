@@ -196,8 +196,12 @@ async def test_another_session_keeps_its_frame_rate_while_one_transcribes(
     loopback_only, aiohttp_client
 ):
     """Model work runs off the event loop: while session A's question is transcribed and
-    answered, session B's video keeps coming at >= 24 fps."""
-    app, client, talker = await start(aiohttp_client)
+    answered, session B's video keeps coming at >= 24 fps. At 256x256: the server, both bots
+    and the models share this machine's two cores, and what is checked here is the event loop,
+    not how many 512x512 encodes the cores hold (bench.idle_sessions measures that)."""
+    app, client, talker = await start(
+        aiohttp_client, **{"media.video_width": 256, "media.video_height": 256}
+    )
     watcher = Bot(str(client.make_url("")).rstrip("/"))
     await watcher.connect()
     await watcher.wait_first_video(15)
@@ -208,10 +212,12 @@ async def test_another_session_keeps_its_frame_rate_while_one_transcribes(
     t0, sent0, skipped0 = time.monotonic(), watched.frames_sent, watched.frames_skipped
     await talker.wait_event(lambda e: e.get("role") == "user", 30)  # transcribed
     await talker.wait_event(lambda e: e.get("type") == "metrics", 30)  # answered, speaking
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(1.5)
     t1, sent1 = time.monotonic(), watched.frames_sent
-    # the watcher's video kept its pace on the server: frames sent on their 40 ms grid, none
-    # skipped because the event loop was held up
+    # the watcher's video kept its pace on the server over the whole turn (transcription,
+    # reply, synthesis and the start of speech): frames sent on their 40 ms grid, none skipped
+    # because the event loop was held up (two bots and the server share this machine's cores,
+    # so a frame may leave a little late; over the turn the rate must hold)
     fps = (sent1 - sent0) / (t1 - t0)
     assert t1 - t0 > 1.0 and fps >= 24, (fps, t1 - t0)
     assert watched.frames_skipped == skipped0
