@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,21 +42,29 @@ from pipeline.errors import AvatarServerError, BadRequest, NotFound, PipelineErr
 from pipeline.lipsync import LipSyncEngine
 from pipeline.render.cache import RenderCache
 from pipeline.render.jobs import JobQueue, JobState
-from pipeline.render.spec import RenderSpec
+from pipeline.render.media import decode_audio
+from pipeline.render.spec import (
+    AUDIO_OGG_FILE,
+    AUDIO_WAV_FILE,
+    FORMATS,
+    MAX_SPEED,
+    MIN_SPEED,
+    TIMELINE_FILE,
+    VIDEO_FILES,
+    RenderSpec,
+)
 from pipeline.tts import TextToSpeech
 from rtc_server.multipart import read_part
 
 logger = logging.getLogger(__name__)
 
 RENDER_FORMAT_VERSION = 1  # bump when rendering changes what an identical request produces
-FORMATS = ("mp4", "webm")
-VIDEO_FILES = {"mp4": "video.mp4", "webm": "video.webm"}
 RESULT_FILES = {
-    "video.mp4": "video/mp4",
-    "video.webm": "video/webm",
-    "audio.ogg": "audio/ogg",
-    "audio.wav": "audio/wav",
-    "timeline.json": "application/json",
+    VIDEO_FILES["mp4"]: "video/mp4",
+    VIDEO_FILES["webm"]: "video/webm",
+    AUDIO_OGG_FILE: "audio/ogg",
+    AUDIO_WAV_FILE: "audio/wav",
+    TIMELINE_FILE: "application/json",
 }
 FIELDS = ("avatar_id", "text", "voice", "speed", "format", "fps", "async", "priority")
 MAX_FIELD_BYTES = 64 * 1024
@@ -261,8 +270,10 @@ def validate(
     if not isinstance(voice, str) or voice not in voices:
         raise BadRequest(f"unknown voice {str(voice)[:40]!r}; available: {voices}")
     speed = _as_number("speed", fields.get("speed", 1.0), float)
-    if not 0.5 <= speed <= 2.0:
-        raise BadRequest(f"field 'speed' must be within 0.5..2.0, got {speed:g}")
+    if not MIN_SPEED <= speed <= MAX_SPEED:
+        raise BadRequest(
+            f"field 'speed' must be within {MIN_SPEED:g}..{MAX_SPEED:g}, got {speed:g}"
+        )
     fmt = fields.get("format", "mp4")
     if fmt not in FORMATS:
         raise BadRequest(f"field 'format' must be one of {list(FORMATS)}, got {str(fmt)[:20]!r}")
@@ -339,34 +350,6 @@ async def read_request(
     return fields, audio
 
 
-def probe_audio(data: bytes, max_s: float) -> float:
-    """Seconds of audio in ``data``; BadRequest when it is not decodable audio or too long."""
-    import io
-
-    import av
-
-    try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            if not container.streams.audio:
-                raise BadRequest("the 'audio' file has no audio stream")
-            decoded = 0.0
-            for frame in container.decode(container.streams.audio[0]):
-                decoded += frame.samples / float(frame.sample_rate or 1)
-                if decoded > max_s:
-                    raise BadRequest(
-                        f"the 'audio' file is longer than the limit of {max_s:g} s"
-                    )
-    except BadRequest:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any decoder failure means "not audio"
-        raise BadRequest(
-            f"the 'audio' file is not audio that can be decoded ({type(exc).__name__})"
-        ) from None
-    if decoded <= 0:
-        raise BadRequest("the 'audio' file holds no audio samples")
-    return decoded
-
-
 # --- answers ------------------------------------------------------------------------------------
 def result_body(key: str, manifest: Mapping[str, object], cache: RenderCache) -> dict[str, object]:
     """A finished render: its manifest with file URLs and the timeline inline."""
@@ -426,11 +409,32 @@ async def handle_render(request: web.Request) -> web.Response:
     loop = asyncio.get_running_loop()
     if not AVATAR_ID_RE.fullmatch(req.avatar_id) or not svc.library.exists(req.avatar_id):
         raise NotFound(f"no avatar with id {req.avatar_id[:40]!r}")
-    if req.audio is not None:
-        await loop.run_in_executor(None, probe_audio, req.audio, settings.render.max_audio_s)
     digest = await loop.run_in_executor(None, svc.avatar_digest, req.avatar_id)
     key = svc.cache_key(req, digest)
+    upload: Path | None = None
+    if req.audio is not None:
+        # saved for the worker, and checked now so that an async request with a file that is
+        # not audio (or too long) gets its 400 at once; removed unless a job takes it
+        upload = svc.uploads / f"{uuid.uuid4().hex}.bin"
+        await loop.run_in_executor(None, upload.write_bytes, req.audio)
+    taken: list[Path] = []  # the upload, once a job has it (the job's follower removes it)
+    try:
+        return await _answer(svc, req, key, upload, taken)
+    finally:
+        if upload is not None and not taken:
+            await asyncio.to_thread(upload.unlink, missing_ok=True)
 
+
+async def _answer(
+    svc: RenderService, req: RenderRequest, key: str, upload: Path | None, taken: list[Path]
+) -> web.Response:
+    settings = svc.settings
+    loop = asyncio.get_running_loop()
+    if upload is not None:
+        check = functools.partial(
+            decode_audio, upload, sample_rate=8000, max_seconds=settings.render.max_audio_s
+        )
+        await loop.run_in_executor(None, check)
     t0 = time.perf_counter()
     entry = await loop.run_in_executor(None, svc.cache.get, key)
     if entry is not None:
@@ -442,10 +446,6 @@ async def handle_render(request: web.Request) -> web.Response:
     job_id = svc.inflight.get(key)
     state = await svc.jobs.get(job_id) if job_id else None
     if state is None or state.terminal:
-        upload: Path | None = None
-        if req.audio is not None:
-            upload = svc.uploads / f"{uuid.uuid4().hex}.bin"
-            await loop.run_in_executor(None, upload.write_bytes, req.audio)
         spec = RenderSpec(
             avatar_id=req.avatar_id,
             text=req.text,
@@ -456,13 +456,9 @@ async def handle_render(request: web.Request) -> web.Response:
             fps=req.fps,
             cache_key=key,
         )
-        try:
-            state = await svc.jobs.submit(spec, priority=req.priority)
-        except BaseException:
-            if upload is not None:
-                with contextlib.suppress(OSError):
-                    upload.unlink()
-            raise
+        state = await svc.jobs.submit(spec, priority=req.priority)
+        if upload is not None:
+            taken.append(upload)
         svc.inflight[key] = state.id
         svc.spawn(svc.follow(state.id, key, upload))
     if req.run_async:
@@ -549,7 +545,7 @@ async def handle_job_ws(request: web.Request) -> web.WebSocketResponse:
 
     reader = asyncio.ensure_future(drain())
     try:
-        async for state in _states(svc, job_id):
+        async for state in svc.jobs.subscribe(job_id):
             if ws.closed:
                 break
             await ws.send_json(job_body(state, svc.cache, with_result=state.terminal))
@@ -560,11 +556,6 @@ async def handle_job_ws(request: web.Request) -> web.WebSocketResponse:
         with contextlib.suppress(Exception):
             await ws.close()
     return ws
-
-
-async def _states(svc: RenderService, job_id: str) -> AsyncIterator[JobState]:
-    async for state in svc.jobs.subscribe(job_id):
-        yield state
 
 
 async def handle_cache_stats(request: web.Request) -> web.Response:
