@@ -27,6 +27,7 @@ import yaml
 __all__ = [
     "DEFAULTS_FILE",
     "ENV_PREFIX",
+    "AccessSettings",
     "AvatarSettings",
     "ConfigError",
     "EngineSettings",
@@ -49,6 +50,7 @@ ENV_PREFIX = "AVATAR_"
 REDACTED = "***"
 
 LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["json", "text"]
 SampleRate = Literal[16000, 24000, 48000]
 AudioFrameMs = Literal[10, 20, 40, 60]
 HostCandidates = Literal["all", "loopback"]
@@ -91,6 +93,8 @@ class ServerSettings:
     port: int
     max_body_bytes: int
     log_level: LogLevel
+    log_format: LogFormat
+    shutdown_grace_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +148,7 @@ class SessionSettings:
     idle_timeout_s: float
     disconnect_grace_s: float
     connect_timeout_s: float
+    max_call_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +237,7 @@ class ConversationSettings:
     preemptive: bool
     language: str
     max_chat_chars: int
+    apology: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +273,26 @@ class CacheSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AccessSettings:
+    # Kept out of repr so logging a Settings object never prints a secret.
+    api_keys: tuple[str, ...] = field(repr=False)
+    offer_token: str | None = field(repr=False)
+    cors_origins: tuple[str, ...]
+    trust_forwarded_for: bool
+    offer_per_min: int
+    avatars_per_min: int
+    render_per_min: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data with the secrets redacted."""
+        out = asdict(self)
+        out["api_keys"] = [REDACTED for _ in self.api_keys]
+        out["offer_token"] = None if self.offer_token is None else REDACTED
+        out["cors_origins"] = list(self.cors_origins)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings
     media: MediaSettings
@@ -282,6 +308,7 @@ class Settings:
     render: RenderSettings
     jobs: JobsSettings
     cache: CacheSettings
+    access: AccessSettings
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain data (lists, not tuples) for logging or a /config endpoint.
@@ -296,7 +323,7 @@ class Settings:
                     "host_candidates": section.host_candidates,
                     "mic_prefetch_frames": section.mic_prefetch_frames,
                 }
-            elif isinstance(section, LlmSettings):
+            elif isinstance(section, LlmSettings | AccessSettings):
                 out[f.name] = section.to_dict()
             else:
                 out[f.name] = asdict(section)
@@ -318,6 +345,7 @@ _SECTION_TYPES: dict[str, type] = {
     "render": RenderSettings,
     "jobs": JobsSettings,
     "cache": CacheSettings,
+    "access": AccessSettings,
 }
 _SCHEMA: dict[str, tuple[str, ...]] = {
     name: tuple(f.name for f in fields(cls)) for name, cls in _SECTION_TYPES.items()
@@ -599,6 +627,21 @@ class _Section:
             raise self.error(key, "must not be empty (use null for the default)")
         return value
 
+    def get_str_list(self, key: str) -> tuple[str, ...]:
+        """A list of non-empty strings; a single string is taken as a list of one."""
+        value = self.raw(key)
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise self.error(key, f"expected a list of str, got {type(value).__name__}")
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item.strip():
+                # never echo the value: these lists hold secrets (API keys)
+                raise self.error(f"{key}[{i}]", "expected a non-empty str")
+        return tuple(value)
+
     def get_choice(self, key: str, choices: tuple[_T, ...]) -> _T:
         value = self.raw(key)
         for c in choices:
@@ -626,6 +669,8 @@ def _server(s: _Section) -> ServerSettings:
         port=s.get_int("port", 1, 65535),
         max_body_bytes=s.get_int("max_body_bytes", 1024),
         log_level=s.get_choice("log_level", get_args(LogLevel)),
+        log_format=s.get_choice("log_format", get_args(LogFormat)),
+        shutdown_grace_s=s.get_float("shutdown_grace_s", 0, 60),
     )
 
 
@@ -711,6 +756,7 @@ def _sessions(s: _Section) -> SessionSettings:
         idle_timeout_s=s.get_float("idle_timeout_s", 0),
         disconnect_grace_s=s.get_float("disconnect_grace_s", 0),
         connect_timeout_s=s.get_float("connect_timeout_s", 0, lo_open=True),
+        max_call_s=s.get_float("max_call_s", 0),
     )
 
 
@@ -798,6 +844,7 @@ def _conversation(s: _Section) -> ConversationSettings:
         preemptive=s.get_bool("preemptive"),
         language=s.get_str("language"),
         max_chat_chars=s.get_int("max_chat_chars", 1, 100_000),
+        apology=s.get_optional_str("apology") or "",
     )
 
 
@@ -840,6 +887,27 @@ def _cache(s: _Section) -> CacheSettings:
         dir=s.get_optional_str("dir"),
         max_bytes=s.get_int("max_bytes", 1 << 20),
         ttl_s=s.get_float("ttl_s", 0, lo_open=True),
+    )
+
+
+def _access(s: _Section) -> AccessSettings:
+    offer_token = s.raw("offer_token")
+    if offer_token is not None and (not isinstance(offer_token, str) or not offer_token.strip()):
+        raise s.error("offer_token", "expected a non-empty str or null")
+    origins = s.get_str_list("cors_origins")
+    for i, origin in enumerate(origins):
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise s.error(
+                f"cors_origins[{i}]", f"must be * or an http(s):// origin, got {origin!r}"
+            )
+    return AccessSettings(
+        api_keys=s.get_str_list("api_keys"),
+        offer_token=offer_token,
+        cors_origins=origins,
+        trust_forwarded_for=s.get_bool("trust_forwarded_for"),
+        offer_per_min=s.get_int("offer_per_min", 0),
+        avatars_per_min=s.get_int("avatars_per_min", 0),
+        render_per_min=s.get_int("render_per_min", 0),
     )
 
 
@@ -890,4 +958,5 @@ def load_settings(
         render=_render(_Section(merged, "render")),
         jobs=_jobs(_Section(merged, "jobs")),
         cache=_cache(_Section(merged, "cache")),
+        access=_access(_Section(merged, "access")),
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from avatars.model import AvatarError
 from config import ConfigError, load_settings
 from pipeline.errors import AvatarServerError
 from rtc_server.app import create_app
+from rtc_server.logs import configure_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,10 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.server.log_level, settings.server.log_format)
     app = create_app(settings)
     host, port = settings.server.host, settings.server.port
     print(f"avatar server on http://{'localhost' if host == '0.0.0.0' else host}:{port}",

@@ -22,8 +22,16 @@ from config import Settings
 from pipeline.errors import AvatarServerError, BadRequest, ServerFull
 from pipeline.lipsync import LipSyncEngine, create_lipsync_engine
 from pipeline.tts import PiperTTS, TextToSpeech
+from rtc_server.access import access_middlewares
 from rtc_server.avatars_api import AVATAR_API, AvatarApi, add_avatar_routes
 from rtc_server.ice import use_host_candidates
+from rtc_server.logs import bind_session
+from rtc_server.observability import (
+    add_observability_routes,
+    http_metrics_middleware,
+    session_event_hook,
+)
+from rtc_server.openapi import add_openapi_route
 from rtc_server.render_api import RENDER_SERVICE, add_render_routes, start_render_service
 from rtc_server.session import Session
 
@@ -171,7 +179,11 @@ async def handle_offer(request: web.Request) -> web.Response:
         vad_model=app[VAD],
         replier=app[REPLIER](),  # type: ignore[operator]
         on_closed=lambda s: _forget(sessions, s),
+        on_event=session_event_hook(app),
     )
+    # this task's context, copied into every task created from here on (the session's and
+    # aiortc's for this peer connection): their log records carry the session id
+    bind_session(session.id)
     sessions[session.id] = session
     try:
         answer = await session.accept_offer(sdp)
@@ -200,18 +212,6 @@ async def handle_delete_session(request: web.Request) -> web.Response:
     return web.json_response({"id": session.id, "state": session.state})
 
 
-async def handle_health(request: web.Request) -> web.Response:
-    return web.json_response(
-        {
-            "status": "ok",
-            "sessions": len(request.app[SESSIONS]),
-            "lipsync": request.app[LIPSYNC].info(),
-            "listening": request.app[STT] is not None,
-            "replier": "embedded" if request.app[SETTINGS].llm.base_url is None else "openai",
-        }
-    )
-
-
 async def handle_index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(WEB_DIR / "index.html")
 
@@ -233,7 +233,12 @@ def create_app(
     lip-sync engine (the caller keeps ownership of it); ``prepare`` and
     ``analyzer_factory`` replace avatar registration's face analysis (tests pass fakes)."""
     app = web.Application(
-        client_max_size=settings.server.max_body_bytes, middlewares=[errors_middleware]
+        client_max_size=settings.server.max_body_bytes,
+        middlewares=[
+            errors_middleware,
+            http_metrics_middleware,
+            *access_middlewares(settings),  # type: ignore[list-item]
+        ],
     )
     app[SETTINGS] = settings
     app[SESSIONS] = {}
@@ -305,7 +310,8 @@ def create_app(
     app.cleanup_ctx.append(resources)
     app.router.add_get("/", handle_index)
     app.router.add_get("/register", handle_register)
-    app.router.add_get("/health", handle_health)
+    add_observability_routes(app)
+    add_openapi_route(app)
     app.router.add_post("/offer", handle_offer)
     app.router.add_get("/sessions", handle_sessions)
     app.router.add_delete("/sessions/{session_id}", handle_delete_session)

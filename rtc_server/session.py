@@ -98,6 +98,7 @@ class Session:
         stt: Any | None = None,
         vad_model: Any | None = None,
         replier: Replier | None = None,
+        on_event: Callable[[Session, dict[str, object]], None] | None = None,
     ) -> None:
         self.id = uuid.uuid4().hex
         self.settings = settings
@@ -111,6 +112,7 @@ class Session:
         self._render_executor = render_executor
         self._say_job: asyncio.Task[None] | None = None
         self._on_closed = on_closed
+        self._on_event = on_event
         self._tasks: set[asyncio.Task[Any]] = set()
         self._channel: RTCDataChannel | None = None
         self._says: asyncio.Queue[str] = asyncio.Queue(MAX_QUEUED_SAYS)
@@ -314,6 +316,8 @@ class Session:
         return self.compositor.speaking or self.compositor.queued > 0
 
     def send_event(self, event: dict[str, object]) -> None:
+        if self._on_event is not None:
+            self._on_event(self, event)
         ch = self._channel
         if ch is not None and ch.readyState == "open":
             ch.send(json.dumps(event))

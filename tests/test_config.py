@@ -430,5 +430,30 @@ def test_to_dict_is_plain_data() -> None:
     yaml.safe_dump(out)  # only plain types: no tuples, no dataclasses
     assert set(out) == {
         "server", "media", "webrtc", "sessions", "avatars", "engines", "lipsync", "vad", "stt",
-        "llm", "conversation", "render", "jobs", "cache",
+        "llm", "conversation", "render", "jobs", "cache", "access",
     }
+
+
+def test_access_secrets_are_redacted_and_lists_accept_one_string() -> None:
+    s = load(env={"AVATAR_ACCESS__API_KEYS": "k-123", "AVATAR_ACCESS__OFFER_TOKEN": "t-456"})
+    assert s.access.api_keys == ("k-123",)
+    assert s.access.offer_token == "t-456"
+    shown = repr(s) + repr(s.to_dict())
+    assert "k-123" not in shown and "t-456" not in shown
+    assert s.to_dict()["access"]["api_keys"] == ["***"]
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ({"access.api_keys": [""]}, "access.api_keys[0]"),
+        ({"access.api_keys": {"a": 1}}, "access.api_keys"),
+        ({"access.cors_origins": ["example.org"]}, "access.cors_origins[0]"),
+        ({"access.offer_per_min": -1}, "access.offer_per_min"),
+        ({"server.log_format": "xml"}, "server.log_format"),
+        ({"sessions.max_call_s": -5}, "sessions.max_call_s"),
+    ],
+)
+def test_access_and_limit_settings_are_validated(override, needle) -> None:
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load(overrides=override)
