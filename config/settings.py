@@ -149,6 +149,7 @@ class SessionSettings:
     disconnect_grace_s: float
     connect_timeout_s: float
     max_call_s: float
+    media_timeout_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -757,6 +758,7 @@ def _sessions(s: _Section) -> SessionSettings:
         disconnect_grace_s=s.get_float("disconnect_grace_s", 0),
         connect_timeout_s=s.get_float("connect_timeout_s", 0, lo_open=True),
         max_call_s=s.get_float("max_call_s", 0),
+        media_timeout_s=s.get_float("media_timeout_s", 0),
     )
 
 

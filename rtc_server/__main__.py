@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.server.log_level, settings.server.log_format)
+    configure_logging(settings)
     app = create_app(settings)
     host, port = settings.server.host, settings.server.port
     print(f"avatar server on http://{'localhost' if host == '0.0.0.0' else host}:{port}",

@@ -3,8 +3,11 @@ per-client rate limits."""
 
 from __future__ import annotations
 
+from aiohttp import web
+
 from config import Settings
 
 
-def access_middlewares(settings: Settings) -> list[object]:
-    return []
+def install_access(app: web.Application, settings: Settings) -> None:
+    """Add the access middlewares (inside the error middleware) and response signals."""
+    return None

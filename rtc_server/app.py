@@ -22,7 +22,7 @@ from config import Settings
 from pipeline.errors import AvatarServerError, BadRequest, ServerFull
 from pipeline.lipsync import LipSyncEngine, create_lipsync_engine
 from pipeline.tts import PiperTTS, TextToSpeech
-from rtc_server.access import access_middlewares
+from rtc_server.access import install_access
 from rtc_server.avatars_api import AVATAR_API, AvatarApi, add_avatar_routes
 from rtc_server.ice import use_host_candidates
 from rtc_server.logs import bind_session
@@ -49,6 +49,7 @@ LIPSYNC = web.AppKey("lipsync", LipSyncEngine)
 STT = web.AppKey("stt", object)
 VAD = web.AppKey("vad", object)
 REPLIER = web.AppKey("replier_factory", object)
+DRAINING = web.AppKey("draining", asyncio.Event)
 
 
 @functools.lru_cache(maxsize=4)
@@ -234,14 +235,13 @@ def create_app(
     ``analyzer_factory`` replace avatar registration's face analysis (tests pass fakes)."""
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
-        middlewares=[
-            errors_middleware,
-            http_metrics_middleware,
-            *access_middlewares(settings),  # type: ignore[list-item]
-        ],
+        # outermost first: metrics see every final answer, errors become JSON, then access
+        middlewares=[http_metrics_middleware, errors_middleware],
     )
     app[SETTINGS] = settings
     app[SESSIONS] = {}
+    app[DRAINING] = asyncio.Event()  # set on shutdown: no new sessions, /ready answers 503
+    install_access(app, settings)
     use_host_candidates(settings.webrtc.host_candidates)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:

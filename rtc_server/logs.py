@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextvars
 import logging
 
+from config import Settings
+
 SESSION_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("session_id", default=None)
 
 
@@ -15,7 +17,9 @@ def bind_session(session_id: str | None) -> None:
     SESSION_ID.set(session_id)
 
 
-def configure_logging(level: str, fmt: str) -> None:
+def configure_logging(settings: Settings) -> None:
+    """Root logging as ``server.log_level`` and ``server.log_format`` say."""
     logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=settings.server.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
