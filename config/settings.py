@@ -140,6 +140,9 @@ class WebRTCSettings:
     ice_servers: tuple[IceServer, ...]
     host_candidates: HostCandidates
     mic_prefetch_frames: int
+    # Kept out of repr so logging a Settings object never prints the secret.
+    turn_secret: str | None = field(repr=False)
+    turn_ttl_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,6 +326,8 @@ class Settings:
                     "ice_servers": [s.to_dict() for s in section.ice_servers],
                     "host_candidates": section.host_candidates,
                     "mic_prefetch_frames": section.mic_prefetch_frames,
+                    "turn_secret": None if section.turn_secret is None else REDACTED,
+                    "turn_ttl_s": section.turn_ttl_s,
                 }
             elif isinstance(section, LlmSettings | AccessSettings):
                 out[f.name] = section.to_dict()
@@ -698,7 +703,7 @@ def _media(s: _Section) -> MediaSettings:
     )
 
 
-def _ice_server(s: _Section, index: int, item: object) -> IceServer:
+def _ice_server(s: _Section, index: int, item: object, *, turn_secret: bool) -> IceServer:
     key = f"ice_servers[{index}]"
     if not isinstance(item, Mapping):
         raise s.error(key, f"expected a mapping with 'urls', got {_describe(item)}")
@@ -731,10 +736,14 @@ def _ice_server(s: _Section, index: int, item: object) -> IceServer:
             shown = _describe(v) if k == "username" else type(v).__name__
             raise s.error(f"{key}.{k}", f"expected str or null, got {shown}")
         creds[k] = v
-    if any(u.partition(":")[0].lower() in ("turn", "turns") for u in urls) and (
-        creds["username"] is None or creds["credential"] is None
+    if (
+        not turn_secret
+        and any(u.partition(":")[0].lower() in ("turn", "turns") for u in urls)
+        and (creds["username"] is None or creds["credential"] is None)
     ):
-        raise s.error(key, "turn:/turns: urls need both username and credential")
+        raise s.error(
+            key, "turn:/turns: urls need both username and credential (or webrtc.turn_secret)"
+        )
     return IceServer(urls=tuple(urls), username=creds["username"], credential=creds["credential"])
 
 
@@ -744,10 +753,17 @@ def _webrtc(s: _Section) -> WebRTCSettings:
         raw = []
     if not isinstance(raw, list):
         raise s.error("ice_servers", f"expected a list of ICE servers, got {_describe(raw)}")
+    secret = s.raw("turn_secret")
+    if secret is not None and (not isinstance(secret, str) or not secret.strip()):
+        raise s.error("turn_secret", "expected a non-empty str or null")  # never echo it
     return WebRTCSettings(
-        ice_servers=tuple(_ice_server(s, i, item) for i, item in enumerate(raw)),
+        ice_servers=tuple(
+            _ice_server(s, i, item, turn_secret=secret is not None) for i, item in enumerate(raw)
+        ),
         host_candidates=s.get_choice("host_candidates", get_args(HostCandidates)),
         mic_prefetch_frames=s.get_int("mic_prefetch_frames", 0, 8),
+        turn_secret=secret,
+        turn_ttl_s=s.get_float("turn_ttl_s", 60, 7 * 86400),
     )
 
 

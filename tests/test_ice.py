@@ -1,0 +1,60 @@
+"""ICE servers handed to peers: static entries, and TURN REST credentials from a secret."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+
+import pytest
+
+from config import ConfigError, load_settings
+from rtc_server.ice import browser_ice_servers, resolve_ice_servers, turn_rest_credentials
+
+TURN = {"urls": ["turn:turn.example.org:3478"]}
+
+
+def settings(**over: object):
+    return load_settings(env={}, overrides=over)
+
+
+def test_turn_rest_credentials_follow_coturn_scheme() -> None:
+    username, credential = turn_rest_credentials("s3cret", 3600, now=1_700_000_000.4)
+    assert username == "1700003600:avatar"
+    # coturn (use-auth-secret) recomputes exactly this from its static-auth-secret
+    expected = hmac.new(b"s3cret", username.encode(), hashlib.sha1).digest()
+    assert base64.b64decode(credential) == expected
+    other_user, other = turn_rest_credentials("other", 3600, now=1_700_000_000.4)
+    assert other_user == username and other != credential
+
+
+def test_secret_fills_turn_entries_without_credentials_only() -> None:
+    s = settings(**{
+        "webrtc.turn_secret": "s3cret",
+        "webrtc.turn_ttl_s": 600,
+        "webrtc.ice_servers": [
+            {"urls": "stun:stun.example.org:3478"},
+            TURN,
+            {"urls": "turns:t2.example.org:5349", "username": "u", "credential": "fixed"},
+        ],
+    })
+    stun, turn, static = resolve_ice_servers(s.webrtc, now=1000.0)
+    assert stun.username is None and stun.credential is None
+    assert turn.username == "1600:avatar" and turn.credential
+    assert (static.username, static.credential) == ("u", "fixed")
+    page = browser_ice_servers((stun, turn, static))
+    assert page[0] == {"urls": ["stun:stun.example.org:3478"]}
+    assert page[1]["username"] == "1600:avatar"
+
+
+def test_turn_without_credentials_needs_the_secret() -> None:
+    with pytest.raises(ConfigError, match="turn_secret"):
+        settings(**{"webrtc.ice_servers": [TURN]})
+
+
+def test_secret_is_never_shown() -> None:
+    s = settings(**{"webrtc.turn_secret": "hunter2-secret", "webrtc.ice_servers": [TURN]})
+    assert "hunter2-secret" not in repr(s) + repr(s.to_dict())
+    with pytest.raises(ConfigError) as info:
+        settings(**{"webrtc.turn_secret": 12345})
+    assert "12345" not in str(info.value)
