@@ -4,7 +4,8 @@ RTCP sender reports (wall clock at send, last RTP timestamp) line the two stream
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 import numpy as np
@@ -15,6 +16,9 @@ from media_tracks.clock import VIDEO_CLOCK_RATE, VIDEO_TIME_BASE, MediaClock, pt
 from media_tracks.compositor import Compositor
 from media_tracks.frames import FrameProducer
 
+FPS_WINDOW_NS = 2_000_000_000  # recent_fps counts the sends of the last 2 s
+LATE_SMOOTHING_S = 1.0  # time constant of the smoothed hand-over lateness
+
 
 @dataclass(slots=True)
 class TrackStats:
@@ -22,6 +26,39 @@ class TrackStats:
     frames_repeated: int = 0  # video: the frame was not ready in time, the last one was re-sent
     frames_skipped: int = 0  # video: the track fell behind the clock and jumped ahead
     max_late_ns: int = 0  # the worst lateness of a send relative to its deadline
+    # media time (ns) when each frame of the last FPS_WINDOW_NS was handed to aiortc
+    sent_at_ns: deque[int] = field(default_factory=deque)
+    # how long after its pts a frame is handed to aiortc, smoothed over ~LATE_SMOOTHING_S
+    # (ns; None before the first frame)
+    handover_late_ns: float | None = None
+
+    def observe_send(self, now_ns: int, deadline_ns: int, *, frame_s: float) -> None:
+        """A frame whose pts is media time ``deadline_ns`` was handed over at ``now_ns``;
+        ``frame_s``: the frame's duration in seconds (sets the smoothing per frame)."""
+        late = float(now_ns - deadline_ns)
+        if self.handover_late_ns is None:
+            self.handover_late_ns = late
+        else:
+            alpha = min(1.0, frame_s / LATE_SMOOTHING_S)
+            self.handover_late_ns += (late - self.handover_late_ns) * alpha
+        sent = self.sent_at_ns
+        sent.append(now_ns)
+        while sent and sent[0] <= now_ns - FPS_WINDOW_NS:
+            sent.popleft()
+
+    def recent_fps(self, now_ns: int) -> float:
+        """Frames handed over in the ``FPS_WINDOW_NS`` before media time ``now_ns``, per
+        second (ramps up over the first window of a call; 0 once sending stops)."""
+        n = sum(1 for t in self.sent_at_ns if t > now_ns - FPS_WINDOW_NS)
+        return n * 1e9 / FPS_WINDOW_NS
+
+
+def av_offset_ms(video: TrackStats, audio: TrackStats) -> float | None:
+    """How much later than audio, relative to their shared media clock, video frames leave
+    the server (ms, smoothed; > 0: video behind). None until both tracks have sent."""
+    if video.handover_late_ns is None or audio.handover_late_ns is None:
+        return None
+    return (video.handover_late_ns - audio.handover_late_ns) / 1e6
 
 
 # libopus (as aiortc drives it) delays its output by its lookahead, 312 samples at 48 kHz, and
@@ -71,7 +108,14 @@ class AvatarAudioTrack(MediaStreamTrack):
         frame.pts = pts
         frame.time_base = self.time_base
         self.stats.frames_sent += 1
+        self.stats.observe_send(
+            self._clock.now_ns(), deadline, frame_s=self.frame_samples / self.sample_rate
+        )
         return frame
+
+    def recent_fps(self) -> float:
+        """Frames a second handed to aiortc over the last two seconds."""
+        return self.stats.recent_fps(self._clock.now_ns())
 
 
 class AvatarVideoTrack(MediaStreamTrack):
@@ -122,4 +166,9 @@ class AvatarVideoTrack(MediaStreamTrack):
         frame.pts = self.pts_of(k)
         frame.time_base = VIDEO_TIME_BASE
         self.stats.frames_sent += 1
+        self.stats.observe_send(self._clock.now_ns(), deadline, frame_s=1 / comp.fps)
         return frame
+
+    def recent_fps(self) -> float:
+        """Frames a second handed to aiortc over the last two seconds."""
+        return self.stats.recent_fps(self._clock.now_ns())
