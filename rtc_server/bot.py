@@ -1,7 +1,7 @@
 """Headless bot: joins a call like a browser would and measures what it receives.
 
 ``python -m rtc_server.bot --url URL [--mic FILE.wav] [--say TEXT] [--seconds N]
-[--record OUT.mp4] [--clapper N] [--avatar ID]``
+[--record OUT.mp4] [--clapper N] [--avatar ID] [--token TOKEN] [--api-key KEY]``
 
 Prints one JSON summary: time to first video/audio frame, fps received, frame-interval
 jitter, audio gaps, state events, and the A/V offset of a clapper segment measured as a
@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import os
 import socket
 import statistics
 import sys
@@ -173,11 +174,17 @@ class Bot:
         avatar_id: str | None = None,
         record: str | None = None,
         audio_prefetch: int | None = None,
+        token: str | None = None,
+        api_key: str | None = None,
     ) -> None:
         """audio_prefetch: 20 ms audio frames the receiver waits for before handing one on
         (None: aiortc's 4). The bot records, it never plays: 1 measures what arrives when it
-        arrives."""
+        arrives. token: the server's ``access.offer_token``, sent with the offer; api_key: one
+        of its ``access.api_keys``, sent to the admin route ``GET /sessions`` (and with the
+        offer, where it also opens the door)."""
         self.url = url.rstrip("/")
+        self._token = token
+        self._api_key = api_key
         self.audio_prefetch = audio_prefetch
         self.avatar_id = avatar_id
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
@@ -284,9 +291,14 @@ class Bot:
         body: dict[str, Any] = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
         if self.avatar_id:
             body["avatar_id"] = self.avatar_id
+        headers: dict[str, str] = {}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        if self._api_key:
+            headers["X-API-Key"] = self._api_key
         async with aiohttp.ClientSession() as http:
-            async with http.post(f"{self.url}/offer", json=body) as resp:
-                answer = await resp.json()
+            async with http.post(f"{self.url}/offer", json=body, headers=headers) as resp:
+                answer = await _json_or_text(resp)
                 if resp.status != 200:
                     raise RuntimeError(f"offer refused: {resp.status} {answer}")
         self.session_id = answer["session_id"]
@@ -299,9 +311,16 @@ class Bot:
         self.channel.send(json.dumps(message))
 
     async def server_session(self) -> dict[str, Any] | None:
-        """This call as the server's ``GET /sessions`` describes it."""
-        async with aiohttp.ClientSession() as http, http.get(f"{self.url}/sessions") as resp:
-            body = await resp.json()
+        """This call as the server's ``GET /sessions`` describes it (an admin route: the
+        server wants the API key, or a client on its own machine when it has none)."""
+        headers = {"X-API-Key": self._api_key} if self._api_key else {}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{self.url}/sessions", headers=headers) as resp,
+        ):
+            body = await _json_or_text(resp)
+        if resp.status != 200 or not isinstance(body, dict):
+            raise RuntimeError(f"GET /sessions refused: {resp.status} {body}")
         return next((s for s in body["sessions"] if s["id"] == self.session_id), None)
 
     async def wait_first_video(self, limit_s: float) -> None:
@@ -385,10 +404,25 @@ class Bot:
         }
 
 
+async def _json_or_text(resp: aiohttp.ClientResponse) -> Any:
+    """The answer's JSON, or (a proxy's error page...) the start of its text."""
+    try:
+        return await resp.json(content_type=None)
+    except ValueError:
+        return (await resp.text(errors="replace"))[:200]
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.ice == "loopback" or (args.ice == "auto" and is_loopback_url(args.url)):
         use_host_candidates("loopback")
-    bot = Bot(args.url, mic=args.mic, avatar_id=args.avatar, record=args.record)
+    bot = Bot(
+        args.url,
+        mic=args.mic,
+        avatar_id=args.avatar,
+        record=args.record,
+        token=args.token,
+        api_key=args.api_key,
+    )
     try:
         await bot.connect()
         await bot.wait_first_video(15)
@@ -397,7 +431,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.clapper:
             bot.send({"type": "clapper", "count": args.clapper})
         await asyncio.sleep(args.seconds)
-        server = await bot.server_session()
+        try:
+            server: dict[str, Any] | None = await bot.server_session()
+        except RuntimeError as exc:  # no API key for a remote server: keep the summary
+            server = {"error": str(exc)}
         return {**bot.summary(), "server": server}
     finally:
         with contextlib.suppress(Exception):
@@ -413,6 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="how long to stay in the call")
     p.add_argument("--record", help="record received audio+video to this file (.mp4)")
     p.add_argument("--avatar", help="avatar id to request")
+    p.add_argument("--token", default=os.environ.get("AVATAR_BOT_TOKEN") or None,
+                   help="the server's access.offer_token (default: $AVATAR_BOT_TOKEN, which "
+                   "keeps it out of the process list)")
+    p.add_argument("--api-key", default=os.environ.get("AVATAR_BOT_API_KEY") or None,
+                   help="an API key of the server, for GET /sessions (default: "
+                   "$AVATAR_BOT_API_KEY)")
     p.add_argument("--ice", choices=["auto", "all", "loopback"], default="auto",
                    help="host candidates: loopback for a loopback URL (auto) or all interfaces")
     args = p.parse_args(argv)
