@@ -38,3 +38,9 @@ class ServerFull(AvatarServerError):
     def __init__(self, detail: str, *, retry_after_s: int) -> None:
         super().__init__(detail)
         self.retry_after_s = retry_after_s
+
+
+class ShuttingDown(ServerFull):
+    """The server is draining for a shutdown: no new sessions."""
+
+    code = "shutting_down"

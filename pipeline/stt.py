@@ -190,8 +190,12 @@ class WhisperSTT:
                 cpu_threads=self.cpu_threads,
                 local_files_only=True,
             )
-        except (RuntimeError, ValueError) as exc:
-            raise PipelineError(f"Whisper model {path} failed to load on {device}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - a corrupt folder fails in many ways
+            raise PipelineError(
+                f"stt.model: the Whisper model in {path} failed to load on {device} ({exc}); "
+                "replace the folder with a complete CTranslate2 Whisper model (model.bin, "
+                "config.json, tokenizer.json), or set stt.model to tiny.en or base"
+            ) from exc
         multilingual = bool(model.model.is_multilingual)
         if self.language and not multilingual and self.language != "en":
             raise PipelineError(

@@ -91,12 +91,24 @@ class PiperTTS:
         else:
             model, config = self._voice_path, Path(f"{self._voice_path}.json")
         if not model.is_file() or not config.is_file():
-            raise PipelineError(f"Piper voice not found: {model} (and {config.name} beside it)")
+            missing = model if not model.is_file() else config
+            raise PipelineError(
+                f"engines.piper_voice: the Piper voice file {missing} does not exist; a voice "
+                f"is a .onnx model with its .onnx.json config beside it: point "
+                "engines.piper_voice at one, or set it to null for the bundled voice"
+            )
         try:
             self._voice = PiperVoice.load(model, config_path=config, include_alignments=True)
         except Exception as exc:  # noqa: BLE001 - alignment patching needs onnx; degrade
             logger.warning("Piper alignments unavailable (%s); loading without", exc)
-            self._voice = PiperVoice.load(model, config_path=config)
+            try:
+                self._voice = PiperVoice.load(model, config_path=config)
+            except Exception as exc2:  # noqa: BLE001 - a corrupt voice: one clear error
+                raise PipelineError(
+                    f"engines.piper_voice: the Piper voice {model} does not load ({exc2}); "
+                    "replace it with a working .onnx voice and its .onnx.json, or set "
+                    "engines.piper_voice to null for the bundled voice"
+                ) from exc2
         logger.info("Piper voice loaded: %s", self.voice_name)
 
     async def aload(self) -> None:

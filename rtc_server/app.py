@@ -1,8 +1,16 @@
-"""The aiohttp application: signaling, sessions, health, and the web pages."""
+"""The aiohttp application: signaling, sessions, health, and the web pages.
+
+Shutdown (SIGTERM under ``python -m rtc_server``): aiohttp first stops listening, then runs
+``on_shutdown`` (``drain``: ``DRAINING`` is set so offers still in flight get 503
+``shutting_down``, every session is told ``{"type": "closing", "reason": "shutdown"}`` and
+closed, all within ``server.shutdown_grace_s``; a session that does not close in time is left
+behind), then waits for HTTP requests in flight, then runs the cleanup contexts (render jobs
+cancelled, engines and pools released)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -16,11 +24,20 @@ import cv2
 from aiohttp import web
 
 from avatars.library import AvatarLibrary
+from avatars.model import AvatarError
 from avatars.registration import PrepareFn, RegistrationService
 from avatars.store import AvatarStore
 from config import Settings
-from pipeline.errors import AvatarServerError, BadRequest, ServerFull
+from pipeline.errors import (
+    AvatarServerError,
+    BadRequest,
+    NotFound,
+    PipelineError,
+    ServerFull,
+    ShuttingDown,
+)
 from pipeline.lipsync import LipSyncEngine, create_lipsync_engine
+from pipeline.lipsync.viseme_engine import VisemeEngine
 from pipeline.tts import PiperTTS, TextToSpeech
 from rtc_server.access import install_access
 from rtc_server.avatars_api import AVATAR_API, AvatarApi, add_avatar_routes
@@ -46,6 +63,9 @@ AVATARS = web.AppKey("avatars", AvatarLibrary)
 TTS = web.AppKey("tts", TextToSpeech)
 RENDER_POOL = web.AppKey("render_pool", ThreadPoolExecutor)
 LIPSYNC = web.AppKey("lipsync", LipSyncEngine)
+# the engine a session falls back to when its lip-sync engine fails (None: the engine is
+# already the viseme engine)
+FALLBACK_LIPSYNC = web.AppKey("fallback_lipsync", object)
 STT = web.AppKey("stt", object)
 VAD = web.AppKey("vad", object)
 REPLIER = web.AppKey("replier_factory", object)
@@ -100,6 +120,10 @@ def replier_factory(settings: Settings) -> Callable[[], Any]:
         temperature=llm.temperature,
         max_tokens=llm.max_tokens,
     )
+
+
+def _detail(exc: BaseException) -> str:
+    return str(getattr(exc, "detail", None) or exc or type(exc).__name__)
 
 
 def json_error(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> (
@@ -162,6 +186,9 @@ async def handle_offer(request: web.Request) -> web.Response:
     if not isinstance(avatar_id, str):
         raise BadRequest("field 'avatar_id' must be a string")
     sessions: dict[str, Session] = app[SESSIONS]
+    if app[DRAINING].is_set():
+        raise ShuttingDown("the server is shutting down; try again shortly",
+                           retry_after_s=RETRY_AFTER_S)
     if len(sessions) >= settings.sessions.max_concurrent:
         raise ServerFull(
             f"the server is at its limit of {settings.sessions.max_concurrent} sessions",
@@ -181,6 +208,7 @@ async def handle_offer(request: web.Request) -> web.Response:
         replier=app[REPLIER](),  # type: ignore[operator]
         on_closed=lambda s: _forget(sessions, s),
         on_event=session_event_hook(app),
+        fallback_lipsync=app[FALLBACK_LIPSYNC],  # type: ignore[arg-type]
     )
     # this task's context, copied into every task created from here on (the session's and
     # aiortc's for this peer connection): their log records carry the session id
@@ -191,6 +219,10 @@ async def handle_offer(request: web.Request) -> web.Response:
     except BaseException:
         await session.aclose("offer failed")
         raise
+    if app[DRAINING].is_set():  # shutdown began while the offer was being answered
+        await session.aclose("server shutting down")
+        raise ShuttingDown("the server is shutting down; try again shortly",
+                           retry_after_s=RETRY_AFTER_S)
     logger.info("session %s created (avatar %s)", session.id[:8], avatar_id)
     return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session.id})
 
@@ -211,6 +243,51 @@ async def handle_delete_session(request: web.Request) -> web.Response:
         return json_error(404, "not_found", "no such session")
     await session.aclose("deleted by API")
     return web.json_response({"id": session.id, "state": session.state})
+
+
+async def close_sessions(
+    sessions: dict[str, Session], *, reason: str, detail: str, timeout_s: float,
+    linger_s: float = 0.5,
+) -> list[Session]:
+    """Tell every session ``closing`` (``reason``, ``detail``), give the messages ``linger_s``
+    to leave, then close them all at once, waiting at most ``timeout_s`` in all. Returns the
+    sessions that did not close in time (their closing is cancelled and they are left)."""
+    live = [s for s in list(sessions.values()) if s.state != "closed"]
+    if not live:
+        return []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    for s in live:
+        s.close_reason = reason
+        with contextlib.suppress(Exception):
+            s.notify_closing(reason, detail)
+    await asyncio.sleep(min(linger_s, timeout_s / 2))
+    tasks = {loop.create_task(s.aclose(reason), name=f"close:{s.id[:8]}"): s for s in live}
+    _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
+    stuck = [tasks[t] for t in pending]
+    for t in pending:
+        t.cancel()
+    for s in stuck:
+        logger.warning("session %s did not close within %.1f s; left behind", s.id[:8],
+                       timeout_s)
+        sessions.pop(s.id, None)
+    return stuck
+
+
+async def drain(app: web.Application) -> None:
+    """``on_shutdown``: no new sessions; every session told and closed within the grace
+    (``server.shutdown_grace_s``, less a second kept for requests in flight and cleanup)."""
+    app[DRAINING].set()
+    grace = app[SETTINGS].server.shutdown_grace_s
+    sessions: dict[str, Session] = app[SESSIONS]
+    n = len(sessions)
+    stuck = await close_sessions(
+        sessions,
+        reason="shutdown",
+        detail="the server is shutting down; please reconnect in a moment",
+        timeout_s=max(0.5, grace - 1.0),
+    )
+    logger.info("shutdown: %d sessions closed, %d left behind", n - len(stuck), len(stuck))
 
 
 async def handle_index(request: web.Request) -> web.FileResponse:
@@ -243,6 +320,7 @@ def create_app(
     app[DRAINING] = asyncio.Event()  # set on shutdown: no new sessions, /ready answers 503
     install_access(app, settings)
     use_host_candidates(settings.webrtc.host_candidates)
+    data_dir_abs = os.path.abspath(settings.avatars.data_dir)  # for start-up messages
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         # sessions render on a thread pool; OpenCV's own threads on top only add spikes
@@ -270,11 +348,25 @@ def create_app(
         )
         loop = asyncio.get_running_loop()
         # the default avatar must load, or the server does not start
-        await loop.run_in_executor(pool, library.get, settings.avatars.default)
+        try:
+            await loop.run_in_executor(pool, library.get, settings.avatars.default)
+        except (NotFound, AvatarError) as exc:
+            raise PipelineError(
+                f"avatars.default: the default avatar {settings.avatars.default!r} cannot be "
+                f"loaded from {data_dir_abs} (avatars.data_dir): "
+                f"{_detail(exc)}; register it there, or set avatars.default to an avatar that "
+                "exists (the built-in one is 'default')"
+            ) from exc
         if settings.avatars.analyzer == "insightface" and analyzer_factory is None:
             # a configured model pack must be there and load: a clear start-up error, not a
             # failure at the first registration (dlib and Haar load lazily, from packages)
-            await loop.run_in_executor(pool, registration.analyzer)
+            try:
+                await loop.run_in_executor(pool, registration.analyzer)
+            except Exception as exc:  # noqa: BLE001 - whatever the pack does: one clear line
+                raise PipelineError(
+                    f"avatars.insightface_root: {_detail(exc)}; point avatars.insightface_root "
+                    "at such a folder, or set avatars.analyzer: dlib"
+                ) from exc
         if tts is None:
             voice = settings.engines.piper_voice
             piper = PiperTTS(
@@ -290,6 +382,8 @@ def create_app(
         if engine is None:
             engine = await loop.run_in_executor(pool, create_lipsync_engine, settings)
         app[LIPSYNC] = engine
+        # cheap (no weights): the engine a call goes on with if its own engine fails
+        app[FALLBACK_LIPSYNC] = None if engine.name == "viseme" else VisemeEngine()
         app[REPLIER] = replier or replier_factory(settings)
         if settings.conversation.listen:
             stt, vad = await loop.run_in_executor(pool, load_listening, settings)
@@ -300,14 +394,16 @@ def create_app(
         app[RENDER_SERVICE] = render_service
         yield
         await render_service.aclose()
-        sessions: dict[str, Session] = app[SESSIONS]
-        await asyncio.gather(*(s.aclose("server shutting down") for s in list(sessions.values())))
+        # normally none are left (``drain`` closed them); bounded, so none can hold the exit
+        await close_sessions(app[SESSIONS], reason="shutdown", detail="the server is stopping",
+                             timeout_s=max(0.5, settings.server.shutdown_grace_s / 2))
         await asyncio.to_thread(registration.close)
         if lipsync is None:
             await engine.aclose()
         pool.shutdown(wait=True, cancel_futures=True)
 
     app.cleanup_ctx.append(resources)
+    app.on_shutdown.append(drain)
     app.router.add_get("/", handle_index)
     app.router.add_get("/register", handle_register)
     add_observability_routes(app)

@@ -15,6 +15,10 @@ lip-sync -> compositor, with barge-in.
 - Events: the user's transcript, the assistant's text when its audio starts playing (never
   ahead of the mouth), ``thinking`` while a turn has nothing playing yet, per-turn metrics,
   errors (fatal after ``llm.max_consecutive_failures`` failed replies in a row).
+- Failures never end the call: a failed transcription is an error event and listening goes
+  on; a failed reply (error, timeout) is an error event and the avatar speaks
+  ``conversation.apology``; a sentence that fails to synthesise is an error event and the
+  turn goes on with the next one.
 """
 
 from __future__ import annotations
@@ -113,8 +117,12 @@ class Conversation:
         listener: Any | None,
         resampler: Any | None,
         executor: Executor | None,
+        on_speech: Callable[[], None] | None = None,
     ) -> None:
+        """``on_speech``: called at every speech start the VAD hears (the session's idle
+        timeout)."""
         self._host = host
+        self._on_speech = on_speech
         self._settings = settings
         self._tts = tts
         self._lipsync = lipsync
@@ -181,6 +189,8 @@ class Conversation:
     def _on_vad_event(self, event: Any) -> None:
         kind = type(event).__name__
         if kind == "SpeechStart":
+            if self._on_speech is not None:
+                self._on_speech()
             if self._settings.conversation.barge_in and (self.busy or self._host.playing):
                 self.barge_in()
             self._host.send_event({"type": "state", "state": "listening", "user": "speaking"})
@@ -303,7 +313,13 @@ class Conversation:
         except Exception as exc:
             logger.exception("transcription failed")
             self._emit(
-                turn, {"type": "error", "message": f"transcription failed: {exc}", "fatal": False}
+                turn,
+                {
+                    "type": "error",
+                    "message": f"transcription failed: {exc}",
+                    "fatal": False,
+                    "stage": "stt",
+                },
             )
             self._emit(turn, {"type": "state", "state": "listening"})
             return
@@ -336,6 +352,7 @@ class Conversation:
         language = self._settings.conversation.language
         t0 = time.monotonic()
         ok = False
+        apology = self._settings.conversation.apology.strip()
         try:
             stream = self._replier.reply(list(self.history), turn.user_text, language=language)
             try:
@@ -364,17 +381,21 @@ class Conversation:
                     "stage": "llm",
                 },
             )
+            if apology:  # said through the same voice and lip-sync, so no silence
+                sentences.put_nowait(apology)
         except Exception as exc:
             logger.exception("reply failed")
             self._emit(
                 turn,
                 {
                     "type": "error",
-                    "message": f"the reply failed: {exc}",
+                    "message": f"the reply failed: {exc or type(exc).__name__}",
                     "fatal": False,
                     "stage": "llm",
                 },
             )
+            if apology:
+                sentences.put_nowait(apology)
         finally:
             sentences.put_nowait(None)
         await speaker

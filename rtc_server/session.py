@@ -1,7 +1,13 @@
 """One call: a peer connection, its media clock, compositor, tracks and control channel.
 
 Everything a session starts it also stops: ``aclose()`` cancels and awaits every task, stops
-the tracks, closes the peer connection and removes the session from its registry."""
+the tracks, closes the peer connection and removes the session from its registry.
+
+Limits (``sessions.*``), checked by the session's watchdog against an injectable time source:
+a session that never connects (``connect_timeout_s``), a call that reaches ``max_call_s``, no
+speech heard and no control message for ``idle_timeout_s``, and a client that stopped sending
+media for ``media_timeout_s`` (a killed tab or process). Before closing for a limit the client
+is sent ``{"type": "closing", "reason", "detail"}``."""
 
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ from media_tracks import (
 )
 from media_tracks.clapper import clapper_pcm, flash_frames
 from pipeline.errors import BadRequest
-from pipeline.lipsync import LipSyncEngine
+from pipeline.lipsync import LipSyncEngine, SessionLipSync
 from pipeline.replier import EmbeddedReplier, Replier
 from pipeline.tts import TextToSpeech
 from rtc_server.conversation import Conversation, make_conversation_parts
@@ -44,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 MAX_SAY_CHARS = 2000
 MAX_QUEUED_SAYS = 16
+# how long a "closing" event is given to leave before the peer connection is closed
+CLOSING_LINGER_S = 0.5
 
 
 @dataclass(slots=True)
@@ -99,16 +107,33 @@ class Session:
         vad_model: Any | None = None,
         replier: Replier | None = None,
         on_event: Callable[[Session, dict[str, object]], None] | None = None,
+        fallback_lipsync: LipSyncEngine | None = None,
+        now: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``fallback_lipsync``: the engine this call switches to for good if ``lipsync`` fails
+        in it (None: a failure is only logged). ``now``: seconds of a monotonic clock (the
+        limits are measured with it; tests pass a fake)."""
         self.id = uuid.uuid4().hex
         self.settings = settings
         self.avatar = avatar
         self.state = "new"
-        self.created_monotonic = time.monotonic()
-        self.last_activity = self.created_monotonic
+        self._now = now
+        self.created_monotonic = now()
+        self.connected_at: float | None = None
+        # the idle timeout runs from the last speech start heard or control message
+        self.last_heard = self.created_monotonic
+        # the media timeout runs from the last frame received on any remote track (None
+        # until the first: a receive-only client sends none and is left to ICE)
+        self.last_media: float | None = None
+        self.close_reason: str | None = None
         self.mic = MicStats()
         self._tts = tts
-        self._lipsync = lipsync
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+        # the configured engine, or the fallback for the rest of the call once it failed
+        self.lipsync = SessionLipSync(lipsync, fallback_lipsync, on_failure=self._lipsync_failed)
         self._render_executor = render_executor
         self._say_job: asyncio.Task[None] | None = None
         self._on_closed = on_closed
@@ -130,7 +155,7 @@ class Session:
             crossfade_frames=media.crossfade_frames,
             on_event=self._on_media_event,
         )
-        renderer = lipsync.renderer(
+        renderer = self.lipsync.renderer(
             avatar,
             avatar.new_timeline(),
             width=media.video_width,
@@ -157,12 +182,13 @@ class Session:
             self,
             settings=settings,
             tts=tts,
-            lipsync=lipsync,
+            lipsync=self.lipsync,
             replier=replier or EmbeddedReplier(),
             stt=stt,
             listener=listener,
             resampler=resampler,
             executor=render_executor,
+            on_speech=self.heard,
         )
         self.pc = RTCPeerConnection(rtc_configuration(settings.webrtc.ice_servers))
         self.pc.on("track", self._on_track)
@@ -201,6 +227,8 @@ class Session:
             await self._closed.wait()
             return
         self._closing = True
+        if self.close_reason is None:
+            self.close_reason = reason
         logger.info("session %s closing: %s", self.id[:8], reason)
         if self._disconnect_timer is not None:
             self._disconnect_timer.cancel()
@@ -229,6 +257,8 @@ class Session:
             return
         if state == "connected":
             self.state = "connected"
+            if self.connected_at is None:
+                self.connected_at = self._now()
             if self._disconnect_timer is not None:
                 self._disconnect_timer.cancel()
                 self._disconnect_timer = None
@@ -243,18 +273,61 @@ class Session:
                 grace, lambda: self._spawn(self.aclose("disconnected past grace"), "close")
             )
 
-    async def _watchdog(self) -> None:
-        """Tear down a session that never connects or goes idle."""
+    def heard(self) -> None:
+        """The client spoke (VAD speech start) or sent a control message: not idle."""
+        self.last_heard = self._now()
+
+    def check_limits(self) -> tuple[str, str] | None:
+        """The limit this session has reached now, as (reason, detail), or None."""
         cfg = self.settings.sessions
+        now = self._now()
+        if self.state == "connecting" and now - self.created_monotonic > cfg.connect_timeout_s:
+            return "connect_timeout", "the call never connected"
+        if cfg.max_call_s > 0 and now - self.created_monotonic >= cfg.max_call_s:
+            return "call_limit", f"calls last at most {cfg.max_call_s:g} s"
+        if cfg.idle_timeout_s > 0 and now - self.last_heard >= cfg.idle_timeout_s:
+            return "idle", (
+                f"nothing heard from you and no message for {cfg.idle_timeout_s:g} s"
+            )
+        if (
+            cfg.media_timeout_s > 0
+            and self.connected_at is not None
+            and self.last_media is not None
+            and now - max(self.last_media, self.connected_at) >= cfg.media_timeout_s
+        ):
+            return "media_timeout", f"no media received for {cfg.media_timeout_s:g} s"
+        return None
+
+    def _watchdog_period_s(self) -> float:
+        cfg = self.settings.sessions
+        limits = [cfg.connect_timeout_s, cfg.max_call_s, cfg.idle_timeout_s, cfg.media_timeout_s]
+        return min(1.0, max(0.05, min(x for x in limits if x > 0) / 8))
+
+    async def _watchdog(self) -> None:
+        """Close the session when it reaches a limit (see ``check_limits``)."""
+        period = self._watchdog_period_s()
         while True:
-            await asyncio.sleep(1.0)
-            now = time.monotonic()
-            if self.state == "connecting" and now - self.created_monotonic > cfg.connect_timeout_s:
-                self._spawn(self.aclose("never connected"), "close")
+            await asyncio.sleep(period)
+            reached = self.check_limits()
+            if reached is not None:
+                reason, detail = reached
+                self._spawn(self.end(reason, detail), "close")
                 return
-            if cfg.idle_timeout_s > 0 and now - self.last_activity > cfg.idle_timeout_s:
-                self._spawn(self.aclose("idle timeout"), "close")
-                return
+
+    def notify_closing(self, reason: str, detail: str) -> None:
+        """Tell the client why the call is about to end (``closing`` event)."""
+        self.send_event({"type": "closing", "reason": reason, "detail": detail})
+
+    async def end(self, reason: str, detail: str, *, linger_s: float = CLOSING_LINGER_S) -> None:
+        """Tell the client, give the message ``linger_s`` to leave, then close."""
+        if self._closing:
+            await self._closed.wait()
+            return
+        self.close_reason = reason
+        self.notify_closing(reason, detail)
+        if linger_s > 0 and self._channel is not None:
+            await asyncio.sleep(linger_s)
+        await self.aclose(reason)
 
     # --- incoming media -------------------------------------------------------------------
     def _on_track(self, track: MediaStreamTrack) -> None:
@@ -269,7 +342,7 @@ class Session:
                 frame = await track.recv()
             except MediaStreamError:
                 return
-            self.last_activity = time.monotonic()
+            self.last_media = self._now()
             if track.kind == "audio":
                 pcm = frame.to_ndarray().astype(np.float32) / 32768.0  # type: ignore[union-attr]
                 power = float(np.mean(pcm * pcm)) if pcm.size else 0.0
@@ -322,11 +395,29 @@ class Session:
         if ch is not None and ch.readyState == "open":
             ch.send(json.dumps(event))
 
+    def _lipsync_failed(self, where: str, exc: BaseException) -> None:
+        """The lip-sync engine failed in ``where`` ("analyse" or "render"); may be called from
+        a worker thread. The call goes on with the fallback engine."""
+        fallback = self.lipsync.name
+        detail = f"the lip-sync engine failed ({where}: {exc or type(exc).__name__})"
+        logger.error("session %s: %s; switching to %s", self.id[:8], detail, fallback,
+                     exc_info=(type(exc), exc, exc.__traceback__))
+        event: dict[str, object] = {
+            "type": "error",
+            "stage": "lipsync",
+            "fatal": False,
+            "message": f"{detail}; going on with the {fallback} engine",
+        }
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        loop.call_soon_threadsafe(self.send_event, event)
+
     def _error(self, message: str, *, fatal: bool = False) -> None:
         self.send_event({"type": "error", "message": message, "fatal": fatal})
 
     def _on_message(self, raw: object) -> None:
-        self.last_activity = time.monotonic()
+        self.heard()
         try:
             msg = json.loads(raw if isinstance(raw, str | bytes) else str(raw))
         except (ValueError, UnicodeDecodeError):
@@ -409,7 +500,7 @@ class Session:
         first = True  # the text goes with the first chunk of audio only
         try:
             async for sentence in self._tts.sentences(text):
-                analyse = functools.partial(self._lipsync.analyse, sentence, fps=fps)
+                analyse = functools.partial(self.lipsync.analyse, sentence, fps=fps)
                 track = await loop.run_in_executor(self._render_executor, analyse)
                 self.compositor.schedule(
                     Segment(pcm=sentence.pcm, mouth=track.openness(), lips=track,
@@ -436,7 +527,7 @@ class Session:
             "frames_repeated": self.video_track.stats.frames_repeated,
             "frames_skipped": self.video_track.stats.frames_skipped,
             "frames_late": self.frames.stats.late,
-            "lipsync": self._lipsync.name,
+            "lipsync": self.lipsync.name,
             "speaking": self.compositor.speaking,
             "mic": {
                 "frames_received": self.mic.frames_received,

@@ -1,18 +1,29 @@
 """Lip-sync engines: audio in, mouth motion per video frame out (see ``base.py``).
 
 ``create_lipsync_engine`` picks the configured engine: the embedded viseme engine (no weights,
-real time on a CPU) or Wav2Lip (weights at ``lipsync.wav2lip_model``; a GPU in production)."""
+real time on a CPU) or Wav2Lip (weights at ``lipsync.wav2lip_model``; a GPU in production).
+``SessionLipSync`` is one call's view of it: the configured engine until it fails once, then
+a fallback engine (the viseme engine) for the rest of that call; other calls are untouched."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.lipsync.base import VISEMES, FrameRenderer, LipSyncEngine, LipTrack
+from pipeline.lipsync.base import VISEMES, FrameRenderer, LipSyncEngine, LipTrack, Yuv
 
 if TYPE_CHECKING:
+    from concurrent.futures import Executor
+
+    from avatars.library import LoadedAvatar
     from config import Settings
+    from media_tracks.compositor import FramePlan
+    from media_tracks.idle import IdleTimeline
+    from pipeline.tts import SpeechAudio
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +32,7 @@ __all__ = [
     "FrameRenderer",
     "LipSyncEngine",
     "LipTrack",
+    "SessionLipSync",
     "create_lipsync_engine",
     "model_cache_dir",
 ]
@@ -77,3 +89,100 @@ def create_lipsync_engine(settings: Settings) -> LipSyncEngine:
         return VisemeEngine()
     logger.info("lip-sync: %s", engine.info())
     return engine
+
+
+class SessionLipSync:
+    """One session's lip-sync: ``primary`` until it raises once (in ``analyse`` or in a
+    renderer's ``render``), then ``fallback`` for the rest of the call. ``on_failure(where,
+    exc)`` is called once, at the switch, possibly from a worker thread. Without a fallback
+    the primary's errors propagate as before. The engines belong to the caller."""
+
+    def __init__(
+        self,
+        primary: LipSyncEngine,
+        fallback: LipSyncEngine | None,
+        *,
+        on_failure: Callable[[str, BaseException], None],
+    ) -> None:
+        self.primary = primary
+        self.fallback = fallback if fallback is not primary else None
+        self._on_failure = on_failure
+        self._lock = threading.Lock()
+        self.failed = False
+
+    @property
+    def engine(self) -> LipSyncEngine:
+        """The engine in use now."""
+        if self.failed and self.fallback is not None:
+            return self.fallback
+        return self.primary
+
+    @property
+    def name(self) -> str:
+        return self.engine.name
+
+    def info(self) -> dict[str, object]:
+        return self.engine.info()
+
+    def fail(self, where: str, exc: BaseException) -> None:
+        """Switch to the fallback (once; later failures of the primary are ignored)."""
+        with self._lock:
+            if self.failed:
+                return
+            self.failed = True
+        self._on_failure(where, exc)
+
+    def analyse(self, audio: SpeechAudio, *, fps: int) -> LipTrack:
+        engine = self.engine
+        if engine is self.fallback or self.fallback is None:
+            return engine.analyse(audio, fps=fps)
+        try:
+            return engine.analyse(audio, fps=fps)
+        except Exception as exc:  # noqa: BLE001 - any engine failure: fall back, say so
+            self.fail("analyse", exc)
+            return self.fallback.analyse(audio, fps=fps)
+
+    def renderer(
+        self,
+        avatar: LoadedAvatar,
+        timeline: IdleTimeline,
+        *,
+        width: int,
+        height: int,
+        executor: Executor | None,
+    ) -> FrameRenderer:
+        primary = self.primary.renderer(
+            avatar, timeline, width=width, height=height, executor=executor
+        )
+        if self.fallback is None:
+            return primary
+        fallback = self.fallback.renderer(
+            avatar, timeline, width=width, height=height, executor=executor
+        )
+        return _FallbackRenderer(self, primary, fallback)
+
+    async def aclose(self) -> None:
+        return None  # the engines are shared and closed by their owner
+
+
+class _FallbackRenderer:
+    """Renders with the primary engine's renderer until the session's lip-sync failed; a
+    frame whose render raised is rendered by the fallback for the same plan (same idle
+    timeline, so the face does not jump), and so is every later frame."""
+
+    def __init__(
+        self, guard: SessionLipSync, primary: FrameRenderer, fallback: FrameRenderer
+    ) -> None:
+        self._guard = guard
+        self._primary = primary
+        self._fallback = fallback
+
+    async def render(self, plan: FramePlan) -> Yuv:
+        if not self._guard.failed:
+            try:
+                return await self._primary.render(plan)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any engine failure: fall back, say so
+                self._guard.fail("render", exc)
+        return await self._fallback.render(plan)

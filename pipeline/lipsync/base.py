@@ -57,7 +57,10 @@ class FrameRenderer(Protocol):
 class LipSyncEngine(Protocol):
     """One per server (per device): shared by every session."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The engine's name ("viseme", "wav2lip")."""
+        ...
 
     def info(self) -> dict[str, object]:
         """What runs: engine, provider actually in use, precision, batching limits."""

@@ -22,6 +22,16 @@ if TYPE_CHECKING:
     from pipeline.tts import SpeechAudio
 
 
+_AA = VISEMES.index("AA")
+
+
+def open_jaw(openness: float) -> np.ndarray:
+    """Viseme weights for a plain open mouth, ``openness`` 0..1 (an "AA" of that weight)."""
+    w = np.zeros(len(VISEMES), np.float32)
+    w[_AA] = min(max(float(openness), 0.0), 1.0)
+    return w
+
+
 class VisemeRenderer:
     """Renders one session's frames: the idle face, with the viseme mouth while speech plays.
 
@@ -49,7 +59,12 @@ class VisemeRenderer:
             return self._flash
         pose = self._timeline.pose_at(plan.t_ns)
         if plan.lips is not None and plan.blend > 0:
-            pose = replace(pose, mouth=shape_for(np.asarray(plan.lips), blend=plan.blend))
+            lips = np.asarray(plan.lips, dtype=np.float32)
+            if lips.size != len(VISEMES):
+                # another engine's feature (speech analysed before a session fell back to
+                # this engine): open the jaw by the segment's voice level
+                lips = open_jaw(plan.mouth / plan.blend)
+            pose = replace(pose, mouth=shape_for(lips, blend=plan.blend))
         return rgb_to_i420(self._face.render(pose))
 
     async def render(self, plan: FramePlan) -> Yuv:

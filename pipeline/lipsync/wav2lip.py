@@ -284,7 +284,9 @@ class Wav2LipModel:
             )
         except Exception as exc:
             raise PipelineError(
-                f"lipsync.wav2lip_model: cannot load {self.path.name} with onnxruntime ({exc})"
+                f"lipsync.wav2lip_model: cannot load {self.path} with onnxruntime ({exc}); "
+                "point it at the Wav2Lip generator weights (wav2lip_gan.pth or their ONNX "
+                "export), or set lipsync.engine: viseme"
             ) from exc
         self.providers: list[str] = list(self._session.get_providers())
         self.gpu = self.providers[0] in GPU_PROVIDERS
