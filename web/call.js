@@ -1,7 +1,9 @@
 // Browser side of an avatar call: one RTCPeerConnection to the server (POST /offer, no
 // trickle ICE), a "control" data channel, an avatar picker (GET /avatars; ?avatar=ID
 // preselects one), a live stats panel, and a small test hook on window.avatarCall. Plain JS,
-// no build step.
+// no build step. When the server wants a token for calls (access.offer_token), open the page
+// as /?token=TOKEN (or /#token=TOKEN, which never reaches any log): it is sent with the offer
+// as "Authorization: Bearer TOKEN".
 "use strict";
 
 (() => {
@@ -33,6 +35,8 @@
     avatarThumb: $("avatar-thumb"),
   };
   const urlAvatar = new URLSearchParams(location.search).get("avatar") || "";
+  const offerToken = new URLSearchParams(location.hash.replace(/^#/, "")).get("token") ||
+    new URLSearchParams(location.search).get("token") || "";
 
   // Everything about the current call. `state` is the call's state:
   // "new" | "connecting" | "connected" | "closed" | "failed";
@@ -187,11 +191,13 @@
 
     const abort = new AbortController();
     const timer = setTimeout(() => abort.abort(), OFFER_TIMEOUT_MS);
+    const headers = { "Content-Type": "application/json" };
+    if (offerToken) headers.Authorization = `Bearer ${offerToken}`;
     let response;
     try {
       response = await fetch("/offer", {
         method: "POST",
-        headers: { "Content-Type": "application/json" },
+        headers,
         body: JSON.stringify(body),
         signal: abort.signal,
       });
@@ -208,6 +214,22 @@
     if (response.ok && payload && payload.sdp) return payload;
 
     const detail = payload && (payload.detail || payload.error);
+    if (response.status === 401) {
+      throw new Error(offerToken
+        ? "The server did not accept the access token in this page's address. " +
+          "Ask for a new link, or check the token after ?token= in the address."
+        : "This server only takes calls with an access token. Open the page with " +
+          "?token=YOUR_TOKEN at the end of its address (ask whoever runs the server).");
+    }
+    if (response.status === 403) {
+      throw new Error("The server does not allow calls from here" +
+        (detail ? `: ${detail}` : "."));
+    }
+    if (response.status === 429) {
+      const retry = response.headers.get("Retry-After");
+      throw new Error("Too many calls were started from this address in a short time. " +
+        (retry ? `Try again in ${retry} s.` : "Try again in a minute."));
+    }
     if (response.status === 503) {
       const retry = response.headers.get("Retry-After");
       throw new Error("The server is full" + (retry ? `: try again in ${retry} s.` : ".") +
@@ -616,6 +638,7 @@
     get state() { return call.state; },
     get avatarState() { return call.avatarState; },
     get sessionId() { return call.sessionId; },
+    get hasToken() { return offerToken !== ""; },
     get pc() { return call.pc; },
     get hello() { return call.hello; },
     get lastEvents() { return call.lastEvents; },

@@ -1,11 +1,14 @@
 // The avatar registration page: choose (or drop) an image or video, preview it, upload it
 // with a progress bar (POST /avatars), show what the server made of it (or why it refused),
 // and list the registered avatars with thumbnails and delete buttons. Plain JS, no build
-// step; a small test hook on window.avatarRegister.
+// step; a small test hook on window.avatarRegister. Registering and deleting are admin
+// actions: the "API key" field (kept in sessionStorage, so only for this tab) is sent as
+// X-API-Key when the server has keys (access.api_keys).
 "use strict";
 
 (() => {
   const DELETE_CONFIRM_MS = 4000;
+  const API_KEY_STORAGE = "avatarServer.apiKey";
 
   // Friendly titles for the server's refusal codes (422) — the server's `detail` follows.
   const REFUSAL_TITLES = {
@@ -40,6 +43,7 @@
     previewNote: $("preview-note"),
     fileInfo: $("file-info"),
     name: $("name"),
+    apiKey: $("api-key"),
     upload: $("upload"),
     cancel: $("cancel"),
     progress: $("progress"),
@@ -64,6 +68,54 @@
   };
 
   // ---- small helpers ----------------------------------------------------------------
+
+  function apiKey() {
+    return ui.apiKey.value.trim();
+  }
+
+  function loadApiKey() {
+    try {
+      ui.apiKey.value = sessionStorage.getItem(API_KEY_STORAGE) || "";
+    } catch (_) { /* storage disabled: the field still works for this page */ }
+  }
+
+  function saveApiKey() {
+    try {
+      if (apiKey()) sessionStorage.setItem(API_KEY_STORAGE, apiKey());
+      else sessionStorage.removeItem(API_KEY_STORAGE);
+    } catch (_) { /* storage disabled */ }
+  }
+
+  // Plain words for an access refusal (401, 403 "forbidden", 429), or null for other answers.
+  function accessProblem(status, body, retryAfter, action) {
+    const code = body && body.error;
+    if (status === 401) {
+      return {
+        title: "An API key is needed",
+        detail: apiKey()
+          ? `The server did not take the API key: enter the right one to ${action}.`
+          : `This server asks for an API key to ${action}: enter it in the API key field ` +
+            "and try again.",
+      };
+    }
+    if (status === 403 && code === "forbidden") {
+      return {
+        title: "Not allowed",
+        detail: apiKey()
+          ? "The API key was not accepted: check it (no spaces) and try again."
+          : `This server lets you ${action} only from its own machine, or with an API key ` +
+            "that its operator sets up.",
+      };
+    }
+    if (status === 429) {
+      return {
+        title: "Too many requests",
+        detail: "Too many avatars were registered or deleted from this address in a short " +
+          `time. Try again in ${retryAfter ? `${retryAfter} s` : "a minute"}.`,
+      };
+    }
+    return null;
+  }
 
   function el(tag, props = {}, ...children) {
     const node = document.createElement(tag);
@@ -291,7 +343,7 @@
         let body = null;
         try { body = JSON.parse(xhr.responseText); } catch (_) { /* not JSON */ }
         state.lastResult = { status: xhr.status, body };
-        finish(xhr.status, body);
+        finish(xhr.status, body, xhr.getResponseHeader("Retry-After"));
         resolve(state.lastResult);
       };
       const failed = (why) => () => {
@@ -313,16 +365,24 @@
       xhr.onabort = failed("cancelled");
       xhr.open("POST", "/avatars");
       xhr.setRequestHeader("Accept", "application/json");
+      if (apiKey()) xhr.setRequestHeader("X-API-Key", apiKey());
       xhr.send(form);
     });
   }
 
-  function finish(status, body) {
+  function finish(status, body, retryAfter) {
     ui.progress.hidden = true;
     if ((status === 200 || status === 201) && body && body.id) {
       setPhase("done");
       showSuccess(body, status === 200 || body.created === false);
       refreshList();
+      return;
+    }
+    const denied = accessProblem(status, body, retryAfter, "register avatars");
+    if (denied) {
+      setPhase("failed");
+      showRefusal(status, denied.title, denied.detail, null, body && body.error);
+      if (status === 401 || status === 403) ui.apiKey.focus();
       return;
     }
     setPhase(status === 422 || status === 415 || status === 413 ? "refused" : "failed");
@@ -490,7 +550,7 @@
     const label = avatar.name || avatar.id;
     try {
       const response = await fetch(`/avatars/${encodeURIComponent(avatar.id)}`,
-        { method: "DELETE" });
+        { method: "DELETE", headers: apiKey() ? { "X-API-Key": apiKey() } : {} });
       let body = null;
       try { body = await response.json(); } catch (_) { /* no body */ }
       if (response.ok || response.status === 404) {
@@ -499,7 +559,11 @@
         ui.listStatus.textContent = `Deleted “${label}”. ` + ui.listStatus.textContent;
         return;
       }
-      if (response.status === 409) {
+      const denied = accessProblem(response.status, body, response.headers.get("Retry-After"),
+        "delete avatars");
+      if (denied) {
+        rowMessage(message, `${denied.title}. ${denied.detail}`, "error");
+      } else if (response.status === 409) {
         rowMessage(message, `“${label}” is in a call right now: end the call, then delete it.`,
           "busy");
       } else {
@@ -523,6 +587,7 @@
     ui.file.value = ""; // so that choosing the same file again is a change too
   });
   ui.name.addEventListener("input", () => { state.nameEdited = true; });
+  ui.apiKey.addEventListener("input", saveApiKey);
   ui.form.addEventListener("submit", (event) => {
     event.preventDefault();
     upload().catch(() => { /* shown already */ });
@@ -551,6 +616,7 @@
     window.addEventListener(type, (event) => event.preventDefault());
   }
 
+  loadApiKey();
   chooseFile(null);
   refreshList();
 
