@@ -133,6 +133,31 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
              "listening": BOOL, "replier": STR},
             ["status"],
         ),
+        "Readiness": _obj(
+            {"ready": BOOL, "checks": {"type": "object", "additionalProperties": BOOL,
+                                       "description": "Each check by name: accepting, "
+                                       "default_avatar, tts, lipsync, stt, vad, render."}},
+            ["ready", "checks"],
+        ),
+        "HealthDetailed": _obj(
+            {
+                "status": {"enum": ["ok", "draining"]},
+                "uptime_s": NUM,
+                "version": STR,
+                "process": _obj(
+                    {"pid": INT, "rss_bytes": INT, "cpu_percent": NUM, "threads": INT,
+                     "asyncio_tasks": INT, "open_fds": {"type": ["integer", "null"]}},
+                    ["rss_bytes", "asyncio_tasks"],
+                ),
+                "system": ANY_OBJ,
+                "lipsync": {"type": ["object", "null"]},
+                "stt": {"type": ["object", "null"]},
+                "tts": {"type": ["object", "null"]},
+                "pools": ANY_OBJ,
+                "sessions": _obj({"live": INT, "max": {"type": ["integer", "null"]}}),
+            },
+            ["status", "process"],
+        ),
         "Avatar": _obj(
             {
                 "id": {"type": "string", "pattern": "^(default|av_[0-9a-f]{12})$"},
@@ -277,9 +302,9 @@ def _operations(settings: Settings) -> dict[str, dict[str, Any]]:
         "/ready": {"get": {
             "tags": ["observability"], "operationId": "ready",
             "summary": "Readiness: models loaded, the default avatar ready, not draining.",
-            "responses": {200: _json("Ready for calls.", ANY_OBJ),
-                          503: _json("Not ready (starting or shutting down).", ANY_OBJ,
-                                     headers=RETRY_AFTER)}}},
+            "responses": {200: _json("Ready for calls.", _ref("Readiness")),
+                          503: _json("Not ready (starting or shutting down).",
+                                     _ref("Readiness"))}}},
         "/metrics": {"get": {
             "tags": ["observability"], "operationId": "metrics",
             "summary": "Prometheus metrics (text exposition format).",
@@ -288,8 +313,7 @@ def _operations(settings: Settings) -> dict[str, dict[str, Any]]:
         "/health/detailed": {"get": {
             "tags": ["observability"], "operationId": "health_detailed",
             "summary": "Device, execution providers in use, memory, CPU, worker pools.",
-            "responses": {200: _json("The details.", _obj(
-                {"process": _obj({"rss_bytes": INT, "asyncio_tasks": INT})}))}}},
+            "responses": {200: _json("The details.", _ref("HealthDetailed"))}}},
         OPENAPI_PATH: {"get": {
             "tags": ["meta"], "operationId": "openapi", "summary": "This document.",
             "responses": {200: _json("OpenAPI 3.1.", ANY_OBJ)}}},
