@@ -28,7 +28,7 @@ SESSION_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("session
 
 REDACTED = "***"
 # libraries that log every ICE check or RTP event at INFO: WARNING unless debugging
-NOISY_LOGGERS = ("aioice", "aiortc", "av")
+NOISY_LOGGERS = ("aioice", "aiortc", "libav")
 _HANDLER_MARK = "_avatar_rtc_handler"
 # attributes every LogRecord has; anything else on a record came from ``extra=``
 _RECORD_ATTRS = frozenset(

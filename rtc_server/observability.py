@@ -264,8 +264,11 @@ def session_event_hook(app: web.Application) -> Callable[[Any, dict[str, object]
             return
         try:
             sid = getattr(session, "id", None)
-            if isinstance(sid, str) and sid not in obs.seen:
-                obs.fold_closed(_sessions(app))
+            live = _sessions(app)
+            # only a live session is tracked: one already folded into the totals (an event
+            # sent while it closed) must not be counted twice
+            if isinstance(sid, str) and sid not in obs.seen and live.get(sid) is session:
+                obs.fold_closed(live)
                 obs.track_session(session)
             obs.observe_event(event)
         except Exception:  # noqa: BLE001 - metrics must never break a session

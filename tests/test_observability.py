@@ -232,6 +232,49 @@ async def test_render_cache_hits_and_misses_follow_repeated_requests(
     assert value(metrics, "avatar_render_jobs", "avatar_render_jobs", state="queued") == 0
 
 
+def fake_session(sid: str, *, sent: int, repeated: int, late: int) -> SimpleNamespace:
+    """What the collector reads of a session: its tracks' and frame producer's stats."""
+    from media_tracks.frames import ProducerStats
+
+    video = TrackStats(frames_sent=sent, frames_repeated=repeated)
+    frames = ProducerStats(late=late)
+    return SimpleNamespace(
+        id=sid,
+        video_track=SimpleNamespace(stats=video, recent_fps=lambda: 25.0),
+        audio_track=SimpleNamespace(stats=TrackStats(), recent_fps=lambda: 50.0),
+        frames=SimpleNamespace(stats=frames, queued=4),
+    )
+
+
+async def test_frame_totals_keep_closed_sessions_once(aiohttp_client, tmp_path):
+    app, client = await start(aiohttp_client, tmp_path)
+    hook = session_event_hook(app)
+    a = fake_session("aa" * 16, sent=100, repeated=3, late=2)
+    b = fake_session("bb" * 16, sent=50, repeated=1, late=0)
+    app[SESSIONS][a.id] = a
+    hook(a, {"type": "hello"})  # seen by the hook, never scraped while live
+    app[SESSIONS][b.id] = b
+    m = await scrape(client)
+    fam, sample = "avatar_video_frames", "avatar_video_frames_total"
+    assert value(m, fam, sample, outcome="sent") == 150
+    assert value(m, "avatar_session_frames_ahead", "avatar_session_frames_ahead",
+                 session="aaaaaaaa") == 4
+    assert value(m, "avatar_session_fps_sent", "avatar_session_fps_sent",
+                 session="bbbbbbbb", track="audio") == 50
+    del app[SESSIONS][a.id]
+    a.video_track.stats.frames_sent += 10  # its last frames went out before it closed
+    m = await scrape(client)
+    assert value(m, fam, sample, outcome="sent") == 160
+    assert value(m, fam, sample, outcome="repeated") == 4
+    assert value(m, fam, sample, outcome="late") == 2
+    assert not [s for s in m["avatar_session_video_frames"] if s[1]["session"] == "aaaaaaaa"]
+    hook(a, {"type": "state", "state": "closed"})  # an event after it left: not re-counted
+    del app[SESSIONS][b.id]
+    m = await scrape(client)
+    assert value(m, fam, sample, outcome="sent") == 160
+    assert value(m, "avatar_sessions_live", "avatar_sessions_live") == 0
+
+
 # --- /health/detailed -----------------------------------------------------------------------
 async def test_health_detailed_has_the_documented_shape(aiohttp_client, tmp_path):
     _, client = await start(aiohttp_client, tmp_path)
