@@ -89,9 +89,23 @@ class ContextFilter(logging.Filter):
         if record.stack_info:
             record.stack_info = redact(record.stack_info, self.secrets)
         for key, value in list(vars(record).items()):
-            if key not in _RECORD_ATTRS and isinstance(value, str):
-                setattr(record, key, redact(value, self.secrets))
+            if key not in _RECORD_ATTRS and isinstance(value, str | dict | list | tuple):
+                setattr(record, key, _redact_value(value, self.secrets))
         return True
+
+
+def _redact_value(value: object, secrets: list[str], depth: int = 0) -> object:
+    """``value`` with secrets redacted from its strings, inside dicts, lists and tuples too
+    (such as aiohttp's access log ``request_header``)."""
+    if isinstance(value, str):
+        return redact(value, secrets)
+    if depth > 4:
+        return value
+    if isinstance(value, dict):
+        return {k: _redact_value(v, secrets, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_redact_value(v, secrets, depth + 1) for v in value)
+    return value
 
 
 def _timestamp(record: logging.LogRecord) -> str:

@@ -118,7 +118,10 @@ def test_secrets_are_redacted_from_messages_exceptions_and_extras(restore_loggin
     try:
         raise RuntimeError(f"401 from the LLM with key {SECRETS['llm key']}")
     except RuntimeError:
-        log.exception("reply failed", extra={"header": f"Bearer {SECRETS['api key']}"})
+        log.exception("reply failed", extra={
+            "header": f"Bearer {SECRETS['api key']}",
+            "request_header": {"User-Agent": f"bot {SECRETS['turn secret']}", "n": 1},
+        })
     text = stream.getvalue()
     for secret in SECRETS.values():
         assert secret not in text
@@ -127,6 +130,7 @@ def test_secrets_are_redacted_from_messages_exceptions_and_extras(restore_loggin
     assert out[len(SECRETS)]["message"] == f"GET /?token={REDACTED} HTTP/1.1"
     last = out[-1]
     assert f"with key {REDACTED}" in last["exception"] and last["header"] == f"Bearer {REDACTED}"
+    assert last["request_header"] == {"User-Agent": f"bot {REDACTED}", "n": 1}
 
 
 def test_text_format_is_one_readable_line_with_the_session(restore_logging):
