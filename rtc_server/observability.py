@@ -480,7 +480,7 @@ async def handle_ready(request: web.Request) -> web.Response:
         checks = readiness(request.app)
     except Exception:  # noqa: BLE001 - a readiness probe answers, whatever happens
         logger.exception("readiness check failed")
-        checks = {"checks": False}
+        checks = {"readiness_check": False}
     ready = all(checks.values())
     return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
 
