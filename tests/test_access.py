@@ -4,6 +4,7 @@ and the bot passing its token and key on a real loopback call."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import aiohttp
@@ -15,6 +16,8 @@ from rtc_server.access import ACCESS, ADMIN_ROUTES, RateLimiter, redact_query_se
 from rtc_server.app import SESSIONS, create_app
 from rtc_server.bot import Bot
 from rtc_server.ice import use_host_candidates
+from tests.browser import JsError, chromium, js, js_await, wait_js, write_tone_wav
+from tests.conftest import ROOT, free_port, start_server, stop_server
 from tests.fakes.prepare import FakeAnalyzer, FakePrepare
 from tests.fakes.tts import ToneTTS
 
@@ -493,3 +496,51 @@ async def test_bot_passes_its_token_and_key(loopback_only, aiohttp_client, tmp_p
     finally:
         await bot.aclose()
         await no_key.aclose()
+
+
+@pytest.mark.e2e
+@pytest.mark.browser
+def test_pages_send_the_token_and_the_api_key(loopback_only, artifacts_dir, tmp_path):
+    """The call page sends ?token= / #token= with its offer; the register page sends the API
+    key field as X-API-Key and says plainly what a 401 and a 403 mean."""
+    from selenium.webdriver.common.by import By
+
+    port = free_port()
+    proc = start_server(port, {
+        "AVATAR_ACCESS__OFFER_TOKEN": TOKEN, "AVATAR_ACCESS__API_KEYS": json.dumps([KEY_A]),
+        "AVATAR_AVATARS__DATA_DIR": str(tmp_path / "data"), "AVATAR_CONVERSATION__LISTEN": "false"})
+    url = f"http://127.0.0.1:{port}"
+    tone = write_tone_wav(tmp_path / "mic.wav", seconds=2.0)
+    try:
+        with chromium(tone, tmp_path / "profile") as driver:
+            for address, complaint in ((f"{url}/", "only takes calls with an access token"),
+                                       (f"{url}/?token={WRONG}", "did not accept the access")):
+                driver.get(address)
+                wait_js(driver, "window.avatarCall !== undefined", message="call.js to load")
+                with pytest.raises(JsError, match=complaint):
+                    js_await(driver, "avatarCall.start()", timeout=30)
+            for address in (f"{url}/?token={TOKEN}", f"{url}/#token={TOKEN}"):
+                driver.get(address)
+                wait_js(driver, "window.avatarCall !== undefined", message="call.js to load")
+                js_await(driver, "avatarCall.start()", timeout=30)
+                wait_js(driver, "avatarCall.state === 'connected'", timeout=20)
+                js(driver, "avatarCall.stop()")
+
+            driver.get(f"{url}/register")
+            wait_js(driver, "window.avatarRegister && avatarRegister.avatars")
+            image = ROOT / "avatars" / "default" / "astronaut.png"
+            for key, status, words in ((None, 401, "An API key is needed"),
+                                       (WRONG, 403, "The API key was not accepted")):
+                if key is not None:
+                    driver.find_element(By.ID, "api-key").send_keys(key)
+                driver.find_element(By.ID, "file").send_keys(str(image))
+                wait_js(driver, "avatarRegister.file !== null && avatarRegister.phase === 'idle'")
+                driver.find_element(By.ID, "upload").click()
+                wait_js(driver, "avatarRegister.phase === 'failed'", timeout=30)
+                assert js(driver, "avatarRegister.lastResult.status") == status
+                assert words in driver.find_element(By.ID, "result").text
+            driver.refresh()  # the key stays for this tab
+            wait_js(driver, "window.avatarRegister !== undefined")
+            assert js(driver, "document.getElementById('api-key').value") == WRONG
+    finally:
+        stop_server(proc)
