@@ -219,6 +219,22 @@ def _route_key(request: web.Request) -> RouteKey | None:
     return method, resource.canonical
 
 
+def _forwarded_address(hop: str) -> str:
+    """An X-Forwarded-For entry as an address ("1.2.3.4:5678" and "[::1]:80" lose the
+    port); anything else is kept as an opaque client name (never loopback)."""
+    candidates = [hop]
+    if hop.startswith("[") and "]" in hop:
+        candidates.append(hop[1 : hop.index("]")])
+    elif hop.count(":") == 1:
+        candidates.append(hop.partition(":")[0])
+    for candidate in candidates:
+        try:
+            return str(ipaddress.ip_address(candidate))
+        except ValueError:
+            continue
+    return f"forwarded:{hop[:MAX_CLIENT_CHARS]}"
+
+
 def _is_loopback(address: str) -> bool:
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
@@ -268,11 +284,7 @@ class AccessControl:
             forwarded = request.headers.get("X-Forwarded-For", "")
             hops = [h.strip() for h in forwarded.split(",") if h.strip()]
             if hops:
-                candidate = hops[-1]
-                try:
-                    return str(ipaddress.ip_address(candidate.split("%", 1)[0]))
-                except ValueError:
-                    pass  # not an address: fall back to the peer
+                return _forwarded_address(hops[-1])
         return (request.remote or "unknown")[:MAX_CLIENT_CHARS]
 
     def origin_allowed(self, origin: str) -> bool:

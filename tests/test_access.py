@@ -190,6 +190,11 @@ async def test_the_address_the_proxy_appended_decides(start):
     resp = await client.get("/sessions", headers={"X-Forwarded-For": "127.0.0.1, 203.0.113.7"})
     await refused(resp, 403, "forbidden")
     await granted(await client.get("/sessions", headers={"X-Forwarded-For": "203.0.113.7, ::1"}))
+    await granted(await client.get("/sessions", headers={"X-Forwarded-For": "127.0.0.1:5123"}))
+    # an entry that is no address is a client of its own, never the proxy's loopback
+    for odd in ("unknown", "_hidden", "127.0.0.1.nip.io", "[::1"):
+        resp = await client.get("/sessions", headers={"X-Forwarded-For": odd})
+        await refused(resp, 403, "forbidden")
 
 
 # --------------------------------------------------------------------------- offer token
