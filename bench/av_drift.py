@@ -19,10 +19,14 @@ from bench.common import print_table, start_server, write_result
 from rtc_server.bot import Bot
 from rtc_server.ice import use_host_candidates
 
+# the call is quiet after the clapper request: no idle timeout, no call-length limit (the bot's
+# microphone keeps sending silence, so the media timeout never fires)
+SERVER_ENV = {"AVATAR_SESSIONS__IDLE_TIMEOUT_S": "0", "AVATAR_SESSIONS__MAX_CALL_S": "0"}
+
 
 async def main(seconds: int) -> None:
     use_host_candidates("loopback")
-    proc, url = start_server()
+    proc, url = start_server(SERVER_ENV)
     bot = Bot(url)
     try:
         await bot.connect()

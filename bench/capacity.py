@@ -1,0 +1,226 @@
+"""Capacity: server memory per session, and how many SPEAKING sessions 2 cores hold at >= 24 fps
+with the viseme engine.
+
+Memory: the server's RSS (psutil) with N idle calls held open against the same server with
+none (after one warm-up call, so lazily loaded pieces are counted once, not per session);
+per session = the difference / N.
+
+Speaking: N bots each keep their avatar talking (a long ``say`` at the start, another each
+time the avatar is back to listening, so the Piper voice, the viseme engine, the compositor and
+the encoder all work all the time). Measured over the middle of the window: video fps sent per
+session (GET /sessions ``frames_sent``), frames repeated, skipped and late, the share of
+samples in which the session was speaking, server CPU, and fps received by the bots. N steps
+up until a session falls under 24 fps. The bots run in a separate process at nice 19 (they
+decode every frame), so the server gets the cores first.
+
+Run: ``unshare --net bash -c 'ip link set lo up; .venv/bin/python -m bench.capacity'``"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+import psutil
+
+from bench.common import ROOT, cpu_seconds, print_table, start_server, write_result
+from bench.soak import get_json
+
+WARMUP_S = 5.0
+MB = 1024 * 1024
+SERVER_ENV = {
+    "AVATAR_SESSIONS__MAX_CONCURRENT": "64",
+    "AVATAR_ACCESS__OFFER_PER_MIN": "0",
+    "AVATAR_LIPSYNC__ENGINE": "viseme",
+    # bench.soak's and this one's calls are quiet on purpose: no idle or call-length limits
+    "AVATAR_SESSIONS__IDLE_TIMEOUT_S": "0",
+    "AVATAR_SESSIONS__MAX_CALL_S": "0",
+}
+SPEECH = (
+    "The lighthouse keeper climbed the stairs every evening to light the lamp. "
+    "Ships passed in the night, and the sea was calm or rough as the weather chose. "
+    "She wrote the names of the boats in a book, and the book grew thick over the years. "
+) * 6
+
+
+def sessions(url: str) -> dict[str, dict[str, Any]]:
+    return {s["id"]: s for s in get_json(url + "/sessions")["sessions"]}
+
+
+async def client(url: str, n: int, seconds: float, speak: bool) -> None:
+    """Hold n calls open (talking if ``speak``); print each bot's fps over the window."""
+    from rtc_server.bot import Bot
+    from rtc_server.ice import use_host_candidates
+
+    use_host_candidates("loopback")
+    bots = [Bot(url) for _ in range(n)]
+    for b in bots:
+        await b.connect()
+    if speak:
+        for b in bots:
+            b.send({"type": "say", "text": SPEECH})
+    seen = [0] * n
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.25)
+        if not speak:
+            continue
+        for i, b in enumerate(bots):
+            new = b.events[seen[i]:]
+            seen[i] = len(b.events)
+            if any(e.get("type") == "state" and e.get("state") == "listening" for e in new):
+                b.send({"type": "say", "text": SPEECH})
+    out = []
+    for b in bots:
+        s = b.summary(window=(WARMUP_S, seconds - 1))
+        out.append({"fps": s["fps_received"], "jitter_ms": s["frame_interval_ms"]["jitter_std"]})
+    for b in bots:
+        await b.aclose()
+    print(json.dumps(out), flush=True)
+
+
+def start_bots(url: str, n: int, seconds: float, speak: bool) -> subprocess.Popen[str]:
+    cmd = ["nice", "-n", "19", sys.executable, "-m", "bench.capacity", "--client", str(n),
+           "--url", url, "--seconds", str(seconds)]
+    if speak:
+        cmd.append("--speak")
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+
+
+def wait_sessions(url: str, n: int, limit_s: float = 60.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        live = [s for s in sessions(url).values() if s["state"] == "connected"]
+        if len(live) >= n:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{n} sessions did not connect in {limit_s:g} s")
+
+
+def wait_empty(url: str, limit_s: float = 30.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while sessions(url) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def warm_up(url: str) -> None:
+    """One talking call: lazily started pools and codecs are not a session's cost."""
+    warm = start_bots(url, 1, 8.0, speak=True)
+    warm.communicate(timeout=120)
+    wait_empty(url)
+    time.sleep(2.0)
+
+
+def memory_step(n: int, seconds: float = 14.0) -> dict[str, Any]:
+    """A fresh server (the allocator keeps what earlier calls freed): RSS after a warm-up
+    call with no session, then with n idle calls."""
+    proc, url = start_server(SERVER_ENV)
+    try:
+        warm_up(url)
+        process = psutil.Process(proc.pid)
+        base = process.memory_info().rss
+        bots = start_bots(url, n, seconds, speak=False)
+        wait_sessions(url, n)
+        time.sleep(WARMUP_S)  # frames ahead, encoder buffers, jitter buffers filled
+        rss = process.memory_info().rss
+        bots.communicate(timeout=180)
+    finally:
+        proc.terminate()
+        proc.wait()
+    row = {"sessions": n, "rss_mb_none": round(base / MB, 1), "rss_mb": round(rss / MB, 1),
+           "per_session_mb": round((rss - base) / n / MB, 2)}
+    print_table([row])
+    return row
+
+
+def speaking_step(url: str, pid: int, n: int, seconds: float) -> dict[str, Any]:
+    bots = start_bots(url, n, seconds, speak=True)
+    wait_sessions(url, n)
+    time.sleep(WARMUP_S)
+    s0, c0, t0 = sessions(url), cpu_seconds(pid), time.monotonic()
+    speaking: dict[str, list[bool]] = {}
+    end = t0 + max(2.0, seconds - WARMUP_S - 4.0)
+    while time.monotonic() < end:
+        for sid, s in sessions(url).items():
+            speaking.setdefault(sid, []).append(bool(s.get("speaking")))
+        time.sleep(0.5)
+    s1, c1, t1 = sessions(url), cpu_seconds(pid), time.monotonic()
+    out, _ = bots.communicate(timeout=300)
+    received = json.loads(out.strip().splitlines()[-1])
+    wait_empty(url)
+    dt = t1 - t0
+    ids = [i for i in s1 if i in s0]
+
+    def delta(key: str) -> int:
+        return sum(s1[i][key] - s0[i][key] for i in ids)
+
+    sent = [(s1[i]["frames_sent"]["video"] - s0[i]["frames_sent"]["video"]) / dt for i in ids]
+    talk = [sum(v) / len(v) for v in speaking.values() if v]
+    cpu = (c1 - c0) / dt
+    return {
+        "sessions": n,
+        "server_cpu_cores": round(cpu, 3),
+        "cpu_per_session": round(cpu / n, 3),
+        "speaking_share_min": round(min(talk), 2) if talk else 0.0,
+        "sent_fps_min": round(min(sent), 2) if sent else 0.0,
+        "sent_fps_mean": round(sum(sent) / len(sent), 2) if sent else 0.0,
+        "repeated": delta("frames_repeated"),
+        "skipped": delta("frames_skipped"),
+        "late": delta("frames_late"),
+        "recv_fps_min": min(r["fps"] for r in received),
+        "recv_fps_mean": round(sum(r["fps"] for r in received) / len(received), 2),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--client", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--url", help=argparse.SUPPRESS)
+    p.add_argument("--speak", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--seconds", type=float, default=18.0)
+    p.add_argument("--memory-steps", default="1,4,8")
+    p.add_argument("--steps", default="1,2,3,4,5,6,8")
+    args = p.parse_args()
+    if args.client:
+        asyncio.run(client(args.url, args.client, args.seconds, args.speak))
+        return
+    memory = [memory_step(n) for n in [int(x) for x in args.memory_steps.split(",")]]
+    proc, url = start_server(SERVER_ENV)
+    speaking = []
+    try:
+        warm_up(url)
+        for n in [int(x) for x in args.steps.split(",")]:
+            row = speaking_step(url, proc.pid, n, args.seconds)
+            speaking.append(row)
+            print_table([row])
+            if row["sent_fps_min"] < 24:
+                break
+            time.sleep(2)
+    finally:
+        proc.terminate()
+        proc.wait()
+    print_table(memory)
+    print_table(speaking)
+    held = [r["sessions"] for r in speaking if r["sent_fps_min"] >= 24 and r["skipped"] == 0]
+    per = [r["per_session_mb"] for r in memory]
+    summary = {
+        "memory_per_idle_session_mb": per[-1] if per else None,
+        "memory_per_idle_session_mb_by_n": {r["sessions"]: r["per_session_mb"] for r in memory},
+        "server_rss_mb_no_sessions": memory[0]["rss_mb_none"] if memory else None,
+        "max_speaking_sessions_at_24fps_sent": max(held) if held else 0,
+        "cpu_per_speaking_session_cores": speaking[0]["cpu_per_session"] if speaking else None,
+        "engine": "viseme",
+        "size": "512x512 at 25 fps (defaults)",
+        "note": "bots (decoding every frame) share the same 2 cores at nice 19; other work on "
+                "the machine at the time shows in the numbers",
+    }
+    print(json.dumps(summary, indent=1))
+    write_result("capacity", {"summary": summary, "memory": memory, "speaking": speaking})
+
+
+if __name__ == "__main__":
+    main()
