@@ -211,10 +211,20 @@ class Session:
         kinds = {t.kind for t in self.pc.getTransceivers()}
         if "video" not in kinds or "audio" not in kinds:
             raise BadRequest("the offer must have an audio and a video m-line")
+        if "a=fingerprint:" not in sdp:
+            # aiortc accepts it, then its DTLS start fails in a task nobody awaits
+            raise BadRequest("the offer has no DTLS fingerprint (a=fingerprint)")
         self.pc.addTrack(self.audio_track)
         self.pc.addTrack(self.video_track)
-        answer = await self.pc.createAnswer()
-        await self.pc.setLocalDescription(answer)
+        try:
+            answer = await self.pc.createAnswer()
+            await self.pc.setLocalDescription(answer)
+        except Exception as exc:  # e.g. an a=mid aiortc cannot answer: the offer's fault
+            logger.info("no answer to an offer: %r", exc)
+            raise BadRequest(
+                "no answer can be made to this offer (its media sections cannot be matched; "
+                "send the offer as the browser made it)"
+            ) from exc
         self.state = "connecting"
         self.frames.start()
         self._spawn(self._say_worker(), "say")
@@ -420,7 +430,7 @@ class Session:
         self.heard()
         try:
             msg = json.loads(raw if isinstance(raw, str | bytes) else str(raw))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # nested too deep
             self._error("control messages must be JSON objects")
             return
         if not isinstance(msg, dict):

@@ -35,6 +35,7 @@ from rtc_server.app import SESSIONS, create_app
 from rtc_server.bot import Bot
 from rtc_server.conversation import Conversation
 from rtc_server.ice import use_host_candidates
+from rtc_server.session import Session
 from tests.fakes.openai_server import start_fake_openai
 from tests.fakes.tts import ToneTTS
 
@@ -414,3 +415,57 @@ async def test_an_analysis_failure_in_a_turn_falls_back_and_the_turn_is_spoken()
     assert spoken(host) == ["One sentence.", "And another."]
     assert all(isinstance(s.lips, VisemeTrack) for s in host.scheduled)
     await conv.aclose()
+
+
+# ------------------------------------------------------------------ bad input from a client
+
+
+async def offer_sdp() -> tuple[Any, str]:
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("audio", direction="sendrecv")
+    pc.addTransceiver("video", direction="recvonly")
+    pc.createDataChannel("control")
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc, pc.localDescription.sdp
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(60)
+async def test_offers_aiortc_cannot_answer_are_400_and_leave_no_session(loopback_only,
+                                                                        aiohttp_client):
+    """Found by the fault tests: no DTLS fingerprint (aiortc accepted it and failed later in
+    a task nobody awaited) and an a=mid it cannot match (an AttributeError: a 500)."""
+    use_host_candidates("loopback")
+    app = create_app(load_settings(env={}, overrides={
+        "webrtc.host_candidates": "loopback", "conversation.listen": False,
+    }), tts=ToneTTS())
+    client = await aiohttp_client(app)
+    pc, sdp = await offer_sdp()
+    no_fingerprint = "".join(ln for ln in sdp.splitlines(True)
+                             if not ln.startswith("a=fingerprint"))
+    try:
+        for bad in (no_fingerprint, sdp.replace("a=mid:0", "a=mid:" + "m" * 300),
+                    sdp.replace("a=mid:0", "a=mid:a\x00b")):
+            r = await client.post("/offer", json={"sdp": bad, "type": "offer"})
+            assert r.status == 400
+            body = await r.json()
+            assert body["error"] == "bad_request" and body["detail"]
+            assert "NoneType" not in body["detail"]
+            assert app[SESSIONS] == {}
+    finally:
+        await pc.close()
+
+
+async def test_json_nested_too_deep_on_the_control_channel_is_an_error_event(avatar):
+    session = Session(
+        settings=load_settings(env={}, overrides={"conversation.listen": False}),
+        avatar=avatar, tts=ToneTTS(), lipsync=VisemeEngine(), render_executor=None,
+        on_closed=lambda s: None,
+    )
+    events: list[dict[str, object]] = []
+    session.send_event = events.append  # type: ignore[method-assign]
+    session._on_message("[" * 100_000 + "]" * 100_000)
+    assert [e["type"] for e in events] == ["error"]
+    await session.aclose("test over")
