@@ -44,3 +44,10 @@ class ShuttingDown(ServerFull):
     """The server is draining for a shutdown: no new sessions."""
 
     code = "shutting_down"
+
+
+class AvatarUnavailable(AvatarServerError):
+    """A registered avatar whose files cannot be loaded (damaged or removed on disk)."""
+
+    status = 500
+    code = "avatar_unavailable"

@@ -8,9 +8,9 @@ count wherever they are added):
   ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``: missing is 401 (with
   ``WWW-Authenticate: Bearer``), wrong is 403. With no keys configured they answer loopback
   clients only (127.0.0.0/8, ::1); anyone else gets 403.
-- ``POST /offer`` and ``POST /v1/render`` (it spends CPU like a call) need
-  ``Authorization: Bearer <access.offer_token>`` when that is set (an admin key also does);
-  otherwise 401.
+- ``POST /offer``, ``POST /v1/render`` (it spends CPU like a call) and ``GET /ice-servers``
+  (it hands out TURN credentials) need ``Authorization: Bearer <access.offer_token>`` when
+  that is set (an admin key also does); otherwise 401.
 - CORS: for an Origin in ``access.cors_origins`` (``"*"``: any) preflights are answered (204)
   and every answer, errors and 429s included, carries ``Access-Control-Allow-Origin``.
 - Rate limits: a token bucket per client and route group (``RATE_GROUPS``) holding the
@@ -71,7 +71,9 @@ ADMIN_ROUTES: frozenset[RouteKey] = frozenset(
     }
 )
 # Routes that need access.offer_token when it is set.
-TOKEN_ROUTES: frozenset[RouteKey] = frozenset({("POST", "/offer"), ("POST", "/v1/render")})
+TOKEN_ROUTES: frozenset[RouteKey] = frozenset(
+    {("POST", "/offer"), ("POST", "/v1/render"), ("GET", "/ice-servers")}
+)
 RATE_GROUPS: dict[RouteKey, str] = {
     ("POST", "/offer"): "offer",
     ("POST", "/avatars"): "avatars",

@@ -30,6 +30,7 @@ from avatars.store import AvatarStore
 from config import Settings
 from pipeline.errors import (
     AvatarServerError,
+    AvatarUnavailable,
     BadRequest,
     NotFound,
     PipelineError,
@@ -41,7 +42,7 @@ from pipeline.lipsync.viseme_engine import VisemeEngine
 from pipeline.tts import PiperTTS, TextToSpeech
 from rtc_server.access import install_access
 from rtc_server.avatars_api import AVATAR_API, AvatarApi, add_avatar_routes
-from rtc_server.ice import use_host_candidates
+from rtc_server.ice import browser_ice_servers, resolve_ice_servers, use_host_candidates
 from rtc_server.logs import bind_session
 from rtc_server.observability import (
     add_observability_routes,
@@ -196,7 +197,13 @@ async def handle_offer(request: web.Request) -> web.Response:
         )
     library = app[AVATARS]
     loop = asyncio.get_running_loop()
-    avatar = await loop.run_in_executor(app[RENDER_POOL], library.get, avatar_id)
+    try:
+        avatar = await loop.run_in_executor(app[RENDER_POOL], library.get, avatar_id)
+    except AvatarError as exc:  # registered, but its files are damaged or gone
+        logger.error("avatar %s could not be loaded: %s", avatar_id, exc)
+        raise AvatarUnavailable(
+            f"avatar {avatar_id!r} could not be loaded; register it again"
+        ) from exc
     session = Session(
         settings=settings,
         avatar=avatar,
@@ -288,6 +295,24 @@ async def drain(app: web.Application) -> None:
         timeout_s=max(0.5, grace - 1.0),
     )
     logger.info("shutdown: %d sessions closed, %d left behind", n - len(stuck), len(stuck))
+
+
+async def handle_ice_servers(request: web.Request) -> web.Response:
+    """The STUN/TURN servers the call page should use (TURN REST credentials are made per
+    request when webrtc.turn_secret is set)."""
+    webrtc = request.app[SETTINGS].webrtc
+    servers = browser_ice_servers(resolve_ice_servers(webrtc))
+    return web.json_response(
+        {"iceServers": servers}, headers={"Cache-Control": "no-store"}
+    )
+
+
+async def handle_web_file(request: web.Request) -> web.FileResponse:
+    """A file of the pages; anything else (a missing file, a path out of web/) is a JSON 404."""
+    path = (WEB_DIR / request.match_info["name"]).resolve()
+    if not path.is_relative_to(WEB_DIR) or not path.is_file():
+        raise NotFound("no such file")
+    return web.FileResponse(path)
 
 
 async def handle_index(request: web.Request) -> web.FileResponse:
@@ -413,5 +438,6 @@ def create_app(
     app.router.add_delete("/sessions/{session_id}", handle_delete_session)
     add_avatar_routes(app)
     add_render_routes(app)
-    app.router.add_static("/web/", WEB_DIR, show_index=False)
+    app.router.add_get("/ice-servers", handle_ice_servers)
+    app.router.add_get("/web/{name:.+}", handle_web_file)
     return app

@@ -44,7 +44,7 @@ from pipeline.lipsync import LipSyncEngine, SessionLipSync
 from pipeline.replier import EmbeddedReplier, Replier
 from pipeline.tts import TextToSpeech
 from rtc_server.conversation import Conversation, make_conversation_parts
-from rtc_server.ice import rtc_configuration
+from rtc_server.ice import resolve_ice_servers, rtc_configuration
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,9 @@ class Session:
             executor=render_executor,
             on_speech=self.heard,
         )
-        self.pc = RTCPeerConnection(rtc_configuration(settings.webrtc.ice_servers))
+        self.pc = RTCPeerConnection(
+            rtc_configuration(resolve_ice_servers(settings.webrtc))
+        )
         self.pc.on("track", self._on_track)
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("connectionstatechange", self._on_connection_state)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import time
 
 import pytest
 
@@ -58,3 +59,54 @@ def test_secret_is_never_shown() -> None:
     with pytest.raises(ConfigError) as info:
         settings(**{"webrtc.turn_secret": 12345})
     assert "12345" not in str(info.value)
+
+
+async def test_ice_servers_route_hands_the_page_fresh_credentials(aiohttp_client) -> None:
+    from rtc_server.app import create_app
+    from tests.fakes.tts import ToneTTS
+
+    s = settings(**{
+        "webrtc.host_candidates": "loopback",
+        "webrtc.turn_secret": "s3cret",
+        "webrtc.ice_servers": [{"urls": "stun:stun.example.org:3478"}, TURN],
+        "access.offer_token": "tok-1",
+    })
+    client = await aiohttp_client(create_app(s, tts=ToneTTS()))
+    resp = await client.get("/ice-servers")
+    assert resp.status == 401  # TURN credentials are for callers with the offer token
+    resp = await client.get("/ice-servers", headers={"Authorization": "Bearer tok-1"})
+    assert resp.status == 200
+    assert resp.headers["Cache-Control"] == "no-store"
+    body = await resp.json()
+    stun, turn = body["iceServers"]
+    assert stun == {"urls": ["stun:stun.example.org:3478"]}
+    expiry, _, user = turn["username"].partition(":")
+    assert user == "avatar" and int(expiry) > time.time() + 86000
+    expected = hmac.new(b"s3cret", turn["username"].encode(), hashlib.sha1).digest()
+    assert base64.b64decode(turn["credential"]) == expected
+    assert "s3cret" not in await resp.text()
+
+
+async def test_ice_servers_default_is_empty(aiohttp_client) -> None:
+    from rtc_server.app import create_app
+    from tests.fakes.tts import ToneTTS
+
+    s = settings(**{"webrtc.host_candidates": "loopback"})
+    client = await aiohttp_client(create_app(s, tts=ToneTTS()))
+    resp = await client.get("/ice-servers")
+    assert resp.status == 200 and await resp.json() == {"iceServers": []}
+
+
+async def test_web_files_are_served_and_misses_are_json(aiohttp_client) -> None:
+    from rtc_server.app import create_app
+    from tests.fakes.tts import ToneTTS
+
+    s = settings(**{"webrtc.host_candidates": "loopback"})
+    client = await aiohttp_client(create_app(s, tts=ToneTTS()))
+    resp = await client.get("/web/call.js")
+    assert resp.status == 200 and "RTCPeerConnection" in await resp.text()
+    for path in ("/web/nope.js", "/web/..%2F..%2Fconfig%2Fdefaults.yaml", "/web/"):
+        resp = await client.get(path)
+        assert resp.status == 404, path
+        body = await resp.json()
+        assert body["error"] == "not_found" and "/" not in body["detail"]

@@ -183,6 +183,21 @@
     });
   }
 
+  // The STUN/TURN servers the server names (none on a LAN); TURN credentials may be made
+  // for this request, so they are fetched for every call. A failure means host candidates only.
+  async function iceServers() {
+    const headers = { Accept: "application/json" };
+    if (offerToken) headers.Authorization = `Bearer ${offerToken}`;
+    try {
+      const response = await fetch("/ice-servers", { headers, cache: "no-store" });
+      if (!response.ok) return [];
+      const body = await response.json();
+      return Array.isArray(body.iceServers) ? body.iceServers : [];
+    } catch (_) {
+      return [];
+    }
+  }
+
   // POST the offer; returns the answer JSON or throws an Error with a readable message.
   async function postOffer(description) {
     const body = { sdp: description.sdp, type: description.type };
@@ -259,6 +274,10 @@
       addTranscript(msg.role, msg.text);
     } else if (msg.type === "metrics") {
       showMetrics(msg);
+    } else if (msg.type === "closing") {
+      // the server ends the call (call length, idle, shutdown): a normal end, not a failure
+      call.closingReason = msg.reason || "closing";
+      showError(`The call is ending: ${msg.detail || msg.reason}`);
     } else if (msg.type === "error") {
       showError(`Server: ${msg.message}`);
       if (msg.fatal) {
@@ -272,6 +291,7 @@
   function watchConnection(pc) {
     const failed = (what) => {
       if (pc !== call.pc) return;
+      if (call.closingReason) { stop(); return; }
       showError(`The connection failed (${what}): no network path to the server. ` +
         "Check firewalls/VPNs and try again.");
       stop({ failed: true });
@@ -290,11 +310,13 @@
   async function start() {
     if (call.state === "connecting" || call.state === "connected") return call.sessionId;
     clearErrors();
-    Object.assign(call, { avatarState: null, sessionId: null, hello: null, lastEvents: [] });
+    Object.assign(call, {
+      avatarState: null, sessionId: null, hello: null, lastEvents: [], closingReason: null,
+    });
     call.avatarId = ui.avatarSelect.value || null; // null: the server's default
     setState("connecting");
 
-    const pc = new RTCPeerConnection({ iceServers: [] });
+    const pc = new RTCPeerConnection({ iceServers: await iceServers() });
     call.pc = pc;
     call.remoteStream = new MediaStream();
     ui.video.srcObject = call.remoteStream;
@@ -345,7 +367,7 @@
   }
 
   function stop({ failed = false } = {}) {
-    const { pc, sessionId } = call;
+    const { pc } = call;  // closing it ends the session on the server (DTLS close)
     if (call.recorder && call.recorder.state !== "inactive") call.recorder.stop();
     clearInterval(call.statsTimer);
     call.statsTimer = null;
@@ -354,11 +376,6 @@
     if (call.micTrack) call.micTrack.stop();
     Object.assign(call, { pc: null, dc: null, micTrack: null });
     ui.video.srcObject = null;
-    if (pc && sessionId) {
-      // Tell the server at once instead of letting it time the session out.
-      fetch(`/sessions/${encodeURIComponent(sessionId)}`, { method: "DELETE", keepalive: true })
-        .catch(() => { /* best effort */ });
-    }
     if (failed) setState("failed");
     else if (pc) setState("closed");
   }
