@@ -133,6 +133,12 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
              "listening": BOOL, "replier": STR},
             ["status"],
         ),
+        "IceServers": _obj(
+            {"iceServers": {"type": "array", "items": _obj(
+                {"urls": {"type": ["string", "array"], "items": STR}, "username": STR,
+                 "credential": STR}, ["urls"])}},
+            ["iceServers"],
+        ),
         "Readiness": _obj(
             {"ready": BOOL, "checks": {"type": "object", "additionalProperties": BOOL,
                                        "description": "Each check by name: accepting, "
@@ -270,8 +276,10 @@ def _path_param(name: str, schema: Schema, description: str) -> dict[str, Any]:
 
 def _operations(settings: Settings) -> dict[str, dict[str, Any]]:
     admin_security: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"apiKey": []}]
+    # access.offer_token (or an admin key) on the routes that cost CPU or hand out TURN
+    # credentials, when the token is set
     offer_security: list[dict[str, list[str]]] = (
-        [{"offerToken": []}] if settings.access.offer_token else []
+        [{"offerToken": []}, {"apiKey": []}] if settings.access.offer_token else []
     )
     r = settings.render
     session_id = _path_param("session_id", STR, "A session id from POST /offer.")
@@ -279,10 +287,19 @@ def _operations(settings: Settings) -> dict[str, dict[str, Any]]:
                                               "anything else is a 404.")
     job_id = _path_param("job_id", STR, "A render job id.")
 
+    def token(op: dict[str, Any]) -> dict[str, Any]:
+        """Routes behind access.offer_token when it is set."""
+        op["security"] = offer_security
+        if offer_security:
+            op["responses"][401] = _error(401, "Missing or wrong offer token.")
+        return op
+
     def admin(op: dict[str, Any], *, limited: bool = False) -> dict[str, Any]:
         """Admin routes: an API key, or (none configured) loopback clients only."""
         op["security"] = admin_security
         op["responses"][401] = _error(401)
+        op["responses"][401]["headers"] = {"WWW-Authenticate": {
+            "description": "Bearer", "schema": STR}}
         op["responses"][403] = _error(
             403, "Forbidden: no API keys are configured and the client is not on this machine."
         )
@@ -296,6 +313,14 @@ def _operations(settings: Settings) -> dict[str, dict[str, Any]]:
                       "operationId": "call_page", "responses": {200: html}}},
         "/register": {"get": {"tags": ["pages"], "summary": "The avatar registration page.",
                               "operationId": "register_page", "responses": {200: html}}},
+        "/web/{name}": {"get": {
+            "tags": ["pages"], "operationId": "web_file",
+            "summary": "A file of the pages (scripts, styles).",
+            "parameters": [_path_param("name", {"type": "string", "minLength": 1},
+                                       "A file in web/; anything else is a JSON 404.")],
+            "responses": {200: {"description": "The file.",
+                                "content": {"*/*": {"schema": STR}}},
+                          404: _error(404)}}},
         "/health": {"get": {
             "tags": ["observability"], "summary": "Liveness.", "operationId": "health",
             "responses": {200: _json("The process answers.", _ref("Health"))}}},
@@ -305,34 +330,40 @@ def _operations(settings: Settings) -> dict[str, dict[str, Any]]:
             "responses": {200: _json("Ready for calls.", _ref("Readiness")),
                           503: _json("Not ready (starting or shutting down).",
                                      _ref("Readiness"))}}},
-        "/metrics": {"get": {
+        "/metrics": {"get": admin({
             "tags": ["observability"], "operationId": "metrics",
             "summary": "Prometheus metrics (text exposition format).",
             "responses": {200: {"description": "Metrics.",
-                                "content": {"text/plain": {"schema": STR}}}}}},
-        "/health/detailed": {"get": {
+                                "content": {"text/plain": {"schema": STR}}}}})},
+        "/health/detailed": {"get": admin({
             "tags": ["observability"], "operationId": "health_detailed",
             "summary": "Device, execution providers in use, memory, CPU, worker pools.",
-            "responses": {200: _json("The details.", _ref("HealthDetailed"))}}},
+            "responses": {200: _json("The details.", _ref("HealthDetailed"))}})},
         OPENAPI_PATH: {"get": {
             "tags": ["meta"], "operationId": "openapi", "summary": "This document.",
             "responses": {200: _json("OpenAPI 3.1.", ANY_OBJ)}}},
-        "/offer": {"post": {
+        "/offer": {"post": token({
             "tags": ["calls"], "operationId": "offer",
             "summary": "Start a call: an SDP offer in, the SDP answer and the session id out.",
             "description": "JSON at most server.max_body_bytes "
                            f"({settings.server.max_body_bytes}). aiortc does no trickle ICE.",
-            "security": offer_security,
             "requestBody": {"required": True,
                             "content": {"application/json": {"schema": _ref("Offer")}}},
             "responses": {
                 200: _json("The answer.", _ref("Answer")),
-                400: _error(400), 401: _error(401, "Missing or wrong offer token."),
-                404: _error(404, "Unknown avatar."), 413: _error(413),
+                400: _error(400), 404: _error(404, "Unknown avatar."), 413: _error(413),
                 429: _error(429, "Too many offers from this client."),
                 503: _error(503, "sessions.max_concurrent reached, or the server is "
                                  "shutting down."),
-            }}},
+            }})},
+        "/ice-servers": {"get": token({
+            "tags": ["calls"], "operationId": "ice_servers",
+            "summary": "The STUN/TURN servers the call page should use (TURN REST credentials "
+                       "made per request when webrtc.turn_secret is set).",
+            "responses": {200: _json("RTCConfiguration.iceServers.", _ref("IceServers"),
+                                     headers={"Cache-Control": {"schema": STR,
+                                                                "description": "no-store"}})},
+        })},
         "/sessions": {"get": admin({
             "tags": ["calls"], "operationId": "list_sessions", "summary": "Live sessions.",
             "responses": {200: _json("Every live session.", _ref("SessionList"))}})},
@@ -384,7 +415,7 @@ def _operations(settings: Settings) -> dict[str, dict[str, Any]]:
                                 "content": {"image/jpeg": {"schema": {
                                     "type": "string", "contentMediaType": "image/jpeg"}}}},
                           404: _error(404)}}},
-        "/v1/render": {"post": {
+        "/v1/render": {"post": token({
             "tags": ["render"], "operationId": "render",
             "summary": "Render a clip and its timeline from text (JSON) or audio (multipart).",
             "description": "Synchronous by default (200, or 504 after render.sync_timeout_s "
@@ -406,7 +437,7 @@ def _operations(settings: Settings) -> dict[str, dict[str, Any]]:
                                  "requests from this client."),
                 500: _error(500, "The render failed (render_failed)."),
                 504: _json("render_timeout: the job goes on.", _ref("RenderTimeout")),
-            }}},
+            }})},
         "/v1/render/{job_id}": {
             "get": {"tags": ["render"], "operationId": "get_job", "summary": "A job's state.",
                     "parameters": [job_id],

@@ -93,12 +93,10 @@ async def test_malformed_offers_are_400_and_leave_no_session(app_client):
         "no ICE credentials": without(sdp, r"a=ice-(ufrag|pwd)"),
         "no DTLS setup role": without(sdp, r"a=setup"),
         "a port that is no number": re.sub(r"m=audio \d+", "m=audio notaport", sdp),
-        # KNOWN BUGS (rtc_server/session.py accept_offer), kept out of this run:
-        # - no a=fingerprint: answered 200; aiortc's connect task then fails with an
-        #   AssertionError ("Task exception was never retrieved") and the session lingers
-        #   until sessions.connect_timeout_s. Should be a 400.
-        # - an a=mid the answer cannot match (300 characters, or holding a NUL): createAnswer
-        #   raises AttributeError outside the BadRequest wrapper: 500 instead of 400.
+        "no DTLS fingerprint": without(sdp, r"a=fingerprint"),
+        # an a=mid the answer cannot match: aiortc's createAnswer fails (was a 500)
+        "a 300-character a=mid": sdp.replace("a=mid:0", "a=mid:" + "0" * 300, 1),
+        "a NUL in a=mid": sdp.replace("a=mid:0", "a=mid:\x000", 1),
     }
     for name, bad in variants.items():
         r = await client.post("/offer", json={"sdp": bad, "type": "offer"})
@@ -142,10 +140,7 @@ def garbage() -> list[str | bytes]:
         "42",
         "null",
         '"say"',
-        # KNOWN BUG (rtc_server/session.py _on_message), kept out of this run: JSON nested
-        # deeper than the parser recurses ("[" * 5000 + "]" * 5000) raises RecursionError,
-        # which is not caught there (only ValueError, UnicodeDecodeError): no error event, and
-        # aiortc closes the data channel.
+        "[" * 5000 + "]" * 5000,  # nested deeper than the JSON parser recurses
         json.dumps({}),
         json.dumps({"type": "dance"}),
         json.dumps({"type": None}),

@@ -115,12 +115,15 @@ def test_document_is_valid_openapi_3_1_with_errors_security_and_bounds() -> None
     # admin routes carry the API key schemes and their refusals
     admin = [("get", "/sessions"), ("delete", "/sessions/{session_id}"), ("post", "/avatars"),
              ("delete", "/avatars/{avatar_id}"), ("get", "/cache/stats"), ("delete", "/cache"),
-             ("post", "/cache/cleanup")]
+             ("post", "/cache/cleanup"), ("get", "/metrics"), ("get", "/health/detailed")]
     for method, path in admin:
         op = paths[path][method]
         assert op["security"] == [{"bearerAuth": []}, {"apiKey": []}], path
         assert {"401", "403"} <= set(op["responses"]), path
     assert "security" not in paths["/avatars"]["get"]
+    assert {"/", "/register", "/web/{name}", "/health", "/ready"} <= set(paths)
+    for path in ("/", "/register", "/web/{name}", "/health", "/ready"):
+        assert "security" not in paths[path]["get"], path
     schemes = doc["components"]["securitySchemes"]
     assert schemes["apiKey"] == {"type": "apiKey", "in": "header", "name": "X-API-Key",
                                  "description": schemes["apiKey"]["description"]}
@@ -135,11 +138,17 @@ def test_document_is_valid_openapi_3_1_with_errors_security_and_bounds() -> None
         "application/json", "multipart/form-data"}
     assert "429" in paths["/offer"]["post"]["responses"]
     assert paths["/offer"]["post"]["responses"]["503"]["headers"]["Retry-After"]
-    # an offer token in the settings makes /offer need it
-    with_token = load_settings(env={}, overrides={"access.offer_token": "s3cret"})
-    assert build_openapi(with_token)["paths"]["/offer"]["post"]["security"] == [
-        {"offerToken": []}]
-    assert "s3cret" not in json.dumps(build_openapi(with_token))
+    # an offer token in the settings: the routes behind it say so (and may answer 401)
+    token_routes = [("post", "/offer"), ("post", "/v1/render"), ("get", "/ice-servers")]
+    for method, path in token_routes:
+        assert paths[path][method]["security"] == [] and "401" not in paths[path][method][
+            "responses"], path
+    with_token = build_openapi(load_settings(env={}, overrides={"access.offer_token": "s3cret"}))
+    for method, path in token_routes:
+        op = with_token["paths"][path][method]
+        assert op["security"] == [{"offerToken": []}, {"apiKey": []}] and "401" in op[
+            "responses"], path
+    assert "s3cret" not in json.dumps(with_token)
 
 
 async def test_the_server_serves_the_document(aiohttp_client, tmp_path: Path) -> None:
