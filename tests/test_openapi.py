@@ -190,7 +190,7 @@ class ThreadedServer:
         await site.start()
         server = site._server  # the listening asyncio server
         assert server is not None
-        port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         self.url = f"http://127.0.0.1:{port}"
 
 
