@@ -40,7 +40,7 @@ from avatars.registration import RegistrationService, UploadTooLarge
 from avatars.store import AvatarRecord, AvatarStore, make_thumbnail
 from config.settings import AvatarSettings
 from pipeline.errors import AvatarServerError, BadRequest, NotFound
-from rtc_server.multipart import read_part
+from rtc_server.multipart import MALFORMED_MULTIPART, read_part
 
 __all__ = ["AVATAR_API", "AvatarApi", "AvatarInUse", "Forbidden", "add_avatar_routes"]
 
@@ -182,7 +182,7 @@ async def _read_upload(request: web.Request, limit: int) -> tuple[bytes, str]:
                         name = raw.decode(part.get_charset(default="utf-8"))
                     except (LookupError, UnicodeDecodeError) as exc:
                         raise BadRequest(f"field 'name' is not valid text: {exc}") from None
-    except (ValueError, AssertionError) as exc:  # malformed multipart framing
+    except MALFORMED_MULTIPART as exc:
         raise BadRequest(f"malformed multipart body: {exc}") from None
     if data is None:
         raise BadRequest("multipart part 'file' (the image or video) is required")

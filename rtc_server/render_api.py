@@ -54,7 +54,7 @@ from pipeline.render.spec import (
     RenderSpec,
 )
 from pipeline.tts import TextToSpeech
-from rtc_server.multipart import read_part
+from rtc_server.multipart import MALFORMED_MULTIPART, read_part
 
 logger = logging.getLogger(__name__)
 
@@ -345,7 +345,7 @@ async def read_request(
                 fields[name] = raw.decode(part.get_charset(default="utf-8"))
             except (LookupError, UnicodeDecodeError) as exc:
                 raise BadRequest(f"part {name!r} is not valid text: {exc}") from None
-    except (ValueError, AssertionError) as exc:
+    except MALFORMED_MULTIPART as exc:
         raise BadRequest(f"malformed multipart body: {exc}") from None
     return fields, audio
 

@@ -277,3 +277,16 @@ async def test_a_damaged_registered_avatar(env):
         shutil.rmtree(folder)
     resp = await client.post("/v1/render", json={"text": "Hello.", "avatar_id": avatar_id})
     await check(resp, data_dir, "vanished avatar: render")
+
+
+@pytest.mark.parametrize("path", ["/avatars", "/v1/render"])
+async def test_control_character_in_a_part_name_is_400(env, path) -> None:
+    """aiohttp raises InvalidHeader (not a ValueError) for such a part header: still the
+    client's mistake, never a 500 (found by the fuzz run)."""
+    client, _ = env
+    body = b'--B\r\nContent-Disposition: form-data; name="a\x02b"\r\n\r\nx\r\n--B--\r\n'
+    resp = await client.post(
+        path, data=body, headers={"Content-Type": "multipart/form-data; boundary=B"}
+    )
+    assert resp.status == 400, await resp.text()
+    assert (await resp.json())["error"] == "bad_request"

@@ -20,7 +20,7 @@ import pytest
 import requests
 import schemathesis
 from aiohttp import web
-from hypothesis import HealthCheck, assume, settings
+from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,
@@ -250,26 +250,10 @@ OFFER_EXAMPLES = 15
 EXAMPLES = 30
 
 
-def control_char_in_part_name(case: Any) -> bool:
-    """A multipart part whose name holds a control character.
-
-    Kept out of the run: KNOWN BUG (rtc_server/avatars_api.py ``_read_upload`` and
-    rtc_server/render_api.py ``read_request``): aiohttp raises ``InvalidHeader`` (an
-    ``HttpProcessingError``, not a ``ValueError``) for such a part header, the handlers catch
-    only ``ValueError``/``AssertionError``, and the answer is 500 instead of 400. Remove this
-    filter once they catch ``aiohttp.http_exceptions.HttpProcessingError`` too."""
-    if not str(case.media_type or "").startswith("multipart/") or not isinstance(
-        case.body, dict
-    ):
-        return False
-    return any(ord(c) < 32 or ord(c) == 127 for name in case.body for c in str(name))
-
-
 @SCHEMA.exclude(path="/offer").parametrize()
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),
           derandomize=True)
 def test_fuzz_every_operation(case: Any, fuzz_server: ThreadedServer) -> None:
-    assume(not control_char_in_part_name(case))
     case.call_and_validate(base_url=fuzz_server.url, checks=CHECKS, timeout=60)
 
 
