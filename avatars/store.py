@@ -304,6 +304,21 @@ def _utc_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _set_wal(conn: sqlite3.Connection, timeout_s: float = 30.0) -> None:
+    """Switch the registry to WAL. SQLite answers "database is locked" at once, without its
+    busy handler, while another process or thread is switching or creating the same file:
+    retry briefly, as the busy timeout would."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class AvatarStore:
     """The registry and the avatar folders under ``data_dir``. Thread-safe; blocking (call it
     from an executor in async code)."""
@@ -323,7 +338,7 @@ class AvatarStore:
                 return
             self.avatars_dir.mkdir(parents=True, exist_ok=True)
             with contextlib.closing(self._open()) as conn:
-                conn.execute("PRAGMA journal_mode=WAL")
+                _set_wal(conn)
                 conn.execute(_SCHEMA)
             self._remove_leftovers()
             self._initialised = True
