@@ -370,31 +370,22 @@ class Conversation:
         except asyncio.CancelledError:
             speaker.cancel()
             raise
-        except ReplyError as exc:
-            fatal = bool(getattr(self._replier, "fatal", False))
+        except Exception as exc:  # a ReplyError (reported by the replier) or anything else
+            if isinstance(exc, ReplyError):
+                detail, fatal = exc.detail, bool(getattr(self._replier, "fatal", False))
+            else:
+                logger.exception("reply failed")
+                detail, fatal = str(exc) or type(exc).__name__, False
             self._emit(
                 turn,
                 {
                     "type": "error",
-                    "message": f"the reply failed: {exc.detail}",
+                    "message": f"the reply failed: {detail}",
                     "fatal": fatal,
                     "stage": "llm",
                 },
             )
             if apology:  # said through the same voice and lip-sync, so no silence
-                sentences.put_nowait(apology)
-        except Exception as exc:
-            logger.exception("reply failed")
-            self._emit(
-                turn,
-                {
-                    "type": "error",
-                    "message": f"the reply failed: {exc or type(exc).__name__}",
-                    "fatal": False,
-                    "stage": "llm",
-                },
-            )
-            if apology:
                 sentences.put_nowait(apology)
         finally:
             sentences.put_nowait(None)

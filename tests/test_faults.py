@@ -11,15 +11,14 @@ import logging
 import re
 import time
 import weakref
-from collections.abc import Callable
 
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection
 
 from config import load_settings
 from rtc_server.app import SESSIONS, create_app
 from rtc_server.bot import Bot
 from rtc_server.ice import use_host_candidates
+from tests.fakes.peer import offer_sdp, wait_until
 from tests.fakes.tts import ToneTTS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -43,31 +42,12 @@ def make_app():
     return create_app(settings, tts=ToneTTS())
 
 
-async def wait_until(pred: Callable[[], bool], limit_s: float = 20.0) -> None:
-    for _ in range(int(limit_s / 0.05)):
-        if pred():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not reached")
-
-
 @pytest.fixture
 async def app_client(loopback_only, aiohttp_client):
     use_host_candidates("loopback")
     app = make_app()
     client = await aiohttp_client(app)
     return app, client
-
-
-async def offer_sdp(*, audio: bool = True, video: bool = True) -> tuple[RTCPeerConnection, str]:
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    if audio:
-        pc.addTransceiver("audio", direction="sendrecv")
-    if video:
-        pc.addTransceiver("video", direction="recvonly")
-    pc.createDataChannel("control")
-    await pc.setLocalDescription(await pc.createOffer())
-    return pc, pc.localDescription.sdp
 
 
 def without(sdp: str, pattern: str) -> str:

@@ -23,6 +23,7 @@ from rtc_server.app import SESSIONS, create_app
 from rtc_server.bot import Bot
 from rtc_server.ice import use_host_candidates
 from rtc_server.session import Session
+from tests.fakes.peer import wait_until
 from tests.fakes.tts import ToneTTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,14 +179,6 @@ async def test_end_sends_closing_before_the_peer_is_closed(make_session):
 
 
 # ------------------------------------------------------------------ real loopback calls
-
-
-async def wait_until(pred, limit_s: float) -> None:
-    for _ in range(int(limit_s / 0.05)):
-        if pred():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not reached")
 
 
 def app_with(**overrides: Any):

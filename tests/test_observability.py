@@ -25,6 +25,7 @@ from media_tracks.tracks import (
 )
 from rtc_server.app import DRAINING, SESSIONS, create_app
 from rtc_server.observability import STAGES, readiness, session_event_hook
+from tests.fakes.peer import wait_until
 from tests.fakes.tts import ToneTTS
 
 pytestmark = pytest.mark.timeout(120)
@@ -304,14 +305,6 @@ async def test_health_detailed_has_the_documented_shape(aiohttp_client, tmp_path
 
 
 # --- a real call ----------------------------------------------------------------------------
-async def wait_until(pred, limit_s=20.0):
-    for _ in range(int(limit_s / 0.05)):
-        if pred():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not reached")
-
-
 @pytest.mark.e2e
 async def test_a_real_call_shows_in_the_metrics_and_leaves_with_its_session(
     loopback_only, aiohttp_client, tmp_path

@@ -37,6 +37,7 @@ from rtc_server.conversation import Conversation
 from rtc_server.ice import use_host_candidates
 from rtc_server.session import Session
 from tests.fakes.openai_server import start_fake_openai
+from tests.fakes.peer import offer_sdp, wait_until
 from tests.fakes.tts import ToneTTS
 
 APOLOGY = "Sorry, I could not answer that just now."
@@ -153,14 +154,6 @@ async def test_a_failed_frame_is_the_fallbacks_frame_for_the_same_plan(avatar):
     await renderer.render(speaking)
     assert engine.render_failures == 1, "after the switch the primary is not asked again"
     assert failures == ["render"]
-
-
-async def wait_until(pred, limit_s: float) -> None:
-    for _ in range(int(limit_s / 0.05)):
-        if pred():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not reached")
 
 
 @pytest.mark.e2e
@@ -418,17 +411,6 @@ async def test_an_analysis_failure_in_a_turn_falls_back_and_the_turn_is_spoken()
 
 
 # ------------------------------------------------------------------ bad input from a client
-
-
-async def offer_sdp() -> tuple[Any, str]:
-    from aiortc import RTCConfiguration, RTCPeerConnection
-
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTransceiver("audio", direction="sendrecv")
-    pc.addTransceiver("video", direction="recvonly")
-    pc.createDataChannel("control")
-    await pc.setLocalDescription(await pc.createOffer())
-    return pc, pc.localDescription.sdp
 
 
 @pytest.mark.e2e

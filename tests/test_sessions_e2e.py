@@ -13,6 +13,7 @@ from config import load_settings
 from rtc_server.app import SESSIONS, create_app
 from rtc_server.bot import Bot
 from rtc_server.ice import use_host_candidates
+from tests.fakes.peer import offer_sdp, wait_until
 from tests.fakes.tts import ToneTTS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
@@ -22,23 +23,6 @@ def make_app(**overrides):
     base = {"webrtc.host_candidates": "loopback", "sessions.max_concurrent": 2}
     base.update(overrides)
     return create_app(load_settings(env={}, overrides=base), tts=ToneTTS())
-
-
-async def wait_until(pred, limit_s=10.0):
-    for _ in range(int(limit_s / 0.05)):
-        if pred():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not reached")
-
-
-async def offer_sdp() -> tuple[RTCPeerConnection, str]:
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTransceiver("audio", direction="sendrecv")
-    pc.addTransceiver("video", direction="recvonly")
-    pc.createDataChannel("control")
-    await pc.setLocalDescription(await pc.createOffer())
-    return pc, pc.localDescription.sdp
 
 
 @pytest.fixture

@@ -13,26 +13,18 @@ import time
 from typing import Any
 
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection
 
 from config import load_settings
 from rtc_server.app import DRAINING, SESSIONS, create_app, drain
 from rtc_server.bot import Bot
 from rtc_server.ice import use_host_candidates
 from tests.conftest import free_port, start_server
+from tests.fakes.peer import offer_sdp, wait_until
 from tests.fakes.tts import ToneTTS
 
 pytestmark = [pytest.mark.e2e]
 
 EXIT_ALLOWANCE_S = 10.0  # the requirement is 5 s (server.shutdown_grace_s); see above
-
-
-async def wait_until(pred, limit_s: float) -> None:
-    for _ in range(int(limit_s / 0.05)):
-        if pred():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not reached")
 
 
 @pytest.mark.timeout(120)
@@ -79,15 +71,6 @@ def make_app(**overrides: Any):
             "media.video_width": 256, "media.video_height": 256}
     base.update(overrides)
     return create_app(load_settings(env={}, overrides=base), tts=ToneTTS())
-
-
-async def offer_sdp() -> tuple[RTCPeerConnection, str]:
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTransceiver("audio", direction="sendrecv")
-    pc.addTransceiver("video", direction="recvonly")
-    pc.createDataChannel("control")
-    await pc.setLocalDescription(await pc.createOffer())
-    return pc, pc.localDescription.sdp
 
 
 @pytest.mark.timeout(60)
