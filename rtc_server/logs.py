@@ -41,17 +41,16 @@ def bind_session(session_id: str | None) -> None:
 
 
 def secrets_of(settings: Settings) -> list[str]:
-    """Every secret value in ``settings`` (non-empty strings), longest first."""
-    found: list[str] = []
-    access = getattr(settings, "access", None)
-    found.extend(getattr(access, "api_keys", ()) or ())
-    found.append(getattr(access, "offer_token", None) or "")
-    found.append(getattr(getattr(settings, "llm", None), "api_key", None) or "")
-    webrtc = getattr(settings, "webrtc", None)
-    found.append(getattr(webrtc, "turn_secret", None) or "")
-    for server in getattr(webrtc, "ice_servers", ()) or ():
-        found.append(getattr(server, "credential", None) or "")
-    return sorted({s for s in found if isinstance(s, str) and s}, key=len, reverse=True)
+    """Every secret value in ``settings``, longest first (so a secret that contains another
+    is redacted whole)."""
+    found = [
+        *settings.access.api_keys,
+        settings.access.offer_token,
+        settings.llm.api_key,
+        settings.webrtc.turn_secret,
+        *(server.credential for server in settings.webrtc.ice_servers),
+    ]
+    return sorted({s for s in found if s}, key=len, reverse=True)
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
