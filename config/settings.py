@@ -56,7 +56,10 @@ AudioFrameMs = Literal[10, 20, 40, 60]
 HostCandidates = Literal["all", "loopback"]
 TtsEngine = Literal["piper"]
 LipsyncEngine = Literal["auto", "wav2lip", "viseme"]
-LipsyncDevice = Literal["auto", "cuda", "cpu"]
+LipsyncDevice = Literal["auto", "cuda", "openvino", "cpu"]
+LipsyncPrecision = Literal["auto", "fp32", "bf16", "int8"]
+VideoCodec = Literal["VP8", "H264"]
+H264Preset = Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium"]
 SttDevice = Literal["auto", "cuda", "cpu"]
 FaceAnalyzerBackend = Literal["dlib", "haar", "insightface"]
 
@@ -143,6 +146,9 @@ class WebRTCSettings:
     # Kept out of repr so logging a Settings object never prints the secret.
     turn_secret: str | None = field(repr=False)
     turn_ttl_s: float
+    video_codecs: tuple[VideoCodec, ...]
+    h264_preset: H264Preset
+    video_bitrate_kbps: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +190,7 @@ class LipsyncSettings:
     wav2lip_model: str | None
     model_cache_dir: str | None
     device: LipsyncDevice
+    precision: LipsyncPrecision
     fp16: bool
     max_batch: int
     max_wait_ms: float
@@ -328,6 +335,9 @@ class Settings:
                     "mic_prefetch_frames": section.mic_prefetch_frames,
                     "turn_secret": None if section.turn_secret is None else REDACTED,
                     "turn_ttl_s": section.turn_ttl_s,
+                    "video_codecs": list(section.video_codecs),
+                    "h264_preset": section.h264_preset,
+                    "video_bitrate_kbps": section.video_bitrate_kbps,
                 }
             elif isinstance(section, LlmSettings | AccessSettings):
                 out[f.name] = section.to_dict()
@@ -764,7 +774,27 @@ def _webrtc(s: _Section) -> WebRTCSettings:
         mic_prefetch_frames=s.get_int("mic_prefetch_frames", 0, 8),
         turn_secret=secret,
         turn_ttl_s=s.get_float("turn_ttl_s", 60, 7 * 86400),
+        video_codecs=_video_codecs(s),
+        h264_preset=s.get_choice("h264_preset", get_args(H264Preset)),
+        video_bitrate_kbps=s.get_int("video_bitrate_kbps", 0, 20_000),
     )
+
+
+def _video_codecs(s: _Section) -> tuple[VideoCodec, ...]:
+    names = s.get_str_list("video_codecs")
+    allowed = get_args(VideoCodec)
+    out: list[VideoCodec] = []
+    for i, name in enumerate(names):
+        match = next((c for c in allowed if c.lower() == name.strip().lower()), None)
+        if match is None:
+            choices = ", ".join(allowed)
+            raise s.error("video_codecs", f"[{i}] must be one of {choices}; got {name!r}")
+        if match in out:
+            raise s.error("video_codecs", f"[{i}]: {match} is listed twice")
+        out.append(match)
+    if not out:
+        raise s.error("video_codecs", "list at least one video codec (VP8, H264)")
+    return tuple(out)
 
 
 def _sessions(s: _Section) -> SessionSettings:
@@ -808,6 +838,7 @@ def _lipsync(s: _Section) -> LipsyncSettings:
         wav2lip_model=s.get_optional_str("wav2lip_model"),
         model_cache_dir=s.get_optional_str("model_cache_dir"),
         device=s.get_choice("device", get_args(LipsyncDevice)),
+        precision=s.get_choice("precision", get_args(LipsyncPrecision)),
         fp16=s.get_bool("fp16"),
         max_batch=s.get_int("max_batch", 1, 256),
         max_wait_ms=s.get_float("max_wait_ms", 0, 100),
