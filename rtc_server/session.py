@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 from aiortc import MediaStreamTrack, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+from aiortc.codecs.base import Encoder
 from aiortc.mediastreams import MediaStreamError
 
 from avatars.library import LoadedAvatar
@@ -39,6 +40,15 @@ from media_tracks import (
     Segment,
 )
 from media_tracks.clapper import clapper_pcm, flash_frames
+from media_tracks.encoders import (
+    RealtimeH264Encoder,
+    RealtimeVp8Encoder,
+    VideoEncoding,
+    install_video_encoder,
+    negotiated_codec_name,
+    unmatched_video_codecs,
+    video_codec_preferences,
+)
 from pipeline.errors import BadRequest
 from pipeline.lipsync import LipSyncEngine, SessionLipSync
 from pipeline.replier import EmbeddedReplier, Replier
@@ -144,6 +154,10 @@ class Session:
         self._closed = asyncio.Event()
         self._closing = False
         self._disconnect_timer: asyncio.TimerHandle | None = None
+        # the video codec negotiated ("VP8", "H264") and our encoder on its sender, once the
+        # offer is answered (None: aiortc's own encoder)
+        self.video_codec: str | None = None
+        self.video_encoder: Encoder | None = None
 
         media = settings.media
         self.clock = clock or MediaClock()
@@ -190,9 +204,7 @@ class Session:
             executor=render_executor,
             on_speech=self.heard,
         )
-        self.pc = RTCPeerConnection(
-            rtc_configuration(resolve_ice_servers(settings.webrtc))
-        )
+        self.pc = RTCPeerConnection(rtc_configuration(resolve_ice_servers(settings.webrtc)))
         self.pc.on("track", self._on_track)
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("connectionstatechange", self._on_connection_state)
@@ -206,18 +218,30 @@ class Session:
 
     async def accept_offer(self, sdp: str) -> RTCSessionDescription:
         """Apply the remote offer and return the answer (ICE gathering complete)."""
+        # The server's transceivers exist before the offer is applied, so the video codec
+        # preferences (webrtc.video_codecs) decide the answer's codec order; aiortc would
+        # otherwise follow the offer's order (Safari lists H.264 first).
+        self.pc.addTransceiver(self.audio_track, direction="sendrecv")
+        video = self.pc.addTransceiver(self.video_track, direction="sendrecv")
+        video.setCodecPreferences(video_codec_preferences(self.settings.webrtc.video_codecs))
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         except Exception as exc:  # aiortc raises ValueError, KeyError, ... on bad SDP
+            offered = unmatched_video_codecs(sdp, self.settings.webrtc.video_codecs)
+            if offered is not None:
+                configured = ", ".join(self.settings.webrtc.video_codecs)
+                raise BadRequest(
+                    f"the offer's video codecs ({', '.join(offered) or 'none'}) include none "
+                    f"this server sends ({configured}; webrtc.video_codecs)"
+                ) from exc
             raise BadRequest(f"offer SDP rejected: {exc or type(exc).__name__}") from exc
-        kinds = {t.kind for t in self.pc.getTransceivers()}
+        # the transceivers the offer's m-lines were matched to have a mid
+        kinds = {t.kind for t in self.pc.getTransceivers() if t.mid is not None}
         if "video" not in kinds or "audio" not in kinds:
             raise BadRequest("the offer must have an audio and a video m-line")
         if "a=fingerprint:" not in sdp:
             # aiortc accepts it, then its DTLS start fails in a task nobody awaits
             raise BadRequest("the offer has no DTLS fingerprint (a=fingerprint)")
-        self.pc.addTrack(self.audio_track)
-        self.pc.addTrack(self.video_track)
         try:
             answer = await self.pc.createAnswer()
             await self.pc.setLocalDescription(answer)
@@ -227,12 +251,39 @@ class Session:
                 "no answer can be made to this offer (its media sections cannot be matched; "
                 "send the offer as the browser made it)"
             ) from exc
+        # before the event loop runs again: the sender starts once DTLS connects
+        self.video_codec = negotiated_codec_name(video)
+        self.video_encoder = install_video_encoder(
+            video, VideoEncoding.from_settings(self.settings)
+        )
+        self._log_video_encoder()
         self.state = "connecting"
         self.frames.start()
         self._spawn(self._say_worker(), "say")
         self._spawn(self._watchdog(), "watchdog")
         local = self.pc.localDescription
         return RTCSessionDescription(sdp=local.sdp, type=local.type)
+
+    def _log_video_encoder(self) -> None:
+        encoder = self.video_encoder
+        if not isinstance(encoder, RealtimeH264Encoder | RealtimeVp8Encoder):
+            logger.info("session %s video %s (aiortc's encoder)", self.id[:8], self.video_codec)
+            return
+        rate = encoder.rate
+        preset = (
+            f", preset {encoder.encoding.h264_preset}"
+            if isinstance(encoder, RealtimeH264Encoder)
+            else ""
+        )
+        logger.info(
+            "session %s video %s at %d kbit/s (REMB %d..%d)%s",
+            self.id[:8],
+            self.video_codec,
+            rate.start_bps // 1000,
+            rate.min_bps // 1000,
+            rate.max_bps // 1000,
+            preset,
+        )
 
     async def aclose(self, reason: str = "closed") -> None:
         if self._closing:
@@ -298,9 +349,7 @@ class Session:
         if cfg.max_call_s > 0 and now - self.created_monotonic >= cfg.max_call_s:
             return "call_limit", f"calls last at most {cfg.max_call_s:g} s"
         if cfg.idle_timeout_s > 0 and now - self.last_heard >= cfg.idle_timeout_s:
-            return "idle", (
-                f"nothing heard from you and no message for {cfg.idle_timeout_s:g} s"
-            )
+            return "idle", (f"nothing heard from you and no message for {cfg.idle_timeout_s:g} s")
         if (
             cfg.media_timeout_s > 0
             and self.connected_at is not None
@@ -383,8 +432,14 @@ class Session:
     def _on_media_event(self, event: dict[str, object]) -> None:
         if event.get("type") == "playout":
             if event.get("kind") == "speech" and event.get("text"):
-                self.send_event({"type": "transcript", "role": "assistant",
-                                 "text": event["text"], "final": True})
+                self.send_event(
+                    {
+                        "type": "transcript",
+                        "role": "assistant",
+                        "text": event["text"],
+                        "final": True,
+                    }
+                )
             self.conversation.on_playout(event.get("tag"))
             return
         self.send_event(event)
@@ -412,8 +467,13 @@ class Session:
         a worker thread. The call goes on with the fallback engine."""
         fallback = self.lipsync.name
         detail = f"the lip-sync engine failed ({where}: {exc or type(exc).__name__})"
-        logger.error("session %s: %s; switching to %s", self.id[:8], detail, fallback,
-                     exc_info=(type(exc), exc, exc.__traceback__))
+        logger.error(
+            "session %s: %s; switching to %s",
+            self.id[:8],
+            detail,
+            fallback,
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
         event: dict[str, object] = {
             "type": "error",
             "stage": "lipsync",
@@ -515,8 +575,12 @@ class Session:
                 analyse = functools.partial(self.lipsync.analyse, sentence, fps=fps)
                 track = await loop.run_in_executor(self._render_executor, analyse)
                 self.compositor.schedule(
-                    Segment(pcm=sentence.pcm, mouth=track.openness(), lips=track,
-                            text=text if first else "")
+                    Segment(
+                        pcm=sentence.pcm,
+                        mouth=track.openness(),
+                        lips=track,
+                        text=text if first else "",
+                    )
                 )
                 first = False
         except asyncio.CancelledError:
