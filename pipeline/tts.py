@@ -144,6 +144,10 @@ class PiperTTS:
                 phonemes=phonemes,
             )
 
+    def synthesize(self, text: str, *, speed: float | None = None) -> Iterator[SpeechAudio]:
+        """Blocking synthesis, sentence by sentence (for work already off the event loop)."""
+        return self._iter_sentences(text, speed=speed)
+
     async def sentences(
         self, text: str, *, speed: float | None = None
     ) -> AsyncIterator[SpeechAudio]:

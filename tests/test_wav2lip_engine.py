@@ -4,6 +4,7 @@ and the engine choice by config."""
 
 import asyncio
 import dataclasses
+import sys
 
 import numpy as np
 import pytest
@@ -15,11 +16,11 @@ from media_tracks.compositor import Compositor, FramePlan, Segment
 from media_tracks.frames import rgb_to_i420
 from pipeline.errors import PipelineError
 from pipeline.lipsync import create_lipsync_engine
+from pipeline.lipsync.backends import choose_providers
 from pipeline.lipsync.mel import mel_windows, to_wav2lip_audio, wav2lip_mel
 from pipeline.lipsync.wav2lip import (
     FACE_SIZE,
     Wav2LipEngine,
-    choose_providers,
     crop_face,
     face_geometry,
     load_wav2lip_engine,
@@ -192,8 +193,11 @@ def settings(**lipsync):
     return load_settings(env={}, overrides={f"lipsync.{k}": v for k, v in lipsync.items()})
 
 
-def test_auto_without_weights_or_without_a_gpu_picks_the_viseme_engine(wav2lip_onnx, tmp_path):
+def test_auto_without_weights_or_without_a_gpu_picks_the_viseme_engine(
+    wav2lip_onnx, tmp_path, monkeypatch
+):
     assert create_lipsync_engine(settings(engine="auto")).name == "viseme"
+    monkeypatch.setitem(sys.modules, "openvino", None)  # no OpenVINO: plain ONNX Runtime fp32
     chosen = create_lipsync_engine(
         settings(engine="auto", wav2lip_model=str(wav2lip_onnx), model_cache_dir=str(tmp_path))
     )
@@ -203,6 +207,7 @@ def test_auto_without_weights_or_without_a_gpu_picks_the_viseme_engine(wav2lip_o
                  model_cache_dir=str(tmp_path))
     )
     assert isinstance(forced, Wav2LipEngine)
+    assert forced.info()["backend"] == "onnxruntime"
     forced.worker.close()
 
 

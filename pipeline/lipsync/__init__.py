@@ -48,9 +48,12 @@ def model_cache_dir(settings: Settings) -> Path:
 def create_lipsync_engine(settings: Settings) -> LipSyncEngine:
     """The engine ``lipsync.engine`` asks for (blocking: loads models).
 
-    ``auto``: Wav2Lip when ``wav2lip_model`` is set and a GPU execution provider is really
-    active (``InferenceSession.get_providers()``), else the viseme engine. ``wav2lip`` without a
-    model, or a model that does not load, is a ``PipelineError`` naming the setting."""
+    ``auto``: Wav2Lip when ``wav2lip_model`` is set and it runs accelerated: on a GPU
+    execution provider that is really active (``InferenceSession.get_providers()``), or on
+    OpenVINO in bf16 or int8 (several sessions in real time on 2 cores); else (plain ONNX
+    Runtime or OpenVINO fp32 on the CPU, about one session at most) the viseme engine.
+    ``wav2lip`` without a model, or a model that does not load, is a ``PipelineError`` naming
+    the setting."""
     from pipeline.errors import PipelineError
     from pipeline.lipsync.viseme_engine import VisemeEngine
 
@@ -69,22 +72,33 @@ def create_lipsync_engine(settings: Settings) -> LipSyncEngine:
         return VisemeEngine()
     from pipeline.lipsync.wav2lip import load_wav2lip_engine
 
+    calibration = None
+    if cfg.precision == "int8":
+        from pipeline.lipsync.quantize import default_calibration
+
+        calibration = default_calibration(settings)
     engine = load_wav2lip_engine(
         path,
         cache_dir=model_cache_dir(settings),
         device=cfg.device,
+        precision=cfg.precision,
         fp16=cfg.fp16,
         intra_op_threads=cfg.intra_op_threads,
         max_batch=cfg.max_batch,
         max_wait_ms=cfg.max_wait_ms,
+        calibration=calibration,
     )
-    if cfg.engine == "auto" and not engine.model.gpu:
+    model = engine.model
+    fast_cpu = model.backend == "openvino" and model.precision in ("bf16", "int8")
+    if cfg.engine == "auto" and not (model.gpu or fast_cpu):
         engine.worker.close()
         logger.warning(
-            "lip-sync: Wav2Lip weights are configured but no GPU provider is active "
-            "(onnxruntime uses %s); using the viseme engine. Set lipsync.engine: wav2lip to "
-            "run Wav2Lip on the CPU anyway.",
-            engine.model.providers,
+            "lip-sync: Wav2Lip weights are configured but neither a GPU nor OpenVINO in "
+            "bf16/int8 is available (%s %s, %s); using the viseme engine. Set "
+            "lipsync.engine: wav2lip to run Wav2Lip on the CPU anyway.",
+            model.backend,
+            model.providers,
+            model.precision,
         )
         return VisemeEngine()
     logger.info("lip-sync: %s", engine.info())

@@ -12,10 +12,10 @@ the device's one ``BatchWorker``, which runs frames from every live session in o
 (times the cross-fade weight), so the eyes and everything outside the mask keep the idle
 frame's exact pixels and no seam shows.
 
-Execution providers are tried in the order TensorRT -> CUDA -> CPU (``lipsync.device``); the
-providers the session really uses (``InferenceSession.get_providers()``) are logged and reported
-by ``info()``. On a GPU the model runs in float16 (TensorRT's fp16 mode, or an fp16 copy of the
-model converted once and cached for CUDA).
+The generator runs where ``lipsync.device`` says (``pipeline.lipsync.backends``): a GPU
+through ONNX Runtime (TensorRT, then CUDA) in float16, OpenVINO on the CPU (bf16 where the CPU
+has it, int8 when asked), or plain ONNX Runtime on the CPU in fp32. What really runs is logged
+and reported by ``info()``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -38,6 +38,7 @@ import numpy.typing as npt
 from avatars.quality import face_box_from_landmarks
 from media_tracks.frames import flash_i420, rgb_to_i420
 from pipeline.errors import PipelineError
+from pipeline.lipsync.backends import Runner, load_runner
 from pipeline.lipsync.base import Yuv
 from pipeline.lipsync.batching import BatchWorker
 from pipeline.lipsync.mel import MEL_STEP, mel_windows, to_wav2lip_audio, wav2lip_mel
@@ -46,17 +47,12 @@ if TYPE_CHECKING:
     from avatars.library import LoadedAvatar
     from media_tracks.compositor import FramePlan
     from media_tracks.idle import FaceRenderer, IdleTimeline
+    from pipeline.lipsync.quantize import Calibration
     from pipeline.tts import SpeechAudio
 
 logger = logging.getLogger(__name__)
 
 FACE_SIZE = 96  # Wav2Lip's input and output side
-GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-_ORDER = {
-    "auto": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
-    "cuda": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
-    "cpu": ("CPUExecutionProvider",),
-}
 
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
@@ -213,111 +209,61 @@ class AvatarFaces:
 # --------------------------------------------------------------------------- the model
 
 
-def choose_providers(device: str, available: Sequence[str]) -> list[str]:
-    """Providers to ask for, best first, among those this onnxruntime build has."""
-    return [p for p in _ORDER[device] if p in available] or ["CPUExecutionProvider"]
-
-
-def _fp16_copy(model: Path, cache_dir: Path) -> Path:
-    """An fp16 copy of ``model`` (inputs/outputs stay float32), converted once and cached."""
-    out = cache_dir / f"{model.stem}-fp16.onnx"
-    if out.is_file() and out.stat().st_mtime >= model.stat().st_mtime:
-        return out
-    import onnx
-    from onnxconverter_common import float16
-
-    converted = float16.convert_float_to_float16(onnx.load(str(model)), keep_io_types=True)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    onnx.save(converted, str(tmp))
-    tmp.replace(out)
-    return out
-
-
 class Wav2LipModel:
-    """An ONNX Runtime session of the Wav2Lip generator: ``run(mel, face)`` on batches."""
+    """The Wav2Lip generator on the backend ``device`` and ``precision`` select
+    (``pipeline.lipsync.backends``): ``run(mel, face)`` on batches; ``backend``,
+    ``providers``, ``gpu`` and ``precision`` say what really runs."""
 
     def __init__(
         self,
         path: Path,
         *,
         device: str = "auto",
+        precision: str = "auto",
         fp16: bool = True,
         intra_op_threads: int = 0,
         cache_dir: Path | None = None,
+        calibration: Calibration | None = None,
     ) -> None:
-        import onnxruntime as ort
-
         self.path = Path(path)
-        available = ort.get_available_providers()
-        wanted = choose_providers(device, available)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if intra_op_threads:
-            opts.intra_op_num_threads = intra_op_threads
         cache = cache_dir or self.path.parent
-        provider_opts: list[tuple[str, dict[str, Any]] | str] = []
-        for p in wanted:
-            if p == "TensorrtExecutionProvider":
-                provider_opts.append(
-                    (
-                        p,
-                        {
-                            "trt_fp16_enable": bool(fp16),
-                            "trt_engine_cache_enable": True,
-                            "trt_engine_cache_path": str(cache / "trt"),
-                        },
-                    )
-                )
-            else:
-                provider_opts.append(p)
-        model_file = self.path
-        gpu_wanted = any(p in GPU_PROVIDERS for p in wanted)
-        if fp16 and "CUDAExecutionProvider" in wanted and "TensorrtExecutionProvider" not in wanted:
-            try:
-                model_file = _fp16_copy(self.path, cache)
-            except Exception as exc:  # noqa: BLE001 - fall back to fp32, say so
-                logger.warning("fp16 conversion of %s failed (%s); running fp32", self.path, exc)
-        try:
-            self._session = ort.InferenceSession(
-                str(model_file), sess_options=opts, providers=provider_opts
-            )
-        except Exception as exc:
-            raise PipelineError(
-                f"lipsync.wav2lip_model: cannot load {self.path} with onnxruntime ({exc}); "
-                "point it at the Wav2Lip generator weights (wav2lip_gan.pth or their ONNX "
-                "export), or set lipsync.engine: viseme"
-            ) from exc
-        self.providers: list[str] = list(self._session.get_providers())
-        self.gpu = self.providers[0] in GPU_PROVIDERS
-        if self.gpu:
-            self.precision = "fp16" if fp16 else "fp32"
-        else:
-            self.precision = "fp32"
-        if device == "cuda" and not self.gpu:
-            raise PipelineError(
-                "lipsync.device is cuda but no GPU execution provider is active "
-                f"(onnxruntime uses {self.providers}; available: {available}); install "
-                "onnxruntime-gpu with CUDA 12 and cuDNN 9, or set lipsync.device: auto"
-            )
-        if gpu_wanted and not self.gpu:
-            logger.info("no GPU provider active for Wav2Lip (using %s)", self.providers)
-        names = [i.name for i in self._session.get_inputs()]
+        int8_model = None
+        if calibration is not None:
+            from pipeline.lipsync.quantize import quantized_model
+
+            def int8_model() -> Path:
+                return quantized_model(self.path, cache, calibration)
+
+        self.runner: Runner = load_runner(
+            self.path,
+            device=device,
+            precision=precision,
+            fp16=fp16,
+            intra_op_threads=intra_op_threads,
+            cache_dir=cache,
+            int8_model=int8_model,
+        )
+        self.backend = self.runner.backend
+        self.providers: list[str] = list(self.runner.providers)
+        self.gpu = self.runner.gpu
+        self.precision = self.runner.precision
+        names = list(getattr(self.runner, "inputs", ["mel", "face"]))
         if sorted(names) != ["face", "mel"]:
             raise PipelineError(
                 f"lipsync.wav2lip_model: {self.path.name} has inputs {names}; expected 'mel' "
                 "and 'face' (export .pth checkpoints through this server, which names them)"
             )
-        self._lock = threading.Lock()
         logger.info(
-            "Wav2Lip %s loaded: providers %s, %s", self.path.name, self.providers, self.precision
+            "Wav2Lip %s loaded: %s %s, %s",
+            self.path.name,
+            self.backend,
+            self.providers,
+            self.precision,
         )
 
     def run(self, mel: F32, face: F32) -> F32:
         """mel (B, 1, 80, 16), face (B, 6, 96, 96) -> (B, 3, 96, 96) BGR 0..1."""
-        with self._lock:
-            (out,) = self._session.run(["frames"], {"mel": mel, "face": face})
-        return np.asarray(out, dtype=np.float32)
+        return self.runner.run(mel, face)
 
     def warm_up(self, batch: int = 1) -> float:
         """Run once (allocations, kernel selection); returns the seconds it took."""
@@ -364,9 +310,11 @@ class Wav2LipEngine:
         return {
             "engine": self.name,
             "model": self.model.path.name,
+            "backend": self.model.backend,
             "providers": self.model.providers,
             "device": "gpu" if self.model.gpu else "cpu",
             "precision": self.model.precision,
+            "threads": getattr(self.model.runner, "threads", None),
             "max_batch": self.worker.max_batch,
             "max_wait_ms": round(self.worker.max_wait_s * 1000, 3),
             "batching": self.worker.stats.to_dict(),
@@ -453,10 +401,12 @@ def load_wav2lip_engine(
     *,
     cache_dir: Path,
     device: str = "auto",
+    precision: str = "auto",
     fp16: bool = True,
     intra_op_threads: int = 0,
     max_batch: int = 16,
     max_wait_ms: float = 4.0,
+    calibration: Calibration | None = None,
 ) -> Wav2LipEngine:
     """Resolve (``.pth`` -> cached ONNX), load and warm up the model. Blocking."""
     from pipeline.lipsync.wav2lip_model import resolve_wav2lip_model
@@ -465,9 +415,11 @@ def load_wav2lip_engine(
     model = Wav2LipModel(
         onnx_path,
         device=device,
+        precision=precision,
         fp16=fp16,
         intra_op_threads=intra_op_threads,
         cache_dir=Path(cache_dir),
+        calibration=calibration,
     )
     model.warm_up()
     return Wav2LipEngine(model, max_batch=max_batch, max_wait_ms=max_wait_ms)

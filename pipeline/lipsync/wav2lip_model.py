@@ -188,6 +188,22 @@ def check_onnx(path: Path) -> None:
         )
 
 
+def fp16_copy(model: Path, cache_dir: Path) -> Path:
+    """An fp16 copy of ``model`` (inputs/outputs stay float32), converted once and cached."""
+    out = cache_dir / f"{model.stem}-fp16.onnx"
+    if out.is_file() and out.stat().st_mtime >= model.stat().st_mtime:
+        return out
+    import onnx
+    from onnxconverter_common import float16
+
+    converted = float16.convert_float_to_float16(onnx.load(str(model)), keep_io_types=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    onnx.save(converted, str(tmp))
+    tmp.replace(out)
+    return out
+
+
 def resolve_wav2lip_model(path: Path, cache_dir: Path) -> Path:
     """The ONNX file to run for the configured ``path``.
 
