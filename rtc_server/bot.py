@@ -1,7 +1,8 @@
 """Headless bot: joins a call like a browser would and measures what it receives.
 
 ``python -m rtc_server.bot --url URL [--mic FILE.wav] [--say TEXT] [--seconds N]
-[--record OUT.mp4] [--clapper N] [--avatar ID] [--token TOKEN] [--api-key KEY]``
+[--record OUT.mp4] [--clapper N] [--avatar ID] [--token TOKEN] [--api-key KEY]
+[--video-codecs H264,VP8]``
 
 Prints one JSON summary: time to first video/audio frame, fps received, frame-interval
 jitter, audio gaps, state events, and the A/V offset of a clapper segment measured as a
@@ -20,6 +21,7 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -40,6 +42,7 @@ from aiortc.rtcrtpreceiver import RtcpSrPacket
 from av import AudioFrame
 
 from media_tracks.clapper import detect_beep_onsets, detect_flash_onsets, pair_offsets_ms
+from media_tracks.encoders import negotiated_codec_name, video_codec_preferences
 from rtc_server.ice import use_host_candidates
 
 NTP_EPOCH_OFFSET = 0  # both streams' SRs use the same sender clock; only differences matter
@@ -101,8 +104,7 @@ def is_loopback_url(url: str) -> bool:
     host = urlparse(url).hostname or ""
     try:
         return all(
-            ipaddress.ip_address(info[4][0]).is_loopback
-            for info in socket.getaddrinfo(host, None)
+            ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None)
         )
     except (OSError, ValueError):
         return False
@@ -176,17 +178,23 @@ class Bot:
         audio_prefetch: int | None = None,
         token: str | None = None,
         api_key: str | None = None,
+        video_codecs: Sequence[str] | None = None,
     ) -> None:
         """audio_prefetch: 20 ms audio frames the receiver waits for before handing one on
         (None: aiortc's 4). The bot records, it never plays: 1 measures what arrives when it
         arrives. token: the server's ``access.offer_token``, sent with the offer; api_key: one
         of its ``access.api_keys``, sent to the admin route ``GET /sessions`` (and with the
-        offer, where it also opens the door)."""
+        offer, where it also opens the door). video_codecs: the video codecs the offer lists,
+        in that order ("VP8", "H264"; None: aiortc's, VP8 first), as a browser that prefers
+        or only has some of them would."""
         self.url = url.rstrip("/")
         self._token = token
         self._api_key = api_key
         self.audio_prefetch = audio_prefetch
         self.avatar_id = avatar_id
+        self.video_codecs = tuple(video_codecs) if video_codecs else None
+        # the video codec the server's answer chose ("VP8", "H264"), once connected
+        self.video_codec: str | None = None
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.video = StreamLog("video", 90_000)
         self.audio = StreamLog("audio", 48_000)
@@ -284,6 +292,8 @@ class Bot:
             mic_track = self._player.audio
         self.pc.addTransceiver(mic_track, direction="sendrecv")
         video_tr = self.pc.addTransceiver("video", direction="recvonly")
+        if self.video_codecs:
+            video_tr.setCodecPreferences(video_codec_preferences(self.video_codecs))
         audio_tr = self.pc.getTransceivers()[0]
         instrument(audio_tr.receiver, self.audio)
         instrument(video_tr.receiver, self.video)
@@ -303,6 +313,7 @@ class Bot:
                     raise RuntimeError(f"offer refused: {resp.status} {answer}")
         self.session_id = answer["session_id"]
         await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
+        self.video_codec = negotiated_codec_name(video_tr)
         if self._recorder is not None:
             await self._recorder.start()
         await asyncio.wait_for(self._opened.wait(), 15)
@@ -385,9 +396,12 @@ class Bot:
         sender = offsets["sender_clock"]
         return {
             "session_id": self.session_id,
-            "first_video_frame_ms": round((v.arrival[0] - self.t0) * 1000, 1) if v.arrival
+            "video_codec": self.video_codec,
+            "first_video_frame_ms": round((v.arrival[0] - self.t0) * 1000, 1)
+            if v.arrival
             else None,
-            "first_audio_frame_ms": round((a.arrival[0] - self.t0) * 1000, 1) if a.arrival
+            "first_audio_frame_ms": round((a.arrival[0] - self.t0) * 1000, 1)
+            if a.arrival
             else None,
             "video_frames": len(v.arrival),
             "audio_frames": len(a.arrival),
@@ -422,6 +436,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         record=args.record,
         token=args.token,
         api_key=args.api_key,
+        video_codecs=[c.strip() for c in args.video_codecs.split(",")]
+        if args.video_codecs
+        else None,
     )
     try:
         await bot.connect()
@@ -450,14 +467,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="how long to stay in the call")
     p.add_argument("--record", help="record received audio+video to this file (.mp4)")
     p.add_argument("--avatar", help="avatar id to request")
-    p.add_argument("--token", default=os.environ.get("AVATAR_BOT_TOKEN") or None,
-                   help="the server's access.offer_token (default: $AVATAR_BOT_TOKEN, which "
-                   "keeps it out of the process list)")
-    p.add_argument("--api-key", default=os.environ.get("AVATAR_BOT_API_KEY") or None,
-                   help="an API key of the server, for GET /sessions (default: "
-                   "$AVATAR_BOT_API_KEY)")
-    p.add_argument("--ice", choices=["auto", "all", "loopback"], default="auto",
-                   help="host candidates: loopback for a loopback URL (auto) or all interfaces")
+    p.add_argument(
+        "--token",
+        default=os.environ.get("AVATAR_BOT_TOKEN") or None,
+        help="the server's access.offer_token (default: $AVATAR_BOT_TOKEN, which "
+        "keeps it out of the process list)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("AVATAR_BOT_API_KEY") or None,
+        help="an API key of the server, for GET /sessions (default: $AVATAR_BOT_API_KEY)",
+    )
+    p.add_argument(
+        "--video-codecs",
+        help="the video codecs to offer, in order (e.g. H264 "
+        "for a browser that has only H.264; default: aiortc's, VP8 first)",
+    )
+    p.add_argument(
+        "--ice",
+        choices=["auto", "all", "loopback"],
+        default="auto",
+        help="host candidates: loopback for a loopback URL (auto) or all interfaces",
+    )
     args = p.parse_args(argv)
     try:
         summary = asyncio.run(run(args))
