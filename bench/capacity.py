@@ -1,5 +1,7 @@
 """Capacity: server memory per session, and how many SPEAKING sessions 2 cores hold at >= 24 fps
-with the viseme engine.
+with the viseme engine, or with Wav2Lip (``--engine wav2lip --device openvino --precision
+bf16``: the random-weight network of the real architecture; ``--memory-steps ""`` skips the
+memory part).
 
 Memory: the server's RSS (psutil) with N idle calls held open against the same server with
 none (after one warm-up call, so lazily loaded pieces are counted once, not per session);
@@ -47,6 +49,27 @@ SPEECH = (
 ) * 6
 
 
+def wav2lip_env(device: str, precision: str) -> dict[str, str]:
+    """Server settings for Wav2Lip on the random-weight network (written once, cached)."""
+    import tempfile
+    from pathlib import Path
+
+    from pipeline.lipsync.wav2lip_model import write_random_wav2lip_onnx
+
+    work = Path(tempfile.gettempdir()) / "avatar-bench-wav2lip"
+    work.mkdir(exist_ok=True)
+    model = work / "wav2lip-random.onnx"
+    if not model.exists():
+        write_random_wav2lip_onnx(model, seed=0)
+    return {
+        "AVATAR_LIPSYNC__ENGINE": "wav2lip",
+        "AVATAR_LIPSYNC__WAV2LIP_MODEL": str(model),
+        "AVATAR_LIPSYNC__MODEL_CACHE_DIR": str(work / "cache"),
+        "AVATAR_LIPSYNC__DEVICE": device,
+        "AVATAR_LIPSYNC__PRECISION": precision,
+    }
+
+
 def sessions(url: str) -> dict[str, dict[str, Any]]:
     return {s["id"]: s for s in get_json(url + "/sessions")["sessions"]}
 
@@ -70,7 +93,7 @@ async def client(url: str, n: int, seconds: float, speak: bool) -> None:
         if not speak:
             continue
         for i, b in enumerate(bots):
-            new = b.events[seen[i]:]
+            new = b.events[seen[i] :]
             seen[i] = len(b.events)
             if any(e.get("type") == "state" and e.get("state") == "listening" for e in new):
                 b.send({"type": "say", "text": SPEECH})
@@ -84,8 +107,20 @@ async def client(url: str, n: int, seconds: float, speak: bool) -> None:
 
 
 def start_bots(url: str, n: int, seconds: float, speak: bool) -> subprocess.Popen[str]:
-    cmd = ["nice", "-n", "19", sys.executable, "-m", "bench.capacity", "--client", str(n),
-           "--url", url, "--seconds", str(seconds)]
+    cmd = [
+        "nice",
+        "-n",
+        "19",
+        sys.executable,
+        "-m",
+        "bench.capacity",
+        "--client",
+        str(n),
+        "--url",
+        url,
+        "--seconds",
+        str(seconds),
+    ]
     if speak:
         cmd.append("--speak")
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -131,8 +166,12 @@ def memory_step(n: int, seconds: float = 14.0) -> dict[str, Any]:
     finally:
         proc.terminate()
         proc.wait()
-    row = {"sessions": n, "rss_mb_none": round(base / MB, 1), "rss_mb": round(rss / MB, 1),
-           "per_session_mb": round((rss - base) / n / MB, 2)}
+    row = {
+        "sessions": n,
+        "rss_mb_none": round(base / MB, 1),
+        "rss_mb": round(rss / MB, 1),
+        "per_session_mb": round((rss - base) / n / MB, 2),
+    }
     print_table([row])
     return row
 
@@ -184,12 +223,25 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=18.0)
     p.add_argument("--memory-steps", default="1,4,8")
     p.add_argument("--steps", default="1,2,3,4,5,6,8")
+    p.add_argument(
+        "--engine",
+        choices=("viseme", "wav2lip"),
+        default="viseme",
+        help="wav2lip: the random-weight Wav2Lip network (real architecture)",
+    )
+    p.add_argument("--device", default="openvino", help="lipsync.device for --engine wav2lip")
+    p.add_argument("--precision", default="auto", help="lipsync.precision for --engine wav2lip")
     args = p.parse_args()
     if args.client:
         asyncio.run(client(args.url, args.client, args.seconds, args.speak))
         return
-    memory = [memory_step(n) for n in [int(x) for x in args.memory_steps.split(",")]]
+    if args.engine == "wav2lip":
+        SERVER_ENV.update(wav2lip_env(args.device, args.precision))
+    steps = [int(x) for x in args.memory_steps.split(",") if x]
+    memory = [memory_step(n) for n in steps]
     proc, url = start_server(SERVER_ENV)
+    lipsync = get_json(url + "/health").get("lipsync", {})
+    print("lip-sync:", lipsync)
     speaking = []
     try:
         warm_up(url)
@@ -213,13 +265,17 @@ def main() -> None:
         "server_rss_mb_no_sessions": memory[0]["rss_mb_none"] if memory else None,
         "max_speaking_sessions_at_24fps_sent": max(held) if held else 0,
         "cpu_per_speaking_session_cores": speaking[0]["cpu_per_session"] if speaking else None,
-        "engine": "viseme",
+        "engine": args.engine,
+        "lipsync": {k: lipsync.get(k) for k in ("engine", "backend", "precision", "threads")},
         "size": "512x512 at 25 fps (defaults)",
         "note": "bots (decoding every frame) share the same 2 cores at nice 19; other work on "
-                "the machine at the time shows in the numbers",
+        "the machine at the time shows in the numbers",
     }
     print(json.dumps(summary, indent=1))
-    write_result("capacity", {"summary": summary, "memory": memory, "speaking": speaking})
+    name = "capacity"
+    if args.engine == "wav2lip":
+        name = f"capacity-wav2lip-{args.device}-{args.precision}"
+    write_result(name, {"summary": summary, "memory": memory, "speaking": speaking})
 
 
 if __name__ == "__main__":

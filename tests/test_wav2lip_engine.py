@@ -189,6 +189,53 @@ async def test_idle_and_flash_frames_skip_the_model(engine, avatar):
     assert engine.worker.stats.items == items
 
 
+async def test_model_render_and_colour_conversion_run_off_the_event_loop(
+    engine, avatar, monkeypatch
+):
+    """A speaking frame's heavy steps (idle render and crop, the model, paste-back and
+    RGB -> I420) run on the render pool and the inference worker, never on the loop's thread,
+    so the two cores work in parallel while the loop keeps pacing."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.lipsync import wav2lip
+
+    seen: dict[str, set[int]] = {"render": set(), "model": set(), "i420": set()}
+    real_i420, real_run, real_idle = wav2lip.rgb_to_i420, engine.model.run, avatar.face.render
+
+    def i420(rgb):
+        seen["i420"].add(threading.get_ident())
+        return real_i420(rgb)
+
+    def run(mel, face):
+        seen["model"].add(threading.get_ident())
+        return real_run(mel, face)
+
+    def idle(pose):
+        seen["render"].add(threading.get_ident())
+        return real_idle(pose)
+
+    monkeypatch.setattr(wav2lip, "rgb_to_i420", i420)
+    monkeypatch.setattr(engine.model, "run", run)
+    monkeypatch.setattr(avatar.face, "render", idle)
+    track = engine.analyse(speech(0.5, seed=7), fps=FPS)
+    pool = ThreadPoolExecutor(2, thread_name_prefix="render-test")
+    try:
+        r = engine.renderer(avatar, avatar.new_timeline(), width=512, height=512, executor=pool)
+        plans = [FramePlan(index=k, t_ns=k * 40_000_000, blend=1.0, mouth=1.0,
+                           lips=track.at(k)) for k in range(4)]
+        frames = await asyncio.gather(*(r.render(p) for p in plans))
+        idle_frame = await r.render(FramePlan(index=9, t_ns=9 * 40_000_000))
+    finally:
+        pool.shutdown()
+    assert all(f.shape == (768, 512) for f in [*frames, idle_frame])
+    loop_thread = threading.get_ident()
+    assert all(seen.values()), seen  # every step ran ...
+    for step, threads in seen.items():
+        assert loop_thread not in threads, step  # ... and none on the loop's thread
+    assert seen["model"].isdisjoint(seen["render"])  # the model has its own worker thread
+
+
 def settings(**lipsync):
     return load_settings(env={}, overrides={f"lipsync.{k}": v for k, v in lipsync.items()})
 
