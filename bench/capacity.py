@@ -231,12 +231,15 @@ def main() -> None:
     )
     p.add_argument("--device", default="openvino", help="lipsync.device for --engine wav2lip")
     p.add_argument("--precision", default="auto", help="lipsync.precision for --engine wav2lip")
+    p.add_argument("--threads", type=int, default=0,
+                   help="lipsync.intra_op_threads for --engine wav2lip (0 = every core)")
     args = p.parse_args()
     if args.client:
         asyncio.run(client(args.url, args.client, args.seconds, args.speak))
         return
     if args.engine == "wav2lip":
         SERVER_ENV.update(wav2lip_env(args.device, args.precision))
+        SERVER_ENV["AVATAR_LIPSYNC__INTRA_OP_THREADS"] = str(args.threads)
     steps = [int(x) for x in args.memory_steps.split(",") if x]
     memory = [memory_step(n) for n in steps]
     proc, url = start_server(SERVER_ENV)
@@ -274,7 +277,7 @@ def main() -> None:
     print(json.dumps(summary, indent=1))
     name = "capacity"
     if args.engine == "wav2lip":
-        name = f"capacity-wav2lip-{args.device}-{args.precision}"
+        name = f"capacity-wav2lip-{args.device}-{args.precision}-t{args.threads}"
     write_result(name, {"summary": summary, "memory": memory, "speaking": speaking})
 
 

@@ -54,6 +54,11 @@ class AsyncRenderer(Protocol):
     async def render(self, plan: FramePlan) -> Yuv: ...
 
 
+LATENCY_SMOOTHING = 0.2  # weight of the newest frame's render time in the running estimate
+HEADROOM = 1.25  # margin on the render time estimate (it lags a slowing engine)
+MIN_WINDOW = 2  # frames in flight even when overloaded (a batching engine needs company)
+
+
 @dataclass(slots=True)
 class ProducerStats:
     rendered: int = 0
@@ -62,6 +67,8 @@ class ProducerStats:
     failed: int = 0
     rerendered: int = 0  # re-planned by an interruption after they had been rendered
     max_inflight: int = 0
+    window: int = 0  # frames allowed in flight now (fewer when rendering is slow)
+    frame_ms: float = 0.0  # smoothed render latency divided by the frames in flight with it
 
 
 class FrameProducer:
@@ -71,7 +78,16 @@ class FrameProducer:
 
     At most ``max_inflight`` frames render at once (a bounded queue); an interruption
     (``Compositor.clear``) discards frames already rendered or in flight for the re-planned
-    media time and renders them again."""
+    media time and renders them again.
+
+    Overload (an engine slower than the frame rate, e.g. too many Wav2Lip calls on a CPU)
+    must cost frames, not freeze the picture: with a fixed queue every frame would wait
+    behind the others and arrive after its deadline, so none would be shown. Instead the
+    producer keeps a smoothed render time per frame in flight (a frame's latency divided by
+    the frames in flight with it), allows only as many in flight as fit in the lead, and
+    starts a frame only if the frames ahead of it and itself can be rendered before its
+    deadline; frames that cannot make it are skipped (counted), so the ones rendered are on
+    time and the picture keeps moving."""
 
     def __init__(
         self,
@@ -88,6 +104,8 @@ class FrameProducer:
         self._lead_ns = lead_ms * 1_000_000
         lead_frames = -(-lead_ms * compositor.fps // 1000)
         self._max_inflight = max_inflight or max(2, lead_frames + 2)
+        self._window = self._max_inflight
+        self._per_frame_ns = 0.0  # smoothed render time per frame in flight
         self._ready: dict[int, Yuv] = {}
         self._inflight: dict[int, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(self._max_inflight)
@@ -148,14 +166,24 @@ class FrameProducer:
             self._next = k
             self._wake.set()
 
-    async def _render_one(self, k: int, plan: FramePlan) -> None:
+    async def _render_one(self, k: int, plan: FramePlan, depth: int) -> None:
+        started = self._clock.now_ns()
         try:
             frame = await self._renderer.render(plan)
         except Exception:
             logger.exception("rendering frame %d failed", k)
             self.stats.failed += 1
             return
-        if self._clock.now_ns() > self._compositor.frame_t_ns(k):
+        now = self._clock.now_ns()
+        # time per frame: the latency shared by the frames that were in flight with it (a
+        # serial engine's latency grows with the queue, a batching one's hardly does)
+        per_frame = (now - started) / depth
+        self._per_frame_ns += LATENCY_SMOOTHING * (per_frame - self._per_frame_ns)
+        fits = int(self._lead_ns // max(HEADROOM * self._per_frame_ns, 1))
+        self._window = max(MIN_WINDOW, min(self._max_inflight, fits))
+        self.stats.window = self._window
+        self.stats.frame_ms = round(self._per_frame_ns / 1e6, 2)
+        if now > self._compositor.frame_t_ns(k):
             self.stats.late += 1  # the track has already moved past it
             return
         self._ready[k] = frame
@@ -166,6 +194,7 @@ class FrameProducer:
         self._slots.release()
         if self._inflight.get(k) is task:
             del self._inflight[k]
+        self._wake.set()  # the window may let the next frame start
 
     async def _run(self) -> None:
         comp, clock = self._compositor, self._clock
@@ -177,14 +206,21 @@ class FrameProducer:
                 while True:
                     k = self._next
                     now = clock.now_ns()
-                    if comp.frame_t_ns(k) < now:
-                        behind = comp.frame_at_or_after_ns(now)
-                        self.stats.skipped += behind - k
-                        k = self._next = behind
+                    # a frame that cannot be rendered before its deadline, behind those in
+                    # flight, is skipped: rendering it would only make the next ones late too
+                    expected = HEADROOM * (len(self._inflight) + 1) * self._per_frame_ns
+                    horizon = now + min(int(expected), self._lead_ns)
+                    if comp.frame_t_ns(k) < horizon:
+                        ahead = comp.frame_at_or_after_ns(horizon)
+                        self.stats.skipped += ahead - k
+                        k = self._next = ahead
                     due = comp.frame_t_ns(k) - self._lead_ns
-                    if due <= now:
+                    if due <= now and len(self._inflight) < self._window:
                         break
                     self._wake.clear()
+                    if due <= now:  # the window is full: wait for a frame to finish
+                        await self._wake.wait()
+                        continue
                     sleeper = loop.create_task(clock.sleep_until_ns(due))
                     waker = loop.create_task(self._wake.wait())
                     try:
@@ -199,7 +235,10 @@ class FrameProducer:
             if k in self._ready or k in self._inflight:
                 self._slots.release()
                 continue
-            task = loop.create_task(self._render_one(k, comp.frame_plan(k)), name=f"frame-{k}")
+            depth = len(self._inflight) + 1
+            task = loop.create_task(
+                self._render_one(k, comp.frame_plan(k), depth), name=f"frame-{k}"
+            )
             task.add_done_callback(lambda t, k=k: self._done(k, t))  # type: ignore[misc]
             self._inflight[k] = task
             self.stats.max_inflight = max(self.stats.max_inflight, len(self._inflight))

@@ -276,3 +276,55 @@ async def test_clear_drops_frames_rendered_ahead_and_renders_them_again():
     assert frames.stats.rerendered >= len([k for k in ahead if k >= cut])
     assert seg.end == SR // FPS  # the audio queue ends at the cut
     await frames.aclose()
+
+
+class SerialRenderer:
+    """An engine slower than the frame rate: one frame at a time, ``service_ms`` of media time
+    each (the clock is advanced by the test)."""
+
+    def __init__(self, clock, service_ms):
+        self.clock = clock
+        self.service_ns = service_ms * 1_000_000
+        self.lock = asyncio.Lock()
+        self.rendered = 0
+
+    async def render(self, plan):
+        async with self.lock:
+            await self.clock.sleep_until_ns(self.clock.now_ns() + self.service_ns)
+            self.rendered += 1
+        y = np.full((H * 3 // 2, W), 128, np.uint8)
+        y[:H] = plan.index % 256
+        return y
+
+
+async def test_an_overloaded_engine_costs_frames_not_the_whole_picture():
+    """An engine that renders 20 frames/s for a 25 fps call: with a fixed queue every frame
+    would wait behind the others and miss its deadline (a frozen picture). The window shrinks
+    and frames that cannot make it are skipped, so most of what is rendered is shown."""
+    clock = ManualClock()
+    comp = Compositor(clock=clock, fps=FPS, sample_rate=SR, schedule_lead_ms=0,
+                      crossfade_frames=0)
+    renderer = SerialRenderer(clock, service_ms=50)
+    frames = FrameProducer(clock=clock, compositor=comp, renderer=renderer, lead_ms=200)
+    video = AvatarVideoTrack(clock=clock, compositor=comp, frames=frames)
+    frames.start()
+    shown: list[int] = []
+
+    async def consume():
+        while True:
+            f = await video.recv()
+            shown.append(int(f.to_ndarray(format="gray")[0, 0]))
+
+    task = asyncio.create_task(consume())
+    for _ in range(8000):  # 8 s of media time in 1 ms steps
+        await clock.advance(1_000_000)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await frames.aclose()
+    # the engine's whole capacity (~20 fps) is used, and nearly all of it is shown in time
+    assert renderer.rendered >= 150
+    assert frames.stats.rendered >= 0.85 * renderer.rendered
+    assert frames.stats.late <= 0.15 * renderer.rendered
+    assert frames.stats.skipped > 0  # what could not make it was never started
+    # the picture moves: distinct frames keep arriving over the last 4 s
+    assert len(set(shown[-100:])) >= 60
