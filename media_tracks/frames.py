@@ -104,6 +104,7 @@ class FrameProducer:
         self._lead_ns = lead_ms * 1_000_000
         lead_frames = -(-lead_ms * compositor.fps // 1000)
         self._max_inflight = max_inflight or max(2, lead_frames + 2)
+        self._frame_ns = min(1_000_000_000 // compositor.fps, self._lead_ns // 2)
         self._window = self._max_inflight
         self._per_frame_ns = 0.0  # smoothed render time per frame in flight
         self._ready: dict[int, Yuv] = {}
@@ -208,8 +209,10 @@ class FrameProducer:
                     now = clock.now_ns()
                     # a frame that cannot be rendered before its deadline, behind those in
                     # flight, is skipped: rendering it would only make the next ones late too
+                    # (at most the lead less one frame: a frame is started up to one frame
+                    # after its due time, and a timer never fires exactly on time)
                     expected = HEADROOM * (len(self._inflight) + 1) * self._per_frame_ns
-                    horizon = now + min(int(expected), self._lead_ns)
+                    horizon = now + min(int(expected), self._lead_ns - self._frame_ns)
                     if comp.frame_t_ns(k) < horizon:
                         ahead = comp.frame_at_or_after_ns(horizon)
                         self.stats.skipped += ahead - k

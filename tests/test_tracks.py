@@ -328,3 +328,56 @@ async def test_an_overloaded_engine_costs_frames_not_the_whole_picture():
     assert frames.stats.skipped > 0  # what could not make it was never started
     # the picture moves: distinct frames keep arriving over the last 4 s
     assert len(set(shown[-100:])) >= 60
+
+
+class LateWakeClock(ManualClock):
+    """Timers fire 3 ms after their deadline, as real ones do (a little late)."""
+
+    async def sleep_until_ns(self, deadline_ns):
+        await super().sleep_until_ns(deadline_ns + 3_000_000)
+
+
+class StallOnceRenderer(SerialRenderer):
+    """The first frame takes ``stall_ms`` (a model's first batch of a new shape), then each
+    takes ``service_ms``."""
+
+    def __init__(self, clock, service_ms, stall_ms):
+        super().__init__(clock, service_ms)
+        self.stall_ns = stall_ms * 1_000_000
+        self.on_time_after_stall = 0
+
+    async def render(self, plan):
+        if self.stall_ns:
+            stall, self.stall_ns = self.stall_ns, 0
+            await self.clock.sleep_until_ns(self.clock.now_ns() + stall)
+        return await super().render(plan)
+
+
+async def test_after_a_long_stall_rendering_resumes_with_timers_that_fire_late():
+    """A 1.5 s stall makes the render time estimate huge for a while; frames must still be
+    started (a little after their due time, as timers fire) and the estimate recover, rather
+    than every frame being skipped for being started a few ms after its due time."""
+    clock = LateWakeClock()
+    comp = Compositor(clock=clock, fps=FPS, sample_rate=SR, schedule_lead_ms=0,
+                      crossfade_frames=0)
+    renderer = StallOnceRenderer(clock, service_ms=10, stall_ms=1500)
+    frames = FrameProducer(clock=clock, compositor=comp, renderer=renderer, lead_ms=200)
+    video = AvatarVideoTrack(clock=clock, compositor=comp, frames=frames)
+    frames.start()
+
+    async def consume():
+        while True:
+            await video.recv()
+
+    task = asyncio.create_task(consume())
+    for _ in range(3000):  # the stall, then 1.5 s
+        await clock.advance(1_000_000)
+    mid = frames.stats.rendered
+    repeated_mid = video.stats.frames_repeated
+    for _ in range(3000):  # 3 s more
+        await clock.advance(1_000_000)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await frames.aclose()
+    assert frames.stats.rendered - mid >= 70  # 3 s at 25 fps: nearly every frame fresh
+    assert video.stats.frames_repeated - repeated_mid <= 5
