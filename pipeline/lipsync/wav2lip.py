@@ -422,4 +422,9 @@ def load_wav2lip_engine(
         calibration=calibration,
     )
     model.warm_up()
+    if model.backend == "openvino":
+        # OpenVINO prepares each new batch size on first use (+20-40 ms on 2 cores): do it
+        # now for every size the worker can make, not inside a call
+        for batch in range(2, max_batch + 1):
+            model.warm_up(batch)
     return Wav2LipEngine(model, max_batch=max_batch, max_wait_ms=max_wait_ms)
