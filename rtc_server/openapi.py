@@ -118,6 +118,12 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "frames_repeated": INT,
                 "frames_skipped": INT,
                 "frames_late": INT,
+                # the frame producer: frames rendered in time, skipped (could not be rendered
+                # before their deadline), re-rendered after a re-plan, frames allowed in
+                # flight, smoothed render ms per frame in flight
+                "render": _obj({"rendered": INT, "skipped": INT, "rerendered": INT,
+                                "window": INT, "frame_ms": NUM}),
+                "video_codec": {"type": ["string", "null"], "description": "VP8 or H264"},
                 "lipsync": STR,
                 "speaking": BOOL,
                 "mic": _obj({"frames_received": INT, "rms_dbfs": NUM}),

@@ -306,6 +306,10 @@ class Session:
         self.video_track.stop()
         with contextlib.suppress(Exception):
             await self.pc.close()
+        # The encoder's codec holds MBs of frame buffers. A closed session sits in reference
+        # cycles (callbacks) until a full GC pass, which a server with large models makes
+        # rare: let the codec go now (the sender dropped its reference when RTP stopped).
+        self.video_encoder = None
         self.state = "closed"
         self._closed.set()
         self._on_closed(self)
@@ -603,6 +607,14 @@ class Session:
             "frames_repeated": self.video_track.stats.frames_repeated,
             "frames_skipped": self.video_track.stats.frames_skipped,
             "frames_late": self.frames.stats.late,
+            "render": {
+                "rendered": self.frames.stats.rendered,
+                "skipped": self.frames.stats.skipped,
+                "rerendered": self.frames.stats.rerendered,
+                "window": self.frames.stats.window,
+                "frame_ms": self.frames.stats.frame_ms,
+            },
+            "video_codec": self.video_codec,
             "lipsync": self.lipsync.name,
             "speaking": self.compositor.speaking,
             "mic": {
