@@ -239,6 +239,8 @@ def main() -> None:
     p.add_argument("--precision", default="auto", help="lipsync.precision for --engine wav2lip")
     p.add_argument("--max-wait-ms", type=float, default=None,
                    help="lipsync.max_wait_ms for --engine wav2lip (default: the config's)")
+    p.add_argument("--all-steps", action="store_true",
+                   help="measure every step, also after one falls under 24 fps")
     p.add_argument("--threads", type=int, default=0,
                    help="lipsync.intra_op_threads for --engine wav2lip (0 = every core)")
     args = p.parse_args()
@@ -262,7 +264,7 @@ def main() -> None:
             row = speaking_step(url, proc.pid, n, args.seconds)
             speaking.append(row)
             print_table([row])
-            if row["fresh_fps_min"] < 24:
+            if row["fresh_fps_min"] < 24 and not args.all_steps:
                 break
             time.sleep(2)
     finally:

@@ -119,6 +119,9 @@ class OrtRunner:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
+        # idle intra-op threads sleep instead of spinning: between batches the cores belong
+        # to rendering, encoding and the other calls
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         provider_opts: list[tuple[str, dict[str, Any]] | str] = []
         for p in providers:
             if p == "TensorrtExecutionProvider":
