@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import resource
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +37,7 @@ from av import VideoFrame
 
 from avatars.library import AvatarLibrary
 from bench.common import print_table, write_result
+from bench.wav2lip import cpu_s, random_model
 from media_tracks.compositor import FramePlan
 from media_tracks.encoders import VideoEncoding, make_video_encoder
 from media_tracks.frames import rgb_to_i420
@@ -63,20 +63,6 @@ TEXT = (
     "The lighthouse keeper climbed the stairs every evening to light the lamp, and ships "
     "passed in the night while the sea was calm or rough as the weather chose."
 )
-
-
-def cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def random_model(directory: Path) -> Path:
-    from pipeline.lipsync.wav2lip_model import write_random_wav2lip_onnx
-
-    path = directory / "wav2lip-random.onnx"
-    if not path.exists():
-        write_random_wav2lip_onnx(path, seed=0)
-    return path
 
 
 def voice_audio(seconds: float) -> SpeechAudio:

@@ -142,6 +142,18 @@ class _RateMixin:
             self.rate = self.encoding.bitrate_for(*size)
             self._target_bps = self.rate.start_bps
 
+    def _context(self, name: str, frame: av.VideoFrame) -> VideoCodecContext:
+        """A new encoder context for ``frame``'s size at the current target and fps."""
+        codec = av.CodecContext.create(name, "w")
+        assert isinstance(codec, VideoCodecContext)
+        codec.width = frame.width
+        codec.height = frame.height
+        codec.bit_rate = self._target_bps
+        codec.pix_fmt = "yuv420p"
+        codec.framerate = fractions.Fraction(self.encoding.fps, 1)
+        codec.time_base = fractions.Fraction(1, self.encoding.fps)
+        return codec
+
     @property
     def target_bitrate(self) -> int:
         """Target bitrate in bit/s (aiortc sets it from REMB; clamped to ``rate``)."""
@@ -173,14 +185,7 @@ class RealtimeH264Encoder(_RateMixin, H264Encoder):
         }
 
     def _open(self, frame: av.VideoFrame) -> VideoCodecContext:
-        codec = av.CodecContext.create("libx264", "w")
-        assert isinstance(codec, VideoCodecContext)
-        codec.width = frame.width
-        codec.height = frame.height
-        codec.bit_rate = self._target_bps
-        codec.pix_fmt = "yuv420p"
-        codec.framerate = fractions.Fraction(self.encoding.fps, 1)
-        codec.time_base = fractions.Fraction(1, self.encoding.fps)
+        codec = self._context("libx264", frame)
         self.options = self.codec_options(self._target_bps)
         codec.options = dict(self.options)
         codec.profile = "Baseline"
@@ -230,14 +235,7 @@ class RealtimeVp8Encoder(_RateMixin, Vp8Encoder):
         }
 
     def _open(self, frame: av.VideoFrame) -> VideoCodecContext:
-        codec = av.CodecContext.create("libvpx", "w")
-        assert isinstance(codec, VideoCodecContext)
-        codec.width = frame.width
-        codec.height = frame.height
-        codec.bit_rate = self._target_bps
-        codec.pix_fmt = "yuv420p"
-        codec.framerate = fractions.Fraction(self.encoding.fps, 1)
-        codec.time_base = fractions.Fraction(1, self.encoding.fps)
+        codec = self._context("libvpx", frame)
         codec.gop_size = 3000
         codec.qmin = 2
         codec.qmax = 56
