@@ -63,6 +63,11 @@ class Replier(Protocol):
         """What to report on /health: the implementation and its settings, never secrets."""
         ...
 
+    async def aclose(self) -> None:
+        """Release what the replier holds (an HTTP connection pool); called once, when its
+        call ends."""
+        ...
+
 
 class ReplyError(PipelineError):
     """A reply failed. ``retryable``: the failure was transient (rate limit, server error,

@@ -159,6 +159,12 @@ class Conversation:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._mic_pool.shutdown(wait=False, cancel_futures=True)
+        # the replier is this call's own (an OpenAI client holds a connection pool): close it
+        # now, not when the garbage collector finds it after the event loop is gone
+        try:
+            await self._replier.aclose()
+        except Exception:  # noqa: BLE001 - closing must not fail the session's close
+            logger.warning("closing the replier failed", exc_info=True)
 
     @property
     def busy(self) -> bool:

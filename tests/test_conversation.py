@@ -59,6 +59,7 @@ class CountingReplier:
         self.answer = answer
         self.calls: list[str] = []
         self.closed = 0
+        self.released = False
 
     async def reply(
         self, history: Sequence[Any], text: str, *, language: str = "en"
@@ -70,6 +71,9 @@ class CountingReplier:
                 yield word + " "
         finally:
             self.closed += 1
+
+    async def aclose(self) -> None:
+        self.released = True
 
 
 class Mic:
@@ -247,3 +251,13 @@ async def test_the_microphone_receiver_hands_frames_on_after_one_more_not_four()
         assert not set_audio_prefetch(pc, object(), 1)  # type: ignore[arg-type]
     finally:
         await pc.close()
+
+
+@pytest.mark.asyncio
+async def test_closing_the_conversation_releases_its_replier():
+    """Each call has its own replier (an OpenAI client holds a connection pool): it is closed
+    with the call, not left to the garbage collector after the event loop is gone."""
+    conv, _, _, replier, _ = make()
+    assert not replier.released
+    await conv.aclose()
+    assert replier.released

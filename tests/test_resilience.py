@@ -259,6 +259,9 @@ class ScriptedReplier:
         for word in self.answer.split(" "):
             yield word + " "
 
+    async def aclose(self) -> None:
+        """Nothing to release."""
+
 
 class FailingTTS(ToneTTS):
     """The tone voice, failing on any sentence that contains ``bad``."""
