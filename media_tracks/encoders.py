@@ -142,6 +142,28 @@ class _RateMixin:
             self.rate = self.encoding.bitrate_for(*size)
             self._target_bps = self.rate.start_bps
 
+    codec: VideoCodecContext | None
+
+    def _open(self, frame: av.VideoFrame) -> VideoCodecContext:
+        raise NotImplementedError
+
+    def _reopening(self) -> None:
+        """Called when the codec is dropped to be opened again (size or bitrate changed)."""
+
+    def _encode_bytes(self, frame: av.VideoFrame, force_keyframe: bool) -> bytes:
+        """``frame`` encoded, the codec (re)opened first if the size or the target moved."""
+        self._follow_frame_size(frame)
+        if self.codec is not None and _needs_reopen(self.codec, frame, self._target_bps):
+            self.codec = None
+            self._reopening()
+        # I forces a complete picture (PLI/FIR); NONE lets the encoder choose again
+        frame.pict_type = (
+            av.video.frame.PictureType.I if force_keyframe else av.video.frame.PictureType.NONE
+        )
+        if self.codec is None:
+            self.codec = self._open(frame)
+        return b"".join(bytes(packet) for packet in self.codec.encode(frame))
+
     def _context(self, name: str, frame: av.VideoFrame) -> VideoCodecContext:
         """A new encoder context for ``frame``'s size at the current target and fps."""
         codec = av.CodecContext.create(name, "w")
@@ -191,19 +213,12 @@ class RealtimeH264Encoder(_RateMixin, H264Encoder):
         codec.profile = "Baseline"
         return codec
 
+    def _reopening(self) -> None:
+        self.buffer_data = b""
+        self.buffer_pts = None
+
     def _encode_frame(self, frame: av.VideoFrame, force_keyframe: bool) -> Iterator[bytes]:
-        self._follow_frame_size(frame)
-        if self.codec is not None and _needs_reopen(self.codec, frame, self._target_bps):
-            self.codec = None
-            self.buffer_data = b""
-            self.buffer_pts = None
-        # I forces a complete picture (PLI/FIR); NONE lets the encoder choose again
-        frame.pict_type = (
-            av.video.frame.PictureType.I if force_keyframe else av.video.frame.PictureType.NONE
-        )
-        if self.codec is None:
-            self.codec = self._open(frame)
-        data = b"".join(bytes(packet) for packet in self.codec.encode(frame))
+        data = self._encode_bytes(frame, force_keyframe)
         if data:
             yield from self._split_bitstream(data)
 
@@ -250,15 +265,7 @@ class RealtimeVp8Encoder(_RateMixin, Vp8Encoder):
         assert isinstance(frame, av.VideoFrame)
         if frame.format.name != "yuv420p":
             frame = frame.reformat(format="yuv420p")
-        self._follow_frame_size(frame)
-        if self.codec is not None and _needs_reopen(self.codec, frame, self._target_bps):
-            self.codec = None
-        frame.pict_type = (
-            av.video.frame.PictureType.I if force_keyframe else av.video.frame.PictureType.NONE
-        )
-        if self.codec is None:
-            self.codec = self._open(frame)
-        data = b"".join(bytes(packet) for packet in self.codec.encode(frame))
+        data = self._encode_bytes(frame, force_keyframe)
         payloads = self._packetize(data, self.picture_id)
         assert frame.pts is not None and frame.time_base is not None
         timestamp = convert_timebase(frame.pts, frame.time_base, VIDEO_TIME_BASE)
