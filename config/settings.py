@@ -195,6 +195,7 @@ class LipsyncSettings:
     max_batch: int
     max_wait_ms: float
     intra_op_threads: int
+    frame_group: int
 
     @property
     def wav2lip_path(self) -> Path | None:
@@ -843,6 +844,7 @@ def _lipsync(s: _Section) -> LipsyncSettings:
         max_batch=s.get_int("max_batch", 1, 256),
         max_wait_ms=s.get_float("max_wait_ms", 0, 100),
         intra_op_threads=s.get_int("intra_op_threads", 0, 256),
+        frame_group=s.get_int("frame_group", 1, 8),
     )
 
 

@@ -87,7 +87,12 @@ class FrameProducer:
     the frames in flight with it), allows only as many in flight as fit in the lead, and
     starts a frame only if the frames ahead of it and itself can be rendered before its
     deadline; frames that cannot make it are skipped (counted), so the ones rendered are on
-    time and the picture keeps moving."""
+    time and the picture keeps moving.
+
+    ``group`` > 1 hands frames over in groups of that many consecutive frames, all at the
+    first one's due time (the others a little earlier than their own): a batching engine
+    (Wav2Lip's one inference worker) then gets at least that many frames of a call at once,
+    which on a CPU runs a frame in about a fifth less time than one at a time."""
 
     def __init__(
         self,
@@ -97,11 +102,13 @@ class FrameProducer:
         renderer: AsyncRenderer,
         lead_ms: int,
         max_inflight: int | None = None,
+        group: int = 1,
     ) -> None:
         self._clock = clock
         self._compositor = compositor
         self._renderer = renderer
         self._lead_ns = lead_ms * 1_000_000
+        self._group = max(1, group)
         lead_frames = -(-lead_ms * compositor.fps // 1000)
         self._max_inflight = max_inflight or max(2, lead_frames + 2)
         self._frame_ns = min(1_000_000_000 // compositor.fps, self._lead_ns // 2)
@@ -217,7 +224,8 @@ class FrameProducer:
                         ahead = comp.frame_at_or_after_ns(horizon)
                         self.stats.skipped += ahead - k
                         k = self._next = ahead
-                    due = comp.frame_t_ns(k) - self._lead_ns
+                    # frames of one group are handed over together, at the first one's time
+                    due = comp.frame_t_ns(k - k % self._group) - self._lead_ns
                     if due <= now and len(self._inflight) < self._window:
                         break
                     self._wake.clear()

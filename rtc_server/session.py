@@ -181,6 +181,8 @@ class Session:
             compositor=self.compositor,
             renderer=renderer,
             lead_ms=media.render_lead_ms,
+            # Wav2Lip batches: hand it a call's frames in groups (lipsync.frame_group)
+            group=settings.lipsync.frame_group if self.lipsync.name == "wav2lip" else 1,
         )
         self.audio_track = AvatarAudioTrack(
             clock=self.clock,

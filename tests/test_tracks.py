@@ -381,3 +381,31 @@ async def test_after_a_long_stall_rendering_resumes_with_timers_that_fire_late()
     await frames.aclose()
     assert frames.stats.rendered - mid >= 70  # 3 s at 25 fps: nearly every frame fresh
     assert video.stats.frames_repeated - repeated_mid <= 5
+
+
+async def test_frames_are_handed_over_in_groups_for_a_batching_engine():
+    """With group=2 the second frame of each pair starts with the first (at the first one's
+    due time), so a batching engine sees a call's frames at least two at a time."""
+    started = {}
+    for group in (1, 2):
+        clock = ManualClock()
+        comp = Compositor(clock=clock, fps=FPS, sample_rate=SR, schedule_lead_ms=0,
+                          crossfade_frames=0)
+        renderer = GatedRenderer()
+        renderer.gate.set()
+        frames = FrameProducer(clock=clock, compositor=comp, renderer=renderer, lead_ms=80,
+                               group=group)
+        frames.start()
+        await asyncio.sleep(0)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        at_zero = sorted(renderer.started)
+        for _ in range(40):  # to t = 40 ms: frame 3 (t = 120 ms) is due at 40 ms alone
+            await clock.advance(1_000_000)
+        started[group] = (at_zero, sorted(renderer.started))
+        await frames.aclose()
+    # group 1: frames 0..2 (t <= 80 ms) at t = 0, frame 3 at 40 ms
+    assert started[1][0] == [0, 1, 2] and started[1][1][:4] == [0, 1, 2, 3]
+    # group 2: frame 3 goes with frame 2 at t = 0, and frames 4 and 5 together at 80 ms
+    assert started[2][0] == [0, 1, 2, 3]
+    assert 4 not in started[2][1]
