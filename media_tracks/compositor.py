@@ -140,6 +140,26 @@ class Compositor:
     def queued(self) -> int:
         return sum(1 for s in self._segments if s.end > self._audio_pos)
 
+    def scheduled_end_ns(self) -> int:
+        """Media time at which the speech scheduled so far ends (now, if none is left)."""
+        now = self.clock.now_ns()
+        if not self._segments:
+            return now
+        end = max(s.end for s in self._segments)
+        return max(now, end * NS_PER_S // self.sample_rate)
+
+    async def wait_until_ahead_at_most(self, ahead_ns: int) -> None:
+        """Return once the scheduled speech ends at most ``ahead_ns`` after now: a speaker
+        that waits here before making its next sentence keeps only that much synthesised
+        ahead of playback, instead of synthesising a whole long text in one CPU burst."""
+        while True:
+            now = self.clock.now_ns()
+            start = self.scheduled_end_ns() - ahead_ns
+            if start <= now:
+                return
+            # look again at least every 250 ms: an interruption shortens what is ahead
+            await self.clock.sleep_until_ns(min(start, now + 250_000_000))
+
     def schedule(self, segment: Segment) -> Scheduled:
         """Queue ``segment`` after everything already scheduled, no sooner than the schedule
         lead from now, starting on a video frame boundary."""

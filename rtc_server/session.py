@@ -58,6 +58,11 @@ from rtc_server.ice import resolve_ice_servers, rtc_configuration
 
 logger = logging.getLogger(__name__)
 
+# How far ahead of playback a ``say`` text is synthesised: a long text is made sentence by
+# sentence as it plays, not all at once (a burst of several core-seconds that starves the
+# rendering of every call on the machine for as long).
+SPEECH_AHEAD_NS = 3 * 1_000_000_000
+
 MAX_SAY_CHARS = 2000
 MAX_QUEUED_SAYS = 16
 # how long a "closing" event is given to leave before the peer connection is closed
@@ -589,6 +594,8 @@ class Session:
                     )
                 )
                 first = False
+                # the next sentence is made only when it is needed a few seconds from now
+                await self.compositor.wait_until_ahead_at_most(SPEECH_AHEAD_NS)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

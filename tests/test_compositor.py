@@ -204,3 +204,33 @@ def test_speech_scheduled_after_a_cut_starts_once_the_fade_is_over():
     assert c.first_frame >= cut + 4
     assert comp.frame_plan(c.first_frame).segment_id == c.id
     assert comp.frame_plan(c.first_frame).blend < 1  # fades in again
+
+
+async def test_a_speaker_waits_until_only_the_allowed_speech_is_ahead():
+    """wait_until_ahead_at_most: a long text is synthesised as it plays, not all at once."""
+    import asyncio
+
+    clock = ManualClock()
+    comp = make(clock)
+    assert comp.scheduled_end_ns() == 0  # nothing scheduled: it ends now
+    await comp.wait_until_ahead_at_most(3_000_000_000)  # returns at once
+    seg = comp.schedule(Segment(pcm=np.zeros(SR * 10, np.int16), mouth=np.ones(250)))
+    end_ns = seg.start * 1_000_000_000 // SR + 10_000_000_000
+    assert comp.scheduled_end_ns() == end_ns
+    waiter = asyncio.ensure_future(comp.wait_until_ahead_at_most(3_000_000_000))
+    await clock.advance(end_ns - 3_000_000_000 - 1_000_000)
+    assert not waiter.done()  # more than 3 s still ahead
+    await clock.advance(1_000_000)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert waiter.done()
+    # an interruption shortens what is ahead: a waiter goes on as soon as it fits
+    comp.schedule(Segment(pcm=np.zeros(SR * 10, np.int16), mouth=np.ones(250)))
+    waiter = asyncio.ensure_future(comp.wait_until_ahead_at_most(3_000_000_000))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    comp.clear()
+    await clock.advance(1_000_000_000)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert waiter.done()
