@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -55,6 +55,8 @@ class Runner(Protocol):
     providers: list[str]  # ONNX Runtime providers in use, or ["OpenVINO:CPU"]
     gpu: bool
     precision: str  # fp32, fp16, bf16 or int8
+    inputs: list[str]  # the model's input names
+    threads: int  # threads inside one run (0: the runtime's default)
 
     def run(self, mel: F32, face: F32) -> F32: ...
 
@@ -144,6 +146,7 @@ class OrtRunner:
         self.gpu = self.providers[0] in GPU_PROVIDERS
         self.precision = ("fp16" if fp16 else "fp32") if self.gpu else "fp32"
         self.inputs = [i.name for i in self._session.get_inputs()]
+        self.threads = intra_op_threads
         self._lock = threading.Lock()
 
     def run(self, mel: F32, face: F32) -> F32:
@@ -188,13 +191,14 @@ class OpenVinoRunner:
         self.threads = int(self._compiled.get_property("INFERENCE_NUM_THREADS"))
         self.providers = ["OpenVINO:CPU"]
         self._request = self._compiled.create_infer_request()
+        self._output = self._compiled.output(0)
         self._lock = threading.Lock()
 
     def run(self, mel: F32, face: F32) -> F32:
         with self._lock:
             result = self._request.infer({"mel": mel, "face": face})
             # the request reuses its output buffer: copy before the lock is released
-            out = np.array(result[self._compiled.output(0)], dtype=np.float32, copy=True)
+            out = np.array(result[self._output], dtype=np.float32, copy=True)
         return out
 
 
@@ -212,7 +216,7 @@ def load_runner(
     fp16: bool,
     intra_op_threads: int,
     cache_dir: Path,
-    int8_model: Any = None,
+    int8_model: Callable[[], Path] | None = None,
 ) -> Runner:
     """The runner ``device`` and ``precision`` ask for (blocking: compiles the model).
 
@@ -303,7 +307,7 @@ def _openvino(
     precision: str,
     intra_op_threads: int,
     cache_dir: Path,
-    int8_model: Any,
+    int8_model: Callable[[], Path] | None,
 ) -> OpenVinoRunner:
     bf16_ok = cpu_bf16(core)
     hint = ov_precision_hint(precision, bf16_ok)
@@ -314,7 +318,7 @@ def _openvino(
                 "lipsync.precision is int8 but no calibration data was given (the server "
                 "calibrates on the default avatar and voice)"
             )
-        model_file, int8 = Path(int8_model()), True
+        model_file, int8 = int8_model(), True
         logger.warning(
             "Wav2Lip runs statically quantized to int8 (lipsync.precision: int8): published "
             "work on compressed Wav2Lip reports a clear quality drop for a fully int8 "

@@ -247,7 +247,7 @@ class Wav2LipModel:
         self.providers: list[str] = list(self.runner.providers)
         self.gpu = self.runner.gpu
         self.precision = self.runner.precision
-        names = list(getattr(self.runner, "inputs", ["mel", "face"]))
+        names = self.runner.inputs
         if sorted(names) != ["face", "mel"]:
             raise PipelineError(
                 f"lipsync.wav2lip_model: {self.path.name} has inputs {names}; expected 'mel' "
@@ -314,7 +314,7 @@ class Wav2LipEngine:
             "providers": self.model.providers,
             "device": "gpu" if self.model.gpu else "cpu",
             "precision": self.model.precision,
-            "threads": getattr(self.model.runner, "threads", None),
+            "threads": self.model.runner.threads,
             "max_batch": self.worker.max_batch,
             "max_wait_ms": round(self.worker.max_wait_s * 1000, 3),
             "batching": self.worker.stats.to_dict(),
