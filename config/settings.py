@@ -195,7 +195,9 @@ class LipsyncSettings:
     max_batch: int
     max_wait_ms: float
     intra_op_threads: int
+    streams: int
     frame_group: int
+    render_lead_ms: int
 
     @property
     def wav2lip_path(self) -> Path | None:
@@ -844,7 +846,9 @@ def _lipsync(s: _Section) -> LipsyncSettings:
         max_batch=s.get_int("max_batch", 1, 256),
         max_wait_ms=s.get_float("max_wait_ms", 0, 100),
         intra_op_threads=s.get_int("intra_op_threads", 0, 256),
+        streams=s.get_int("streams", 0, 64),
         frame_group=s.get_int("frame_group", 1, 8),
+        render_lead_ms=s.get_int("render_lead_ms", 40, 2000),
     )
 
 

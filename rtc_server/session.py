@@ -185,9 +185,8 @@ class Session:
             clock=self.clock,
             compositor=self.compositor,
             renderer=renderer,
-            lead_ms=media.render_lead_ms,
-            # Wav2Lip batches: hand it a call's frames in groups (lipsync.frame_group)
-            group=settings.lipsync.frame_group if self.lipsync.name == "wav2lip" else 1,
+            lead_ms=self.lipsync.render_lead_ms or media.render_lead_ms,
+            group=self.lipsync.frame_group,
         )
         self.audio_track = AvatarAudioTrack(
             clock=self.clock,

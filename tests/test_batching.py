@@ -103,3 +103,76 @@ async def test_close_fails_what_is_still_queued():
         await queued
     with pytest.raises(WorkerClosed):
         await worker.run(3)
+
+
+async def test_an_announced_item_is_waited_for_beyond_max_wait():
+    """A frame group prepared on two threads: the second frame comes later than max_wait,
+    but it was announced, so the batch waits for it (up to max_hold)."""
+    model = Model()
+    worker = BatchWorker(model, max_batch=4, max_wait_s=0.001, max_hold_s=30.0)
+    worker.announce()
+    worker.announce()
+    a = asyncio.ensure_future(worker.run(1, announced=True))
+    await asyncio.sleep(0.1)  # a hundred times max_wait
+    assert not a.done()
+    b = asyncio.ensure_future(worker.run(2, announced=True))
+    assert await asyncio.wait_for(asyncio.gather(a, b), 5) == [2, 4]
+    assert model.batches == [[1, 2]]
+    worker.close()
+
+
+async def test_without_an_announcement_the_batch_leaves_after_max_wait():
+    model = Model()
+    worker = BatchWorker(model, max_batch=4, max_wait_s=0.001, max_hold_s=30.0)
+    a = asyncio.ensure_future(worker.run(1))
+    await asyncio.sleep(0.1)
+    b = asyncio.ensure_future(worker.run(2))
+    assert await asyncio.wait_for(asyncio.gather(a, b), 5) == [2, 4]
+    assert model.batches == [[1], [2]]
+    worker.close()
+
+
+async def test_a_withdrawn_announcement_releases_the_waiting_batch():
+    model = Model()
+    worker = BatchWorker(model, max_batch=4, max_wait_s=0.001, max_hold_s=30.0)
+    worker.announce()
+    worker.announce()
+    a = asyncio.ensure_future(worker.run(1, announced=True))
+    await asyncio.sleep(0.05)
+    assert not a.done()  # still holding for the second one
+    worker.withdraw()  # its preparation failed or was cancelled
+    assert await asyncio.wait_for(a, 5) == 2  # long before the 30 s hold
+    assert model.batches == [[1]]
+    worker.close()
+
+
+async def test_several_workers_run_batches_at_the_same_time():
+    """workers=2: two batches run at once (each call waits at a barrier for the other; one
+    worker alone would break the barrier)."""
+    for workers, together in ((2, True), (1, False)):
+        barrier = threading.Barrier(2, timeout=1.0)
+        threads: set[str] = set()
+
+        def model(items, barrier=barrier, threads=threads):
+            threads.add(threading.current_thread().name)
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:
+                return [-1 for _ in items]
+            return [2 * i for i in items]
+
+        worker = BatchWorker(model, max_batch=1, max_wait_s=0.0, workers=workers, name="w")
+        assert worker.workers == workers
+        out = await asyncio.wait_for(asyncio.gather(worker.run(1), worker.run(2)), 10)
+        if together:
+            assert out == [2, 4]
+            assert threads == {"w-0", "w-1"}
+        else:
+            assert out == [-1, -1]  # the second batch waited for the first: no overlap
+        assert worker.stats.batches == 2
+        worker.close()
+
+
+def test_worker_count_is_checked():
+    with pytest.raises(ValueError, match="workers"):
+        BatchWorker(Model(), max_batch=1, max_wait_s=0.0, workers=0)

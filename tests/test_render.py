@@ -217,8 +217,9 @@ def test_mouth_moves_while_speech_plays_and_holds_still_in_silence(
     idle_motion = motion(idle, box, speaking).mean()
     speech_motion = motion(frames, box, speaking).mean()
     gap_motion = motion(frames, box, quiet_gap).mean()
-    # speech moves the mouth far more than breathing and head sway do
-    assert speech_motion > 4 * idle_motion + 1.0, (speech_motion, idle_motion)
+    # speech moves the mouth far more than breathing and head sway do (Piper's voice is not
+    # the same twice: over six runs speech moved it 3.05-4.11 against 0.47-0.52 idle)
+    assert speech_motion > 3 * idle_motion + 1.0, (speech_motion, idle_motion)
     # in the silence the mouth moves no more than the idle face around it
     assert gap_motion < idle_motion + 0.5, (gap_motion, idle_motion)
     # ... and looks like the idle clip's mouth at rest, frame for frame (up to codec noise)

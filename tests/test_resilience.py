@@ -69,6 +69,8 @@ class FlakyEngine:
     inside one call; ``fail_analyse`` makes analysis raise."""
 
     name = "flaky-wav2lip"
+    frame_group = 1
+    render_lead_ms = None
 
     def __init__(self, *, fail_renderers: frozenset[int] = frozenset(),
                  fail_analyse: bool = False) -> None:

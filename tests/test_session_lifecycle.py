@@ -76,3 +76,24 @@ async def test_failed_peer_closes_at_once_and_close_is_idempotent(avatar):
     assert closed == [session]  # reported once
     assert session.state == "closed"
     await real_pc.close()
+
+
+class BatchingEngine(VisemeEngine):
+    """An engine that asks for Wav2Lip's frame pipeline: groups of 2, a 600 ms lead."""
+
+    name = "batching"
+    frame_group = 2
+    render_lead_ms = 600
+
+
+async def test_the_frame_pipeline_follows_the_engine(avatar):
+    """The viseme engine renders 200 ms ahead one frame at a time (media.render_lead_ms);
+    an engine with a lead and a frame group of its own (Wav2Lip: lipsync.render_lead_ms,
+    lipsync.frame_group) gets them."""
+    settings = load_settings(env={}, overrides={"media.render_lead_ms": 200})
+    for engine, lead_ms, group in ((VisemeEngine(), 200, 1), (BatchingEngine(), 600, 2)):
+        session = Session(settings=settings, avatar=avatar, tts=ToneTTS(), lipsync=engine,
+                          render_executor=None, on_closed=lambda s: None)
+        assert session.frames._lead_ns == lead_ms * 1_000_000
+        assert session.frames._group == group
+        await session.pc.close()

@@ -307,3 +307,95 @@ def test_the_engine_batches_on_openvino(wav2lip_onnx: Path, tmp_path: Path) -> N
         assert engine.worker.stats.items == 4
     finally:
         engine.worker.close()
+
+
+# --------------------------------------------------------------------------- streams
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_openvino_streams_run_batches_at_once_with_the_same_output(
+    wav2lip_onnx: Path, real_inputs: Any, reference: np.ndarray, tmp_path: Path, streams: int
+) -> None:
+    """``lipsync.streams``: 1 is one request on every thread (latency hint); 2 is two
+    requests that run two batches at the same time. Either way each call gets its own
+    frames back (a request's output buffer is copied before another call can take it)."""
+    import threading
+
+    runner = load_runner(
+        wav2lip_onnx, device="openvino", precision="fp32", fp16=False, intra_op_threads=0,
+        cache_dir=tmp_path, streams=streams,
+    )
+    assert runner.streams == streams  # read back from the compiled model
+    mel, face = real_inputs
+    halves = [(mel[:12], face[:12]), (mel[12:], face[12:])]
+    outs: list[np.ndarray | None] = [None, None]
+    running = 0
+    most = 0
+    lock = threading.Lock()
+    inner = runner._idle  # type: ignore[attr-defined]
+
+    class Counting:
+        """The request pool, counting requests taken at once."""
+
+        def get(self) -> Any:
+            nonlocal running, most
+            req = inner.get()
+            with lock:
+                running += 1
+                most = max(most, running)
+            return req
+
+        def put(self, req: Any) -> None:
+            nonlocal running
+            with lock:
+                running -= 1
+            inner.put(req)
+
+    runner._idle = Counting()  # type: ignore[attr-defined]
+    start = threading.Barrier(2)
+
+    def call(i: int) -> None:
+        start.wait(5)
+        for _ in range(3):
+            outs[i] = runner.run(*halves[i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    within(np.concatenate([o for o in outs if o is not None]), reference, "fp32")
+    assert most <= streams  # never more requests at once than there are
+    if streams == 2:
+        assert most == 2  # the two calls did overlap
+
+
+def test_openvino_auto_streams_follow_the_throughput_hint(
+    wav2lip_onnx: Path, tmp_path: Path
+) -> None:
+    """streams 0: OpenVINO's throughput hint chooses (2 streams of 1 thread on 2 cores), and
+    the engine's batch worker has one thread per stream."""
+    engine = load_wav2lip_engine(
+        wav2lip_onnx, cache_dir=tmp_path, device="openvino", precision="fp32", max_batch=2,
+        streams=0,
+    )
+    try:
+        compiled = engine.model.runner._compiled  # type: ignore[attr-defined]
+        streams = int(compiled.get_property("NUM_STREAMS"))
+        assert streams >= 1
+        assert engine.model.runner.streams == streams
+        assert engine.worker.workers == streams
+        assert engine.info()["streams"] == streams
+        assert str(compiled.get_property("PERFORMANCE_HINT")).upper().endswith("THROUGHPUT")
+    finally:
+        engine.worker.close()
+
+
+def test_onnx_runtime_runs_one_batch_at_a_time(wav2lip_onnx: Path, tmp_path: Path) -> None:
+    engine = load_wav2lip_engine(
+        wav2lip_onnx, cache_dir=tmp_path, device="cpu", max_batch=1, streams=2
+    )
+    try:
+        assert engine.model.runner.streams == 1 and engine.worker.workers == 1
+    finally:
+        engine.worker.close()

@@ -236,6 +236,50 @@ async def test_model_render_and_colour_conversion_run_off_the_event_loop(
     assert seen["model"].isdisjoint(seen["render"])  # the model has its own worker thread
 
 
+async def test_a_frame_group_prepared_on_two_threads_meets_in_one_batch(
+    wav2lip_onnx, avatar, tmp_path, monkeypatch
+):
+    """The two frames of a group are prepared (idle render, crop) on different render
+    threads and reach the worker at different times; each is announced before its
+    preparation, so the batch waits for the slower one far beyond max_wait. A preparation
+    that fails withdraws its announcement: the other frame does not wait for it."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    eng = load_wav2lip_engine(
+        wav2lip_onnx, cache_dir=tmp_path, device="cpu", max_batch=8, max_wait_ms=1
+    )
+    eng.worker.max_hold_s = 30.0
+    track = eng.analyse(speech(0.5, seed=11), fps=FPS)
+    pool = ThreadPoolExecutor(2, thread_name_prefix="render-test")
+    r = eng.renderer(avatar, avatar.new_timeline(), width=512, height=512, executor=pool)
+    real_prepare = r._prepare
+    slow = threading.Event()
+
+    def prepare(plan):
+        if plan.index % 2:
+            slow.wait(0.2)  # the second frame of the pair is 200 ms late (max_wait: 1 ms)
+            if plan.index == 3:
+                raise RuntimeError("idle render failed")
+        return real_prepare(plan)
+
+    monkeypatch.setattr(r, "_prepare", prepare)
+    try:
+        plans = [FramePlan(index=k, t_ns=k * 40_000_000, blend=1.0, mouth=1.0,
+                           lips=track.at(k)) for k in range(4)]
+        pair = await asyncio.wait_for(asyncio.gather(r.render(plans[0]), r.render(plans[1])), 20)
+        assert all(f.shape == (768, 512) for f in pair)
+        assert eng.worker.stats.sizes == {2: 1}  # one batch for both
+        results = await asyncio.wait_for(
+            asyncio.gather(r.render(plans[2]), r.render(plans[3]), return_exceptions=True), 20
+        )
+        assert results[0].shape == (768, 512) and isinstance(results[1], RuntimeError)
+        assert eng.worker.stats.sizes == {2: 1, 1: 1}  # frame 2 ran alone, well before 30 s
+    finally:
+        pool.shutdown()
+        eng.worker.close()
+
+
 def settings(**lipsync):
     return load_settings(env={}, overrides={f"lipsync.{k}": v for k, v in lipsync.items()})
 

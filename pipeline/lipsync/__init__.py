@@ -87,6 +87,9 @@ def create_lipsync_engine(settings: Settings) -> LipSyncEngine:
         max_batch=cfg.max_batch,
         max_wait_ms=cfg.max_wait_ms,
         calibration=calibration,
+        streams=cfg.streams,
+        frame_group=cfg.frame_group,
+        render_lead_ms=cfg.render_lead_ms,
     )
     model = engine.model
     fast_cpu = model.backend == "openvino" and model.precision in ("bf16", "int8")
@@ -134,6 +137,14 @@ class SessionLipSync:
     @property
     def name(self) -> str:
         return self.engine.name
+
+    @property
+    def frame_group(self) -> int:
+        return self.primary.frame_group  # a call's frame pipeline is set up for the primary
+
+    @property
+    def render_lead_ms(self) -> int | None:
+        return self.primary.render_lead_ms
 
     def info(self) -> dict[str, object]:
         return self.engine.info()

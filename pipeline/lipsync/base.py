@@ -62,6 +62,19 @@ class LipSyncEngine(Protocol):
         """The engine's name ("viseme", "wav2lip")."""
         ...
 
+    @property
+    def frame_group(self) -> int:
+        """How many consecutive frames a call hands the engine at once (1: one by one; a
+        batching model runs a call's group in one batch)."""
+        ...
+
+    @property
+    def render_lead_ms(self) -> int | None:
+        """How far ahead of the media clock a call renders for this engine (None: the
+        server's ``media.render_lead_ms``). A model whose latency under load is a good part
+        of that lead needs more frames in flight than a cheap renderer."""
+        ...
+
     def info(self) -> dict[str, object]:
         """What runs: engine, provider actually in use, precision, batching limits."""
         ...

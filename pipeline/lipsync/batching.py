@@ -5,6 +5,14 @@ item, then keeps collecting until it has ``max_batch`` items or ``max_wait_s`` h
 the first one, and runs the model once for the whole batch. When the worker is busy, items
 queue up and the next batch is taken at once without waiting, so under load batches fill by
 themselves and N sessions cost far less than N separate model calls.
+
+A caller that will submit an item soon (it is still preparing it) can ``announce`` it: a
+batch being filled then waits for announced items up to ``max_hold_s`` instead of
+``max_wait_s``, so frames prepared in parallel on different threads (a call's frame group)
+still meet in one batch; on a CPU two frames at once cost about a fifth less each than one.
+
+With ``workers`` > 1, that many threads take batches from the one queue and run them at the
+same time (one per parallel inference request of the runtime: OpenVINO streams on a CPU).
 """
 
 from __future__ import annotations
@@ -57,7 +65,8 @@ class BatchStats:
 
 
 class BatchWorker(Generic[I, O]):
-    """Runs ``fn(items) -> outputs`` (same length, same order) on one thread, in batches.
+    """Runs ``fn(items) -> outputs`` (same length, same order) on ``workers`` threads, in
+    batches (``fn`` must be safe to call from that many threads at once).
 
     ``submit`` is safe from any thread; ``run`` awaits from an event loop and cancelling the
     awaiting task drops the item if the worker has not started it yet."""
@@ -69,36 +78,67 @@ class BatchWorker(Generic[I, O]):
         max_batch: int,
         max_wait_s: float,
         name: str = "batch-worker",
+        workers: int = 1,
+        max_hold_s: float = 0.02,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         self._fn = fn
         self.max_batch = max_batch
         self.max_wait_s = max(0.0, max_wait_s)
+        self.max_hold_s = max(self.max_wait_s, max_hold_s)
+        self._coming = 0  # announced items not submitted yet
         self._queue: deque[tuple[I, Future[O]]] = deque()
         self._cond = threading.Condition()
         self._closed = False
         self.stats = BatchStats()
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(
+                target=self._loop, name=name if workers == 1 else f"{name}-{i}", daemon=True
+            )
+            for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def workers(self) -> int:
+        return len(self._threads)
 
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
 
-    def submit(self, item: I) -> Future[O]:
+    def announce(self) -> None:
+        """An item is on its way: batches being filled wait for it (up to ``max_hold_s``).
+        Follow with ``submit(item, announced=True)``, or ``withdraw()`` if it never comes."""
+        with self._cond:
+            self._coming += 1
+
+    def withdraw(self) -> None:
+        """An announced item will not come after all."""
+        with self._cond:
+            self._coming = max(0, self._coming - 1)
+            self._cond.notify_all()
+
+    def submit(self, item: I, *, announced: bool = False) -> Future[O]:
         fut: Future[O] = Future()
         with self._cond:
+            if announced:
+                self._coming = max(0, self._coming - 1)
             if self._closed:
                 fut.set_exception(WorkerClosed("the inference worker is closed"))
                 return fut
             self._queue.append((item, fut))
             self.stats.max_queue = max(self.stats.max_queue, len(self._queue))
-            self._cond.notify()
+            # every waiter: the one filling a batch must see it, not only an idle worker
+            self._cond.notify_all()
         return fut
 
-    async def run(self, item: I) -> O:
-        return await asyncio.wrap_future(self.submit(item))
+    async def run(self, item: I, *, announced: bool = False) -> O:
+        return await asyncio.wrap_future(self.submit(item, announced=announced))
 
     def close(self, timeout: float | None = 5.0) -> None:
         """Stop after the batch in progress; items still queued fail with ``WorkerClosed``."""
@@ -110,20 +150,23 @@ class BatchWorker(Generic[I, O]):
         for _, fut in pending:
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(WorkerClosed("the inference worker closed"))
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout)
 
     def _take(self) -> list[tuple[I, Future[O]]] | None:
         """The next batch (None once closed): blocks for the first item, then waits at most
-        ``max_wait_s`` for the batch to fill."""
+        ``max_wait_s`` for the batch to fill, or ``max_hold_s`` while announced items are
+        still coming."""
         with self._cond:
             while not self._queue and not self._closed:
                 self._cond.wait()
             if self._closed:
                 return None
-            deadline = time.monotonic() + self.max_wait_s
+            start = time.monotonic()
             while len(self._queue) < self.max_batch and not self._closed:
-                left = deadline - time.monotonic()
+                limit = self.max_hold_s if self._coming else self.max_wait_s
+                left = start + limit - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
@@ -150,14 +193,16 @@ class BatchWorker(Generic[I, O]):
                     raise RuntimeError(f"model gave {len(outputs)} outputs for {len(batch)} items")
             except BaseException as exc:  # noqa: BLE001 - handed to every waiter
                 logger.exception("batch of %d failed", len(batch))
-                self.stats.failed_batches += 1
+                with self._cond:
+                    self.stats.failed_batches += 1
+                    self.stats.busy_s += time.perf_counter() - t0
                 for _, fut in batch:
                     fut.set_exception(exc)
                 continue
-            finally:
+            with self._cond:
                 self.stats.busy_s += time.perf_counter() - t0
-            self.stats.batches += 1
-            self.stats.items += len(batch)
-            self.stats.sizes[len(batch)] = self.stats.sizes.get(len(batch), 0) + 1
+                self.stats.batches += 1
+                self.stats.items += len(batch)
+                self.stats.sizes[len(batch)] = self.stats.sizes.get(len(batch), 0) + 1
             for (_, fut), out in zip(batch, outputs, strict=True):
                 fut.set_result(out)

@@ -76,6 +76,8 @@ class VisemeEngine:
     """``LipSyncEngine`` for visemes: one per server, shared by every session."""
 
     name = "viseme"
+    frame_group = 1
+    render_lead_ms: int | None = None
 
     def info(self) -> dict[str, object]:
         return {

@@ -224,6 +224,7 @@ class Wav2LipModel:
         intra_op_threads: int = 0,
         cache_dir: Path | None = None,
         calibration: Calibration | None = None,
+        streams: int = 0,
     ) -> None:
         self.path = Path(path)
         cache = cache_dir or self.path.parent
@@ -242,6 +243,7 @@ class Wav2LipModel:
             intra_op_threads=intra_op_threads,
             cache_dir=cache,
             int8_model=int8_model,
+            streams=streams,
         )
         self.backend = self.runner.backend
         self.providers: list[str] = list(self.runner.providers)
@@ -294,14 +296,23 @@ class Wav2LipEngine:
     name = "wav2lip"
 
     def __init__(
-        self, model: Wav2LipModel, *, max_batch: int = 16, max_wait_ms: float = 4.0
+        self,
+        model: Wav2LipModel,
+        *,
+        max_batch: int = 16,
+        max_wait_ms: float = 4.0,
+        frame_group: int = 1,
+        render_lead_ms: int | None = None,
     ) -> None:
         self.model = model
+        self.frame_group = max(1, frame_group)
+        self.render_lead_ms = render_lead_ms
         self.worker: BatchWorker[FrameJob, F32] = BatchWorker(
             lambda jobs: run_batch(model, jobs),
             max_batch=max_batch,
             max_wait_s=max_wait_ms / 1000.0,
             name="wav2lip-worker",
+            workers=model.runner.streams,
         )
         self._faces: dict[int, AvatarFaces] = {}
         self._faces_lock = threading.Lock()
@@ -315,8 +326,11 @@ class Wav2LipEngine:
             "device": "gpu" if self.model.gpu else "cpu",
             "precision": self.model.precision,
             "threads": self.model.runner.threads,
+            "streams": self.model.runner.streams,
             "max_batch": self.worker.max_batch,
             "max_wait_ms": round(self.worker.max_wait_s * 1000, 3),
+            "frame_group": self.frame_group,
+            "render_lead_ms": self.render_lead_ms,
             "batching": self.worker.stats.to_dict(),
             "queue_depth": self.worker.queue_depth,
         }
@@ -388,9 +402,16 @@ class Wav2LipRenderer:
             return await loop.run_in_executor(
                 self._executor, lambda: rgb_to_i420(self.idle_rgb(plan))
             )
-        rgb, geo, face_in = await loop.run_in_executor(self._executor, self._prepare, plan)
+        worker = self._engine.worker
+        # the frames of a group are prepared on different threads: the batch waits for them
+        worker.announce()
+        try:
+            rgb, geo, face_in = await loop.run_in_executor(self._executor, self._prepare, plan)
+        except BaseException:
+            worker.withdraw()
+            raise
         mel = np.asarray(plan.lips, dtype=np.float32)
-        pred = await self._engine.worker.run((mel, face_in))
+        pred = await worker.run((mel, face_in), announced=True)
         return await loop.run_in_executor(
             self._executor, self._finish, rgb, pred, geo, float(plan.blend)
         )
@@ -407,6 +428,9 @@ def load_wav2lip_engine(
     max_batch: int = 16,
     max_wait_ms: float = 4.0,
     calibration: Calibration | None = None,
+    streams: int = 0,
+    frame_group: int = 1,
+    render_lead_ms: int | None = None,
 ) -> Wav2LipEngine:
     """Resolve (``.pth`` -> cached ONNX), load and warm up the model. Blocking."""
     from pipeline.lipsync.wav2lip_model import resolve_wav2lip_model
@@ -420,6 +444,7 @@ def load_wav2lip_engine(
         intra_op_threads=intra_op_threads,
         cache_dir=Path(cache_dir),
         calibration=calibration,
+        streams=streams,
     )
     model.warm_up()
     if model.backend == "openvino":
@@ -427,4 +452,10 @@ def load_wav2lip_engine(
         # now for every size the worker can make, not inside a call
         for batch in range(2, max_batch + 1):
             model.warm_up(batch)
-    return Wav2LipEngine(model, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    return Wav2LipEngine(
+        model,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        frame_group=frame_group,
+        render_lead_ms=render_lead_ms,
+    )
