@@ -68,6 +68,11 @@ class Host(Protocol):
     @property
     def playing(self) -> bool: ...
 
+    async def wait_for_speech_room(self) -> None:
+        """Return once little enough speech is scheduled ahead of playback that the next
+        sentence should be made (synthesis paced by playback, not one CPU burst)."""
+        ...
+
 
 @dataclass(slots=True)
 class Turn:
@@ -433,6 +438,9 @@ class Conversation:
                     )
                     turn.when_committed(functools.partial(self._host.schedule, segment))
                     first = False
+                    # the next piece is made when it is needed a few seconds from now (a
+                    # held turn schedules nothing yet, so it does not wait)
+                    await self._host.wait_for_speech_room()
                 turn.reply.append(sentence)
             except asyncio.CancelledError:
                 raise

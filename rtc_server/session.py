@@ -461,6 +461,9 @@ class Session:
     def cut(self) -> None:
         self.interrupt()
 
+    async def wait_for_speech_room(self) -> None:
+        await self.compositor.wait_until_ahead_at_most(SPEECH_AHEAD_NS)
+
     @property
     def playing(self) -> bool:
         return self.compositor.speaking or self.compositor.queued > 0
@@ -594,7 +597,7 @@ class Session:
                 )
                 first = False
                 # the next sentence is made only when it is needed a few seconds from now
-                await self.compositor.wait_until_ahead_at_most(SPEECH_AHEAD_NS)
+                await self.wait_for_speech_room()
         except asyncio.CancelledError:
             raise
         except Exception as exc:

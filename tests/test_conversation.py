@@ -26,6 +26,8 @@ class Host:
         self.events: list[dict[str, Any]] = []
         self.scheduled: list[Any] = []
         self.cuts = 0
+        self.room = asyncio.Event()  # playback has room for more speech
+        self.room.set()
 
     def send_event(self, event: dict[str, object]) -> None:
         self.events.append(dict(event))
@@ -39,6 +41,10 @@ class Host:
     @property
     def playing(self) -> bool:
         return False
+
+    async def wait_for_speech_room(self) -> None:
+        self.room_waits = getattr(self, "room_waits", 0) + 1
+        await self.room.wait()
 
 
 class CountingSTT:
@@ -202,6 +208,28 @@ async def test_without_preemption_only_the_transcription_starts_at_the_pause():
     metrics_free = [e["type"] for e in host.events]
     assert metrics_free[:2] == ["state", "transcript"]
     assert len(host.scheduled) == 2
+    await conv.aclose()
+
+
+@pytest.mark.asyncio
+async def test_the_answer_is_synthesised_as_playback_makes_room():
+    """A committed answer's next sentence is made only when the session says little enough
+    speech is scheduled ahead (a long answer is not synthesised in one CPU burst that would
+    starve rendering)."""
+    conv, host, stt, replier, mic = make(preemptive=False)
+    host.room.clear()  # playback is more than a few seconds ahead
+    mic.time_ms = 1600
+    conv._on_vad_event(SpeechEnd(AUDIO, 0, 1000, 1600))
+    for _ in range(500):  # the lip-sync analysis runs on a thread
+        if host.scheduled:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # time enough to make the second sentence, were it allowed
+    assert [s.text for s in host.scheduled] == ["Hello, my friend."]  # waiting for room
+    assert host.room_waits == 1
+    host.room.set()
+    await settle(conv)
+    assert [s.text for s in host.scheduled] == ["Hello, my friend.", "Nice to meet you today."]
     await conv.aclose()
 
 

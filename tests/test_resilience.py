@@ -243,6 +243,9 @@ class Host:
     def playing(self) -> bool:
         return False
 
+    async def wait_for_speech_room(self) -> None:
+        return None
+
 
 class ScriptedReplier:
     """Answers with ``answer`` or raises ``error`` (after a first delta when ``partial``)."""
