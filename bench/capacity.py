@@ -281,7 +281,13 @@ def main() -> None:
         "max_speaking_sessions_at_24fps_fresh": max(held) if held else 0,
         "cpu_per_speaking_session_cores": speaking[0]["cpu_per_session"] if speaking else None,
         "engine": args.engine,
-        "lipsync": {k: lipsync.get(k) for k in ("engine", "backend", "precision", "threads")},
+        "lipsync": {
+            k: lipsync.get(k)
+            for k in (
+                "engine", "backend", "precision", "threads", "streams", "frame_group",
+                "render_lead_ms",
+            )
+        },
         "size": "512x512 at 25 fps (defaults)",
         "note": "bots (decoding every frame) share the same 2 cores at nice 19; other work on "
         "the machine at the time shows in the numbers",
