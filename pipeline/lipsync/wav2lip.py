@@ -402,6 +402,7 @@ class Wav2LipRenderer:
             return await loop.run_in_executor(
                 self._executor, lambda: rgb_to_i420(self.idle_rgb(plan))
             )
+        mel = np.asarray(plan.lips, dtype=np.float32)
         worker = self._engine.worker
         # the frames of a group are prepared on different threads: the batch waits for them
         worker.announce()
@@ -410,7 +411,6 @@ class Wav2LipRenderer:
         except BaseException:
             worker.withdraw()
             raise
-        mel = np.asarray(plan.lips, dtype=np.float32)
         pred = await worker.run((mel, face_in), announced=True)
         return await loop.run_in_executor(
             self._executor, self._finish, rgb, pred, geo, float(plan.blend)
