@@ -13,7 +13,9 @@ and start both codecs at 1 Mbit/s whatever the frame size, clamped to 0.5..3 Mbi
 * Bitrate (``VideoBitrate``): ``webrtc.video_bitrate_kbps`` when above 0, else 0.1 bit per
   pixel per frame at the session's fps (512x512 at 25 fps: 655 kbit/s; 1280x720: 2304
   kbit/s), never below 32 kbit/s. Receiver feedback (REMB, through the ``target_bitrate``
-  setter aiortc calls) moves it between a quarter and three times that start value.
+  setter aiortc calls) moves it between a quarter and three times that start value. A new
+  rate rebuilds the encoder (its first frame is a keyframe), so a change waits until the
+  encoder has been open 3 s of media time, unless the target fell under half (congestion).
 
 ``encode`` is called by aiortc's sender through ``loop.run_in_executor``: off the event loop
 (PyAV releases the GIL while libx264 and libvpx work).
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import fractions
 import logging
+import math
 import multiprocessing
 import re
 from collections.abc import Iterator, Sequence
@@ -50,8 +53,14 @@ MIN_BITRATE_BPS = 32_000
 # REMB may move the bitrate within [start / REMB_DOWN, start * REMB_UP]
 REMB_DOWN = 4
 REMB_UP = 3
-# aiortc rebuilds its encoder when the target moves by more than this share; so do we
+# aiortc rebuilds its encoder when the target moves by more than this share; so do we. A
+# rebuilt encoder starts with a keyframe (a burst of bits and encode time: libvpx and libx264
+# do not take a new bitrate on the fly through PyAV), and REMB moves a little every second,
+# so after a (re)open the next change waits REOPEN_MIN_S of media time, unless the target
+# fell under REOPEN_DROP of the current rate (congestion is followed at once)
 REOPEN_SHARE = 0.1
+REOPEN_MIN_S = 3.0
+REOPEN_DROP = 0.5
 H264_LEVEL = "31"  # level 3.1: up to 1280x720 at 30 fps, as negotiated by aiortc
 # aiortc's sender keeps its encoder in this (name-mangled) attribute
 SENDER_ENCODER_ATTR = "_RTCRtpSender__encoder"
@@ -116,12 +125,25 @@ class VideoEncoding:
         )
 
 
-def _needs_reopen(codec: VideoCodecContext, frame: av.VideoFrame, target_bps: int) -> bool:
-    """The frame size changed, or the target moved by more than ``REOPEN_SHARE``."""
+def _needs_reopen(
+    codec: VideoCodecContext, frame: av.VideoFrame, target_bps: int, open_for_s: float
+) -> bool:
+    """The frame size changed; or the target moved by more than ``REOPEN_SHARE`` and the
+    codec has been open for ``REOPEN_MIN_S`` of media, or the target fell under
+    ``REOPEN_DROP`` of the current rate."""
     if frame.width != codec.width or frame.height != codec.height:
         return True
     current = codec.bit_rate or 0
-    return abs(target_bps - current) > REOPEN_SHARE * current
+    if abs(target_bps - current) <= REOPEN_SHARE * current:
+        return False
+    return open_for_s >= REOPEN_MIN_S or target_bps < REOPEN_DROP * current
+
+
+def _media_s(frame: av.VideoFrame) -> float | None:
+    """The frame's media time in seconds (None without pts or time base)."""
+    if frame.pts is None or frame.time_base is None:
+        return None
+    return float(frame.pts * frame.time_base)
 
 
 class _RateMixin:
@@ -133,6 +155,7 @@ class _RateMixin:
         self.rate = encoding.bitrate_for(encoding.width, encoding.height)
         self._target_bps = self.rate.start_bps
         self._rate_size = (encoding.width, encoding.height)
+        self._opened_s: float | None = None  # media time of the frame the codec opened on
 
     def _follow_frame_size(self, frame: av.VideoFrame) -> None:
         """Frames of another size than planned: a new start value (and bounds) for it."""
@@ -153,7 +176,13 @@ class _RateMixin:
     def _encode_bytes(self, frame: av.VideoFrame, force_keyframe: bool) -> bytes:
         """``frame`` encoded, the codec (re)opened first if the size or the target moved."""
         self._follow_frame_size(frame)
-        if self.codec is not None and _needs_reopen(self.codec, frame, self._target_bps):
+        now = _media_s(frame)
+        open_for = (
+            now - self._opened_s if now is not None and self._opened_s is not None else math.inf
+        )
+        if self.codec is not None and _needs_reopen(
+            self.codec, frame, self._target_bps, open_for
+        ):
             self.codec = None
             self._reopening()
         # I forces a complete picture (PLI/FIR); NONE lets the encoder choose again
@@ -162,6 +191,7 @@ class _RateMixin:
         )
         if self.codec is None:
             self.codec = self._open(frame)
+            self._opened_s = now
         return b"".join(bytes(packet) for packet in self.codec.encode(frame))
 
     def _context(self, name: str, frame: av.VideoFrame) -> VideoCodecContext:

@@ -133,18 +133,30 @@ def test_target_bitrate_setter_clamps_to_the_bounds_and_reopens_the_codec(cls):
     assert enc.target_bitrate == 3 * 655_360
     enc.target_bitrate = 10_000
     assert enc.target_bitrate == 655_360 // 4
-    it = frames(4)
-    enc.encode(next(it))
+    it = frames(6)
+
+    def at(seconds):
+        frame = next(it)
+        frame.pts = round(seconds * 90_000)
+        return frame
+
+    enc.encode(at(0.0))
     assert enc.codec is not None
     first = enc.codec
     assert abs(first.bit_rate - 655_360 // 4) <= 1000  # libx264 keeps whole kbit/s
+    # a new rate rebuilds the encoder (a keyframe): a rise waits until it has been open 3 s
     enc.target_bitrate = 1_000_000
-    enc.encode(next(it))
+    enc.encode(at(2.96))
+    assert enc.codec is first
+    enc.encode(at(3.0))
     assert enc.codec is not first and abs(enc.codec.bit_rate - 1_000_000) <= 1000
     opened = enc.codec
-    enc.target_bitrate = 1_050_000  # within 10 %: the codec stays
-    enc.encode(next(it))
+    enc.target_bitrate = 1_050_000  # within 10 %: the codec stays, however long
+    enc.encode(at(9.0))
     assert enc.codec is opened
+    enc.target_bitrate = 400_000  # under half the rate (congestion): at once
+    enc.encode(at(9.04))
+    assert enc.codec is not opened and abs(enc.codec.bit_rate - 400_000) <= 1000
 
 
 @pytest.mark.parametrize("cls", [RealtimeH264Encoder, RealtimeVp8Encoder])
