@@ -212,14 +212,17 @@ async def test_another_session_keeps_its_frame_rate_while_one_transcribes(
     t0, sent0, skipped0 = time.monotonic(), watched.frames_sent, watched.frames_skipped
     await talker.wait_event(lambda e: e.get("role") == "user", 30)  # transcribed
     await talker.wait_event(lambda e: e.get("type") == "metrics", 30)  # answered, speaking
-    await asyncio.sleep(1.5)
+    await asyncio.sleep(2.5)
     t1, sent1 = time.monotonic(), watched.frames_sent
     # the watcher's video kept its pace on the server over the whole turn (transcription,
     # reply, synthesis and the start of speech): frames sent on their 40 ms grid, none skipped
     # because the event loop was held up (two bots and the server share this machine's cores,
-    # so a frame may leave a little late; over the turn the rate must hold)
+    # so a frame may leave a little late; over the turn the rate must hold). A count over a
+    # wall-clock window is one frame off either way: 23.5 allows that and a little CI noise
+    # (one clean-clone run measured 23.66 over 2.75 s, one frame short of 24), while an event
+    # loop held for half a second by a model would show as skipped frames or ~22 fps.
     fps = (sent1 - sent0) / (t1 - t0)
-    assert t1 - t0 > 1.0 and fps >= 24, (fps, t1 - t0)
+    assert t1 - t0 > 2.0 and fps >= 23.5, (fps, t1 - t0)
     assert watched.frames_skipped == skipped0
     await watcher.aclose()
     await talker.aclose()
