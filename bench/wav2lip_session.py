@@ -5,7 +5,8 @@ Each speaking frame takes the session's full path: the mel analysis of the reply
 model (through the one shared batching worker), the paste-back, RGB -> I420 and the encode
 (the session's VP8 encoder from ``media_tracks.encoders``, one encode at a time per session on
 the loop's default executor, as aiortc runs it). Renders go to a render pool as in the server
-(5 frames in flight per session: the 200 ms lead), so the two cores work in parallel: the
+(5 frames in flight per session, unthrottled; a real call renders
+lipsync.render_lead_ms, 600 ms, ahead), so the two cores work in parallel: the
 model on the worker thread, rendering and encoding on the pools.
 
 Rows: for each (backend, precision, size), ``fps_1`` is one session unthrottled (frames/s

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import fractions
 import logging
-import math
 import multiprocessing
 import re
 from collections.abc import Iterator, Sequence
@@ -126,24 +125,28 @@ class VideoEncoding:
 
 
 def _needs_reopen(
-    codec: VideoCodecContext, frame: av.VideoFrame, target_bps: int, open_for_s: float
+    codec: VideoCodecContext,
+    frame: av.VideoFrame,
+    target_bps: int,
+    open_for: fractions.Fraction | None,
 ) -> bool:
     """The frame size changed; or the target moved by more than ``REOPEN_SHARE`` and the
-    codec has been open for ``REOPEN_MIN_S`` of media, or the target fell under
-    ``REOPEN_DROP`` of the current rate."""
+    codec has been open for ``REOPEN_MIN_S`` of media (``open_for``, exact; None: unknown,
+    no pts), or the target fell under ``REOPEN_DROP`` of the current rate."""
     if frame.width != codec.width or frame.height != codec.height:
         return True
     current = codec.bit_rate or 0
     if abs(target_bps - current) <= REOPEN_SHARE * current:
         return False
-    return open_for_s >= REOPEN_MIN_S or target_bps < REOPEN_DROP * current
+    long_enough = open_for is None or open_for >= REOPEN_MIN_S
+    return long_enough or target_bps < REOPEN_DROP * current
 
 
-def _media_s(frame: av.VideoFrame) -> float | None:
-    """The frame's media time in seconds (None without pts or time base)."""
+def _media_time(frame: av.VideoFrame) -> fractions.Fraction | None:
+    """The frame's media time, exact (pts x time base), or None without them."""
     if frame.pts is None or frame.time_base is None:
         return None
-    return float(frame.pts * frame.time_base)
+    return frame.pts * fractions.Fraction(frame.time_base)
 
 
 class _RateMixin:
@@ -155,7 +158,7 @@ class _RateMixin:
         self.rate = encoding.bitrate_for(encoding.width, encoding.height)
         self._target_bps = self.rate.start_bps
         self._rate_size = (encoding.width, encoding.height)
-        self._opened_s: float | None = None  # media time of the frame the codec opened on
+        self._opened_at: fractions.Fraction | None = None  # media time the codec opened at
 
     def _follow_frame_size(self, frame: av.VideoFrame) -> None:
         """Frames of another size than planned: a new start value (and bounds) for it."""
@@ -176,10 +179,8 @@ class _RateMixin:
     def _encode_bytes(self, frame: av.VideoFrame, force_keyframe: bool) -> bytes:
         """``frame`` encoded, the codec (re)opened first if the size or the target moved."""
         self._follow_frame_size(frame)
-        now = _media_s(frame)
-        open_for = (
-            now - self._opened_s if now is not None and self._opened_s is not None else math.inf
-        )
+        now = _media_time(frame)
+        open_for = None if now is None or self._opened_at is None else now - self._opened_at
         if self.codec is not None and _needs_reopen(
             self.codec, frame, self._target_bps, open_for
         ):
@@ -191,7 +192,7 @@ class _RateMixin:
         )
         if self.codec is None:
             self.codec = self._open(frame)
-            self._opened_s = now
+            self._opened_at = now
         return b"".join(bytes(packet) for packet in self.codec.encode(frame))
 
     def _context(self, name: str, frame: av.VideoFrame) -> VideoCodecContext:
