@@ -62,7 +62,7 @@ MIN_WINDOW = 2  # frames in flight even when overloaded (a batching engine needs
 @dataclass(slots=True)
 class ProducerStats:
     rendered: int = 0
-    late: int = 0  # finished after their deadline (the track had shown another frame)
+    late: int = 0  # not ready by their deadline (the track had shown another frame)
     skipped: int = 0  # never started: rendering fell more than the lead behind the clock
     failed: int = 0
     rerendered: int = 0  # re-planned by an interruption after they had been rendered
@@ -115,6 +115,7 @@ class FrameProducer:
         self._window = self._max_inflight
         self._per_frame_ns = 0.0  # smoothed render time per frame in flight
         self._ready: dict[int, Yuv] = {}
+        self._expired: set[int] = set()  # cancelled by ``take`` at their deadline
         self._inflight: dict[int, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(self._max_inflight)
         self._task: asyncio.Task[None] | None = None
@@ -156,9 +157,17 @@ class FrameProducer:
         return await self._renderer.render(self._compositor.frame_plan(k))
 
     def take(self, k: int) -> Yuv | None:
-        """The frame for index ``k`` if rendered; older frames are dropped."""
+        """The frame for index ``k`` if rendered; older frames are dropped.
+
+        Frames ``<= k`` still in flight can no longer be shown: they are cancelled (and
+        counted late), so an engine behind the clock stops spending time on them (the batch
+        worker drops a cancelled frame still in its queue) and has it for the next ones."""
         for old in [i for i in self._ready if i < k]:
             del self._ready[old]
+        for i in [i for i in self._inflight if i <= k]:
+            if self._inflight.pop(i).cancel():
+                self._expired.add(i)  # its latency so far still counts (``_render_one``)
+                self.stats.late += 1
         return self._ready.pop(k, None)
 
     def _on_cut(self, k: int) -> None:
@@ -178,6 +187,11 @@ class FrameProducer:
         started = self._clock.now_ns()
         try:
             frame = await self._renderer.render(plan)
+        except asyncio.CancelledError:
+            if k in self._expired:  # stopped at its deadline by ``take``: it took at least this
+                self._expired.discard(k)
+                self._observe((self._clock.now_ns() - started) / depth)
+            raise
         except Exception:
             logger.exception("rendering frame %d failed", k)
             self.stats.failed += 1
@@ -185,21 +199,25 @@ class FrameProducer:
         now = self._clock.now_ns()
         # time per frame: the latency shared by the frames that were in flight with it (a
         # serial engine's latency grows with the queue, a batching one's hardly does)
-        per_frame = (now - started) / depth
-        self._per_frame_ns += LATENCY_SMOOTHING * (per_frame - self._per_frame_ns)
-        fits = int(self._lead_ns // max(HEADROOM * self._per_frame_ns, 1))
-        self._window = max(MIN_WINDOW, min(self._max_inflight, fits))
-        self.stats.window = self._window
-        self.stats.frame_ms = round(self._per_frame_ns / 1e6, 2)
+        self._observe((now - started) / depth)
         if now > self._compositor.frame_t_ns(k):
             self.stats.late += 1  # the track has already moved past it
             return
         self._ready[k] = frame
         self.stats.rendered += 1
 
+    def _observe(self, per_frame_ns: float) -> None:
+        """Smooth the render time per frame in flight; size the window to fit the lead."""
+        self._per_frame_ns += LATENCY_SMOOTHING * (per_frame_ns - self._per_frame_ns)
+        fits = int(self._lead_ns // max(HEADROOM * self._per_frame_ns, 1))
+        self._window = max(MIN_WINDOW, min(self._max_inflight, fits))
+        self.stats.window = self._window
+        self.stats.frame_ms = round(self._per_frame_ns / 1e6, 2)
+
     def _done(self, k: int, task: asyncio.Task[None]) -> None:
         # a done callback, not ``finally``: a task cancelled before it ever ran skips its body
         self._slots.release()
+        self._expired.discard(k)  # (cancelled before it ever ran: never observed)
         if self._inflight.get(k) is task:
             del self._inflight[k]
         self._wake.set()  # the window may let the next frame start

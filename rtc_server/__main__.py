@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -41,6 +42,20 @@ def _drain_at_once_on_sigterm(app: web.Application) -> None:
     app.on_startup.append(install)
 
 
+def _freeze_start_up_objects(app: web.Application) -> None:
+    """Once everything is loaded (models, voices, avatars, libraries), move it out of the
+    cyclic garbage collector's reach (``gc.freeze``): it lives as long as the server, and a
+    full collection walking it all holds the event loop. Measured with two Wav2Lip calls on
+    2 cores: full collections of 50-170 ms without this, each one frames the track skipped."""
+
+    async def freeze(app: web.Application) -> None:
+        gc.collect()
+        gc.freeze()
+        logger.debug("gc: %d start-up objects frozen", gc.get_freeze_count())
+
+    app.on_startup.append(freeze)  # after ``create_app``'s start-up, which loads everything
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rtc_server", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings)
     app = create_app(settings)
     _drain_at_once_on_sigterm(app)
+    _freeze_start_up_objects(app)
     host, port = settings.server.host, settings.server.port
     print(f"avatar server on http://{'localhost' if host == '0.0.0.0' else host}:{port}",
           flush=True)

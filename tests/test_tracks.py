@@ -171,6 +171,8 @@ class GatedRenderer:
         self.plans: dict[int, FramePlan] = {}
         self.inflight = 0
         self.max_inflight = 0
+        self.cancelled: list[int] = []
+        self.finished: list[int] = []
 
     async def render(self, plan):
         self.started.append(plan.index)
@@ -179,8 +181,12 @@ class GatedRenderer:
         self.max_inflight = max(self.max_inflight, self.inflight)
         try:
             await self.gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(plan.index)
+            raise
         finally:
             self.inflight -= 1
+        self.finished.append(plan.index)
         y = np.full((H * 3 // 2, W), 128, np.uint8)
         y[:H] = 200 if plan.blend > 0 else 50  # speaking frames bright, idle dark
         return y
@@ -250,6 +256,49 @@ async def test_late_frames_repeat_the_last_frame_count_late_and_audio_never_wait
     # frames started after the stall began and due before it ended (t = 440..560 ms) were late
     assert frames.stats.late >= 4
     assert video.stats.frames_repeated >= frames.stats.late
+    await frames.aclose()
+
+
+async def test_frames_the_track_has_passed_are_cancelled_not_rendered_for_nothing():
+    """An engine behind the clock must not keep working on frames that can no longer be
+    shown: when the track takes frame k, frames <= k still in flight are cancelled (a batching
+    engine then drops them from its queue) and counted late."""
+    clock = ManualClock()
+    comp, frames, renderer, audio, video = gated_setup(clock, lead_ms=200)
+    frames.start()
+    shown = []
+
+    async def consume():
+        while True:
+            await video.recv()
+            shown.append(video._k)
+
+    renderer.gate.set()
+    task = asyncio.create_task(consume())
+    for _ in range(100):  # 100 ms on time
+        await clock.advance(1_000_000)
+    repeated0 = video.stats.frames_repeated
+    renderer.gate.clear()  # the engine stalls for 600 ms
+    for _ in range(600):
+        await clock.advance(1_000_000)
+    assert video.stats.frames_repeated - repeated0 >= 4
+    # every frame the track moved past either finished or was stopped; only frames still
+    # ahead are in flight
+    passed = {k for k in renderer.started if k <= shown[-1]}
+    assert passed <= set(renderer.finished) | set(renderer.cancelled)
+    assert len(renderer.cancelled) >= 4
+    assert all(k > shown[-1] for k in frames._inflight)
+    assert frames.stats.late == len(renderer.cancelled)
+    assert renderer.inflight == len(frames._inflight)  # their slots were given back
+    renderer.gate.set()  # the engine recovers: the frames ahead are shown
+    for _ in range(200):
+        await clock.advance(1_000_000)
+    repeated1 = video.stats.frames_repeated
+    for _ in range(200):
+        await clock.advance(1_000_000)
+    assert video.stats.frames_repeated == repeated1
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
     await frames.aclose()
 
 
