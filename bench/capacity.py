@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -184,8 +185,6 @@ def memory_step(n: int, seconds: float = 14.0) -> dict[str, Any]:
 
 def machine_cpu() -> tuple[float, float]:
     """(busy, steal) CPU seconds of the whole machine so far, from /proc/stat."""
-    import os
-
     ticks = os.sysconf("SC_CLK_TCK")
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
