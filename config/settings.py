@@ -198,6 +198,7 @@ class LipsyncSettings:
     streams: int
     frame_group: int
     render_lead_ms: int
+    lower_face_only: bool
 
     @property
     def wav2lip_path(self) -> Path | None:
@@ -849,6 +850,7 @@ def _lipsync(s: _Section) -> LipsyncSettings:
         streams=s.get_int("streams", 0, 64),
         frame_group=s.get_int("frame_group", 1, 8),
         render_lead_ms=s.get_int("render_lead_ms", 40, 2000),
+        lower_face_only=s.get_bool("lower_face_only"),
     )
 
 

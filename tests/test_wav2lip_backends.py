@@ -40,6 +40,7 @@ from pipeline.lipsync.quantize import (
     int8_path,
     quantized_model,
 )
+from pipeline.lipsync.rows import LOWER_ROWS, lower_rows_model
 from pipeline.lipsync.wav2lip import FACE_SIZE, Wav2LipModel, load_wav2lip_engine
 from pipeline.tts import PiperTTS
 
@@ -233,6 +234,25 @@ def test_openvino_agrees_with_onnx_runtime_fp32(
     within(batch_of_one, reference[:1], ran)  # the batch axis changes nothing
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_the_lower_rows_copy_agrees_with_the_whole_model_where_it_is_exact(
+    precision: str, wav2lip_onnx: Path, tmp_path: Path, real_inputs: Any, reference: np.ndarray,
+    calibration: Calibration,
+) -> None:
+    """What the engine runs by default (``lipsync.lower_face_only``) on each OpenVINO
+    precision, int8 quantized from the lower-rows copy: rows exact_from.. of the crop within
+    the precision's tolerance of the whole fp32 model's."""
+    lower = lower_rows_model(wav2lip_onnx, tmp_path)
+    assert lower is not None
+    model = Wav2LipModel(lower, device="openvino", precision=precision, cache_dir=tmp_path,
+                         calibration=calibration, rows=LOWER_ROWS)
+    model.warm_up(2)  # checks the output's shape against rows
+    out = model.run(*real_inputs)
+    assert out.shape == (len(reference), 3, LOWER_ROWS.height, FACE_SIZE)
+    skip = LOWER_ROWS.exact_from - LOWER_ROWS.first
+    within(out[:, :, skip:], reference[:, :, LOWER_ROWS.exact_from :], model.precision)
+
+
 def test_calibration_pairs_voiced_mels_with_moving_face_crops(calibration: Calibration) -> None:
     samples = calibration.samples()
     assert len(samples) == 48
@@ -303,7 +323,9 @@ def test_the_engine_batches_on_openvino(wav2lip_onnx: Path, tmp_path: Path) -> N
             for _ in range(4)
         ]
         outs = [f.result(timeout=120) for f in futures]
-        assert all(o.shape == (3, FACE_SIZE, FACE_SIZE) for o in outs)
+        # by default only the rows the paste uses (pipeline.lipsync.rows)
+        assert info["rows"] == {"first": LOWER_ROWS.first, "exact_from": LOWER_ROWS.exact_from}
+        assert all(o.shape == (3, LOWER_ROWS.height, FACE_SIZE) for o in outs)
         assert engine.worker.stats.items == 4
     finally:
         engine.worker.close()

@@ -90,6 +90,7 @@ def create_lipsync_engine(settings: Settings) -> LipSyncEngine:
         streams=cfg.streams,
         frame_group=cfg.frame_group,
         render_lead_ms=cfg.render_lead_ms,
+        lower_face_only=cfg.lower_face_only,
     )
     model = engine.model
     fast_cpu = model.backend == "openvino" and model.precision in ("bf16", "int8")

@@ -42,6 +42,7 @@ from pipeline.lipsync.backends import Runner, load_runner
 from pipeline.lipsync.base import Yuv
 from pipeline.lipsync.batching import BatchWorker
 from pipeline.lipsync.mel import MEL_STEP, mel_windows, to_wav2lip_audio, wav2lip_mel
+from pipeline.lipsync.rows import LOWER_ROWS, WHOLE_CROP, OutputRows
 
 if TYPE_CHECKING:
     from avatars.library import LoadedAvatar
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FACE_SIZE = 96  # Wav2Lip's input and output side
+_GENERATOR_HINT = "point it at the Wav2Lip generator weights (wav2lip_gan.pth or their ONNX export)"
 
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
@@ -102,6 +104,9 @@ def mel_track(pcm: npt.NDArray[np.int16], sample_rate: int, fps: int) -> MelTrac
 # --------------------------------------------------------------------------- face side
 
 
+_ROWS_RAMP = 4.0  # rows of the 96 over which the mask fades in below a model's exact rows
+
+
 @dataclass(frozen=True, slots=True)
 class FaceGeometry:
     """Where Wav2Lip works on one avatar frame: an integer square ``box`` (x0, y0, side) inside
@@ -117,13 +122,21 @@ class FaceGeometry:
         return slice(self.y0, self.y0 + self.side), slice(self.x0, self.x0 + self.side)
 
 
-def face_geometry(landmarks: npt.ArrayLike, width: int, height: int) -> FaceGeometry:
+def face_geometry(
+    landmarks: npt.ArrayLike, width: int, height: int, *, exact_from: int = 0
+) -> FaceGeometry:
     """The paste box and mask for 68 landmarks (dlib order) in a ``width`` x ``height`` frame.
 
     The box is the square around the same landmark face box registration uses (cached crops are
     cut from it too), clamped into the frame. The mask covers the jaw, mouth, cheeks and nose
     tip (landmarks 2-14 and the nose), grown a little and feathered inwards, so it is exactly 0
-    on the box's border and above the nose (eyes untouched)."""
+    on the box's border and above the nose (eyes untouched).
+
+    ``exact_from``: the first row of the 96x96 prediction the model computes exactly
+    (``pipeline.lipsync.rows``; 0 = all of it). The mask is then also exactly 0 wherever the
+    paste's bicubic resize would read a row above it, and fades in over ``_ROWS_RAMP`` rows
+    below that (for the default avatar this touches only the faint top of the feathering:
+    alpha <= 0.23, 1.3 % of the mask's weight)."""
     lm = np.asarray(landmarks, dtype=np.float64)
     bx0, by0, bx1, by1 = face_box_from_landmarks(lm)
     side = int(round(max(bx1 - bx0, by1 - by0)))
@@ -147,6 +160,12 @@ def face_geometry(landmarks: npt.ArrayLike, width: int, height: int) -> FaceGeom
     dist = np.minimum(edge[:, None], edge[None, :])
     ramp = np.clip(dist / (2.0 * feather), 0.0, 1.0)
     inner = ramp * ramp * (3.0 - 2.0 * ramp)
+    if exact_from > 0:
+        # cv2's bicubic resize reads rows floor(u) - 1 .. floor(u) + 2 of the 96 for output
+        # row y, u = (y + 0.5) * 96 / side - 0.5: keep u >= exact_from + 1
+        u = (idx + 0.5) * (FACE_SIZE / side) - 0.5
+        fade = np.clip((u - (exact_from + 1)) / _ROWS_RAMP, 0.0, 1.0)
+        inner = inner * (fade * fade * (3.0 - 2.0 * fade))[:, None]
     out = (soft * inner).astype(np.float32)
     out[out < 1.0 / 512] = 0.0  # what rounds to "no change" is exactly no change
     out.setflags(write=False)
@@ -171,13 +190,19 @@ def model_input(face_bgr: U8) -> F32:
 
 
 def paste(rgb: U8, pred_bgr: F32, geo: FaceGeometry, weight: float, *, copy: bool = True) -> U8:
-    """``rgb`` with the prediction ((3, 96, 96) BGR 0..1) blended into the box through the
-    mask times ``weight``; pixels where that is 0 keep their exact values. Returns a new
-    array, or ``rgb`` itself changed in place with ``copy=False``."""
+    """``rgb`` with the prediction ((3, 96, 96) BGR 0..1, or its lowest rows (3, h, 96) from
+    a lower-rows model) blended into the box through the mask times ``weight``; pixels where
+    that is 0 keep their exact values. Returns a new array, or ``rgb`` itself changed in place
+    with ``copy=False``."""
     out = rgb.copy() if copy else rgb
     if weight <= 0.0:
         return out
     ys, xs = geo.slices
+    missing = FACE_SIZE - pred_bgr.shape[1]
+    if missing > 0:  # rows the model did not compute: the mask is 0 wherever they would count
+        pred_bgr = np.concatenate(
+            [np.zeros((3, missing, FACE_SIZE), pred_bgr.dtype), pred_bgr], axis=1
+        )
     pred = np.clip(pred_bgr.transpose(1, 2, 0)[..., ::-1] * 255.0, 0.0, 255.0)
     big = cv2.resize(
         np.ascontiguousarray(pred), (geo.side, geo.side), interpolation=cv2.INTER_CUBIC
@@ -191,14 +216,17 @@ def paste(rgb: U8, pred_bgr: F32, geo: FaceGeometry, weight: float, *, copy: boo
 
 class AvatarFaces:
     """Paste geometry per avatar frame (one for a still avatar, one per loop frame), computed
-    once per loaded avatar and shared by its sessions."""
+    once per loaded avatar and shared by its sessions. ``exact_from``: the model's first exact
+    row (``OutputRows.exact_from``), which the masks stay below."""
 
-    def __init__(self, face: FaceRenderer) -> None:
+    def __init__(self, face: FaceRenderer, exact_from: int = 0) -> None:
         avatar = face.avatar
         w, h = avatar.size
         self._face = face
-        self.still = face_geometry(avatar.landmarks, w, h)
-        self._per_frame = [face_geometry(lm, w, h) for lm in avatar.loop_landmarks]
+        self.still = face_geometry(avatar.landmarks, w, h, exact_from=exact_from)
+        self._per_frame = [
+            face_geometry(lm, w, h, exact_from=exact_from) for lm in avatar.loop_landmarks
+        ]
 
     def at(self, t_ns: int) -> FaceGeometry:
         if not self._per_frame:
@@ -212,7 +240,8 @@ class AvatarFaces:
 class Wav2LipModel:
     """The Wav2Lip generator on the backend ``device`` and ``precision`` select
     (``pipeline.lipsync.backends``): ``run(mel, face)`` on batches; ``backend``,
-    ``providers``, ``gpu`` and ``precision`` say what really runs."""
+    ``providers``, ``gpu`` and ``precision`` say what really runs, ``rows`` which rows of the
+    crop the file outputs (``pipeline.lipsync.rows``)."""
 
     def __init__(
         self,
@@ -225,8 +254,10 @@ class Wav2LipModel:
         cache_dir: Path | None = None,
         calibration: Calibration | None = None,
         streams: int = 0,
+        rows: OutputRows = WHOLE_CROP,
     ) -> None:
         self.path = Path(path)
+        self.rows = rows
         cache = cache_dir or self.path.parent
         int8_model = None
         if calibration is not None:
@@ -264,16 +295,24 @@ class Wav2LipModel:
         )
 
     def run(self, mel: F32, face: F32) -> F32:
-        """mel (B, 1, 80, 16), face (B, 6, 96, 96) -> (B, 3, 96, 96) BGR 0..1."""
+        """mel (B, 1, 80, 16), face (B, 6, 96, 96) -> (B, 3, rows.height, 96) BGR 0..1: the
+        crop's rows ``rows.first`` .. 95 (all 96 for a whole-crop model)."""
         return self.runner.run(mel, face)
 
     def warm_up(self, batch: int = 1) -> float:
-        """Run once (allocations, kernel selection); returns the seconds it took."""
+        """Run once (allocations, kernel selection); returns the seconds it took. Raises
+        PipelineError when the output is not the shape ``rows`` says."""
         t0 = time.perf_counter()
-        self.run(
+        out = self.run(
             np.zeros((batch, 1, 80, MEL_STEP), np.float32),
             np.zeros((batch, 6, FACE_SIZE, FACE_SIZE), np.float32),
         )
+        want = (batch, 3, self.rows.height, FACE_SIZE)
+        if tuple(out.shape) != want:
+            raise PipelineError(
+                f"lipsync.wav2lip_model: {self.path.name} outputs {tuple(out.shape)} for a "
+                f"batch of {batch}, expected {want}; {_GENERATOR_HINT}"
+            )
         return time.perf_counter() - t0
 
 
@@ -325,6 +364,7 @@ class Wav2LipEngine:
             "providers": self.model.providers,
             "device": "gpu" if self.model.gpu else "cpu",
             "precision": self.model.precision,
+            "rows": {"first": self.model.rows.first, "exact_from": self.model.rows.exact_from},
             "threads": self.model.runner.threads,
             "streams": self.model.runner.streams,
             "max_batch": self.worker.max_batch,
@@ -342,7 +382,7 @@ class Wav2LipEngine:
         with self._faces_lock:
             found = self._faces.get(id(face))
             if found is None or found._face is not face:
-                found = AvatarFaces(face)
+                found = AvatarFaces(face, self.model.rows.exact_from)
                 self._faces[id(face)] = found
             return found
 
@@ -431,11 +471,30 @@ def load_wav2lip_engine(
     streams: int = 0,
     frame_group: int = 1,
     render_lead_ms: int | None = None,
+    lower_face_only: bool = True,
 ) -> Wav2LipEngine:
-    """Resolve (``.pth`` -> cached ONNX), load and warm up the model. Blocking."""
+    """Resolve (``.pth`` -> cached ONNX), load and warm up the model. Blocking.
+
+    ``lower_face_only``: run the cached lower-rows copy (``pipeline.lipsync.rows``) when the
+    graph is Wav2Lip's; else, or when it cannot be made, the whole crop."""
+    from pipeline.lipsync.rows import lower_rows_model
     from pipeline.lipsync.wav2lip_model import resolve_wav2lip_model
 
     onnx_path = resolve_wav2lip_model(Path(model_path), Path(cache_dir))
+    rows = WHOLE_CROP
+    if lower_face_only:
+        try:
+            lower = lower_rows_model(onnx_path, Path(cache_dir))
+        except Exception as exc:  # noqa: BLE001 - the whole crop still works; say so
+            logger.warning(
+                "cannot make the lower-rows copy of %s (%s); running the whole crop "
+                "(check lipsync.model_cache_dir)",
+                onnx_path.name,
+                exc,
+            )
+            lower = None
+        if lower is not None:
+            onnx_path, rows = lower, LOWER_ROWS
     model = Wav2LipModel(
         onnx_path,
         device=device,
@@ -445,6 +504,7 @@ def load_wav2lip_engine(
         cache_dir=Path(cache_dir),
         calibration=calibration,
         streams=streams,
+        rows=rows,
     )
     model.warm_up()
     if model.backend == "openvino":
