@@ -9,7 +9,7 @@ the loop's default executor, as aiortc runs it). Renders go to a render pool as 
 lipsync.render_lead_ms, 600 ms, ahead), so the two cores work in parallel: the
 model on the worker thread, rendering and encoding on the pools.
 
-Rows: for each (backend, precision, size), ``fps_1`` is one session unthrottled (frames/s
+Rows: for each (backend, precision, rows, size), ``fps_1`` is one session unthrottled (frames/s
 through the whole path); ``fps_total_N`` is N sessions at once, unthrottled (all frames / s),
 and ``sessions_at_25`` = that total / 25 (how many real-time sessions that throughput could
 carry; ``bench.capacity --engine wav2lip`` measures it for real, over WebRTC). Stage costs
@@ -18,7 +18,11 @@ carry; ``bench.capacity --engine wav2lip`` measures it for real, over WebRTC). S
 The network is the real Wav2Lip architecture with random weights (speed and shapes are real,
 only the lips are noise).
 
+``rows``: ``lower`` runs the model's lower-rows copy (``lipsync.lower_face_only``, the
+default: ``pipeline.lipsync.rows``), ``whole`` the whole 96x96 crop.
+
     .venv/bin/python -m bench.wav2lip_session [--quick] [--configs ort-fp32,ov-bf16]
+        [--rows lower,whole]
 """
 
 from __future__ import annotations
@@ -179,6 +183,12 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--sizes", default=",".join(SIZES))
     ap.add_argument("--sessions", default="1,2,3")
+    ap.add_argument(
+        "--rows",
+        default="lower,whole",
+        help="lower: the model's lower-rows copy (lipsync.lower_face_only, the default); "
+        "whole: the whole 96x96 crop",
+    )
     args = ap.parse_args()
     import cv2
 
@@ -191,7 +201,7 @@ def main() -> None:
     cores = os.cpu_count() or 2
     rows: list[dict[str, Any]] = []
     stages: list[dict[str, Any]] = []
-    for name in args.configs.split(","):
+    for name, rows_name in [(c, r) for c in args.configs.split(",") for r in args.rows.split(",")]:
         device, precision = CONFIGS[name]
         for size_name in args.sizes.split(","):
             size = SIZES[size_name]
@@ -219,11 +229,13 @@ def main() -> None:
                 max_batch=8,
                 max_wait_ms=4,
                 calibration=calibration,
+                lower_face_only=rows_name == "lower",
             )
             info = engine.info()
             pool = ThreadPoolExecutor(max(2, cores), thread_name_prefix="render")
             row: dict[str, Any] = {
                 "config": name,
+                "rows": rows_name,
                 "size": size_name,
                 "backend": info["backend"],
                 "precision_ran": info["precision"],
@@ -239,7 +251,7 @@ def main() -> None:
                 best = max(v for k, v in row.items() if k.startswith(("fps_total", "fps_1")))
                 row["sessions_at_25"] = round(best / FPS, 2)
                 st = stage_costs(engine, avatar, audio, size, 30 if args.quick else 60)
-                stages.append({"config": name, "size": size_name, **st})
+                stages.append({"config": name, "rows": rows_name, "size": size_name, **st})
             finally:
                 engine.worker.close()
                 pool.shutdown()
