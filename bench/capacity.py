@@ -337,8 +337,8 @@ def main() -> None:
         "lipsync": {
             k: lipsync.get(k)
             for k in (
-                "engine", "backend", "precision", "threads", "streams", "frame_group",
-                "render_lead_ms",
+                "engine", "backend", "precision", "rows", "threads", "streams",
+                "frame_group", "render_lead_ms",
             )
         },
         "size": "512x512 at 25 fps (defaults)",
