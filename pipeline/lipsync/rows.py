@@ -13,13 +13,14 @@ ONNX graph to run them from row ``START_24`` of the 24x24 stage down:
 The model then outputs rows ``LOWER_ROWS.first`` .. 95 of the crop ((B, 3, 64, 96)). The rows
 near that new top edge differ from the whole model's (the convolutions see zero padding where
 the cut-off rows were); from ``LOWER_ROWS.exact_from`` down they are the same computation on the
-same numbers (``tests/test_wav2lip_model.py`` checks both bounds). The renderer pastes only
+same numbers (``tests/test_wav2lip_rows.py`` checks both bounds). The renderer pastes only
 rows the mask reaches, and the mask is faded to 0 above ``exact_from`` plus the resize's reach
 (``face_geometry(..., exact_from=...)``).
 
-Measured (``bench/wav2lip.py``, OpenVINO bf16, one thread, this 2-core machine): about a sixth
-less model time per frame. The graph is found by the shapes of Wav2Lip's decoder
-concatenations; an ONNX file without them runs whole (``lower_rows_model`` returns None).
+Measured (``bench.wav2lip_rows``, one thread, this 2-core machine): 14-18 % less model time per
+frame on every backend (OpenVINO bf16 at batch 2: 20.8 -> 17.7 ms). The graph is found by
+the shapes of Wav2Lip's decoder concatenations; an ONNX file without them runs whole
+(``lower_rows_model`` returns None).
 """
 
 from __future__ import annotations
