@@ -23,7 +23,7 @@ import numpy as np
 
 from bench.common import print_table, write_result
 from bench.wav2lip import random_model
-from pipeline.lipsync.rows import LOWER_ROWS, WHOLE_CROP, lower_rows_model
+from pipeline.lipsync.rows import LOWER_ROWS, WHOLE_CROP, OutputRows, lower_rows_model
 from pipeline.lipsync.wav2lip import Wav2LipModel
 
 CONFIGS = {"ov-bf16": ("openvino", "bf16"), "ov-fp32": ("openvino", "fp32"),
@@ -31,7 +31,7 @@ CONFIGS = {"ov-bf16": ("openvino", "bf16"), "ov-fp32": ("openvino", "fp32"),
 BATCHES = (1, 2, 4)
 
 
-def load(path: Path, device: str, precision: str, cache: Path, rows: Any) -> Wav2LipModel:
+def load(path: Path, device: str, precision: str, cache: Path, rows: OutputRows) -> Wav2LipModel:
     model = Wav2LipModel(path, device=device, precision=precision, intra_op_threads=1,
                          cache_dir=cache, streams=1, rows=rows)
     for b in BATCHES:

@@ -23,6 +23,7 @@ CPU, the ``openvino`` package fp32 44-48, bf16 82-97, int8 110-149 frames/s: hen
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -36,6 +37,17 @@ import numpy.typing as npt
 from pipeline.errors import PipelineError
 
 logger = logging.getLogger(__name__)
+
+
+def derived_model_path(model: Path, cache_dir: Path, tag: str, key: str) -> Path:
+    """Where a copy made from ``model`` (quantized, rewritten, ...) is cached:
+    ``cache_dir/<stem>-<tag>-<digest>.onnx``, the digest over the model's resolved path, size
+    and mtime and ``key`` (what else the copy depends on), so a changed model or recipe gets
+    a new file."""
+    st = model.stat()
+    ident = f"{model.resolve()}|{st.st_size}|{st.st_mtime_ns}|{key}"
+    digest = hashlib.sha1(ident.encode()).hexdigest()[:12]
+    return cache_dir / f"{model.stem}-{tag}-{digest}.onnx"
 
 F32 = npt.NDArray[np.float32]
 

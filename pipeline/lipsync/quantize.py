@@ -16,7 +16,6 @@ random-weight tests only bound the numerical difference from fp32.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from pipeline.lipsync.backends import derived_model_path
 from pipeline.lipsync.wav2lip import AvatarFaces, crop_face, mel_track, model_input
 
 if TYPE_CHECKING:
@@ -113,10 +113,7 @@ def default_calibration(settings: Settings, *, count: int = 64) -> Calibration:
 
 
 def int8_path(model: Path, cache_dir: Path, calibration_key: str) -> Path:
-    st = model.stat()
-    ident = f"{model.resolve()}|{st.st_size}|{st.st_mtime_ns}|{calibration_key}|v{VERSION}"
-    digest = hashlib.sha1(ident.encode()).hexdigest()[:12]
-    return cache_dir / f"{model.stem}-int8-{digest}.onnx"
+    return derived_model_path(model, cache_dir, "int8", f"{calibration_key}|v{VERSION}")
 
 
 def quantized_model(model: Path, cache_dir: Path, calibration: Calibration) -> Path:

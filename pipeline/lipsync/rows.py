@@ -25,7 +25,6 @@ the shapes of Wav2Lip's decoder concatenations; an ONNX file without them runs w
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipeline.lipsync.backends import derived_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +69,7 @@ _SKIPS = {(160, 48): 32, (80, 96): 16}
 
 
 def lower_rows_path(model: Path, cache_dir: Path) -> Path:
-    st = model.stat()
-    ident = f"{model.resolve()}|{st.st_size}|{st.st_mtime_ns}|{START_24}|v{VERSION}"
-    digest = hashlib.sha1(ident.encode()).hexdigest()[:12]
-    return cache_dir / f"{model.stem}-rows{LOWER_ROWS.first}-{digest}.onnx"
+    return derived_model_path(model, cache_dir, f"rows{LOWER_ROWS.first}", f"{START_24}|v{VERSION}")
 
 
 def lower_rows_model(model: Path, cache_dir: Path) -> Path | None:
