@@ -18,7 +18,14 @@ import torch
 from avatars import DEFAULT_AVATAR_DIR, load_avatar_dir
 from media_tracks.idle import FaceRenderer, IdleTimeline
 from pipeline.errors import PipelineError
-from pipeline.lipsync.rows import LOWER_ROWS, WHOLE_CROP, lower_rows_model, lower_rows_path
+from pipeline.lipsync.rows import (
+    LOWER_ROWS,
+    START_12,
+    WHOLE_CROP,
+    lower_rows_model,
+    lower_rows_path,
+    slice_graph,
+)
 from pipeline.lipsync.wav2lip import (
     FACE_SIZE,
     crop_face,
@@ -64,6 +71,34 @@ def test_the_rewritten_graph_gives_the_whole_models_rows_from_exact_from(
     # and exact_from is the first such row: the one above it sees the cut's zero padding
     assert per_row[skip - 1] > 1e-4
     assert whole.std() > 0.02  # a live network, not a constant
+
+
+def test_the_24x24_stage_runs_only_its_rows_and_one_more_row_off_would_be_inexact(
+    wav2lip_onnx: Path, lower: Path, inputs: Any, tmp_path: Path
+) -> None:
+    import onnx
+    from onnx import shape_inference
+
+    # the transposed convolution to 24x24 (256 channels) computes rows 2 * START_12 .. 23
+    graph = shape_inference.infer_shapes(onnx.load(str(lower))).graph
+    shapes = {
+        v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim) for v in graph.value_info
+    }
+    to_24 = [
+        shapes.get(n.output[0], ())[1:]
+        for n in graph.node
+        if n.op_type == "ConvTranspose" and shapes.get(n.output[0], ())[1:2] == (256,)
+    ]
+    assert to_24 == [(256, 24 - 2 * START_12, 24)]
+    # START_12 is the last exact cut: one row further and rows from exact_from change
+    proto = onnx.load(str(wav2lip_onnx))
+    assert slice_graph(proto, start_12=START_12 + 1)
+    further = tmp_path / "further.onnx"
+    onnx.save(proto, str(further))
+    whole = run_onnx(wav2lip_onnx, *inputs)
+    part = run_onnx(further, *inputs)
+    skip = LOWER_ROWS.exact_from - LOWER_ROWS.first
+    assert np.abs(part[:, :, skip:] - whole[:, :, LOWER_ROWS.exact_from :]).max() > 1e-3
 
 
 def test_the_copy_is_cached_and_a_changed_model_gets_a_new_one(

@@ -4,9 +4,14 @@ The paste mask (``pipeline.lipsync.wav2lip.face_geometry``) is exactly 0 above t
 everything Wav2Lip draws in the upper third of its 96x96 crop is thrown away. Most of the
 generator's work is in its last decoder stages (48x48 and 96x96 and the output block: half of
 its 3.97 GMAC per frame), and those are plain convolutions, so ``lower_rows_model`` rewrites the
-ONNX graph to run them from row ``START_24`` of the 24x24 stage down:
+ONNX graph to run them from row ``START_24`` of the 24x24 stage down, and the 24x24 stage
+itself from row ``2 * START_12``:
 
-* the 24x24 decoder feature (the 320-channel concatenation) is sliced from row ``START_24``;
+* the 12x12 decoder feature (the 512-channel concatenation feeding the transposed convolution
+  to 24x24) is sliced from row ``START_12``, and the encoder's 24x24 skip feature that joins
+  that stage's output from row ``2 * START_12``;
+* the 24x24 decoder feature (the 320-channel concatenation) is cut to start at row
+  ``START_24``;
 * the encoder's skip features that join it at 48x48 and 96x96 are sliced to match (from rows
   ``2 * START_24`` and ``4 * START_24``).
 
@@ -18,7 +23,8 @@ rows the mask reaches, and the mask is faded to 0 above ``exact_from`` plus the 
 (``face_geometry(..., exact_from=...)``).
 
 Measured (``bench.wav2lip_rows``, one thread, this 2-core machine): 14-18 % less model time per
-frame on every backend (OpenVINO bf16 at batch 2: 20.8 -> 17.7 ms). The graph is found by
+frame on every backend with the 24x24 cut alone (OpenVINO bf16 at batch 2: 20.8 -> 17.7 ms);
+``bench/results/wav2lip_rows.json`` has the numbers with the 12x12 cut too. The graph is found by
 the shapes of Wav2Lip's decoder concatenations; an ONNX file without them runs whole
 (``lower_rows_model`` returns None).
 """
@@ -39,8 +45,12 @@ from pipeline.lipsync.backends import derived_model_path
 logger = logging.getLogger(__name__)
 
 FACE_SIZE = 96
-START_24 = 8  # first row of the 24x24 decoder stage the lower-rows model computes
-VERSION = 1  # of the rewrite: part of the cached file's name
+START_24 = 8  # first row of the 24x24 decoder feature the 48x48 stage reads
+# first row of the 12x12 decoder feature the 24x24 stage reads: that stage's transposed
+# convolution (stride 2) gives rows from 2 * START_12 computed exactly, and each of its two 3x3
+# convolutions makes one more row at the top inexact, so 2 * START_12 + 2 <= START_24
+START_12 = 3
+VERSION = 2  # of the rewrite: part of the cached file's name
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +74,14 @@ LOWER_ROWS = OutputRows(first=4 * START_24, exact_from=4 * START_24 + 7)
 
 # Wav2Lip's decoder concatenations: (channels, size) of the output -> channels of the encoder
 # skip feature joining it
+_CONCAT_12 = (512, 12)
 _CONCAT_24 = (320, 24)
-_SKIPS = {(160, 48): 32, (80, 96): 16}
+_SKIPS = {(320, 24): 64, (160, 48): 32, (80, 96): 16}
 
 
 def lower_rows_path(model: Path, cache_dir: Path) -> Path:
-    return derived_model_path(model, cache_dir, f"rows{LOWER_ROWS.first}", f"{START_24}|v{VERSION}")
+    key = f"{START_12}|{START_24}|v{VERSION}"
+    return derived_model_path(model, cache_dir, f"rows{LOWER_ROWS.first}", key)
 
 
 def lower_rows_model(model: Path, cache_dir: Path) -> Path | None:
@@ -81,12 +93,11 @@ def lower_rows_model(model: Path, cache_dir: Path) -> Path | None:
     import onnx
 
     proto = onnx.load(str(model))
-    if not _slice_graph(proto):
+    if not slice_graph(proto):
         logger.warning(
-            "%s: Wav2Lip's decoder concatenations (%s at 24x24, 48x48, 96x96) were not found; "
-            "running the whole crop",
+            "%s: Wav2Lip's decoder concatenations (at 12x12, 24x24, 48x48, 96x96) were not "
+            "found; running the whole crop",
             model.name,
-            _CONCAT_24[0],
         )
         return None
     onnx.checker.check_model(proto)
@@ -104,9 +115,10 @@ def lower_rows_model(model: Path, cache_dir: Path) -> Path | None:
     return out
 
 
-def _slice_graph(proto: Any) -> bool:
+def slice_graph(proto: Any, start_12: int = START_12) -> bool:
     """Rewrite ``proto`` (an ``onnx.ModelProto``) in place; False (unchanged) when its decoder
-    concatenations are not found exactly once each."""
+    concatenations are not found exactly once each. ``start_12``: the 12x12 cut (a test
+    moves it one row further to show ``START_12`` is the last exact one)."""
     from onnx import helper, numpy_helper, shape_inference
 
     graph = proto.graph
@@ -123,17 +135,19 @@ def _slice_graph(proto: Any) -> bool:
             if n.op_type == "Concat" and shapes.get(n.output[0], ())[1:] == (channels, size, size)
         ]
 
-    c24 = concats(*_CONCAT_24)
+    c12, c24 = concats(*_CONCAT_12), concats(*_CONCAT_24)
     skip_concats = {key: concats(*key) for key in _SKIPS}
-    if len(c24) != 1 or any(len(found) != 1 for found in skip_concats.values()):
+    if len(c12) != 1 or len(c24) != 1 or any(len(found) != 1 for found in skip_concats.values()):
         return False
+    # the rows each skip feature starts from: the rows its stage computes
+    starts = {24: 2 * start_12, 48: 2 * START_24, 96: 4 * START_24}
     skip_inputs: list[tuple[Any, int, int]] = []  # (concat node, input index, start row)
     for (channels, size), (node,) in skip_concats.items():
         skip = _SKIPS[(channels, size)]
         idx = [i for i, name in enumerate(node.input) if shapes.get(name, ())[1:2] == (skip,)]
         if len(idx) != 1:
             return False
-        skip_inputs.append((node, idx[0], START_24 * size // 24))
+        skip_inputs.append((node, idx[0], starts[size]))
 
     def const(name: str, value: int) -> str:
         graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), name))
@@ -150,13 +164,17 @@ def _slice_graph(proto: Any) -> bool:
         )
         return sliced
 
-    (concat24,) = c24
-    src = concat24.output[0]
-    cut = rows_from(src, START_24)
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name == src:
-                node.input[i] = cut
+    def cut_output(node: Any, start: int) -> None:
+        src = node.output[0]
+        cut = rows_from(src, start)
+        for other in graph.node:
+            for i, name in enumerate(other.input):
+                if name == src:
+                    other.input[i] = cut
+
+    # the 24x24 concatenation now holds rows 2 * start_12 .. 23: cut it at START_24
+    cut_output(c12[0], start_12)
+    cut_output(c24[0], START_24 - 2 * start_12)
     for node, i, start in skip_inputs:
         node.input[i] = rows_from(node.input[i], start)
     # topological order: each Slice right after the node making its input
