@@ -22,9 +22,9 @@ same numbers (``tests/test_wav2lip_rows.py`` checks both bounds). The renderer p
 rows the mask reaches, and the mask is faded to 0 above ``exact_from`` plus the resize's reach
 (``face_geometry(..., exact_from=...)``).
 
-Measured (``bench.wav2lip_rows``, one thread, this 2-core machine): 14-18 % less model time per
-frame on every backend with the 24x24 cut alone (OpenVINO bf16 at batch 2: 20.8 -> 17.7 ms);
-``bench/results/wav2lip_rows.json`` has the numbers with the 12x12 cut too. The graph is found by
+Measured (``bench.wav2lip_rows``, one thread, this 2-core machine): 15-23 % less model time per
+frame on every backend (OpenVINO bf16 at batch 2: 21.5 -> 17.0 ms), of which the 12x12 cut
+gives 5-9 % (``bench/results/wav2lip_rows*.json``). The graph is found by
 the shapes of Wav2Lip's decoder concatenations; an ONNX file without them runs whole
 (``lower_rows_model`` returns None).
 """
@@ -121,6 +121,8 @@ def slice_graph(proto: Any, start_12: int = START_12) -> bool:
     moves it one row further to show ``START_12`` is the last exact one)."""
     from onnx import helper, numpy_helper, shape_inference
 
+    if not 0 <= 2 * start_12 <= START_24:
+        raise ValueError(f"start_12 must be 0..{START_24 // 2}, got {start_12}")
     graph = proto.graph
     inferred = shape_inference.infer_shapes(proto).graph
     shapes: dict[str, tuple[int, ...]] = {}
