@@ -137,10 +137,11 @@ def slice_graph(proto: Any, start_12: int = START_12) -> bool:
             if n.op_type == "Concat" and shapes.get(n.output[0], ())[1:] == (channels, size, size)
         ]
 
-    c12, c24 = concats(*_CONCAT_12), concats(*_CONCAT_24)
-    skip_concats = {key: concats(*key) for key in _SKIPS}
-    if len(c12) != 1 or len(c24) != 1 or any(len(found) != 1 for found in skip_concats.values()):
+    c12 = concats(*_CONCAT_12)
+    skip_concats = {key: concats(*key) for key in _SKIPS}  # the 24x24 one among them
+    if len(c12) != 1 or any(len(found) != 1 for found in skip_concats.values()):
         return False
+    c24 = skip_concats[_CONCAT_24]
     # the rows each skip feature starts from: the rows its stage computes
     starts = {24: 2 * start_12, 48: 2 * START_24, 96: 4 * START_24}
     skip_inputs: list[tuple[Any, int, int]] = []  # (concat node, input index, start row)
