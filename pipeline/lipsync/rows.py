@@ -23,9 +23,9 @@ rows the mask reaches, and the mask is faded to 0 above ``exact_from`` plus the 
 (``face_geometry(..., exact_from=...)``).
 
 Measured (``bench.wav2lip_rows``, one thread, this 2-core machine): 15-23 % less model time per
-frame on every backend (OpenVINO bf16 at batch 2: 21.5 -> 17.0 ms), of which the 12x12 cut
-gives 5-9 % (``bench/results/wav2lip_rows*.json``). The graph is found by
-the shapes of Wav2Lip's decoder concatenations; an ONNX file without them runs whole
+frame on every backend (OpenVINO bf16 at batch 2: 21.5 -> 17.0 ms over 14 rounds), of which
+the 12x12 cut gives 5-9 % (``bench/results/wav2lip_rows*.json``). The graph is found by the
+shapes of Wav2Lip's decoder concatenations; an ONNX file without them runs whole
 (``lower_rows_model`` returns None).
 """
 
