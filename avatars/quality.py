@@ -7,8 +7,10 @@ measured and reported):
 code               refused when (keyword argument of :func:`check_quality`, default)
 =================  =========================================================================
 ``no_face``        the analyzer finds no face
-``multiple_faces`` another face's box has at least ``multiple_face_ratio`` (0.4) of the
-                   main (largest) face's box area (small faces in the background are fine)
+``multiple_faces`` another face's box has at least ``multiple_face_ratio`` (0.25) of the
+                   main (largest) face's box area, i.e. it is at least half as tall (small
+                   faces in the background are fine); the refusal lists every face found,
+                   left to right, with its box
 ``face_too_small`` the face box's shorter side is under ``min_face_px`` (96 px: the
                    Wav2Lip crop size, so the crop is never an upscale)
 ``face_turned``    the head is turned more than ``max_yaw_deg`` (35°) left/right, tilted
@@ -230,7 +232,7 @@ def assess_quality(
     *,
     backend: str,
     min_face_px: int = 96,
-    multiple_face_ratio: float = 0.4,
+    multiple_face_ratio: float = 0.25,
     max_yaw_deg: float = 35.0,
     max_pitch_deg: float = 30.0,
     max_roll_deg: float = 30.0,
@@ -282,11 +284,17 @@ def assess_quality(
     others = [_area(face_box_from_landmarks(f.landmarks)) for f in faces[1:]]
     ratio = max(others) / main_area if others and main_area > 0 else 0.0
     report["second_face_ratio"] = _r(ratio, 3)
+    boxes = sorted(face_box_from_landmarks(f.landmarks) for f in faces)  # left to right
+    report["face_boxes"] = [[_r(v, 1) for v in b] for b in boxes]
+    listed = "; ".join(
+        f"{i}: x {b[0]:.0f}-{b[2]:.0f}, y {b[1]:.0f}-{b[3]:.0f}" for i, b in enumerate(boxes)
+    )
     verdict(
         "multiple_faces",
         ratio < multiple_face_ratio,
         f"there is more than one face: another face is {ratio:.0%} the size of the main one "
-        f"(at most {multiple_face_ratio:.0%} allowed); upload a picture of one person",
+        f"(at most {multiple_face_ratio:.0%} allowed); upload a picture of one person. "
+        f"Faces found, left to right: {listed[:600]}",
     )
 
     box = face_box_from_landmarks(main.landmarks)

@@ -23,6 +23,7 @@ from avatars.prepare import prepare_avatar
 from avatars.store import MAX_NAME_CHARS, AvatarRecord, AvatarStore, DuplicateSource, PreparedLike
 from config.settings import AvatarSettings
 from pipeline.errors import AvatarServerError, BadRequest
+from pipeline.inputs import clean_text
 
 __all__ = [
     "PrepareFn",
@@ -60,7 +61,8 @@ class UploadTooLarge(AvatarServerError):
 
 
 def clean_name(name: object) -> str:
-    """The display name, stripped; BadRequest unless it has 1..100 characters."""
+    """The display name, stripped; BadRequest unless it has 1..100 characters and none of
+    them is a control character, a lone surrogate or a bidirectional override."""
     if not isinstance(name, str):
         raise BadRequest("field 'name' is required")
     cleaned = name.strip()
@@ -68,7 +70,7 @@ def clean_name(name: object) -> str:
         raise BadRequest("field 'name' must not be empty")
     if len(cleaned) > MAX_NAME_CHARS:
         raise BadRequest(f"field 'name' must be at most {MAX_NAME_CHARS} characters")
-    if any(ord(c) < 32 or ord(c) == 127 for c in cleaned):
+    if clean_text(cleaned) != cleaned:
         raise BadRequest("field 'name' must not contain control characters")
     return cleaned
 
@@ -181,7 +183,10 @@ class RegistrationService:
             crop_size=self.settings.crop_size,
             progress=on_progress,
             # avatars.min_face_px reaches the quality check
-            quality_thresholds={"min_face_px": self.settings.min_face_px},
+            quality_thresholds={
+                "min_face_px": self.settings.min_face_px,
+                "multiple_face_ratio": self.settings.multiple_face_ratio,
+            },
         )
 
     def _register_blocking(

@@ -95,6 +95,7 @@ class ServerSettings:
     host: str
     port: int
     max_body_bytes: int
+    max_json_depth: int
     log_level: LogLevel
     log_format: LogFormat
     shutdown_grace_s: float
@@ -168,6 +169,7 @@ class AvatarSettings:
     max_upload_bytes: int
     max_video_s: float
     min_face_px: int
+    multiple_face_ratio: float
     analyzer: FaceAnalyzerBackend
     insightface_root: str | None
     crop_size: int
@@ -688,6 +690,7 @@ def _server(s: _Section) -> ServerSettings:
         host=s.get_str("host"),
         port=s.get_int("port", 1, 65535),
         max_body_bytes=s.get_int("max_body_bytes", 1024),
+        max_json_depth=s.get_int("max_json_depth", 2, 256),
         log_level=s.get_choice("log_level", get_args(LogLevel)),
         log_format=s.get_choice("log_format", get_args(LogFormat)),
         shutdown_grace_s=s.get_float("shutdown_grace_s", 0, 60),
@@ -822,6 +825,7 @@ def _avatars(s: _Section) -> AvatarSettings:
         max_upload_bytes=s.get_int("max_upload_bytes", 1024, 2**31),
         max_video_s=s.get_float("max_video_s", 0, 600, lo_open=True),
         min_face_px=s.get_int("min_face_px", 16, 4096),
+        multiple_face_ratio=s.get_float("multiple_face_ratio", 0.01, 1.0),
         analyzer=s.get_choice("analyzer", get_args(FaceAnalyzerBackend)),
         insightface_root=s.get_optional_str("insightface_root"),
         crop_size=crop_size,

@@ -25,6 +25,13 @@ class BadRequest(AvatarServerError):
     code = "bad_request"
 
 
+class BadJson(BadRequest):
+    """The body or message is not JSON the server accepts (malformed, nested too deep, NaN,
+    a number out of range)."""
+
+    code = "bad_json"
+
+
 class NotFound(AvatarServerError):
     status = 404
     code = "not_found"

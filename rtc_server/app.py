@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,12 +30,14 @@ from config import Settings
 from pipeline.errors import (
     AvatarServerError,
     AvatarUnavailable,
+    BadJson,
     BadRequest,
     NotFound,
     PipelineError,
     ServerFull,
     ShuttingDown,
 )
+from pipeline.inputs import JsonRejected, loads_json, short
 from pipeline.lipsync import LipSyncEngine, create_lipsync_engine
 from pipeline.lipsync.viseme_engine import VisemeEngine
 from pipeline.tts import PiperTTS, TextToSpeech
@@ -57,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 RETRY_AFTER_S = 5
+# nginx's "client closed request": what /metrics counts for a client that hung up mid-request
+CLIENT_CLOSED_STATUS = 499
 
 SETTINGS = web.AppKey("settings", Settings)
 SESSIONS = web.AppKey("sessions", dict)
@@ -154,19 +157,33 @@ async def errors_middleware(
         return json_error(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason)
     except asyncio.CancelledError:
         raise
+    except ConnectionResetError:
+        transport = request.transport
+        if transport is not None and not transport.is_closing():
+            logger.exception("unhandled error on %s %s", request.method, request.path)
+            return json_error(500, "internal_error", "the server failed; see its log")
+        # the client hung up mid-request: nobody reads this answer, nothing failed here
+        logger.info("client disconnected during %s %s", request.method, request.path)
+        return json_error(CLIENT_CLOSED_STATUS, "client_closed_request",
+                          "the client closed the connection before the answer")
     except Exception:
         logger.exception("unhandled error on %s %s", request.method, request.path)
         return json_error(500, "internal_error", "the server failed; see its log")
 
 
 async def read_json_object(request: web.Request) -> dict[str, object]:
+    """The body as a JSON object: 400 ``bad_json`` for malformed JSON, nesting deeper than
+    ``server.max_json_depth``, NaN/Infinity or a number no float holds; 413 past
+    ``server.max_body_bytes``."""
     if request.content_type != "application/json":
-        raise BadRequest(f"Content-Type must be application/json, not {request.content_type!r}")
+        raise BadRequest(
+            f"Content-Type must be application/json, not {short(request.content_type)!r}"
+        )
     body = await request.read()  # raises 413 past client_max_size
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from exc
+        data = loads_json(body, max_depth=request.app[SETTINGS].server.max_json_depth)
+    except JsonRejected as exc:
+        raise BadJson(f"body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BadRequest("body must be a JSON object")
     return data

@@ -79,21 +79,45 @@ class AvatarApi:
     sessions: dict[str, Any]
     _builtin: dict[str, Any] | None = field(default=None, init=False)
     _builtin_thumbnail: bytes | None = field(default=None, init=False)
-    _warming: set[asyncio.Future[Any]] = field(default_factory=set, init=False)
+    _warming: dict[str, asyncio.Future[Any]] = field(default_factory=dict, init=False)
+    # avatars deleted while their preload ran: the preload drops what it loaded, quietly
+    _deleted: set[str] = field(default_factory=set, init=False)
 
     def warm(self, avatar_id: str) -> None:
         """Load a just-registered avatar in the background, so its first call starts as fast
-        as any other (a 10 s video loop takes seconds to decode and fit)."""
+        as any other (a 10 s video loop takes seconds to decode and fit). A delete meanwhile
+        (:meth:`unwarm`) makes the preload stop or drop its result without an error."""
 
         def load() -> None:
+            if avatar_id in self._deleted:
+                return
             try:
                 self.library.get(avatar_id)
             except Exception:  # noqa: BLE001 - a call would report it; here only log
+                if avatar_id in self._deleted or self.store.get(avatar_id) is None:
+                    logger.debug("avatar %s was deleted while preloading", avatar_id)
+                    return
                 logger.exception("preloading avatar %s failed", avatar_id)
+                return
+            if avatar_id in self._deleted:  # deleted while it loaded: do not keep it
+                self.library.forget(avatar_id)
 
+        if avatar_id in self._warming:
+            return
         fut = asyncio.get_running_loop().run_in_executor(None, load)
-        self._warming.add(fut)
-        fut.add_done_callback(self._warming.discard)
+        self._warming[avatar_id] = fut
+
+        def done(_: asyncio.Future[Any]) -> None:  # the thread has finished: forget both
+            self._warming.pop(avatar_id, None)
+            self._deleted.discard(avatar_id)
+
+        fut.add_done_callback(done)
+
+    def unwarm(self, avatar_id: str) -> None:
+        """``avatar_id`` is being deleted: a preload not yet finished loads nothing more and
+        keeps nothing (call before the files go)."""
+        if avatar_id in self._warming:
+            self._deleted.add(avatar_id)
 
     def builtin(self) -> dict[str, Any]:
         """The built-in avatar as a list entry (read once; blocking)."""
@@ -256,6 +280,7 @@ async def handle_delete(request: web.Request) -> web.Response:
         raise AvatarInUse(
             f"avatar {avatar_id} is used by {len(users)} live session(s); end them first"
         )
+    api.unwarm(avatar_id)
     deleted = await asyncio.to_thread(api.store.delete, avatar_id)
     api.library.forget(avatar_id)
     if not deleted:  # deleted meanwhile by another request or process

@@ -128,6 +128,8 @@ class Observability:
     http_requests: Counter = field(init=False)
     http_seconds: Histogram = field(init=False)
     http_errors: Counter = field(init=False)
+    http_client_errors: Counter = field(init=False)
+    http_server_errors: Counter = field(init=False)
     stage_seconds: Histogram = field(init=False)
     turns: Counter = field(init=False)
     session_errors: Counter = field(init=False)
@@ -143,6 +145,12 @@ class Observability:
         self.http_errors = Counter(
             "avatar_http_errors", "HTTP answers with status >= 400, by status and the JSON "
             "body's error code.", ["status", "error"], registry=reg)
+        self.http_client_errors = Counter(
+            "avatar_http_client_errors", "HTTP answers 4xx: the request was refused (bad "
+            "input, limits, access; 499: the client hung up).", registry=reg)
+        self.http_server_errors = Counter(
+            "avatar_http_server_errors", "HTTP answers 5xx: the server failed or was full.",
+            registry=reg)
         self.stage_seconds = Histogram(
             "avatar_stage_latency_seconds", "Per-turn latency of each conversation stage: "
             "vad_end (speech end to turn end), stt, llm_first_token, tts_first_audio, "
@@ -202,6 +210,7 @@ class Observability:
             self.http_seconds.labels(route, method).observe(seconds)
         if status >= 400:
             self.http_errors.labels(str(status), _label(error, "other")).inc()
+            (self.http_server_errors if status >= 500 else self.http_client_errors).inc()
 
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

@@ -24,7 +24,6 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -39,6 +38,7 @@ from avatars.model import DEFAULT_AVATAR_DIR
 from avatars.registration import UploadTooLarge
 from config import Settings
 from pipeline.errors import AvatarServerError, BadRequest, NotFound, PipelineError
+from pipeline.inputs import as_finite, clean_text, has_speakable, short
 from pipeline.lipsync import LipSyncEngine
 from pipeline.render.cache import RenderCache
 from pipeline.render.jobs import JobQueue, JobState
@@ -233,12 +233,14 @@ def _as_number(name: str, value: object, kind: type) -> float:
         try:
             value = float(text)
         except ValueError:
-            raise BadRequest(f"field {name!r} must be a number, got {text[:40]!r}") from None
-    if not isinstance(value, int | float) or not math.isfinite(float(value)):
-        raise BadRequest(f"field {name!r} must be a number")
-    if kind is int and float(value) != int(value):
+            raise BadRequest(f"field {name!r} must be a number, got {short(text)!r}") from None
+    try:
+        number = as_finite(name, value)  # 400 digits, NaN or inf: refused, never an overflow
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    if kind is int and not number.is_integer():
         raise BadRequest(f"field {name!r} must be a whole number")
-    return float(value)
+    return number
 
 
 def validate(
@@ -256,12 +258,15 @@ def validate(
     if text is not None:
         if not isinstance(text, str):
             raise BadRequest("field 'text' must be a string")
+        text = clean_text(text)  # no control characters reach the voice or the cache key
         if len(text) > r.max_text_chars:
             raise BadRequest(
                 f"field 'text' has {len(text)} characters; at most {r.max_text_chars} are accepted"
             )
-        if not text.strip():
+        if not text:
             raise BadRequest("field 'text' is empty")
+        if not has_speakable(text):
+            raise BadRequest("field 'text' has nothing to speak (no letter or digit)")
     if (text is None) == (audio is None):
         raise BadRequest("give exactly one of 'text' or an 'audio' file (multipart part 'audio')")
     if audio is not None and not audio:

@@ -50,6 +50,7 @@ from media_tracks.encoders import (
     video_codec_preferences,
 )
 from pipeline.errors import BadRequest
+from pipeline.inputs import JsonRejected, clean_text, has_speakable, loads_json, short
 from pipeline.lipsync import LipSyncEngine, SessionLipSync
 from pipeline.replier import EmbeddedReplier, Replier
 from pipeline.tts import TextToSpeech
@@ -473,7 +474,11 @@ class Session:
             self._on_event(self, event)
         ch = self._channel
         if ch is not None and ch.readyState == "open":
-            ch.send(json.dumps(event))
+            try:
+                ch.send(json.dumps(event))
+            except Exception as exc:  # noqa: BLE001 - a failed send never ends the call
+                logger.warning("session %s: could not send a %s event: %s", self.id[:8],
+                               short(event.get("type")), exc)
 
     def _lipsync_failed(self, where: str, exc: BaseException) -> None:
         """The lip-sync engine failed in ``where`` ("analyse" or "render"); may be called from
@@ -501,47 +506,81 @@ class Session:
     def _error(self, message: str, *, fatal: bool = False) -> None:
         self.send_event({"type": "error", "message": message, "fatal": fatal})
 
+    def _refuse(self, message: str, field: str | None = None) -> None:
+        """A control message was refused: an error event (stage ``control``) naming the field;
+        the call goes on."""
+        event: dict[str, object] = {"type": "error", "stage": "control", "fatal": False,
+                                    "message": message}
+        if field is not None:
+            event["field"] = field
+        self.send_event(event)
+
     def _on_message(self, raw: object) -> None:
+        """One control message. Whatever it holds, it never ends the call: a bad message is
+        refused with an error event, and a failure in handling it is logged and reported."""
         self.heard()
         try:
-            msg = json.loads(raw if isinstance(raw, str | bytes) else str(raw))
-        except (ValueError, UnicodeDecodeError, RecursionError):  # nested too deep
-            self._error("control messages must be JSON objects")
+            self._handle_message(raw)
+        except Exception:  # noqa: BLE001 - a server bug must not close the peer connection
+            logger.exception("session %s: handling a control message failed", self.id[:8])
+            with contextlib.suppress(Exception):
+                self._error("the server failed to handle that message")
+
+    def _text_field(self, msg: dict[str, Any], kind: str, limit: int) -> str | None:
+        """``msg['text']`` cleaned of control characters, or None after refusing it."""
+        text = msg.get("text")
+        if not isinstance(text, str):
+            self._refuse(f"{kind} needs a non-empty 'text' string", "text")
+            return None
+        if len(text) > limit:
+            self._refuse(f"{kind} text is over {limit} characters", "text")
+            return None
+        text = clean_text(text)
+        if not text:
+            self._refuse(f"{kind} needs a non-empty 'text' string", "text")
+            return None
+        if not has_speakable(text):
+            self._refuse(f"{kind} text has nothing to speak (no letter or digit)", "text")
+            return None
+        return text
+
+    def _handle_message(self, raw: object) -> None:
+        if isinstance(raw, bytes | bytearray):
+            data: bytes | str = bytes(raw)
+        else:
+            data = raw if isinstance(raw, str) else str(raw)
+        try:
+            msg = loads_json(data, max_depth=self.settings.server.max_json_depth)
+        except JsonRejected as exc:
+            self._refuse(f"control messages must be JSON objects ({exc})")
             return
         if not isinstance(msg, dict):
-            self._error("control messages must be JSON objects")
+            self._refuse("control messages must be JSON objects")
             return
         kind = msg.get("type")
         if kind == "say":
-            text = msg.get("text")
-            if not isinstance(text, str) or not text.strip():
-                self._error("say needs a non-empty 'text' string")
-            elif len(text) > MAX_SAY_CHARS:
-                self._error(f"say text is over {MAX_SAY_CHARS} characters")
-            else:
+            text = self._text_field(msg, "say", MAX_SAY_CHARS)
+            if text is not None:
                 try:
-                    self._says.put_nowait(text.strip())
+                    self._says.put_nowait(text)
                 except asyncio.QueueFull:
-                    self._error(f"too many queued says (max {MAX_QUEUED_SAYS})")
+                    self._refuse(f"too many queued says (max {MAX_QUEUED_SAYS})")
         elif kind == "chat":
-            text = msg.get("text")
-            limit = self.settings.conversation.max_chat_chars
-            if not isinstance(text, str) or not text.strip():
-                self._error("chat needs a non-empty 'text' string")
-            elif len(text) > limit:
-                self._error(f"chat text is over {limit} characters")
-            else:
-                self.conversation.chat(text.strip())
+            text = self._text_field(msg, "chat", self.settings.conversation.max_chat_chars)
+            if text is not None:
+                self.conversation.chat(text)
         elif kind == "interrupt":
             self.interrupt()
         elif kind == "clapper":
             count = msg.get("count", 5)
             if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 600:
-                self._error("clapper 'count' must be an integer 1..600")
+                self._refuse("clapper 'count' must be an integer 1..600", "count")
             else:
                 self.play_clapper(count)
+        elif isinstance(kind, str):
+            self._refuse(f"unknown message type {short(kind)!r}", "type")
         else:
-            self._error(f"unknown message type {kind!r}")
+            self._refuse("control messages need a 'type' string", "type")
 
     def play_clapper(self, count: int) -> None:
         media = self.settings.media

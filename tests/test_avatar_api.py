@@ -114,9 +114,9 @@ async def test_register_image_then_list_get_thumbnail(client, fake_prepare):
     assert (body["width"], body["height"]) == (320, 240)
     assert body["quality"] == {"face_px": 120.0, "sharpness": 123.4, "analyzer": "fake"}
     assert body["created_at"].endswith("Z")
-    # avatars.crop_size and avatars.min_face_px reach prepare
+    # avatars.crop_size, min_face_px and multiple_face_ratio reach prepare
     assert fake_prepare.crop_sizes == [96]
-    assert fake_prepare.thresholds == [{"min_face_px": 96}]
+    assert fake_prepare.thresholds == [{"min_face_px": 96, "multiple_face_ratio": 0.25}]
 
     listing = await (await client.get("/avatars")).json()
     assert [a["id"] for a in listing["avatars"]] == ["default", body["id"]]
