@@ -14,13 +14,16 @@ says where the offending value came from.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
+import re
 import types
 from collections.abc import Hashable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -62,6 +65,7 @@ VideoCodec = Literal["VP8", "H264"]
 H264Preset = Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium"]
 SttDevice = Literal["auto", "cuda", "cpu"]
 FaceAnalyzerBackend = Literal["dlib", "haar", "insightface"]
+ForwardedHeader = Literal["x-forwarded-for", "forwarded", "x-real-ip"]
 
 ICE_URL_SCHEMES = ("stun", "turn", "turns")
 RTP_VIDEO_CLOCK_HZ = 90000
@@ -155,6 +159,8 @@ class WebRTCSettings:
 @dataclass(frozen=True, slots=True)
 class SessionSettings:
     max_concurrent: int
+    max_pending: int
+    max_pending_per_client: int
     idle_timeout_s: float
     disconnect_grace_s: float
     connect_timeout_s: float
@@ -296,6 +302,9 @@ class AccessSettings:
     offer_token: str | None = field(repr=False)
     cors_origins: tuple[str, ...]
     trust_forwarded_for: bool
+    trusted_proxies: tuple[str, ...]  # normalised networks, e.g. "10.0.0.0/8", "::1/128"
+    forwarded_hops: int
+    forwarded_header: ForwardedHeader
     offer_per_min: int
     avatars_per_min: int
     render_per_min: int
@@ -306,6 +315,7 @@ class AccessSettings:
         out["api_keys"] = [REDACTED for _ in self.api_keys]
         out["offer_token"] = None if self.offer_token is None else REDACTED
         out["cors_origins"] = list(self.cors_origins)
+        out["trusted_proxies"] = list(self.trusted_proxies)
         return out
 
 
@@ -807,6 +817,8 @@ def _video_codecs(s: _Section) -> tuple[VideoCodec, ...]:
 def _sessions(s: _Section) -> SessionSettings:
     return SessionSettings(
         max_concurrent=s.get_int("max_concurrent", 1),
+        max_pending=s.get_int("max_pending", 1),
+        max_pending_per_client=s.get_int("max_pending_per_client", 1),
         idle_timeout_s=s.get_float("idle_timeout_s", 0),
         disconnect_grace_s=s.get_float("disconnect_grace_s", 0),
         connect_timeout_s=s.get_float("connect_timeout_s", 0, lo_open=True),
@@ -951,21 +963,120 @@ def _cache(s: _Section) -> CacheSettings:
     )
 
 
+MIN_SECRET_CHARS = 16
+MAX_FORWARDED_HOPS = 16
+_ORIGIN_HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
+def _access_secret(s: _Section, key: str, value: str) -> None:
+    """A key or token long enough to be a secret; its value is never echoed."""
+    if value != value.strip():
+        raise s.error(key, "must not start or end with whitespace (headers are read without it)")
+    if len(value) < MIN_SECRET_CHARS:
+        raise s.error(
+            key,
+            f"must be at least {MIN_SECRET_CHARS} characters, got {len(value)}: a short secret "
+            "is easy to guess, and the log redactor would mask its text in every log line",
+        )
+
+
+def _cors_origin(s: _Section, key: str, origin: str) -> str:
+    """``*`` or ``scheme://host[:port]`` (one trailing slash dropped)."""
+    if origin == "*":
+        return origin
+    shape = "must be * or an origin, http(s)://host[:port]"
+    if any(c.isspace() for c in origin):
+        raise s.error(key, f"{shape} with no spaces; got {origin!r}")
+    trimmed = origin[:-1] if origin.endswith("/") else origin
+    try:
+        parts = urlsplit(trimmed)
+        port = parts.port
+    except ValueError:  # a port that is no number or out of range, a broken [IPv6]
+        raise s.error(key, f"{shape}; got {origin!r}") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        raise s.error(key, f"{shape}; got {origin!r}")
+    if "@" in parts.netloc:
+        raise s.error(key, f"{shape}, without user info; got {origin!r}")
+    if parts.path or parts.query or parts.fragment or "?" in trimmed or "#" in trimmed:
+        raise s.error(key, f"{shape}, without a path, query or fragment; got {origin!r}")
+    host = parts.hostname or ""
+    if parts.netloc.startswith("["):
+        host_ok = _is_ip(host, version=6)
+    else:
+        host_ok = _ORIGIN_HOST_RE.fullmatch(host) is not None
+    if not host_ok:
+        raise s.error(key, f"{shape}; {host!r} is not a host name or address")
+    if port == 0 or parts.netloc.endswith(":"):
+        raise s.error(key, f"{shape}; the port of {origin!r} is not 1..65535")
+    return trimmed
+
+
+def _is_ip(text: str, *, version: int) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == version
+    except ValueError:
+        return False
+
+
+def _trusted_proxies(s: _Section) -> tuple[str, ...]:
+    out: list[str] = []
+    for i, item in enumerate(s.get_str_list("trusted_proxies")):
+        try:
+            network = ipaddress.ip_network(item.strip(), strict=False)
+        except ValueError:
+            raise s.error(
+                f"trusted_proxies[{i}]",
+                f"must be an IP address or a network such as 10.0.0.0/8 or fd00::/8, got {item!r}",
+            ) from None
+        if str(network) not in out:
+            out.append(str(network))
+    return tuple(out)
+
+
 def _access(s: _Section) -> AccessSettings:
     offer_token = s.raw("offer_token")
     if offer_token is not None and (not isinstance(offer_token, str) or not offer_token.strip()):
         raise s.error("offer_token", "expected a non-empty str or null")
-    origins = s.get_str_list("cors_origins")
-    for i, origin in enumerate(origins):
-        if origin != "*" and not origin.startswith(("http://", "https://")):
-            raise s.error(
-                f"cors_origins[{i}]", f"must be * or an http(s):// origin, got {origin!r}"
-            )
+    if offer_token is not None:
+        _access_secret(s, "offer_token", offer_token)
+    api_keys = s.get_str_list("api_keys")
+    for i, api_key in enumerate(api_keys):
+        _access_secret(s, f"api_keys[{i}]", api_key)
+    origins = tuple(
+        _cors_origin(s, f"cors_origins[{i}]", origin)
+        for i, origin in enumerate(s.get_str_list("cors_origins"))
+    )
+    trust = s.get_bool("trust_forwarded_for")
+    proxies = _trusted_proxies(s)
+    hops = s.get_int("forwarded_hops", 1, MAX_FORWARDED_HOPS)
+    header = s.get_choice("forwarded_header", get_args(ForwardedHeader))
+    if not trust:
+        for key, unused in (
+            ("trusted_proxies", bool(proxies)),
+            ("forwarded_hops", hops != 1),
+            ("forwarded_header", header != "x-forwarded-for"),
+        ):
+            if unused:
+                raise s.error(
+                    key, "has no effect while access.trust_forwarded_for is false; set that to "
+                    "true to read the client address from your proxy's header"
+                )
+    if proxies and hops != 1:
+        raise s.error(
+            "forwarded_hops",
+            "set either access.trusted_proxies (proxies known by address) or "
+            "access.forwarded_hops (proxies counted), not both",
+        )
+    if header == "x-real-ip" and hops != 1:
+        raise s.error("forwarded_hops", "must be 1 with forwarded_header x-real-ip (one address)")
     return AccessSettings(
-        api_keys=s.get_str_list("api_keys"),
+        api_keys=api_keys,
         offer_token=offer_token,
         cors_origins=origins,
-        trust_forwarded_for=s.get_bool("trust_forwarded_for"),
+        trust_forwarded_for=trust,
+        trusted_proxies=proxies,
+        forwarded_hops=hops,
+        forwarded_header=header,
         offer_per_min=s.get_int("offer_per_min", 0),
         avatars_per_min=s.get_int("avatars_per_min", 0),
         render_per_min=s.get_int("render_per_min", 0),

@@ -26,7 +26,7 @@ def clapper_pcm(*, count: int, fps: int, sample_rate: int) -> np.ndarray:
     frames = flash_frames(count, fps)
     total_frames = frames[-1] + fps // 2 + 1
     n_total = total_frames * sample_rate // fps
-    out = np.zeros(n_total, dtype=np.float32)
+    out = np.zeros(n_total, dtype=np.int16)  # int16 from the start: 2 bytes a sample, no more
     beep_len = sample_rate // fps
     t = np.arange(beep_len, dtype=np.float32) / sample_rate
     beep = np.sin(2 * np.pi * BEEP_HZ * t) * BEEP_AMPLITUDE
@@ -34,10 +34,11 @@ def clapper_pcm(*, count: int, fps: int, sample_rate: int) -> np.ndarray:
     edge = 0.5 - 0.5 * np.cos(np.linspace(0, np.pi, ramp, dtype=np.float32))
     beep[:ramp] *= edge
     beep[-ramp:] *= edge[::-1]
+    beep16 = np.round(beep * 32767).astype(np.int16)
     for k in frames:
         start = k * sample_rate // fps
-        out[start : start + beep_len] = beep
-    return np.round(out * 32767).astype(np.int16)
+        out[start : start + beep_len] = beep16
+    return out
 
 
 def detect_beep_onsets(

@@ -140,6 +140,10 @@ class Compositor:
     def queued(self) -> int:
         return sum(1 for s in self._segments if s.end > self._audio_pos)
 
+    def pending_of(self, kind: str) -> int:
+        """Segments of ``kind`` (e.g. "clapper") queued or playing, not yet over."""
+        return sum(1 for s in self._segments if s.segment.kind == kind and s.end > self._audio_pos)
+
     def scheduled_end_ns(self) -> int:
         """Media time at which the speech scheduled so far ends (now, if none is left)."""
         now = self.clock.now_ns()

@@ -2,21 +2,25 @@
 
 Exit status: 0 after a clean shutdown (SIGTERM or Ctrl-C: clients are told and every call is
 closed within ``server.shutdown_grace_s``), 1 when start-up fails (one line on stderr,
-``start-up failed: ...``, naming the file and the setting to change), 2 for a bad config."""
+``start-up failed: ...``, naming the setting to change and its value or file), 2 for a bad
+config."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import logging
+import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
 from aiohttp import web
 
-from config import ConfigError, load_settings
+from config import ConfigError, Settings, load_settings
 from rtc_server.app import DRAINING, create_app
 from rtc_server.logs import configure_logging
 
@@ -57,6 +61,84 @@ def _freeze_start_up_objects(app: web.Application) -> None:
     app.on_startup.append(freeze)  # after ``create_app``'s start-up, which loads everything
 
 
+def _folder_settings(settings: Settings) -> list[tuple[str, str]]:
+    """(key, value) of the settings naming folders the server writes, most specific first."""
+    named = [
+        ("cache.dir", settings.cache.dir),
+        ("stt.cache_dir", settings.stt.cache_dir),
+        ("lipsync.model_cache_dir", settings.lipsync.model_cache_dir),
+        ("avatars.data_dir", settings.avatars.data_dir),
+    ]
+    found = [(key, value) for key, value in named if value]
+    return sorted(found, key=lambda kv: -len(os.path.abspath(kv[1])))
+
+
+def _setting_of_path(settings: Settings, exc: OSError) -> tuple[str, str] | None:
+    """The folder setting an OS error's file lies in, if any."""
+    for filename in (exc.filename, exc.filename2):
+        if not isinstance(filename, str | os.PathLike):
+            continue
+        path = Path(os.path.abspath(filename))
+        for key, value in _folder_settings(settings):
+            if path.is_relative_to(os.path.abspath(value)):
+                return key, value
+    return None
+
+
+def _check_data_dir(settings: Settings) -> str | None:
+    """Create ``avatars.data_dir`` if need be; a start-up error message when that fails."""
+    value = settings.avatars.data_dir
+    try:
+        Path(value).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if isinstance(exc, FileExistsError):
+            reason = f"{exc.filename} exists and is not a folder"
+        elif exc.filename:
+            reason = f"{exc.strerror or exc}: {exc.filename}"
+        else:
+            reason = str(exc)
+        return (f"avatars.data_dir: cannot create the folder {_shown(value)}: {reason}; "
+                "set avatars.data_dir to a folder the server can create and write")
+    return None
+
+
+def _shown(value: str) -> str:
+    """A path setting's value, with its absolute form when that differs."""
+    where = os.path.abspath(value)
+    return repr(value) if where == value else f"{value!r} ({where})"
+
+
+def _listen_failure(settings: Settings, exc: OSError) -> str:
+    """An error from opening the listening socket, naming the setting to change."""
+    host, port = settings.server.host, settings.server.port
+    if isinstance(exc, socket.gaierror):
+        return (f"server.host: {host!r} does not resolve to an address to listen on "
+                f"({exc.strerror or exc}); set server.host (--host) to an address or name of "
+                "this machine, e.g. 127.0.0.1 or 0.0.0.0")
+    if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+        return (f"server.port: cannot listen on port {port} of {host!r} (server.host): {exc}; "
+                "set server.port (--port) to a free port this user may open")
+    return (f"server.host: cannot listen on {host!r} port {port} (server.port): {exc}; set "
+            "server.host (--host) to an address of this machine, e.g. 127.0.0.1 or 0.0.0.0")
+
+
+def _start_up_failure(settings: Settings, exc: Exception, *, listening: bool) -> str:
+    """The one line for an exception that stopped the server from starting."""
+    detail = getattr(exc, "detail", None)
+    if detail:
+        return str(detail)
+    if isinstance(exc, OSError):
+        if listening:
+            return _listen_failure(settings, exc)
+        named = _setting_of_path(settings, exc)
+        if named is not None:
+            key, value = named
+            return (f"{key}: the folder {_shown(value)} cannot be used: "
+                    f"{exc}; set {key} to a folder the server can create and write")
+        return str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rtc_server", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,9 +157,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings)
+    problem = _check_data_dir(settings)
+    if problem is not None:
+        print(f"start-up failed: {problem}", file=sys.stderr)
+        return 1
     app = create_app(settings)
     _drain_at_once_on_sigterm(app)
     _freeze_start_up_objects(app)
+    listening = False  # set once the app has loaded: what fails after that is the socket
+
+    async def mark_loaded(app: web.Application) -> None:
+        nonlocal listening
+        listening = True
+
+    app.on_startup.append(mark_loaded)  # last: after every loader
     host, port = settings.server.host, settings.server.port
     print(f"avatar server on http://{'localhost' if host == '0.0.0.0' else host}:{port}",
           flush=True)
@@ -94,9 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except Exception as exc:  # noqa: BLE001 - start-up: one line, never a traceback
         logger.debug("start-up failed", exc_info=True)
-        detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
-        if not getattr(exc, "detail", None) and not isinstance(exc, OSError):
-            detail = f"{type(exc).__name__}: {detail}"
+        detail = _start_up_failure(settings, exc, listening=listening)
         print(f"start-up failed: {detail}", file=sys.stderr)
         return 1
     return 0

@@ -20,9 +20,14 @@ count wherever they are added):
   to ``POST /avatars`` and multipart ``POST /v1/render`` have their own, larger limits, which
   their handlers enforce while streaming).
 
-The client is ``request.remote``; with ``access.trust_forwarded_for`` it is the last
-``X-Forwarded-For`` address, the one the proxy in front appended (the first is whatever the
-client claimed). Keys and tokens are never logged or echoed.
+The client is ``request.remote``. With ``access.trust_forwarded_for``, a connection from a
+trusted proxy (one in ``access.trusted_proxies``; any peer when that list is empty) is taken
+to be for the client named in ``access.forwarded_header`` (X-Forwarded-For, RFC 7239
+Forwarded ``for=``, or X-Real-IP). The entries of every line of that header are read from the
+right, where the proxies append: the ``access.forwarded_hops``-th from the right, or, with
+``trusted_proxies``, the rightmost that is not one of them. What a client writes to the left
+of the proxies' entries never counts; an entry that is no address (``unknown``, ``_hidden``,
+garbage) is a client of its own, never loopback. Keys and tokens are never logged or echoed.
 """
 
 from __future__ import annotations
@@ -89,6 +94,12 @@ EXPOSE_HEADERS = "Retry-After, WWW-Authenticate, Location"
 PREFLIGHT_MAX_AGE_S = 600
 MAX_TRACKED_CLIENTS = 10_000
 MAX_CLIENT_CHARS = 64
+# access.forwarded_header -> the header read
+FORWARDED_HEADERS = {
+    "x-forwarded-for": "X-Forwarded-For",
+    "forwarded": "Forwarded",
+    "x-real-ip": "X-Real-IP",
+}
 
 _QUERY_SECRET_RE = re.compile(
     r"(?i)\b(token|api_key|apikey|key|access_token)=([^&#\s\"']+)"
@@ -221,30 +232,94 @@ def _route_key(request: web.Request) -> RouteKey | None:
     return method, resource.canonical
 
 
-def _forwarded_address(hop: str) -> str:
-    """An X-Forwarded-For entry as an address ("1.2.3.4:5678" and "[::1]:80" lose the
-    port); anything else is kept as an opaque client name (never loopback)."""
-    candidates = [hop]
-    if hop.startswith("[") and "]" in hop:
-        candidates.append(hop[1 : hop.index("]")])
-    elif hop.count(":") == 1:
-        candidates.append(hop.partition(":")[0])
-    for candidate in candidates:
-        try:
-            return str(ipaddress.ip_address(candidate))
-        except ValueError:
+def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address (an IPv4-mapped IPv6 one as IPv4), or None."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _node_ip(node: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address of a forwarded node: ``1.2.3.4``, ``1.2.3.4:80``, ``::1``, ``[::1]``,
+    ``[::1]:80``; None for anything else (``unknown``, ``_hidden``, garbage)."""
+    if node.startswith("["):
+        host, bracket, rest = node[1:].partition("]")
+        if not bracket or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return None
+        if ":" not in host:  # brackets hold IPv6 only
+            return None
+        return _parse_ip(host)
+    if node.count(":") == 1:
+        host, _, port = node.partition(":")
+        return _parse_ip(host) if port.isdigit() else None
+    return _parse_ip(node)
+
+
+def _client_name(node: str) -> str:
+    """A forwarded node as a client name: its address, else an opaque name (never loopback)."""
+    ip = _node_ip(node)
+    if ip is not None:
+        return str(ip)
+    return f"forwarded:{node[:MAX_CLIENT_CHARS]}"
+
+
+def _split_quoted(text: str, sep: str) -> list[str]:
+    """``text`` split at ``sep`` outside double quotes (backslash escapes inside them). A
+    quote left open splits at every ``sep``: a client's stray quote must not swallow the
+    elements a proxy appended after it."""
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = escaped = False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == sep and not quoted:
+            parts.append("".join(current))
+            current = []
             continue
-    return f"forwarded:{hop[:MAX_CLIENT_CHARS]}"
+        current.append(char)
+    parts.append("".join(current))
+    return text.split(sep) if quoted else parts
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        return re.sub(r"\\(.)", r"\1", value[1:-1])
+    return value
+
+
+def _forwarded_for(element: str) -> str:
+    """The ``for=`` node of one RFC 7239 element; ``unknown`` when it has none."""
+    for pair in _split_quoted(element, ";"):
+        name, eq, value = pair.partition("=")
+        if eq and name.strip().lower() == "for":
+            return _unquote(value.strip()) or "unknown"
+    return "unknown"
+
+
+def _forwarded_entries(kind: str, lines: list[str]) -> list[str]:
+    """The nodes the lines of a forwarding header name, left to right, every line in order
+    (several lines are one comma-separated list). ``kind``: access.forwarded_header."""
+    entries: list[str] = []
+    for line in lines:
+        if kind == "forwarded":
+            entries.extend(_forwarded_for(e) for e in _split_quoted(line, ",") if e.strip())
+        else:
+            entries.extend(e.strip() for e in line.split(",") if e.strip())
+    return entries
 
 
 def _is_loopback(address: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
+    ip = _parse_ip(address.split("%", 1)[0])
+    return ip is not None and ip.is_loopback
 
 
 def _json_error(
@@ -270,6 +345,10 @@ class AccessControl:
         self._any_origin = "*" in a.cors_origins
         self._origins = frozenset(o.rstrip("/").lower() for o in a.cors_origins if o != "*")
         self._trust_forwarded_for = a.trust_forwarded_for
+        self._proxies = tuple(ipaddress.ip_network(n) for n in a.trusted_proxies)
+        self._hops = a.forwarded_hops
+        self._header_kind = a.forwarded_header
+        self._header = FORWARDED_HEADERS[a.forwarded_header]
         self.limiters: dict[str, RateLimiter] = {
             "offer": RateLimiter(a.offer_per_min, clock=self._now),
             "avatars": RateLimiter(a.avatars_per_min, clock=self._now),
@@ -281,13 +360,31 @@ class AccessControl:
 
     # --- who is asking ---------------------------------------------------------------------
     def client(self, request: web.Request) -> str:
-        """The client's address (see the module docstring)."""
-        if self._trust_forwarded_for:
-            forwarded = request.headers.get("X-Forwarded-For", "")
-            hops = [h.strip() for h in forwarded.split(",") if h.strip()]
-            if hops:
-                return _forwarded_address(hops[-1])
-        return (request.remote or "unknown")[:MAX_CLIENT_CHARS]
+        """The client's address, or an opaque name (see the module docstring)."""
+        peer = request.remote or "unknown"
+        if self._trust_forwarded_for and self._is_trusted_peer(peer):
+            lines = request.headers.getall(self._header, [])
+            entries = _forwarded_entries(self._header_kind, lines)
+            if entries:
+                return _client_name(self._pick(entries))
+        return peer[:MAX_CLIENT_CHARS]
+
+    def _is_proxy(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
+        return ip is not None and any(ip in network for network in self._proxies)
+
+    def _is_trusted_peer(self, peer: str) -> bool:
+        if not self._proxies:
+            return True  # trust_forwarded_for alone: whoever connects is the proxy
+        return self._is_proxy(_parse_ip(peer.split("%", 1)[0]))
+
+    def _pick(self, entries: list[str]) -> str:
+        """The client's entry: only entries the trusted proxies wrote are looked at."""
+        if self._proxies:
+            i = len(entries) - 1
+            while i > 0 and self._is_proxy(_node_ip(entries[i])):
+                i -= 1
+            return entries[i]
+        return entries[max(0, len(entries) - self._hops)]
 
     def origin_allowed(self, origin: str) -> bool:
         if self._any_origin:
@@ -469,6 +566,12 @@ def install_access(app: web.Application, settings: Settings) -> None:
         logger.info(
             "no API keys (access.api_keys): admin routes answer loopback clients only; behind a "
             "reverse proxy on this machine set access.api_keys or access.trust_forwarded_for"
+        )
+    if a.trust_forwarded_for and not a.trusted_proxies:
+        logger.info(
+            "access.trust_forwarded_for without access.trusted_proxies: %s is believed from "
+            "any peer; only your proxy may be able to reach this server",
+            FORWARDED_HEADERS[a.forwarded_header],
         )
     if a.offer_token is None:
         logger.debug("no access.offer_token: POST /offer and POST /v1/render are open")

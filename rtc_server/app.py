@@ -41,7 +41,7 @@ from pipeline.inputs import JsonRejected, loads_json, short
 from pipeline.lipsync import LipSyncEngine, create_lipsync_engine
 from pipeline.lipsync.viseme_engine import VisemeEngine
 from pipeline.tts import PiperTTS, TextToSpeech
-from rtc_server.access import install_access
+from rtc_server.access import ACCESS, install_access
 from rtc_server.avatars_api import AVATAR_API, AvatarApi, add_avatar_routes
 from rtc_server.ice import browser_ice_servers, resolve_ice_servers, use_host_candidates
 from rtc_server.logs import bind_session
@@ -53,6 +53,7 @@ from rtc_server.observability import (
 from rtc_server.openapi import add_openapi_route
 from rtc_server.render_api import RENDER_SERVICE, add_render_routes, start_render_service
 from rtc_server.session import Session
+from rtc_server.slots import SessionSlots, Slot
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ STT = web.AppKey("stt", object)
 VAD = web.AppKey("vad", object)
 REPLIER = web.AppKey("replier_factory", object)
 DRAINING = web.AppKey("draining", asyncio.Event)
+SLOTS = web.AppKey("slots", SessionSlots)
 
 
 @functools.lru_cache(maxsize=4)
@@ -203,15 +205,24 @@ async def handle_offer(request: web.Request) -> web.Response:
     avatar_id = data.get("avatar_id", settings.avatars.default)
     if not isinstance(avatar_id, str):
         raise BadRequest("field 'avatar_id' must be a string")
-    sessions: dict[str, Session] = app[SESSIONS]
     if app[DRAINING].is_set():
         raise ShuttingDown("the server is shutting down; try again shortly",
                            retry_after_s=RETRY_AFTER_S)
-    if len(sessions) >= settings.sessions.max_concurrent:
-        raise ServerFull(
-            f"the server is at its limit of {settings.sessions.max_concurrent} sessions",
-            retry_after_s=RETRY_AFTER_S,
-        )
+    # taken before the first await, so concurrent offers can never pass the limit together
+    slot = app[SLOTS].reserve(app[ACCESS].client(request) if ACCESS in app else "local")
+    try:
+        return await _answer_offer(request, sdp, avatar_id, slot)
+    except BaseException:
+        slot.release()
+        raise
+
+
+async def _answer_offer(request: web.Request, sdp: str, avatar_id: str, slot: Slot) -> (
+    web.Response
+):
+    app = request.app
+    settings = app[SETTINGS]
+    sessions: dict[str, Session] = app[SESSIONS]
     library = app[AVATARS]
     loop = asyncio.get_running_loop()
     try:
@@ -221,6 +232,11 @@ async def handle_offer(request: web.Request) -> web.Response:
         raise AvatarUnavailable(
             f"avatar {avatar_id!r} could not be loaded; register it again"
         ) from exc
+
+    def closed(s: Session) -> None:
+        slot.release()
+        _forget(sessions, s)
+
     session = Session(
         settings=settings,
         avatar=avatar,
@@ -230,7 +246,8 @@ async def handle_offer(request: web.Request) -> web.Response:
         stt=app[STT],
         vad_model=app[VAD],
         replier=app[REPLIER](),  # type: ignore[operator]
-        on_closed=lambda s: _forget(sessions, s),
+        on_closed=closed,
+        on_connected=lambda s: slot.connected(),
         on_event=session_event_hook(app),
         fallback_lipsync=app[FALLBACK_LIPSYNC],  # type: ignore[arg-type]
     )
@@ -360,6 +377,10 @@ def create_app(
     app[SETTINGS] = settings
     app[SESSIONS] = {}
     app[DRAINING] = asyncio.Event()  # set on shutdown: no new sessions, /ready answers 503
+    s = settings.sessions
+    app[SLOTS] = SessionSlots(max_live=s.max_concurrent, max_pending=s.max_pending,
+                              max_pending_per_client=s.max_pending_per_client,
+                              retry_after_s=RETRY_AFTER_S)
     install_access(app, settings)
     use_host_candidates(settings.webrtc.host_candidates)
     data_dir_abs = os.path.abspath(settings.avatars.data_dir)  # for start-up messages

@@ -66,6 +66,8 @@ SPEECH_AHEAD_NS = 3 * 1_000_000_000
 
 MAX_SAY_CHARS = 2000
 MAX_QUEUED_SAYS = 16
+# a clapper is an A/V sync test: one at a time per call, at most 10 minutes of beeps
+MAX_CLAPPER_COUNT = 600
 # how long a "closing" event is given to leave before the peer connection is closed
 CLOSING_LINGER_S = 0.5
 
@@ -125,10 +127,12 @@ class Session:
         on_event: Callable[[Session, dict[str, object]], None] | None = None,
         fallback_lipsync: LipSyncEngine | None = None,
         now: Callable[[], float] = time.monotonic,
+        on_connected: Callable[[Session], None] | None = None,
     ) -> None:
         """``fallback_lipsync``: the engine this call switches to for good if ``lipsync`` fails
         in it (None: a failure is only logged). ``now``: seconds of a monotonic clock (the
-        limits are measured with it; tests pass a fake)."""
+        limits are measured with it; tests pass a fake). ``on_connected``: called once, when
+        the peer connection first connects (rendering starts then, not before)."""
         self.id = uuid.uuid4().hex
         self.settings = settings
         self.avatar = avatar
@@ -152,7 +156,9 @@ class Session:
         self.lipsync = SessionLipSync(lipsync, fallback_lipsync, on_failure=self._lipsync_failed)
         self._render_executor = render_executor
         self._say_job: asyncio.Task[None] | None = None
+        self._clapper: asyncio.Task[None] | None = None  # being built
         self._on_closed = on_closed
+        self._on_connected = on_connected
         self._on_event = on_event
         self._tasks: set[asyncio.Task[Any]] = set()
         self._channel: RTCDataChannel | None = None
@@ -265,7 +271,8 @@ class Session:
         )
         self._log_video_encoder()
         self.state = "connecting"
-        self.frames.start()
+        # frames are rendered from when the peer connects: an offer that never connects costs
+        # no rendering (the video track renders on demand if asked before that)
         self._spawn(self._say_worker(), "say")
         self._spawn(self._watchdog(), "watchdog")
         local = self.pc.localDescription
@@ -333,6 +340,9 @@ class Session:
             self.state = "connected"
             if self.connected_at is None:
                 self.connected_at = self._now()
+                self.frames.start()
+                if self._on_connected is not None:
+                    self._on_connected(self)
             if self._disconnect_timer is not None:
                 self._disconnect_timer.cancel()
                 self._disconnect_timer = None
@@ -573,18 +583,30 @@ class Session:
             self.interrupt()
         elif kind == "clapper":
             count = msg.get("count", 5)
-            if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 600:
-                self._refuse("clapper 'count' must be an integer 1..600", "count")
+            if not isinstance(count, int) or isinstance(count, bool) or not (
+                1 <= count <= MAX_CLAPPER_COUNT
+            ):
+                self._refuse(f"clapper 'count' must be an integer 1..{MAX_CLAPPER_COUNT}",
+                             "count")
+            elif self._clapper is not None or self.compositor.pending_of("clapper"):
+                self._refuse("a clapper is already playing (one at a time; interrupt ends it)")
             else:
-                self.play_clapper(count)
+                self._clapper = self._spawn(self.play_clapper(count), "clapper")
         elif isinstance(kind, str):
             self._refuse(f"unknown message type {short(kind)!r}", "type")
         else:
             self._refuse("control messages need a 'type' string", "type")
 
-    def play_clapper(self, count: int) -> None:
+    async def play_clapper(self, count: int) -> None:
+        """Schedule an A/V sync test of ``count`` beeps; its audio (up to 58 MB for 600 s)
+        is built off the event loop."""
         media = self.settings.media
-        pcm = clapper_pcm(count=count, fps=media.fps, sample_rate=media.audio_sample_rate)
+        build = functools.partial(clapper_pcm, count=count, fps=media.fps,
+                                  sample_rate=media.audio_sample_rate)
+        try:
+            pcm = await asyncio.get_running_loop().run_in_executor(self._render_executor, build)
+        finally:
+            self._clapper = None
         self.compositor.schedule(
             Segment(
                 pcm=pcm,
@@ -604,6 +626,8 @@ class Session:
             dropped += 1
         if self._say_job is not None and not self._say_job.done():
             self._say_job.cancel()
+        if self._clapper is not None:
+            self._clapper.cancel()
         self.conversation.cancel()
         cut = self.compositor.clear()
         logger.info(

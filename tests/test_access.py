@@ -10,9 +10,17 @@ import logging
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+from multidict import CIMultiDict
 
 from config import load_settings
-from rtc_server.access import ACCESS, ADMIN_ROUTES, RateLimiter, redact_query_secrets
+from rtc_server.access import (
+    ACCESS,
+    ADMIN_ROUTES,
+    AccessControl,
+    RateLimiter,
+    redact_query_secrets,
+)
 from rtc_server.app import SESSIONS, create_app
 from rtc_server.bot import Bot
 from rtc_server.ice import use_host_candidates
@@ -195,6 +203,162 @@ async def test_the_address_the_proxy_appended_decides(start):
     for odd in ("unknown", "_hidden", "127.0.0.1.nip.io", "[::1"):
         resp = await client.get("/sessions", headers={"X-Forwarded-For": odd})
         await refused(resp, 403, "forbidden")
+
+
+# --------------------------------------------------------------------------- forwarding headers
+
+XFF = "X-Forwarded-For"
+
+
+async def test_a_spoofed_first_header_line_does_not_make_a_client_local(start):
+    """The reported defect: the first X-Forwarded-For line (the client's own) was read."""
+    _, client = await start(**{"access.trust_forwarded_for": True})
+    for lines in (["127.0.0.1", "203.0.113.7"],
+                  ["::1, 127.0.0.1", "203.0.113.7"],
+                  ["127.0.0.1", "10.9.8.7, 203.0.113.7"],
+                  ["127.0.0.1", "203.0.113.7:4711"]):
+        resp = await client.get("/sessions", headers=[(XFF, line) for line in lines])
+        await refused(resp, 403, "forbidden")
+    # the entry the proxy appended last decides, whichever line holds it
+    await granted(await client.get("/sessions", headers=[(XFF, "203.0.113.7"), (XFF, "::1")]))
+
+
+@pytest.mark.parametrize("header", ["x-forwarded-for", "forwarded", "x-real-ip"])
+async def test_a_spoofed_entry_does_not_change_the_rate_limit_key(start, header):
+    """Varying what a client writes in front of the proxy's entry gives it no new bucket."""
+    name, value = {"x-forwarded-for": (XFF, "{}"), "forwarded": ("Forwarded", "for={}"),
+                   "x-real-ip": ("X-Real-IP", "{}")}[header]
+    app, client = await start(**{"access.trust_forwarded_for": True, "access.offer_per_min": 3,
+                                 "access.forwarded_header": header})
+    app[ACCESS].clock = ManualClock()
+    statuses = []
+    for i in range(8):
+        headers = [(name, value.format(f"198.51.100.{i}")), (name, value.format("203.0.113.7"))]
+        statuses.append((await client.post("/offer", json={}, headers=headers)).status)
+    assert statuses == [400] * 3 + [429] * 5
+    # another client behind the same proxy has a bucket of its own
+    headers = [(name, value.format("198.51.100.0")), (name, value.format("203.0.113.8"))]
+    await refused(await client.post("/offer", json={}, headers=headers), 400, "bad_request")
+
+
+async def test_only_the_configured_header_is_read(start):
+    """A header the proxy passes through untouched is the client's: it never counts."""
+    _, client = await start(**{"access.trust_forwarded_for": True,
+                               "access.forwarded_header": "forwarded"})
+    spoof = {XFF: "127.0.0.1", "X-Real-IP": "127.0.0.1"}
+    resp = await client.get("/sessions", headers={**spoof, "Forwarded": "for=203.0.113.7"})
+    await refused(resp, 403, "forbidden")
+    resp = await client.get("/sessions", headers={
+        "Forwarded": 'for=127.0.0.1;proto=http, for="[2001:db8:cafe::17]:4711";proto=https'})
+    await refused(resp, 403, "forbidden")
+    await granted(await client.get("/sessions", headers={"Forwarded": 'for="[::1]:5000"'}))
+
+
+async def test_headers_count_only_on_connections_from_a_trusted_proxy(start):
+    # the test client connects from 127.0.0.1, which is not one of the proxies
+    app, client = await start(**{"access.trust_forwarded_for": True,
+                                 "access.trusted_proxies": ["10.0.0.0/8"],
+                                 "access.offer_per_min": 2})
+    app[ACCESS].clock = ManualClock()
+    await granted(await client.get("/sessions", headers=REMOTE))  # still the loopback peer
+    statuses = [(await client.post("/offer", json={}, headers={XFF: f"198.51.100.{i}"})).status
+                for i in range(4)]
+    assert statuses == [400, 400, 429, 429]  # one bucket: the peer's
+
+
+async def test_entries_of_trusted_proxies_are_skipped(start):
+    _, client = await start(**{"access.trust_forwarded_for": True,
+                               "access.trusted_proxies": ["127.0.0.1", "10.0.0.0/8"]})
+    for chain in ("127.0.0.1, 203.0.113.7, 10.1.1.1",  # a client behind two proxies
+                  "203.0.113.7, 127.0.0.1",
+                  "10.0.0.7, 10.0.0.3",  # every entry a proxy: the leftmost is the client
+                  "127.0.0.1, garbage, 10.0.0.3"):
+        await refused(await client.get("/sessions", headers={XFF: chain}), 403, "forbidden")
+    resp = await client.get("/sessions", headers=[(XFF, "203.0.113.7"),
+                                                   (XFF, "127.0.0.1, 10.2.3.4")])
+    await refused(resp, 403, "forbidden")
+    # a client on this machine, through the local proxy
+    await granted(await client.get("/sessions", headers={XFF: "127.0.0.1"}))
+
+
+def control(**overrides: object) -> AccessControl:
+    return AccessControl(load_settings(env={}, overrides={"access.trust_forwarded_for": True,
+                                                          **overrides}))
+
+
+def client_of(ctl: AccessControl, peer: str, headers: list[tuple[str, str]]) -> str:
+    request = make_mocked_request("GET", "/", headers=CIMultiDict(headers))
+    return ctl.client(request.clone(remote=peer))
+
+
+PEER = "10.0.0.2"
+# group -> (settings, [(peer, header lines, the client)])
+FORWARDING_CASES: dict[str, tuple[dict, list[tuple[str, list[tuple[str, str]], str]]]] = {
+    "x-forwarded-for": ({}, [
+        (PEER, [(XFF, "127.0.0.1, 203.0.113.7")], "203.0.113.7"),  # nginx appending
+        (PEER, [(XFF, "127.0.0.1"), (XFF, "203.0.113.7")], "203.0.113.7"),
+        (PEER, [(XFF, "127.0.0.1, 8.8.8.8"), (XFF, "203.0.113.7, 198.51.100.9")],
+         "198.51.100.9"),
+        (PEER, [(XFF, "198.51.100.2:5555")], "198.51.100.2"),
+        (PEER, [(XFF, "[2001:db8::1]:4711")], "2001:db8::1"),
+        (PEER, [(XFF, "2001:DB8::1")], "2001:db8::1"),
+        (PEER, [(XFF, "::ffff:198.51.100.2")], "198.51.100.2"),
+        (PEER, [(XFF, "203.0.113.7, , "), (XFF, "")], "203.0.113.7"),
+        (PEER, [(XFF, "127.0.0.1, bogus")], "forwarded:bogus"),
+        (PEER, [(XFF, "127.0.0.1"), (XFF, "unknown")], "forwarded:unknown"),
+        (PEER, [(XFF, "127.0.0.1:x")], "forwarded:127.0.0.1:x"),
+        (PEER, [(XFF, "[127.0.0.1]")], "forwarded:[127.0.0.1]"),
+        (PEER, [], PEER),
+        (PEER, [("Forwarded", "for=198.51.100.1"), ("X-Real-IP", "198.51.100.1")], PEER),
+    ]),
+    "two proxies counted": ({"access.forwarded_hops": 2}, [
+        (PEER, [(XFF, "127.0.0.1, 198.51.100.9, 10.0.0.7")], "198.51.100.9"),
+        (PEER, [(XFF, "127.0.0.1, 198.51.100.9"), (XFF, "10.0.0.7")], "198.51.100.9"),
+        (PEER, [(XFF, "198.51.100.9")], "198.51.100.9"),  # came in through the second only
+    ]),
+    "forwarded": ({"access.forwarded_header": "forwarded"}, [
+        (PEER, [("Forwarded", "for=127.0.0.1, for=203.0.113.7;proto=https")], "203.0.113.7"),
+        (PEER, [("Forwarded", "for=127.0.0.1"),
+                ("Forwarded", 'for="[2001:db8:cafe::17]:4711";by=_proxy')], "2001:db8:cafe::17"),
+        (PEER, [("Forwarded", 'for=127.0.0.1, proto=https;FOR="198.51.100.3:8080"')],
+         "198.51.100.3"),
+        (PEER, [("Forwarded", "for=127.0.0.1, for=_gazonk")], "forwarded:_gazonk"),
+        (PEER, [("Forwarded", "for=127.0.0.1, for=unknown")], "forwarded:unknown"),
+        (PEER, [("Forwarded", "for=127.0.0.1, by=10.0.0.2;proto=https")], "forwarded:unknown"),
+        (PEER, [("Forwarded", 'for=8.8.8.8, for="127.0.0.1, 8.8.8.8"')],
+         "forwarded:127.0.0.1, 8.8.8.8"),
+        # a stray quote the client left open does not swallow the proxy's element
+        (PEER, [("Forwarded", 'for="127.0.0.1, for=203.0.113.7')], "203.0.113.7"),
+        (PEER, [("Forwarded", 'for="x\\", for="[2001:db8::2]:80"')], "2001:db8::2"),
+        (PEER, [("Forwarded", 'for="127.0.0.1;by=", for=203.0.113.7;proto=http')],
+         "203.0.113.7"),
+        (PEER, [(XFF, "198.51.100.1")], PEER),
+    ]),
+    "x-real-ip": ({"access.forwarded_header": "x-real-ip"}, [
+        (PEER, [("X-Real-IP", "127.0.0.1"), ("X-Real-IP", "203.0.113.7")], "203.0.113.7"),
+        (PEER, [("X-Real-IP", "2001:db8::5")], "2001:db8::5"),
+        (PEER, [(XFF, "198.51.100.1")], PEER),
+    ]),
+    "trusted proxies": ({"access.trusted_proxies": ["10.0.0.0/8", "fd00::/8"]}, [
+        ("198.51.100.50", [(XFF, "127.0.0.1")], "198.51.100.50"),  # not from a proxy
+        ("127.0.0.1", [(XFF, "203.0.113.7")], "127.0.0.1"),
+        (PEER, [(XFF, "127.0.0.1, 203.0.113.7, 10.0.0.9")], "203.0.113.7"),
+        (PEER, [(XFF, "127.0.0.1"), (XFF, "203.0.113.7"), (XFF, "10.3.0.1, 10.0.0.9")],
+         "203.0.113.7"),
+        ("::ffff:10.0.0.2", [(XFF, "203.0.113.7")], "203.0.113.7"),
+        ("fd00::1", [(XFF, "127.0.0.1, 2001:db8::7, [fd00::2]:80")], "2001:db8::7"),
+        (PEER, [(XFF, "10.0.0.7, 10.0.0.9")], "10.0.0.7"),
+        (PEER, [(XFF, "203.0.113.7, garbage, 10.0.0.9")], "forwarded:garbage"),
+    ]),
+}
+
+
+@pytest.mark.parametrize("group", list(FORWARDING_CASES))
+def test_the_client_behind_proxies(group):
+    settings, cases = FORWARDING_CASES[group]
+    ctl = control(**settings)
+    got = [(peer, lines, client_of(ctl, peer, lines)) for peer, lines, _ in cases]
+    assert got == [(peer, lines, want) for peer, lines, want in cases]
 
 
 # --------------------------------------------------------------------------- offer token

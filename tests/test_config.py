@@ -443,12 +443,131 @@ def test_to_dict_is_plain_data() -> None:
 
 
 def test_access_secrets_are_redacted_and_lists_accept_one_string() -> None:
-    s = load(env={"AVATAR_ACCESS__API_KEYS": "k-123", "AVATAR_ACCESS__OFFER_TOKEN": "t-456"})
-    assert s.access.api_keys == ("k-123",)
-    assert s.access.offer_token == "t-456"
+    key, token = "k-123-4d1f8a2b9c", "t-456-7e0a3c5d1f"
+    s = load(env={"AVATAR_ACCESS__API_KEYS": key, "AVATAR_ACCESS__OFFER_TOKEN": token})
+    assert s.access.api_keys == (key,)
+    assert s.access.offer_token == token
     shown = repr(s) + repr(s.to_dict())
-    assert "k-123" not in shown and "t-456" not in shown
+    assert key not in shown and token not in shown
     assert s.to_dict()["access"]["api_keys"] == ["***"]
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ({"access.api_keys": ["a"]}, "access.api_keys[0]"),
+        ({"access.api_keys": ["k" * 16, "k" * 15]}, "access.api_keys[1]"),
+        ({"access.offer_token": "short-token"}, "access.offer_token"),
+        ({"access.offer_token": "x"}, "access.offer_token"),
+    ],
+)
+def test_short_api_keys_and_offer_tokens_are_refused(override, key) -> None:
+    """A one-letter key would make the log redactor mask that letter in every line."""
+    err = error_of(overrides=override)
+    assert err.key == key
+    assert "at least 16 characters" in str(err) and "guess" in str(err)
+    secret = next(iter(override.values()))
+    shown = secret[-1] if isinstance(secret, list) else secret
+    assert repr(shown) not in str(err)  # the value is never echoed
+    s = load(overrides={"access.api_keys": ["k" * 16], "access.offer_token": "t" * 16})
+    assert s.access.api_keys == ("k" * 16,) and s.access.offer_token == "t" * 16
+
+
+@pytest.mark.parametrize("padded", [" " + "k" * 16, "k" * 16 + "\n"])
+def test_secrets_with_surrounding_whitespace_are_refused(padded) -> None:
+    """Headers are read stripped, so such a key could never be presented."""
+    for override, key in (({"access.api_keys": [padded]}, "access.api_keys[0]"),
+                          ({"access.offer_token": padded}, "access.offer_token")):
+        err = error_of(overrides=override)
+        assert err.key == key and "whitespace" in str(err)
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "https://app.example/path",
+        "https://app.example/app/",
+        "https://app.example?x=1",
+        "https://app.example/?x=1",
+        "https://app.example#top",
+        "https://user:pw@app.example",
+        "https://user@app.example",
+        "ftp://app.example",
+        "https://",
+        "https:app.example",
+        "app.example",
+        "https://app.example:99999",
+        "https://app.example:0",
+        "https://app.example:http",
+        "https://app.example:",
+        "https://*.example.com",
+        "https://app example.com",
+        " https://app.example",
+        "https://[::1",
+        "https://[not-v6]:80",
+    ],
+)
+def test_cors_origins_must_be_bare_origins(origin) -> None:
+    err = error_of(overrides={"access.cors_origins": ["https://ok.example", origin]})
+    assert err.key == "access.cors_origins[1]"
+    assert "http(s)://host[:port]" in str(err)
+
+
+def test_cors_origins_accept_origins_and_drop_one_trailing_slash() -> None:
+    origins = ["https://app.example/", "http://localhost:3000", "https://[::1]:8443",
+               "http://10.0.0.5", "*"]
+    s = load(overrides={"access.cors_origins": origins})
+    assert s.access.cors_origins == ("https://app.example", "http://localhost:3000",
+                                     "https://[::1]:8443", "http://10.0.0.5", "*")
+
+
+def test_forwarding_settings_default_to_one_appending_proxy() -> None:
+    a = load().access
+    assert (a.trust_forwarded_for, a.trusted_proxies, a.forwarded_hops, a.forwarded_header) == (
+        False, (), 1, "x-forwarded-for")
+
+
+def test_trusted_proxies_are_parsed_as_networks() -> None:
+    s = load(env={"AVATAR_ACCESS__TRUST_FORWARDED_FOR": "true",
+                  "AVATAR_ACCESS__TRUSTED_PROXIES": '["10.0.0.0/8", "192.168.1.7", "::1", '
+                                                    '"fd00::/8", "10.1.2.3/8"]'})
+    assert s.access.trusted_proxies == ("10.0.0.0/8", "192.168.1.7/32", "::1/128", "fd00::/8")
+    assert s.to_dict()["access"]["trusted_proxies"] == list(s.access.trusted_proxies)
+    s = load(overrides={"access.trust_forwarded_for": True, "access.trusted_proxies": "::1"})
+    assert s.access.trusted_proxies == ("::1/128",)
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "words"),
+    [
+        ({"access.trusted_proxies": ["10.0.0.0/8", "proxy.local"]},
+         "access.trusted_proxies[1]", "'proxy.local'"),
+        ({"access.trusted_proxies": ["10.0.0.0/33"]}, "access.trusted_proxies[0]", "network"),
+        ({"access.trusted_proxies": [""]}, "access.trusted_proxies[0]", "non-empty"),
+        ({"access.trusted_proxies": 7}, "access.trusted_proxies", "list of str"),
+        ({"access.forwarded_hops": 0}, "access.forwarded_hops", "1..16"),
+        ({"access.forwarded_hops": 17}, "access.forwarded_hops", "1..16"),
+        ({"access.forwarded_hops": "2"}, "access.forwarded_hops", "expected int"),
+        ({"access.forwarded_header": "x-client-ip"}, "access.forwarded_header", "x-real-ip"),
+        ({"access.trusted_proxies": ["10.0.0.1"], "access.forwarded_hops": 2},
+         "access.forwarded_hops", "not both"),
+        ({"access.forwarded_header": "x-real-ip", "access.forwarded_hops": 2},
+         "access.forwarded_hops", "x-real-ip"),
+    ],
+)
+def test_forwarding_settings_are_validated(override, key, words) -> None:
+    err = error_of(overrides={"access.trust_forwarded_for": True, **override})
+    assert err.key == key and words in str(err), str(err)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("trusted_proxies", ["10.0.0.1"]), ("forwarded_hops", 2), ("forwarded_header", "forwarded")],
+)
+def test_forwarding_settings_need_trust_forwarded_for(key, value) -> None:
+    err = error_of(overrides={f"access.{key}": value})
+    assert err.key == f"access.{key}"
+    assert "access.trust_forwarded_for is false" in str(err)
 
 
 @pytest.mark.parametrize(

@@ -72,6 +72,10 @@ async def error_of(resp: Any, status: int) -> dict[str, Any]:
     return body
 
 
+def clapper_message(count: str) -> str:
+    return '{"type": "clapper", "count": ' + count + "}"
+
+
 def post_raw(client: Any, path: str, body: str | bytes) -> Any:
     return client.post(path, data=body, headers={"Content-Type": "application/json"})
 
@@ -126,7 +130,7 @@ async def test_nesting_within_the_bound_is_read_as_before(client):
 @pytest.mark.parametrize("field", ["speed", "fps", "priority"])
 @pytest.mark.parametrize("number", [HUGE_INT, "-" + HUGE_INT])
 async def test_an_integer_no_float_holds_is_400_naming_the_field(client, field, number, caplog):
-    body = '{"text": "Hello there.", "%s": %s}' % (field, number)
+    body = '{"text": "Hello there.", "' + field + '": ' + number + "}"
     err = await error_of(await post_raw(client, "/v1/render", body), 400)
     assert field in err["detail"]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -135,7 +139,7 @@ async def test_an_integer_no_float_holds_is_400_naming_the_field(client, field, 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400"])
 @pytest.mark.parametrize("path", ROUTES)
 async def test_nan_and_infinity_are_400_bad_json(client, path, literal):
-    body = '{"text": "Hello.", "speed": %s, "sdp": "v=0", "type": "offer"}' % literal
+    body = '{"text": "Hello.", "speed": ' + literal + ', "sdp": "v=0", "type": "offer"}'
     err = await error_of(await post_raw(client, path, body), 400)
     assert err["error"] == "bad_json"
 
@@ -368,7 +372,7 @@ async def test_hostile_messages_get_short_error_events_and_the_call_goes_on(stub
     session, channel = stub_session()
     hostile = [
         "[" * 5000 + "]" * 5000,
-        '{"type": "clapper", "count": %s}' % HUGE_INT,
+        clapper_message(HUGE_INT),
         '{"type": "clapper", "count": NaN}',
         json.dumps({"type": "x" * 60_000}),
         json.dumps({"type": {"nested": [1, 2]}}),
@@ -481,31 +485,46 @@ MESSAGES = st.one_of(
     field_documents(MESSAGE_FIELDS),
     st.builds(lambda k, t: dumps({"type": k, "text": t}), st.sampled_from(["say", "chat"]),
               WILD_TEXT),
-    st.builds(lambda n: '{"type": "clapper", "count": %s}' % n, EXTREME_NUMBERS),
+    st.builds(lambda n: clapper_message(n), EXTREME_NUMBERS),
 )
 
 
 @given(raw=MESSAGES)
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck),
           derandomize=True)
-def test_generated_messages_never_raise_and_always_answer(raw):
-    settings_ = app_settings(Path("/nonexistent"))
-    session = Session(settings=settings_, avatar=AVATAR, tts=ToneTTS(), lipsync=VisemeEngine(),
-                      render_executor=None, on_closed=lambda s: None)
-    channel = StubChannel()
-    session._channel = channel  # type: ignore[assignment]
-    session.conversation.chat = lambda text: None  # type: ignore[method-assign]
-    session.play_clapper = lambda count: None  # type: ignore[method-assign]
-    session._on_message(raw)  # raises nothing
-    for event in channel.sent:
-        assert event["type"] == "error" and event["fatal"] is False
-    queued = [session._says.get_nowait() for _ in range(session._says.qsize())]
+def test_generated_messages_never_raise_and_always_answer(raw, caplog):
+    async def run() -> tuple[list[dict[str, Any]], list[str], list[int]]:
+        session = Session(settings=MESSAGE_SETTINGS, avatar=AVATAR, tts=ToneTTS(),
+                          lipsync=VisemeEngine(), render_executor=None, on_closed=lambda s: None)
+        channel = StubChannel()
+        session._channel = channel  # type: ignore[assignment]
+        chats: list[str] = []
+        session.conversation.chat = chats.append  # type: ignore[method-assign]
+        clappers: list[int] = []
+
+        async def clapper(count: int) -> None:
+            clappers.append(count)
+
+        session.play_clapper = clapper  # type: ignore[method-assign]
+        session._on_message(raw)  # raises nothing
+        await asyncio.sleep(0)
+        queued = [session._says.get_nowait() for _ in range(session._says.qsize())]
+        await session.aclose("done")
+        return channel.sent, queued + chats, clappers
+
+    caplog.clear()
+    sent, queued, clappers = asyncio.run(run())
+    for event in sent:
+        assert event["type"] == "error" and event["fatal"] is False and event["stage"] == "control"
     for text in queued:
         assert text == clean_text(text) and text
-    asyncio.run(session.pc.close())
+    assert all(1 <= c <= 600 for c in clappers)
+    assert len(sent) + len(queued) + len(clappers) >= 1  # every message gets an answer or acts
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 AVATAR = AvatarLibrary(data_dir=Path("data"), width=256, height=256).get("default")
+MESSAGE_SETTINGS = app_settings(Path("/nonexistent"))
 
 
 def hostile_messages(n: int, seed: int) -> list[str]:
@@ -524,8 +543,8 @@ def hostile_messages(n: int, seed: int) -> list[str]:
         if kind == 0:
             out.append("[" * depth + "]" * depth)
         elif kind == 1:
-            out.append('{"type": "clapper", "count": %s}' % rng.choice(
-                [HUGE_INT, "NaN", "-Infinity", "1e400", "0", "601"]))
+            out.append(clapper_message(rng.choice(
+                [HUGE_INT, "NaN", "-Infinity", "1e400", "0", "601"])))
         elif kind == 2:
             out.append(dumps({"type": "say", "text": wild(rng.randint(1, 60))}))
         elif kind == 3:
