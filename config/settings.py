@@ -115,6 +115,7 @@ class MediaSettings:
     render_lead_ms: int
     schedule_lead_ms: int
     crossfade_frames: int
+    audio_first: bool
 
     @property
     def audio_frame_samples(self) -> int:
@@ -727,6 +728,7 @@ def _media(s: _Section) -> MediaSettings:
         render_lead_ms=render_lead_ms,
         schedule_lead_ms=schedule_lead_ms,
         crossfade_frames=s.get_int("crossfade_frames", 0, 25),
+        audio_first=s.get_bool("audio_first"),
     )
 
 

@@ -103,12 +103,14 @@ class FrameProducer:
         lead_ms: int,
         max_inflight: int | None = None,
         group: int = 1,
+        stride: Callable[[], int] | None = None,
     ) -> None:
         self._clock = clock
         self._compositor = compositor
         self._renderer = renderer
         self._lead_ns = lead_ms * 1_000_000
         self._group = max(1, group)
+        self._stride = stride  # render only frames whose index it divides (video shedding)
         lead_frames = -(-lead_ms * compositor.fps // 1000)
         self._max_inflight = max_inflight or max(2, lead_frames + 2)
         self._frame_ns = min(1_000_000_000 // compositor.fps, self._lead_ns // 2)
@@ -242,6 +244,9 @@ class FrameProducer:
                         ahead = comp.frame_at_or_after_ns(horizon)
                         self.stats.skipped += ahead - k
                         k = self._next = ahead
+                    stride = self._stride() if self._stride is not None else 1
+                    if stride > 1 and k % stride:  # shed: the track will not send it
+                        k = self._next = k + stride - k % stride
                     # frames of one group are handed over together, at the first one's time
                     due = comp.frame_t_ns(k - k % self._group) - self._lead_ns
                     if due <= now and len(self._inflight) < self._window:

@@ -5,6 +5,7 @@ RTCP sender reports (wall clock at send, last RTP timestamp) line the two stream
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -25,6 +26,7 @@ class TrackStats:
     frames_sent: int = 0
     frames_repeated: int = 0  # video: the frame was not ready in time, the last one was re-sent
     frames_skipped: int = 0  # video: the track fell behind the clock and jumped ahead
+    frames_shed: int = 0  # video: left out on purpose while the machine is overloaded
     max_late_ns: int = 0  # the worst lateness of a send relative to its deadline
     # media time (ns) when each frame of the last FPS_WINDOW_NS was handed to aiortc
     sent_at_ns: deque[int] = field(default_factory=deque)
@@ -51,6 +53,15 @@ class TrackStats:
         second (ramps up over the first window of a call; 0 once sending stops)."""
         n = sum(1 for t in self.sent_at_ns if t > now_ns - FPS_WINDOW_NS)
         return n * 1e9 / FPS_WINDOW_NS
+
+    def recent_max_gap_ns(self, now_ns: int) -> int:
+        """The longest wait between two hand-overs in the ``FPS_WINDOW_NS`` before ``now_ns``
+        (the wait since the last one included): how long a receiver went without a frame."""
+        times = [t for t in self.sent_at_ns if t > now_ns - FPS_WINDOW_NS]
+        if not times:
+            return 0
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        return max([*gaps, now_ns - times[-1]])
 
 
 def av_offset_ms(video: TrackStats, audio: TrackStats) -> float | None:
@@ -117,17 +128,25 @@ class AvatarAudioTrack(MediaStreamTrack):
         """Frames a second handed to aiortc over the last two seconds."""
         return self.stats.recent_fps(self._clock.now_ns())
 
+    def recent_max_gap_ms(self) -> float:
+        """The longest wait between two frames handed to aiortc in the last two seconds."""
+        return self.stats.recent_max_gap_ns(self._clock.now_ns()) / 1e6
+
 
 class AvatarVideoTrack(MediaStreamTrack):
     """Video at the compositor's fps, pts in 90 kHz ticks (``k * 90000 // fps``)."""
 
     kind = "video"
 
-    def __init__(self, *, clock: MediaClock, compositor: Compositor, frames: FrameProducer) -> None:
+    def __init__(self, *, clock: MediaClock, compositor: Compositor, frames: FrameProducer,
+                 stride: Callable[[], int] | None = None) -> None:
+        """``stride``: send only frames whose index it divides (1: all; see
+        ``media_tracks.priority.LoadGovernor``); the producer is given the same."""
         super().__init__()
         self._clock = clock
         self._compositor = compositor
         self._frames = frames
+        self._stride = stride
         self._k: int | None = None
         self._last: np.ndarray | None = None
         self.stats = TrackStats()
@@ -150,6 +169,12 @@ class AvatarVideoTrack(MediaStreamTrack):
                 jumped = comp.frame_at_or_after_ns(now)
                 self.stats.frames_skipped += jumped - k
                 k = jumped
+        stride = self._stride() if self._stride is not None else 1
+        if stride > 1 and k % stride:
+            aligned = k + stride - k % stride
+            if self._k is not None:
+                self.stats.frames_shed += aligned - k
+            k = aligned
         self._k = k
         deadline = comp.frame_t_ns(k)
         await self._clock.sleep_until_ns(deadline)
@@ -172,3 +197,7 @@ class AvatarVideoTrack(MediaStreamTrack):
     def recent_fps(self) -> float:
         """Frames a second handed to aiortc over the last two seconds."""
         return self.stats.recent_fps(self._clock.now_ns())
+
+    def recent_max_gap_ms(self) -> float:
+        """The longest wait between two frames handed to aiortc in the last two seconds."""
+        return self.stats.recent_max_gap_ns(self._clock.now_ns()) / 1e6

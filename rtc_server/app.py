@@ -27,6 +27,7 @@ from avatars.model import AvatarError
 from avatars.registration import PrepareFn, RegistrationService
 from avatars.store import AvatarStore
 from config import Settings
+from media_tracks.priority import LoadGovernor, MediaExecutor, background_thread
 from pipeline.errors import (
     AvatarServerError,
     AvatarUnavailable,
@@ -76,6 +77,7 @@ VAD = web.AppKey("vad", object)
 REPLIER = web.AppKey("replier_factory", object)
 DRAINING = web.AppKey("draining", asyncio.Event)
 SLOTS = web.AppKey("slots", SessionSlots)
+GOVERNOR = web.AppKey("governor", LoadGovernor)
 
 
 @functools.lru_cache(maxsize=4)
@@ -248,6 +250,7 @@ async def _answer_offer(request: web.Request, sdp: str, avatar_id: str, slot: Sl
         replier=app[REPLIER](),  # type: ignore[operator]
         on_closed=closed,
         on_connected=lambda s: slot.connected(),
+        governor=app.get(GOVERNOR),
         on_event=session_event_hook(app),
         fallback_lipsync=app[FALLBACK_LIPSYNC],  # type: ignore[arg-type]
     )
@@ -388,8 +391,18 @@ def create_app(
     async def resources(app: web.Application) -> AsyncIterator[None]:
         # sessions render on a thread pool; OpenCV's own threads on top only add spikes
         cv2.setNumThreads(1)
-        pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="render")
+        # audio first under overload: rendering and video encodes run below the event loop's
+        # priority, and audio encodes never wait behind video ones (media_tracks/priority.py)
+        audio_first = settings.media.audio_first
+        pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="render",
+                                  initializer=background_thread if audio_first else None)
         app[RENDER_POOL] = pool
+        governor: LoadGovernor | None = None
+        if audio_first:
+            asyncio.get_running_loop().set_default_executor(MediaExecutor())
+            governor = LoadGovernor()
+            app[GOVERNOR] = governor
+            governing = asyncio.get_running_loop().create_task(governor.run(), name="governor")
         media = settings.media
         store = AvatarStore(Path(settings.avatars.data_dir))
         library = AvatarLibrary(
@@ -456,6 +469,8 @@ def create_app(
         render_service = await start_render_service(settings, library, engine, app[TTS])
         app[RENDER_SERVICE] = render_service
         yield
+        if governor is not None:
+            governing.cancel()
         await render_service.aclose()
         # normally none are left (``drain`` closed them); bounded, so none can hold the exit
         await close_sessions(app[SESSIONS], reason="shutdown", detail="the server is stopping",

@@ -414,6 +414,7 @@ class Conversation:
 
     async def _speaker(self, turn: Turn, sentences: asyncio.Queue[str | None]) -> None:
         from media_tracks.compositor import Segment
+        from pipeline.tts import speech_stream
 
         fps = self._settings.media.fps
         loop = asyncio.get_running_loop()
@@ -421,7 +422,8 @@ class Conversation:
             t0 = time.monotonic()
             first = True  # the sentence's text goes with its first chunk of audio only
             try:
-                async for audio in self._tts.sentences(sentence):
+                stream = speech_stream(self._tts, sentence, owner=self._host.id, live=True)
+                async for audio in stream:
                     t1 = time.monotonic()
                     analyse = functools.partial(self._lipsync.analyse, audio, fps=fps)
                     track = await loop.run_in_executor(self._executor, analyse)

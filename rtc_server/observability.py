@@ -447,8 +447,9 @@ async def refresh_snapshots(app: web.Application) -> None:
 
 # --- routes ---------------------------------------------------------------------------------
 async def handle_health(request: web.Request) -> web.Response:
-    from rtc_server.app import LIPSYNC, SESSIONS, SETTINGS, STT
+    from rtc_server.app import GOVERNOR, LIPSYNC, SESSIONS, SETTINGS, STT
 
+    governor = request.app.get(GOVERNOR)
     return web.json_response(
         {
             "status": "ok",
@@ -456,6 +457,8 @@ async def handle_health(request: web.Request) -> web.Response:
             "lipsync": request.app[LIPSYNC].info(),
             "listening": request.app[STT] is not None,
             "replier": "embedded" if request.app[SETTINGS].llm.base_url is None else "openai",
+            # audio first: the event loop's smoothed lag and the video stride it set
+            "load": None if governor is None else governor.info(),
         }
     )
 

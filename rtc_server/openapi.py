@@ -115,8 +115,12 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "avatar_id": STR,
                 "uptime_s": NUM,
                 "frames_sent": _obj({"video": INT, "audio": INT}, ["video", "audio"]),
+                # the last two seconds: frames a second and the longest wait between two
+                "recent": _obj({"audio_fps": NUM, "audio_max_gap_ms": NUM, "video_fps": NUM,
+                                "video_max_gap_ms": NUM}),
                 "frames_repeated": INT,
                 "frames_skipped": INT,
+                "frames_shed": INT,
                 "frames_late": INT,
                 # the frame producer: frames rendered in time, skipped (could not be rendered
                 # before their deadline), re-rendered after a re-plan, frames allowed in
@@ -136,7 +140,9 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
         "SessionClosed": _obj({"id": STR, "state": STR}, ["id", "state"]),
         "Health": _obj(
             {"status": {"const": "ok"}, "sessions": INT, "lipsync": ANY_OBJ,
-             "listening": BOOL, "replier": STR},
+             "listening": BOOL, "replier": STR,
+             "load": {"type": ["object", "null"], "description": "video_stride, loop_lag_ms, "
+                      "max_loop_lag_ms, raised (media.audio_first; null when off)"}},
             ["status"],
         ),
         "IceServers": _obj(

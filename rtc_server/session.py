@@ -49,6 +49,7 @@ from media_tracks.encoders import (
     unmatched_video_codecs,
     video_codec_preferences,
 )
+from media_tracks.priority import LoadGovernor
 from pipeline.errors import BadRequest
 from pipeline.inputs import JsonRejected, clean_text, has_speakable, loads_json, short
 from pipeline.lipsync import LipSyncEngine, SessionLipSync
@@ -128,11 +129,13 @@ class Session:
         fallback_lipsync: LipSyncEngine | None = None,
         now: Callable[[], float] = time.monotonic,
         on_connected: Callable[[Session], None] | None = None,
+        governor: LoadGovernor | None = None,
     ) -> None:
         """``fallback_lipsync``: the engine this call switches to for good if ``lipsync`` fails
         in it (None: a failure is only logged). ``now``: seconds of a monotonic clock (the
         limits are measured with it; tests pass a fake). ``on_connected``: called once, when
-        the peer connection first connects (rendering starts then, not before)."""
+        the peer connection first connects (rendering starts then, not before). ``governor``: sheds
+        video frames when the event loop lags (``media_tracks.priority``; None: never)."""
         self.id = uuid.uuid4().hex
         self.settings = settings
         self.avatar = avatar
@@ -194,6 +197,7 @@ class Session:
             renderer=renderer,
             lead_ms=self.lipsync.render_lead_ms or media.render_lead_ms,
             group=self.lipsync.frame_group,
+            stride=None if governor is None else (lambda: governor.stride),
         )
         self.audio_track = AvatarAudioTrack(
             clock=self.clock,
@@ -202,7 +206,8 @@ class Session:
             frame_samples=media.audio_frame_samples,
         )
         self.video_track = AvatarVideoTrack(
-            clock=self.clock, compositor=self.compositor, frames=self.frames
+            clock=self.clock, compositor=self.compositor, frames=self.frames,
+            stride=None if governor is None else (lambda: governor.stride),
         )
         listener, resampler = make_conversation_parts(settings, vad_model if stt else None)
         self.conversation = Conversation(
@@ -643,11 +648,14 @@ class Session:
             await asyncio.wait({job})  # an interrupt cancels the job, not this worker
 
     async def _speak(self, text: str) -> None:
+        from pipeline.tts import speech_stream
+
         fps = self.settings.media.fps
         loop = asyncio.get_running_loop()
         first = True  # the text goes with the first chunk of audio only
         try:
-            async for sentence in self._tts.sentences(text):
+            # a live call's synthesis, taken in turn with the other calls' (per session)
+            async for sentence in speech_stream(self._tts, text, owner=self.id, live=True):
                 analyse = functools.partial(self.lipsync.analyse, sentence, fps=fps)
                 track = await loop.run_in_executor(self._render_executor, analyse)
                 self.compositor.schedule(
@@ -678,8 +686,16 @@ class Session:
                 "video": self.video_track.stats.frames_sent,
                 "audio": self.audio_track.stats.frames_sent,
             },
+            # the last two seconds: what a receiver got, frames a second and the longest wait
+            "recent": {
+                "audio_fps": round(self.audio_track.recent_fps(), 1),
+                "audio_max_gap_ms": round(self.audio_track.recent_max_gap_ms(), 1),
+                "video_fps": round(self.video_track.recent_fps(), 1),
+                "video_max_gap_ms": round(self.video_track.recent_max_gap_ms(), 1),
+            },
             "frames_repeated": self.video_track.stats.frames_repeated,
             "frames_skipped": self.video_track.stats.frames_skipped,
+            "frames_shed": self.video_track.stats.frames_shed,
             "frames_late": self.frames.stats.late,
             "render": {
                 "rendered": self.frames.stats.rendered,

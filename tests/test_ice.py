@@ -74,7 +74,8 @@ async def test_ice_servers_route_hands_the_page_fresh_credentials(aiohttp_client
     client = await aiohttp_client(create_app(s, tts=ToneTTS()))
     resp = await client.get("/ice-servers")
     assert resp.status == 401  # TURN credentials are for callers with the offer token
-    resp = await client.get("/ice-servers", headers={"Authorization": "Bearer tok-1-long-enough-secret"})
+    resp = await client.get("/ice-servers",
+                            headers={"Authorization": "Bearer tok-1-long-enough-secret"})
     assert resp.status == 200
     assert resp.headers["Cache-Control"] == "no-store"
     body = await resp.json()

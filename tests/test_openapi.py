@@ -143,7 +143,8 @@ def test_document_is_valid_openapi_3_1_with_errors_security_and_bounds() -> None
     for method, path in token_routes:
         assert paths[path][method]["security"] == [] and "401" not in paths[path][method][
             "responses"], path
-    with_token = build_openapi(load_settings(env={}, overrides={"access.offer_token": "s3cret-token-0123456789"}))
+    with_token = build_openapi(
+        load_settings(env={}, overrides={"access.offer_token": "s3cret-token-0123456789"}))
     for method, path in token_routes:
         op = with_token["paths"][path][method]
         assert op["security"] == [{"offerToken": []}, {"apiKey": []}] and "401" in op[

@@ -32,6 +32,7 @@ import numpy as np
 from media_tracks.clock import ManualClock
 from media_tracks.compositor import Compositor, Scheduled, Segment
 from media_tracks.idle import IdleTimeline
+from media_tracks.priority import RENDER_JOB_NICE, background_thread
 from pipeline.errors import BadRequest, PipelineError
 from pipeline.lipsync.visemes import VisemeTrack, track_for
 from pipeline.render.media import (
@@ -54,7 +55,7 @@ from pipeline.render.spec import (
     RenderSpec,
 )
 from pipeline.render.timeline import build_timeline, idle_seed, mouth_cues
-from pipeline.tts import PiperTTS, SpeechAudio, TextToSpeech
+from pipeline.tts import PiperTTS, SpeechAudio, TextToSpeech, speech_stream
 
 if TYPE_CHECKING:
     from avatars.library import AvatarLibrary, LoadedAvatar
@@ -134,7 +135,8 @@ class ClipRenderer:
         threads = max(2, os.cpu_count() or 2)
         self._own_executor = executor is None
         self._executor: Executor = executor or ThreadPoolExecutor(
-            threads, thread_name_prefix="clip-render"
+            threads, thread_name_prefix="clip-render", initializer=background_thread,
+            initargs=(RENDER_JOB_NICE,),
         )
         self._window = window or 4 * threads
         self._owns_lipsync = False
@@ -387,10 +389,10 @@ class ClipRenderer:
         text = spec.text.strip()
         expected = max(1, len(_SENTENCE_END.findall(text)))
         out: list[SpeechAudio] = []
-        if isinstance(tts, PiperTTS):
-            stream = tts.sentences(text, speed=spec.speed)
-        else:
-            stream = tts.sentences(text)
+        # a render job's synthesis: after the live calls', in turn with other renders'
+        speed = spec.speed if isinstance(tts, PiperTTS) else None
+        owner = f"render-{id(report):x}"  # this render's (a key that holds nothing alive)
+        stream = speech_stream(tts, text, owner=owner, live=False, speed=speed)
         async for sentence in stream:
             report.check()
             if spec.speed != 1.0 and not isinstance(tts, PiperTTS):

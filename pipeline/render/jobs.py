@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, get_args
 
+from media_tracks.priority import RENDER_JOB_NICE, background_thread
 from pipeline.errors import AvatarServerError, BadRequest, NotFound, PipelineError, ServerFull
 from pipeline.render.cache import RenderCache, check_key
 from pipeline.render.spec import RenderSpec
@@ -297,7 +298,10 @@ class LocalJobQueue:
     async def start(self) -> None:
         if self._tasks:
             return
-        self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="render-job")
+        # clips wait for calls: render jobs run below even the calls' own video work
+        self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="render-job",
+                                            initializer=background_thread,
+                                            initargs=(RENDER_JOB_NICE,))
         self._tasks = [
             asyncio.create_task(self._work(worker_name(n)), name=f"render-worker-{n}")
             for n in range(self._workers)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Hashable
 
 import numpy as np
 
@@ -14,9 +14,13 @@ class ToneTTS:
         self.sample_rate = sample_rate
         self.ms_per_char = ms_per_char
         self.requests: list[str] = []
+        self.owners: list[tuple[Hashable | None, bool]] = []  # (owner, live) per request
 
-    async def sentences(self, text: str) -> AsyncIterator[SpeechAudio]:
+    async def sentences(
+        self, text: str, *, owner: Hashable | None = None, live: bool = True
+    ) -> AsyncIterator[SpeechAudio]:
         self.requests.append(text)
+        self.owners.append((owner, live))
         for sentence in [s for s in text.split(".") if s.strip()]:
             n = len(sentence) * self.ms_per_char * self.sample_rate // 1000
             t = np.arange(n) / self.sample_rate
