@@ -45,6 +45,8 @@ T = TypeVar("T")
 BACKGROUND_NICE = 10
 # Render API jobs (clips nobody watches live) run lower still: calls come first.
 RENDER_JOB_NICE = 15
+# a single wake-up this late is logged: every call's audio waited that long
+STALL_NS = 100_000_000
 
 _audio_encoder_types: tuple[type, ...] | None = None
 
@@ -112,9 +114,9 @@ class LoadGovernor:
     the lag has stayed under ``low_ms`` for ``calm_s``, the stride comes back down a step.
     ``observe`` is the rule alone (tests feed it lags and a clock)."""
 
-    def __init__(self, *, high_ms: float = 12.0, low_ms: float = 4.0, max_stride: int = 4,
+    def __init__(self, *, high_ms: float = 15.0, low_ms: float = 4.0, max_stride: int = 4,
                  period_s: float = 0.05, step_s: float = 1.0, calm_s: float = 3.0,
-                 smoothing: float = 0.2) -> None:
+                 smoothing: float = 0.1) -> None:
         self.high_ns = high_ms * 1e6
         self.low_ns = low_ms * 1e6
         self.max_stride = max(1, max_stride)
@@ -133,6 +135,8 @@ class LoadGovernor:
         """One lag sample taken at ``now_ns``; returns the stride."""
         lag_ns = max(0, lag_ns)
         self.max_lag_ns = max(self.max_lag_ns, lag_ns)
+        if lag_ns >= STALL_NS:
+            logger.info("event loop stalled %.0f ms", lag_ns / 1e6)
         self.lag_ns += self.smoothing * (lag_ns - self.lag_ns)
         since_change = None if self._changed_at is None else now_ns - self._changed_at
         if self.lag_ns > self.high_ns:

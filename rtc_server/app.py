@@ -402,7 +402,6 @@ def create_app(
             asyncio.get_running_loop().set_default_executor(MediaExecutor())
             governor = LoadGovernor()
             app[GOVERNOR] = governor
-            governing = asyncio.get_running_loop().create_task(governor.run(), name="governor")
         media = settings.media
         store = AvatarStore(Path(settings.avatars.data_dir))
         library = AvatarLibrary(
@@ -468,8 +467,10 @@ def create_app(
         app[STT], app[VAD] = stt, vad
         render_service = await start_render_service(settings, library, engine, app[TTS])
         app[RENDER_SERVICE] = render_service
+        # the governor times the loop from here: start-up's model loading is no call's lag
+        governing = None if governor is None else loop.create_task(governor.run(), name="governor")
         yield
-        if governor is not None:
+        if governing is not None:
             governing.cancel()
         await render_service.aclose()
         # normally none are left (``drain`` closed them); bounded, so none can hold the exit
