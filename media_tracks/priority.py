@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -107,27 +108,29 @@ class LoadGovernor:
     """Sheds video when the event loop falls behind, before the audio it paces does.
 
     :meth:`run` measures how late a short sleep on the loop wakes up (the loop's lag: what an
-    audio frame, an RTCP report or an ICE consent check waits on top of its time) and keeps a
-    smoothed value. Past ``high_ms`` the video ``stride`` grows by one (at most once per
-    ``step_s``): every call renders and sends only every ``stride``-th video frame (25, 12.5,
-    8.3, 6.25 fps at 25 fps), which takes render, encode and packet work off the machine; once
-    the lag has stayed under ``low_ms`` for ``calm_s``, the stride comes back down a step.
-    ``observe`` is the rule alone (tests feed it lags and a clock)."""
+    audio frame, an RTCP report or an ICE consent check waits on top of its time). The level is
+    the median of the last ``window`` samples (1 s), so one stall (a burst of messages, a
+    collection) moves nothing, while a loop that is late most of the time does. Past
+    ``high_ms`` the video ``stride`` grows by one (at most once per ``step_s``): every call
+    renders and sends only every ``stride``-th video frame (25, 12.5, 8.3, 6.25 fps at 25 fps),
+    which takes render, encode and packet work off the machine; once the level has stayed under
+    ``low_ms`` for ``calm_s``, the stride comes back down a step. ``observe`` is the rule alone
+    (tests feed it lags and a clock)."""
 
-    def __init__(self, *, high_ms: float = 15.0, low_ms: float = 4.0, max_stride: int = 4,
+    def __init__(self, *, high_ms: float = 10.0, low_ms: float = 3.0, max_stride: int = 4,
                  period_s: float = 0.05, step_s: float = 1.0, calm_s: float = 3.0,
-                 smoothing: float = 0.1) -> None:
+                 window: int = 20) -> None:
         self.high_ns = high_ms * 1e6
         self.low_ns = low_ms * 1e6
         self.max_stride = max(1, max_stride)
         self.period_s = period_s
         self.step_ns = int(step_s * 1e9)
         self.calm_ns = int(calm_s * 1e9)
-        self.smoothing = smoothing
         self.stride = 1
-        self.lag_ns = 0.0
+        self.level_ns = 0
         self.max_lag_ns = 0
         self.raised = 0  # times the stride went up
+        self._recent: deque[int] = deque(maxlen=max(1, window))
         self._changed_at: int | None = None
         self._calm_since: int | None = None
 
@@ -137,9 +140,11 @@ class LoadGovernor:
         self.max_lag_ns = max(self.max_lag_ns, lag_ns)
         if lag_ns >= STALL_NS:
             logger.info("event loop stalled %.0f ms", lag_ns / 1e6)
-        self.lag_ns += self.smoothing * (lag_ns - self.lag_ns)
+        self._recent.append(lag_ns)
+        ordered = sorted(self._recent)
+        self.level_ns = ordered[len(ordered) // 2]
         since_change = None if self._changed_at is None else now_ns - self._changed_at
-        if self.lag_ns > self.high_ns:
+        if self.level_ns > self.high_ns and len(self._recent) == self._recent.maxlen:
             self._calm_since = None
             if self.stride < self.max_stride and (
                 since_change is None or since_change >= self.step_ns
@@ -147,9 +152,9 @@ class LoadGovernor:
                 self.stride += 1
                 self.raised += 1
                 self._changed_at = now_ns
-                logger.info("event loop %.0f ms behind: video at 1/%d of its frames",
-                            self.lag_ns / 1e6, self.stride)
-        elif self.lag_ns < self.low_ns:
+                logger.info("event loop %.0f ms behind (median of 1 s): video at 1/%d of its "
+                            "frames", self.level_ns / 1e6, self.stride)
+        elif self.level_ns < self.low_ns:
             if self._calm_since is None:
                 self._calm_since = now_ns
             if self.stride > 1 and now_ns - self._calm_since >= self.calm_ns:
@@ -169,5 +174,8 @@ class LoadGovernor:
             self.observe(now - asked - int(self.period_s * 1e9), now)
 
     def info(self) -> dict[str, object]:
-        return {"video_stride": self.stride, "loop_lag_ms": round(self.lag_ns / 1e6, 1),
+        ordered = sorted(self._recent)
+        p90 = ordered[int(len(ordered) * 0.9)] if ordered else 0
+        return {"video_stride": self.stride, "loop_lag_ms": round(self.level_ns / 1e6, 1),
+                "loop_lag_p90_ms": round(p90 / 1e6, 1),
                 "max_loop_lag_ms": round(self.max_lag_ns / 1e6, 1), "raised": self.raised}
