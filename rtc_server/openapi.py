@@ -141,9 +141,10 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
         "Health": _obj(
             {"status": {"const": "ok"}, "sessions": INT, "lipsync": ANY_OBJ,
              "listening": BOOL, "replier": STR,
-             "load": {"type": ["object", "null"], "description": "video_stride, loop_lag_ms (median of 1 s), "
-                      "loop_lag_p90_ms, max_loop_lag_ms, raised (media.audio_first; null when "
-                      "off)"}},
+             "load": {"type": ["object", "null"],
+                      "description": "video_stride, loop_lag_ms (median of 1 s), "
+                      "loop_lag_p90_ms, max_loop_lag_ms, raised (media.audio_first; null "
+                      "when off)"}},
             ["status"],
         ),
         "IceServers": _obj(
