@@ -1,4 +1,5 @@
-"""Avatar assets (portrait + landmarks, optional idle loop video)."""
+"""Avatars: the built-in one, registration of your own (decode, face analysis, quality checks,
+idle loop, crops), the registry on disk, and the library of loaded avatars calls use."""
 
 from avatars.model import DEFAULT_AVATAR_DIR, Avatar, AvatarError, load_avatar_dir
 

@@ -1,4 +1,5 @@
-"""Media: the session clock, the compositor, frame rendering ahead of the clock, the tracks."""
+"""Media: the session clock, the compositor, frame rendering ahead of the clock, the aiortc
+tracks and encoders, and audio-first scheduling under overload (``priority``)."""
 
 from media_tracks.clock import VIDEO_CLOCK_RATE, VIDEO_TIME_BASE, ManualClock, MediaClock
 from media_tracks.compositor import Compositor, FramePlan, Scheduled, Segment

@@ -1,4 +1,6 @@
-"""The media pipeline: speech synthesis and lip-sync (later: VAD, STT, replier, render jobs)."""
+"""The pipeline a call and a render share: speech synthesis (bounded units, fair scheduling),
+lip-sync engines, VAD, speech to text, the replier, rendered clips and their jobs, and the
+checks every untrusted input passes (``inputs``)."""
 
 from pipeline.errors import AvatarServerError, BadRequest, NotFound, PipelineError, ServerFull
 from pipeline.tts import PiperTTS, SpeechAudio, TextToSpeech

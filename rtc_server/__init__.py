@@ -1,1 +1,2 @@
-"""The server: aiohttp app factory, signaling, sessions, and the headless bot client."""
+"""The server: the aiohttp app (signaling, REST, render and avatar routes, access control,
+observability), one session per call, the spoken conversation, and the headless bot client."""
