@@ -408,6 +408,13 @@ class AccessControl:
         return ok
 
     # --- the checks ----------------------------------------------------------------------------
+    def is_admin(self, request: web.Request) -> bool:
+        """Whether ``request`` may act as an admin (a valid API key; with none configured, a
+        client on this machine), without logging or answering anything."""
+        if not self._keys:
+            return _is_loopback(self.client(request))
+        return any(self._matches_key(p) for p in self._presented(request) if p is not None)
+
     def check_admin(self, request: web.Request, route: RouteKey) -> web.Response | None:
         client = self.client(request)
         what = f"{route[0]} {route[1]}"

@@ -247,6 +247,11 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "error": _ref("Error"),
                 "result": _ref("RenderResult"),
                 "cached": BOOL,
+                # given to the request that made or joined the job (202, 504): cancels it
+                "cancel_token": STR,
+                # a DELETE with a cancel token while other requests still wait for the job
+                "detached": BOOL,
+                "waiting": INT,
             },
             ["id", "status", "percent", "stage", "status_url", "ws_url"],
         ),
@@ -457,9 +462,24 @@ def _operations(settings: Settings) -> dict[str, dict[str, Any]]:
                     "parameters": [job_id],
                     "responses": {200: _json("The job.", _ref("Job")), 404: _error(404)}},
             "delete": {"tags": ["render"], "operationId": "cancel_job",
-                       "summary": "Cancel a job (its partial files are removed).",
-                       "parameters": [job_id],
-                       "responses": {200: _json("The job.", _ref("Job")), 404: _error(404)}},
+                       "summary": "Cancel a job with its cancel_token (detaches that request; "
+                       "the job stops when no request waits for it) or an admin key (the job "
+                       "stops; its partial files are removed).",
+                       "parameters": [
+                           job_id,
+                           {"name": "X-Cancel-Token", "in": "header", "required": False,
+                            "schema": {"type": "string", "maxLength": 256},
+                            "description": "The cancel_token the render request was given."},
+                           {"name": "token", "in": "query", "required": False,
+                            "schema": {"type": "string", "maxLength": 256},
+                            "description": "The cancel_token, for clients that cannot set "
+                            "headers."},
+                       ],
+                       "responses": {200: _json("The job (or, detached: still running for "
+                                                "the other requests).", _ref("Job")),
+                                     403: _error(403, "No cancel_token of this job and no "
+                                                      "admin key."),
+                                     404: _error(404)}},
         },
         "/v1/results/{key}/{name}": {"get": {
             "tags": ["render"], "operationId": "result_file", "summary": "A result file.",

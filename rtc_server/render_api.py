@@ -22,8 +22,10 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import hmac
 import json
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiohttp import BodyPartReader, WSMsgType, web
+from aiohttp import BodyPartReader, WSCloseCode, WSMsgType, web
 
 from avatars.library import AVATAR_ID_RE, BUILTIN_ID, AvatarLibrary
 from avatars.model import DEFAULT_AVATAR_DIR
@@ -54,6 +56,7 @@ from pipeline.render.spec import (
     RenderSpec,
 )
 from pipeline.tts import TextToSpeech
+from rtc_server.access import ACCESS
 from rtc_server.multipart import MALFORMED_MULTIPART, read_part
 
 logger = logging.getLogger(__name__)
@@ -104,6 +107,10 @@ class RenderService:
     uploads: Path
     # identical requests in flight share one job: cache key -> job id
     inflight: dict[str, str] = field(default_factory=dict)
+    # who may cancel a job: one secret per request that made or joined it (job id -> tokens)
+    waiters: dict[str, set[str]] = field(default_factory=dict)
+    # job WebSockets open now (told the final state and closed 1001 at shutdown)
+    sockets: dict[web.WebSocketResponse, str] = field(default_factory=dict)
     close_renderer: Callable[[], None] | None = None
     _avatar_digests: dict[str, tuple[float, str]] = field(default_factory=dict)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -157,6 +164,47 @@ class RenderService:
         return hashlib.sha256(blob).hexdigest()
 
     # --- jobs ---------------------------------------------------------------------------------
+    # --- cancel tokens ----------------------------------------------------------------------
+    def add_waiter(self, job_id: str) -> str:
+        """A new cancel token for one request that made or joined ``job_id``."""
+        token = secrets.token_urlsafe(24)
+        self.waiters.setdefault(job_id, set()).add(token)
+        return token
+
+    def waiter_of(self, job_id: str, given: str) -> str | None:
+        """The job's token equal to ``given`` (compared in constant time), or None."""
+        found = None
+        for token in self.waiters.get(job_id, ()):
+            if hmac.compare_digest(token.encode(), given.encode()):
+                found = token
+        return found
+
+    def remove_waiter(self, job_id: str, token: str) -> int:
+        """Detach one waiter; returns how many are left."""
+        left = self.waiters.get(job_id, set())
+        left.discard(token)
+        if not left:
+            self.waiters.pop(job_id, None)
+        return len(left)
+
+    async def close_sockets(self) -> None:
+        """Shutdown: every job WebSocket gets its job's last state, then a going-away close.
+        In-process jobs are cancelled first (they would be at cleanup anyway), so their
+        subscribers see the final ``cancelled``; Redis jobs go on elsewhere."""
+        sockets = list(self.sockets.items())
+        if self.settings.jobs.backend == "local":
+            for job_id in {job_id for _, job_id in sockets}:
+                with contextlib.suppress(Exception):
+                    await self.jobs.cancel(job_id)
+        for ws, job_id in sockets:
+            with contextlib.suppress(Exception):
+                state = await self.jobs.get(job_id)
+                if state is not None and not ws.closed:
+                    await ws.send_json({**job_body(state, self.cache, with_result=state.terminal),
+                                        "closing": "the server is shutting down"})
+            with contextlib.suppress(Exception):
+                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -198,6 +246,7 @@ class RenderService:
         finally:
             if self.inflight.get(key) == job_id:
                 del self.inflight[key]
+            self.waiters.pop(job_id, None)
             if upload is not None:
                 await asyncio.to_thread(upload.unlink, missing_ok=True)
 
@@ -214,6 +263,11 @@ class RenderService:
 
 
 RENDER_SERVICE = web.AppKey("render_service", RenderService)
+
+
+class Forbidden(AvatarServerError):
+    status = 403
+    code = "forbidden"
 
 
 # --- request parsing --------------------------------------------------------------------------
@@ -466,13 +520,22 @@ async def _answer(
             taken.append(upload)
         svc.inflight[key] = state.id
         svc.spawn(svc.follow(state.id, key, upload))
+    # this request's own right to cancel: a second identical request gets its own, and
+    # cancelling with it only detaches that request while others still wait for the job
+    token = svc.add_waiter(state.id)
     if req.run_async:
         return web.json_response(
-            {**job_body(state, svc.cache), "cached": False},
+            {**job_body(state, svc.cache), "cached": False, "cancel_token": token},
             status=202,
             headers={"Location": f"/v1/render/{state.id}"},
         )
-    state = await svc.jobs.wait(state.id, settings.render.sync_timeout_s)
+    keep = False  # a 504 hands the token on: the job goes on and may still be cancelled
+    try:
+        state = await svc.jobs.wait(state.id, settings.render.sync_timeout_s)
+        keep = not state.terminal
+    finally:
+        if not keep:
+            svc.remove_waiter(state.id, token)
     if state.status == "done":
         body = job_body(state, svc.cache)
         result = body.pop("result", {})
@@ -491,6 +554,7 @@ async def _answer(
             "detail": f"not finished after {settings.render.sync_timeout_s:g} s; the job "
             "goes on: follow its status_url",
             **job_body(state, svc.cache),
+            "cancel_token": token,
         },
         status=504,
     )
@@ -510,12 +574,29 @@ async def handle_get_job(request: web.Request) -> web.Response:
 
 
 async def handle_cancel_job(request: web.Request) -> web.Response:
+    """Cancel with the job's ``cancel_token`` (``X-Cancel-Token`` or ``?token=``): the request
+    it was given to stops waiting, and the job stops once no request waits for it; or with an
+    admin key (a client on this machine when none are set): the job stops."""
     svc = request.app[RENDER_SERVICE]
-    await _job_or_404(svc, request.match_info["job_id"])
-    state = await svc.jobs.cancel(request.match_info["job_id"])
-    if state is None:
+    job_id = request.match_info["job_id"]
+    state = await _job_or_404(svc, job_id)
+    given = request.headers.get("X-Cancel-Token") or request.query.get("token") or ""
+    token = svc.waiter_of(job_id, given[:256]) if given else None
+    if token is not None:
+        left = svc.remove_waiter(job_id, token)
+        if left:
+            return web.json_response({**job_body(state, svc.cache), "detached": True,
+                                      "waiting": left})
+    else:
+        access = request.app.get(ACCESS)
+        if access is None or not access.is_admin(request):
+            raise Forbidden("cancelling a render takes its cancel_token (X-Cancel-Token, given "
+                            "to the request that made or joined it) or an admin key")
+    cancelled = await svc.jobs.cancel(job_id)
+    if cancelled is None:
         raise NotFound("no such render job")
-    return web.json_response(job_body(state, svc.cache))
+    svc.waiters.pop(job_id, None)
+    return web.json_response(job_body(cancelled, svc.cache))
 
 
 async def handle_result_file(request: web.Request) -> web.StreamResponse:
@@ -549,6 +630,7 @@ async def handle_job_ws(request: web.Request) -> web.WebSocketResponse:
                 break
 
     reader = asyncio.ensure_future(drain())
+    svc.sockets[ws] = job_id
     try:
         async for state in svc.jobs.subscribe(job_id):
             if ws.closed:
@@ -557,6 +639,7 @@ async def handle_job_ws(request: web.Request) -> web.WebSocketResponse:
             if state.terminal:
                 break
     finally:
+        svc.sockets.pop(ws, None)
         reader.cancel()
         with contextlib.suppress(Exception):
             await ws.close()
@@ -626,3 +709,10 @@ def add_render_routes(app: web.Application) -> None:
     app.router.add_get("/cache/stats", handle_cache_stats)
     app.router.add_delete("/cache", handle_cache_clear)
     app.router.add_post("/cache/cleanup", handle_cache_cleanup)
+
+    async def close_job_sockets(app: web.Application) -> None:
+        svc = app.get(RENDER_SERVICE)
+        if svc is not None:
+            await svc.close_sockets()
+
+    app.on_shutdown.append(close_job_sockets)
