@@ -81,6 +81,22 @@ def sessions(url: str) -> dict[str, dict[str, Any]]:
     return {s["id"]: s for s in get_json(url + "/sessions")["sessions"]}
 
 
+async def keep_talking(bots: list[Any], seconds: float) -> None:
+    """Keep every bot's avatar talking for ``seconds``: a long ``say`` at the start, another
+    each time its avatar is back to listening."""
+    for b in bots:
+        b.send({"type": "say", "text": SPEECH})
+    seen = [0] * len(bots)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.25)
+        for i, b in enumerate(bots):
+            new = b.events[seen[i] :]
+            seen[i] = len(b.events)
+            if any(e.get("type") == "state" and e.get("state") == "listening" for e in new):
+                b.send({"type": "say", "text": SPEECH})
+
+
 async def client(url: str, n: int, seconds: float, speak: bool) -> None:
     """Hold n calls open (talking if ``speak``); print each bot's fps over the window."""
     from rtc_server.bot import Bot
@@ -91,19 +107,9 @@ async def client(url: str, n: int, seconds: float, speak: bool) -> None:
     for b in bots:
         await b.connect()
     if speak:
-        for b in bots:
-            b.send({"type": "say", "text": SPEECH})
-    seen = [0] * n
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        await asyncio.sleep(0.25)
-        if not speak:
-            continue
-        for i, b in enumerate(bots):
-            new = b.events[seen[i] :]
-            seen[i] = len(b.events)
-            if any(e.get("type") == "state" and e.get("state") == "listening" for e in new):
-                b.send({"type": "say", "text": SPEECH})
+        await keep_talking(bots, seconds)
+    else:
+        await asyncio.sleep(seconds)
     out = []
     for b in bots:
         s = b.summary(window=(WARMUP_S, seconds - 1))

@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from bench.capacity import SERVER_ENV, SPEECH, sessions, wait_empty, wait_sessions
+from bench.capacity import SERVER_ENV, keep_talking, sessions, wait_empty, wait_sessions
 from bench.common import ROOT, cpu_seconds, machine, print_table, start_server, write_result
 from bench.soak import get_json
 
@@ -38,17 +38,7 @@ async def client(url: str, n: int, seconds: float) -> None:
     bots = [Bot(url) for _ in range(n)]
     for b in bots:
         await b.connect()
-    for b in bots:
-        b.send({"type": "say", "text": SPEECH})
-    seen = [0] * n
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        await asyncio.sleep(0.25)
-        for i, b in enumerate(bots):
-            new = b.events[seen[i]:]
-            seen[i] = len(b.events)
-            if any(e.get("type") == "state" and e.get("state") == "listening" for e in new):
-                b.send({"type": "say", "text": SPEECH})
+    await keep_talking(bots, seconds)
     lo, hi = WARMUP_S, seconds - 1
     out = []
     for b in bots:

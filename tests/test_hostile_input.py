@@ -33,7 +33,7 @@ from rtc_server.avatars_api import AVATAR_API
 from rtc_server.bot import Bot
 from rtc_server.ice import use_host_candidates
 from rtc_server.session import Session
-from tests.fakes.peer import wait_until
+from tests.fakes.peer import QUIET_CALL, StubChannel, wait_until
 from tests.fakes.prepare import FakeAnalyzer, FakePrepare, FrameMedia, encode_image, portrait_rgb
 from tests.fakes.tts import ToneTTS
 from tests.test_openapi import ThreadedServer, fake_clip_render, fuzz_settings
@@ -44,17 +44,7 @@ ROUTES = ("/offer", "/v1/render")
 
 
 def app_settings(tmp_path: Path, **overrides: Any) -> Any:
-    base = {
-        "webrtc.host_candidates": "loopback",
-        "conversation.listen": False,
-        "media.video_width": 256,
-        "media.video_height": 256,
-        "sessions.max_call_s": 0,
-        "sessions.idle_timeout_s": 0,
-        "sessions.media_timeout_s": 0,
-        "avatars.data_dir": str(tmp_path / "data"),
-    }
-    base.update(overrides)
+    base = {**QUIET_CALL, "avatars.data_dir": str(tmp_path / "data"), **overrides}
     return load_settings(env={}, overrides=base)
 
 
@@ -156,21 +146,6 @@ async def test_multipart_numbers_out_of_range_are_400_naming_the_field(client, v
 
 
 # --- defect 3: control characters in text -------------------------------------------------------
-class StubChannel:
-    readyState = "open"
-    label = "control"
-
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
-
-    def send(self, raw: str) -> None:
-        assert len(raw) < 4096, "an event echoed too much of a message"
-        self.sent.append(json.loads(raw))
-
-    def on(self, *_: Any) -> None:
-        pass
-
-
 class PickyTTS(ToneTTS):
     """Fails like Piper does on a NUL (``ValueError: embedded null character``)."""
 
@@ -194,7 +169,7 @@ async def stub_session(avatar, tmp_path):
         settings_ = app_settings(tmp_path)
         session = Session(settings=settings_, avatar=avatar, tts=PickyTTS(),
                           lipsync=VisemeEngine(), render_executor=None, on_closed=lambda s: None)
-        channel = StubChannel()
+        channel = StubChannel(max_chars=4096)
         session._channel = channel  # type: ignore[assignment]
         made.append((session, session.pc))
         return session, channel
@@ -496,7 +471,7 @@ def test_generated_messages_never_raise_and_always_answer(raw, caplog):
     async def run() -> tuple[list[dict[str, Any]], list[str], list[int]]:
         session = Session(settings=MESSAGE_SETTINGS, avatar=AVATAR, tts=ToneTTS(),
                           lipsync=VisemeEngine(), render_executor=None, on_closed=lambda s: None)
-        channel = StubChannel()
+        channel = StubChannel(max_chars=4096)
         session._channel = channel  # type: ignore[assignment]
         chats: list[str] = []
         session.conversation.chat = chats.append  # type: ignore[method-assign]

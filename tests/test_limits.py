@@ -23,7 +23,7 @@ from rtc_server.app import SESSIONS, create_app
 from rtc_server.bot import Bot
 from rtc_server.ice import use_host_candidates
 from rtc_server.session import Session
-from tests.fakes.peer import wait_until
+from tests.fakes.peer import QUIET_CALL, StubChannel, wait_until
 from tests.fakes.tts import ToneTTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,22 +40,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.t += seconds
-
-
-class StubChannel:
-    """Stands in for the control data channel: records what is sent."""
-
-    readyState = "open"
-    label = "control"
-
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
-
-    def send(self, raw: str) -> None:
-        self.sent.append(json.loads(raw))
-
-    def on(self, *_: Any) -> None:
-        pass
 
 
 class StubPeer:
@@ -182,16 +166,7 @@ async def test_end_sends_closing_before_the_peer_is_closed(make_session):
 
 
 def app_with(**overrides: Any):
-    base = {
-        "webrtc.host_candidates": "loopback",
-        "conversation.listen": False,
-        "media.video_width": 256,
-        "media.video_height": 256,
-        "sessions.max_call_s": 0,
-        "sessions.idle_timeout_s": 0,
-        "sessions.media_timeout_s": 0,
-    }
-    base.update(overrides)
+    base = {**QUIET_CALL, **overrides}
     return create_app(load_settings(env={}, overrides=base), tts=ToneTTS())
 
 

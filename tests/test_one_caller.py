@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiortc import RTCPeerConnection
 
 from avatars.library import AvatarLibrary
 from config import load_settings
@@ -21,21 +20,12 @@ from rtc_server.app import SESSIONS, SLOTS, create_app
 from rtc_server.ice import use_host_candidates
 from rtc_server.session import Session
 from rtc_server.slots import SessionSlots, TooManyPending
-from tests.fakes.peer import wait_until
+from tests.fakes.peer import QUIET_CALL, StubChannel, offer_sdp, wait_until
 from tests.fakes.tts import ToneTTS
 
 
 def app_with(**overrides: Any):
-    base = {
-        "webrtc.host_candidates": "loopback",
-        "conversation.listen": False,
-        "media.video_width": 128,
-        "media.video_height": 128,
-        "sessions.max_call_s": 0,
-        "sessions.idle_timeout_s": 0,
-        "sessions.media_timeout_s": 0,
-    }
-    base.update(overrides)
+    base = {**QUIET_CALL, "media.video_width": 128, "media.video_height": 128, **overrides}
     return create_app(load_settings(env={}, overrides=base), tts=ToneTTS())
 
 
@@ -61,16 +51,6 @@ def test_slots_count_pending_per_client_and_overall_then_live():
 
 
 # --- offers -------------------------------------------------------------------------------------
-async def make_offer() -> tuple[RTCPeerConnection, str]:
-    """A real browser-like offer from a peer that will never apply the answer."""
-    pc = RTCPeerConnection()
-    pc.addTransceiver("audio", direction="sendrecv")
-    pc.addTransceiver("video", direction="recvonly")
-    pc.createDataChannel("control")
-    await pc.setLocalDescription(await pc.createOffer())
-    return pc, pc.localDescription.sdp
-
-
 @pytest.mark.e2e
 @pytest.mark.timeout(90)
 async def test_simultaneous_offers_never_pass_the_call_limit(loopback_only, aiohttp_client):
@@ -78,7 +58,7 @@ async def test_simultaneous_offers_never_pass_the_call_limit(loopback_only, aioh
     app = app_with(**{"sessions.max_concurrent": 3, "sessions.max_pending": 20,
                       "sessions.max_pending_per_client": 20})
     client = await aiohttp_client(app)
-    peers = [await make_offer() for _ in range(6)]
+    peers = [await offer_sdp() for _ in range(6)]
     try:
         answers = await asyncio.gather(*(
             client.post("/offer", json={"sdp": sdp, "type": "offer"}) for _, sdp in peers))
@@ -100,7 +80,7 @@ async def test_offers_that_never_connect_render_nothing_and_have_their_own_limit
     app = app_with(**{"sessions.connect_timeout_s": 2, "sessions.max_pending": 3,
                       "sessions.max_pending_per_client": 2})
     client = await aiohttp_client(app)
-    peers = [await make_offer() for _ in range(3)]
+    peers = [await offer_sdp() for _ in range(3)]
     try:
         first = [await client.post("/offer", json={"sdp": sdp, "type": "offer"})
                  for _, sdp in peers[:2]]
@@ -135,20 +115,6 @@ async def test_a_refused_offer_gives_its_slot_back(aiohttp_client):
 
 
 # --- clapper ------------------------------------------------------------------------------------
-class StubChannel:
-    readyState = "open"
-    label = "control"
-
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
-
-    def send(self, raw: str) -> None:
-        self.sent.append(json.loads(raw))
-
-    def on(self, *_: Any) -> None:
-        pass
-
-
 @pytest.fixture
 async def session():
     from concurrent.futures import ThreadPoolExecutor
