@@ -1,20 +1,32 @@
 """The avatars a server can put on a call, loaded once and shared by every session.
 
 A loaded avatar holds its prepared ``FaceRenderer`` (thread-safe, precomputed); each session
-gets its own ``IdleTimeline`` so blinks are not in lock-step across calls."""
+gets its own ``IdleTimeline`` so blinks are not in lock-step across calls.
+
+Avatars load on first use and stay while the memory they hold (their frames, crops and masks:
+``avatar_bytes``) fits ``budget_bytes``; past it the least recently used are dropped. One a
+call holds (:meth:`AvatarLibrary.acquire` until :meth:`~AvatarLibrary.release`) is never
+dropped: the library may then be over its budget until the call ends."""
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import threading
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from avatars.model import DEFAULT_AVATAR_DIR, Avatar, AvatarError, load_avatar_dir
 from avatars.store import AvatarStore
 from media_tracks.idle import FaceRenderer, IdleTimeline
 from pipeline.errors import NotFound
+
+logger = logging.getLogger(__name__)
 
 BUILTIN_ID = "default"
 # Ids are the built-in "default" or server-generated ("av_" + 12 hex digits, see
@@ -32,19 +44,52 @@ class LoadedAvatar:
         return IdleTimeline(seed=secrets.randbits(32))
 
 
+def _array_bytes(value: Any, seen: set[int], depth: int = 0) -> int:
+    if id(value) in seen or depth > 4:
+        return 0
+    seen.add(id(value))
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    if isinstance(value, list | tuple):
+        return sum(_array_bytes(v, seen, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return sum(_array_bytes(v, seen, depth + 1) for v in value.values())
+    fields = getattr(value, "__dict__", None)
+    if fields is None and hasattr(value, "__slots__"):
+        fields = {k: getattr(value, k, None) for k in value.__slots__}
+    if isinstance(fields, dict) and not isinstance(value, type):
+        return sum(_array_bytes(v, seen, depth + 1) for v in fields.values())
+    return 0
+
+
+def avatar_bytes(loaded: LoadedAvatar) -> int:
+    """The memory a loaded avatar holds in arrays (its frames, landmarks, and what its face
+    renderer precomputed), counted once each."""
+    seen: set[int] = set()
+    return _array_bytes(loaded.avatar, seen) + _array_bytes(loaded.face, seen)
+
+
 class AvatarLibrary:
     """Looks avatars up by id: the built-in ``default`` and the avatars registered in the
     store (``<data_dir>/registry.sqlite3`` + ``<data_dir>/avatars/<id>/``). Loading is
     blocking: call it from an executor."""
 
     def __init__(
-        self, *, data_dir: Path, width: int, height: int, store: AvatarStore | None = None
+        self, *, data_dir: Path, width: int, height: int, store: AvatarStore | None = None,
+        budget_bytes: int | None = None,
     ) -> None:
+        """``budget_bytes``: the memory loaded avatars may hold before the least recently
+        used ones no call holds are dropped (None: no limit)."""
         self._store = store if store is not None else AvatarStore(data_dir)
         self._width = width
         self._height = height
-        self._loaded: dict[str, LoadedAvatar] = {}
-        self._lock = threading.Lock()
+        self.budget_bytes = budget_bytes
+        self._loaded: OrderedDict[str, LoadedAvatar] = OrderedDict()  # least recent first
+        self._sizes: dict[str, int] = {}
+        self._leases: Counter[str] = Counter()
+        self._pinned: set[str] = set()
+        self.evicted = 0
+        self._lock = threading.RLock()
 
     @property
     def store(self) -> AvatarStore:
@@ -69,6 +114,7 @@ class AvatarLibrary:
         with self._lock:
             loaded = self._loaded.get(avatar_id)
             if loaded is not None:
+                self._loaded.move_to_end(avatar_id)
                 return loaded
             folder = self._folder(avatar_id)
             if folder is None:
@@ -81,9 +127,63 @@ class AvatarLibrary:
                 raise
             loaded = LoadedAvatar(avatar_id, avatar, FaceRenderer(avatar))
             self._loaded[avatar_id] = loaded
+            self._sizes[avatar_id] = avatar_bytes(loaded)
+            self._evict(keep=avatar_id)
             return loaded
+
+    def acquire(self, avatar_id: str) -> LoadedAvatar:
+        """:meth:`get`, held for a call: never dropped until :meth:`release` (blocking)."""
+        with self._lock:
+            loaded = self.get(avatar_id)
+            self._leases[avatar_id] += 1
+            return loaded
+
+    def pin(self, avatar_id: str) -> None:
+        """Keep ``avatar_id`` loaded whatever the budget (the server's default avatar)."""
+        with self._lock:
+            self._pinned.add(avatar_id)
+
+    def release(self, avatar_id: str) -> None:
+        """A call no longer holds ``avatar_id``; the budget applies to it again."""
+        with self._lock:
+            if self._leases[avatar_id] > 0:
+                self._leases[avatar_id] -= 1
+            if self._leases[avatar_id] <= 0:
+                del self._leases[avatar_id]
+            self._evict()
 
     def forget(self, avatar_id: str) -> None:
         """Drop a loaded avatar (after it was deleted); sessions holding it keep their copy."""
         with self._lock:
             self._loaded.pop(avatar_id, None)
+            self._sizes.pop(avatar_id, None)
+
+    @property
+    def loaded_bytes(self) -> int:
+        return sum(self._sizes.values())
+
+    def loaded_ids(self) -> list[str]:
+        """The avatars in memory, least recently used first."""
+        with self._lock:
+            return list(self._loaded)
+
+    def stats(self) -> dict[str, object]:
+        with self._lock:
+            return {"loaded": len(self._loaded), "bytes": self.loaded_bytes,
+                    "budget_bytes": self.budget_bytes, "in_use": sorted(self._leases),
+                    "evicted": self.evicted}
+
+    def _evict(self, keep: str | None = None) -> None:
+        """Drop least recently used avatars no call holds until the rest fit the budget."""
+        if self.budget_bytes is None:
+            return
+        for avatar_id in list(self._loaded):
+            if self.loaded_bytes <= self.budget_bytes:
+                return
+            if avatar_id == keep or avatar_id in self._pinned or self._leases.get(avatar_id, 0):
+                continue
+            del self._loaded[avatar_id]
+            size = self._sizes.pop(avatar_id, 0)
+            self.evicted += 1
+            logger.info("avatar %s unloaded (%.0f MB; avatars.memory_budget_mb)", avatar_id,
+                        size / 1e6)

@@ -237,25 +237,48 @@ def _fit_side(rgb: Rgb, max_side: int) -> Rgb:
     return np.ascontiguousarray(_even(rgb), dtype=np.uint8)
 
 
+# Strips of this many rows are converted at a time: float temporaries stay a few MB whatever
+# the image's size.
+_STRIP_ROWS = 64
+# A still whose full decode (with alpha, at 16 bits where it has them) would pass this is
+# decoded straight to 8-bit colour instead (any transparency is then dropped): the decode of a
+# 49-megapixel 16-bit RGBA PNG alone would take 392 MB.
+MAX_DECODE_BYTES = 160 * 1024 * 1024
+
+
 def _to_rgb8(img: npt.NDArray[Any]) -> Rgb:
-    """OpenCV's decode (BGR/BGRA/gray, 8 or 16 bit) → RGB uint8; alpha over white."""
-    if img.dtype == np.uint16:
-        img = (img >> 8).astype(np.uint8)
-    elif img.dtype != np.uint8:
+    """OpenCV's decode (BGR/BGRA/gray, 8 or 16 bit) → RGB uint8; alpha over white. Converted
+    strip by strip: the only full-size allocation is the 8-bit result."""
+    if img.dtype not in (np.uint8, np.uint16):
         raise UnsupportedMedia(f"unsupported sample type {img.dtype}")
-    if img.ndim == 2:
-        return np.asarray(cv2.cvtColor(img, cv2.COLOR_GRAY2RGB), dtype=np.uint8)
-    channels = img.shape[2]
-    if channels == 1:
-        return np.asarray(cv2.cvtColor(img, cv2.COLOR_GRAY2RGB), dtype=np.uint8)
-    if channels == 3:
-        return np.asarray(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), dtype=np.uint8)
-    if channels == 4:
-        alpha = img[:, :, 3:4].astype(np.float32) / 255.0
-        bgr = img[:, :, :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
-        out = np.clip(bgr + 0.5, 0, 255).astype(np.uint8)
-        return np.asarray(cv2.cvtColor(out, cv2.COLOR_BGR2RGB), dtype=np.uint8)
-    raise UnsupportedMedia(f"unsupported channel count {channels}")
+    if img.ndim == 3 and img.shape[2] not in (1, 3, 4):
+        raise UnsupportedMedia(f"unsupported channel count {img.shape[2]}")
+    h, w = img.shape[:2]
+    out = np.empty((h, w, 3), dtype=np.uint8)
+    for top in range(0, h, _STRIP_ROWS):
+        strip = img[top : top + _STRIP_ROWS]
+        if strip.dtype == np.uint16:
+            strip = (strip >> 8).astype(np.uint8)
+        if strip.ndim == 2 or strip.shape[2] == 1:
+            rgb = cv2.cvtColor(strip, cv2.COLOR_GRAY2RGB)
+        elif strip.shape[2] == 3:
+            rgb = cv2.cvtColor(strip, cv2.COLOR_BGR2RGB)
+        else:
+            alpha = strip[:, :, 3:4].astype(np.float32) / 255.0
+            bgr = strip[:, :, :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+            rgb = cv2.cvtColor(np.clip(bgr + 0.5, 0, 255).astype(np.uint8), cv2.COLOR_BGR2RGB)
+        out[top : top + _STRIP_ROWS] = rgb
+    return out
+
+
+def _png_decode_bytes(data: bytes, width: int, height: int) -> int:
+    """What OpenCV's unchanged decode of a PNG needs: samples per pixel × bytes per sample
+    from the header (colour type, bit depth); 4 × 2 when the header cannot tell."""
+    if len(data) < 26 or data[12:16] != b"IHDR":
+        return width * height * 8
+    depth, colour = data[24], data[25]
+    channels = {0: 1, 2: 3, 3: 4, 4: 4, 6: 4}.get(colour, 4)  # palette, gray+alpha -> BGRA
+    return width * height * channels * (2 if depth == 16 else 1)
 
 
 _JPEG_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
@@ -282,6 +305,11 @@ def _decode_still(data: bytes, sniffed: Sniffed, *, max_side: int) -> DecodedMed
         flags = _JPEG_REDUCED[factor]  # IMREAD_COLOR variants also apply EXIF orientation
     elif width * height > MAX_SOURCE_PIXELS:
         raise _too_large(sniffed.label, width, height)
+    else:
+        full = (_png_decode_bytes(data, width, height) if sniffed.mime == "image/png"
+                else width * height * 4)
+        if full > MAX_DECODE_BYTES:
+            flags = cv2.IMREAD_COLOR  # 8-bit BGR: 3 bytes a pixel, no 16-bit, no alpha
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
         img = cv2.imdecode(buf, flags)

@@ -177,6 +177,7 @@ class AvatarSettings:
     max_video_s: float
     min_face_px: int
     multiple_face_ratio: float
+    memory_budget_mb: int
     analyzer: FaceAnalyzerBackend
     insightface_root: str | None
     crop_size: int
@@ -840,6 +841,7 @@ def _avatars(s: _Section) -> AvatarSettings:
         max_video_s=s.get_float("max_video_s", 0, 600, lo_open=True),
         min_face_px=s.get_int("min_face_px", 16, 4096),
         multiple_face_ratio=s.get_float("multiple_face_ratio", 0.01, 1.0),
+        memory_budget_mb=s.get_int("memory_budget_mb", 16),
         analyzer=s.get_choice("analyzer", get_args(FaceAnalyzerBackend)),
         insightface_root=s.get_optional_str("insightface_root"),
         crop_size=crop_size,

@@ -228,7 +228,8 @@ async def _answer_offer(request: web.Request, sdp: str, avatar_id: str, slot: Sl
     library = app[AVATARS]
     loop = asyncio.get_running_loop()
     try:
-        avatar = await loop.run_in_executor(app[RENDER_POOL], library.get, avatar_id)
+        # held for the call: never unloaded under it (avatars.memory_budget_mb)
+        avatar = await loop.run_in_executor(app[RENDER_POOL], library.acquire, avatar_id)
     except AvatarError as exc:  # registered, but its files are damaged or gone
         logger.error("avatar %s could not be loaded: %s", avatar_id, exc)
         raise AvatarUnavailable(
@@ -237,23 +238,28 @@ async def _answer_offer(request: web.Request, sdp: str, avatar_id: str, slot: Sl
 
     def closed(s: Session) -> None:
         slot.release()
+        library.release(avatar_id)
         _forget(sessions, s)
 
-    session = Session(
-        settings=settings,
-        avatar=avatar,
-        tts=app[TTS],
-        lipsync=app[LIPSYNC],
-        render_executor=app[RENDER_POOL],
-        stt=app[STT],
-        vad_model=app[VAD],
-        replier=app[REPLIER](),  # type: ignore[operator]
-        on_closed=closed,
-        on_connected=lambda s: slot.connected(),
-        governor=app.get(GOVERNOR),
-        on_event=session_event_hook(app),
-        fallback_lipsync=app[FALLBACK_LIPSYNC],  # type: ignore[arg-type]
-    )
+    try:
+        session = Session(
+            settings=settings,
+            avatar=avatar,
+            tts=app[TTS],
+            lipsync=app[LIPSYNC],
+            render_executor=app[RENDER_POOL],
+            stt=app[STT],
+            vad_model=app[VAD],
+            replier=app[REPLIER](),  # type: ignore[operator]
+            on_closed=closed,
+            on_connected=lambda s: slot.connected(),
+            governor=app.get(GOVERNOR),
+            on_event=session_event_hook(app),
+            fallback_lipsync=app[FALLBACK_LIPSYNC],  # type: ignore[arg-type]
+        )
+    except BaseException:
+        library.release(avatar_id)
+        raise
     # this task's context, copied into every task created from here on (the session's and
     # aiortc's for this peer connection): their log records carry the session id
     bind_session(session.id)
@@ -409,7 +415,9 @@ def create_app(
             width=media.video_width,
             height=media.video_height,
             store=store,
+            budget_bytes=settings.avatars.memory_budget_mb * 1024 * 1024,
         )
+        library.pin(settings.avatars.default)
         app[AVATARS] = library
         registration = RegistrationService(
             store, settings.avatars, prepare=prepare, analyzer_factory=analyzer_factory

@@ -473,10 +473,8 @@ def readiness(app: web.Application) -> dict[str, bool]:
     draining = app.get(keys.DRAINING)
     checks["accepting"] = not (isinstance(draining, asyncio.Event) and draining.is_set())
     library = app.get(keys.AVATARS)
-    loaded = getattr(library, "_loaded", None)  # AvatarLibrary's loaded avatars by id
-    checks["default_avatar"] = (
-        settings is not None and isinstance(loaded, dict) and settings.avatars.default in loaded
-    )
+    loaded = library.loaded_ids() if library is not None else []
+    checks["default_avatar"] = settings is not None and settings.avatars.default in loaded
     checks["tts"] = app.get(keys.TTS) is not None
     checks["lipsync"] = app.get(keys.LIPSYNC) is not None
     if settings is not None and settings.conversation.listen:
@@ -582,6 +580,8 @@ async def handle_health_detailed(request: web.Request) -> web.Response:
                 "live": len(_sessions(app)),
                 "max": settings.sessions.max_concurrent if settings is not None else None,
             },
+            # loaded avatars against avatars.memory_budget_mb; those calls hold
+            "avatars": library.stats() if (library := app.get(keys.AVATARS)) else None,
         }
     )
 

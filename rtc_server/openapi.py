@@ -175,6 +175,8 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "tts": {"type": ["object", "null"]},
                 "pools": ANY_OBJ,
                 "sessions": _obj({"live": INT, "max": {"type": ["integer", "null"]}}),
+                "avatars": {"type": ["object", "null"], "description": "loaded, bytes, "
+                            "budget_bytes (avatars.memory_budget_mb), in_use, evicted"},
             },
             ["status", "process"],
         ),

@@ -283,7 +283,7 @@ async def test_health_detailed_has_the_documented_shape(aiohttp_client, tmp_path
     assert r.status == 200
     body = await r.json()
     assert set(body) == {"status", "uptime_s", "version", "process", "system", "lipsync", "stt",
-                         "tts", "pools", "sessions"}
+                         "tts", "pools", "sessions", "avatars"}
     assert body["status"] == "ok" and body["uptime_s"] >= 0 and body["version"]
     proc = body["process"]
     assert set(proc) == {"pid", "rss_bytes", "cpu_percent", "threads", "asyncio_tasks",
@@ -300,6 +300,9 @@ async def test_health_detailed_has_the_documented_shape(aiohttp_client, tmp_path
     assert body["pools"]["render"]["workers"] >= 2 and body["pools"]["render"]["pending"] >= 0
     assert body["pools"]["jobs"]["backend"] == "local"
     assert body["sessions"] == {"live": 0, "max": 3}
+    avatars = body["avatars"]
+    assert avatars["loaded"] >= 1 and avatars["bytes"] > 0 and avatars["in_use"] == []
+    assert avatars["budget_bytes"] == 512 * 1024 * 1024
     again = await (await client.get("/health/detailed")).json()
     assert again["uptime_s"] >= body["uptime_s"]
 
