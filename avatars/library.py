@@ -72,7 +72,9 @@ def avatar_bytes(loaded: LoadedAvatar) -> int:
 class AvatarLibrary:
     """Looks avatars up by id: the built-in ``default`` and the avatars registered in the
     store (``<data_dir>/registry.sqlite3`` + ``<data_dir>/avatars/<id>/``). Loading is
-    blocking: call it from an executor."""
+    blocking: call it from an executor. One avatar loads at a time; an avatar already loaded,
+    ``release``, ``stats`` and ``loaded_ids`` never wait for a load (they are safe on the
+    event loop)."""
 
     def __init__(
         self, *, data_dir: Path, width: int, height: int, store: AvatarStore | None = None,
@@ -89,7 +91,8 @@ class AvatarLibrary:
         self._leases: Counter[str] = Counter()
         self._pinned: set[str] = set()
         self.evicted = 0
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the fields above; never held while loading
+        self._load_lock = threading.Lock()  # one load at a time
 
     @property
     def store(self) -> AvatarStore:
@@ -107,36 +110,98 @@ class AvatarLibrary:
             return False
         return avatar_id in self._loaded or self._folder(avatar_id) is not None
 
-    def get(self, avatar_id: str) -> LoadedAvatar:
-        """The loaded avatar, loading it on first use. Raises NotFound for unknown ids."""
-        if not AVATAR_ID_RE.fullmatch(avatar_id):
-            raise NotFound(f"no avatar with id {avatar_id[:40]!r}")
+    def _cached(self, avatar_id: str) -> LoadedAvatar | None:
         with self._lock:
             loaded = self._loaded.get(avatar_id)
             if loaded is not None:
                 self._loaded.move_to_end(avatar_id)
-                return loaded
-            folder = self._folder(avatar_id)
-            if folder is None:
-                raise NotFound(f"no avatar with id {avatar_id!r}")
-            try:
-                avatar = load_avatar_dir(folder, width=self._width, height=self._height)
-            except AvatarError:
-                if self._folder(avatar_id) is None:  # deleted while loading
-                    raise NotFound(f"no avatar with id {avatar_id!r}") from None
-                raise
-            loaded = LoadedAvatar(avatar_id, avatar, FaceRenderer(avatar))
-            self._loaded[avatar_id] = loaded
-            self._sizes[avatar_id] = avatar_bytes(loaded)
-            self._evict(keep=avatar_id)
             return loaded
+
+    def get(self, avatar_id: str) -> LoadedAvatar:
+        """The loaded avatar, loading it on first use. Raises NotFound for unknown ids."""
+        if not AVATAR_ID_RE.fullmatch(avatar_id):
+            raise NotFound(f"no avatar with id {avatar_id[:40]!r}")
+        loaded = self._cached(avatar_id)
+        if loaded is not None:
+            return loaded
+        with self._load_lock:
+            loaded = self._cached(avatar_id)  # loaded by another thread meanwhile
+            if loaded is not None:
+                return loaded
+            return self._load(avatar_id, keep=True)
+
+    def _load(self, avatar_id: str, *, keep: bool) -> LoadedAvatar:
+        """Load (holding ``_load_lock``): room is made first from the size the registry
+        implies, then the avatar is counted at its measured size. ``keep``: stay loaded even
+        when over the budget (the caller is about to use it)."""
+        folder = self._folder(avatar_id)
+        if folder is None:
+            raise NotFound(f"no avatar with id {avatar_id!r}")
+        need = self._estimate(avatar_id) or 0
+        with self._lock:
+            self._evict(need=need)
+        try:
+            avatar = load_avatar_dir(folder, width=self._width, height=self._height)
+        except AvatarError:
+            if self._folder(avatar_id) is None:  # deleted while loading
+                raise NotFound(f"no avatar with id {avatar_id!r}") from None
+            raise
+        loaded = LoadedAvatar(avatar_id, avatar, FaceRenderer(avatar))
+        size = avatar_bytes(loaded)
+        with self._lock:
+            self._loaded[avatar_id] = loaded
+            self._sizes[avatar_id] = size
+            self._evict(keep=avatar_id if keep else None)
+        return loaded
+
+    def _estimate(self, avatar_id: str) -> int | None:
+        """Bytes the avatar's frames will take at the output size, from the registry (None:
+        unknown). Registered videos hold their loop frames and the still image."""
+        frame = self._width * self._height * 3
+        if avatar_id == BUILTIN_ID:
+            return frame
+        record = self._store.get(avatar_id)
+        if record is None:
+            return None
+        return frame * (record.frames + 1 if record.frames > 1 else 1)
+
+    def preload(self, avatar_id: str) -> bool:
+        """Load ``avatar_id`` ahead of its first call if it fits the budget beside the
+        avatars calls hold (and the default); other unused ones make room, least recently
+        used first. True when it is loaded afterwards. Blocking, like :meth:`get`."""
+        if not AVATAR_ID_RE.fullmatch(avatar_id):
+            raise NotFound(f"no avatar with id {avatar_id[:40]!r}")
+        if self._cached(avatar_id) is not None:
+            return True
+        with self._load_lock:
+            if self._cached(avatar_id) is not None:
+                return True
+            need = self._estimate(avatar_id)
+            with self._lock:
+                held = sum(size for key, size in self._sizes.items() if self._kept(key))
+                budget = self.budget_bytes
+            if budget is not None and need is not None and held + need > budget:
+                logger.info("avatar %s not preloaded: %.0f MB does not fit "
+                            "avatars.memory_budget_mb beside %.0f MB in use", avatar_id,
+                            need / 1e6, held / 1e6)
+                return False
+            self._load(avatar_id, keep=False)
+        with self._lock:
+            return avatar_id in self._loaded
 
     def acquire(self, avatar_id: str) -> LoadedAvatar:
         """:meth:`get`, held for a call: never dropped until :meth:`release` (blocking)."""
+        loaded = self.get(avatar_id)
         with self._lock:
-            loaded = self.get(avatar_id)
             self._leases[avatar_id] += 1
-            return loaded
+            dropped = avatar_id not in self._loaded
+        if dropped and self._folder(avatar_id) is not None:  # unloaded, not deleted, meanwhile
+            size = avatar_bytes(loaded)
+            with self._lock:
+                if avatar_id not in self._loaded:  # counted again while the call holds it
+                    self._loaded[avatar_id] = loaded
+                    self._sizes[avatar_id] = size
+        return loaded
 
     def pin(self, avatar_id: str) -> None:
         """Keep ``avatar_id`` loaded whatever the budget (the server's default avatar)."""
@@ -160,7 +225,8 @@ class AvatarLibrary:
 
     @property
     def loaded_bytes(self) -> int:
-        return sum(self._sizes.values())
+        with self._lock:
+            return sum(self._sizes.values())
 
     def loaded_ids(self) -> list[str]:
         """The avatars in memory, least recently used first."""
@@ -173,14 +239,19 @@ class AvatarLibrary:
                     "budget_bytes": self.budget_bytes, "in_use": sorted(self._leases),
                     "evicted": self.evicted}
 
-    def _evict(self, keep: str | None = None) -> None:
-        """Drop least recently used avatars no call holds until the rest fit the budget."""
+    def _kept(self, avatar_id: str) -> bool:
+        """Pinned, or held by a call: never dropped."""
+        return avatar_id in self._pinned or self._leases.get(avatar_id, 0) > 0
+
+    def _evict(self, keep: str | None = None, need: int = 0) -> None:
+        """Drop least recently used avatars no call holds until the rest, and ``need`` bytes
+        more, fit the budget (holding ``_lock``)."""
         if self.budget_bytes is None:
             return
         for avatar_id in list(self._loaded):
-            if self.loaded_bytes <= self.budget_bytes:
+            if self.loaded_bytes + need <= self.budget_bytes:
                 return
-            if avatar_id == keep or avatar_id in self._pinned or self._leases.get(avatar_id, 0):
+            if avatar_id == keep or self._kept(avatar_id):
                 continue
             del self._loaded[avatar_id]
             size = self._sizes.pop(avatar_id, 0)

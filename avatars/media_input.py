@@ -45,7 +45,9 @@ SUPPORTED = "JPEG, PNG, WebP, GIF, MP4, MOV or WebM"
 MAX_SOURCE_PIXELS = 50_000_000
 DEFAULT_MAX_SIDE = 1280
 DEFAULT_MAX_FPS = 30.0
-DEFAULT_MAX_FRAMES_BYTES = 768 * 1024 * 1024
+# A video's decoded frames together (they are all held until the avatar is stored): 10 s
+# at 25 fps keep 955x537 of a 1280x720 source, more than a 512x512 call needs.
+DEFAULT_MAX_FRAMES_BYTES = 384 * 1024 * 1024
 # Container durations are rounded; this much over the limit is still accepted.
 _DURATION_SLACK_S = 0.05
 
@@ -228,13 +230,18 @@ def _even(rgb: Rgb) -> Rgb:
     return rgb[: h - h % 2, : w - w % 2]
 
 
+def _shrink(img: npt.NDArray[Any], max_side: int) -> npt.NDArray[Any]:
+    """``img`` (any sample type) area-averaged down to ``max_side`` on its long side."""
+    h, w = img.shape[:2]
+    if max(h, w) <= max_side:
+        return img
+    scale = max_side / max(h, w)
+    size = (max(2, round(w * scale)), max(2, round(h * scale)))
+    return np.asarray(cv2.resize(img, size, interpolation=cv2.INTER_AREA))
+
+
 def _fit_side(rgb: Rgb, max_side: int) -> Rgb:
-    h, w = rgb.shape[:2]
-    if max(h, w) > max_side:
-        scale = max_side / max(h, w)
-        size = (max(2, round(w * scale)), max(2, round(h * scale)))
-        rgb = np.asarray(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), dtype=np.uint8)
-    return np.ascontiguousarray(_even(rgb), dtype=np.uint8)
+    return np.ascontiguousarray(_even(_shrink(rgb, max_side)), dtype=np.uint8)
 
 
 # Strips of this many rows are converted at a time: float temporaries stay a few MB whatever
@@ -310,6 +317,10 @@ def _decode_still(data: bytes, sniffed: Sniffed, *, max_side: int) -> DecodedMed
                 else width * height * 4)
         if full > MAX_DECODE_BYTES:
             flags = cv2.IMREAD_COLOR  # 8-bit BGR: 3 bytes a pixel, no 16-bit, no alpha
+            if max(width, height) // 2 >= max_side:
+                # halved inside OpenCV (bilinear): its full-size 8-bit buffer is then not
+                # copied out whole (7000x7000: a 178 MB peak instead of 283 MB)
+                flags = cv2.IMREAD_REDUCED_COLOR_2
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
         img = cv2.imdecode(buf, flags)
@@ -321,6 +332,9 @@ def _decode_still(data: bytes, sniffed: Sniffed, *, max_side: int) -> DecodedMed
         raise UnsupportedMedia(
             f"detected {sniffed.label}, but it does not decode (truncated or damaged?)"
         )
+    if img.ndim == 2 or img.shape[2] < 4:
+        # no alpha: scale down first, so the colour conversion makes no full-size copy
+        img = _shrink(img, max_side)
     rgb = _fit_side(_to_rgb8(img), max_side)
     if rgb.shape[0] < 2 or rgb.shape[1] < 2:
         raise UnsupportedMedia(f"detected {sniffed.label} too small to use ({width}x{height})")

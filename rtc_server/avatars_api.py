@@ -85,14 +85,16 @@ class AvatarApi:
 
     def warm(self, avatar_id: str) -> None:
         """Load a just-registered avatar in the background, so its first call starts as fast
-        as any other (a 10 s video loop takes seconds to decode and fit). A delete meanwhile
-        (:meth:`unwarm`) makes the preload stop or drop its result without an error."""
+        as any other (a 10 s video loop takes seconds to decode and fit), when it fits
+        ``avatars.memory_budget_mb`` beside the avatars calls hold (``library.preload``). A
+        delete meanwhile (:meth:`unwarm`) makes the preload stop or drop its result without
+        an error."""
 
         def load() -> None:
             if avatar_id in self._deleted:
                 return
             try:
-                self.library.get(avatar_id)
+                self.library.preload(avatar_id)
             except Exception:  # noqa: BLE001 - a call would report it; here only log
                 if avatar_id in self._deleted or self.store.get(avatar_id) is None:
                     logger.debug("avatar %s was deleted while preloading", avatar_id)
