@@ -226,10 +226,14 @@ async def _answer_offer(request: web.Request, sdp: str, avatar_id: str, slot: Sl
     settings = app[SETTINGS]
     sessions: dict[str, Session] = app[SESSIONS]
     library = app[AVATARS]
-    loop = asyncio.get_running_loop()
+    # held for the call: never unloaded under it (avatars.memory_budget_mb)
+    loading = app[RENDER_POOL].submit(library.acquire, avatar_id)
     try:
-        # held for the call: never unloaded under it (avatars.memory_budget_mb)
-        avatar = await loop.run_in_executor(app[RENDER_POOL], library.acquire, avatar_id)
+        avatar = await asyncio.wrap_future(loading)
+    except asyncio.CancelledError:  # the offer went away while the avatar loaded: let go of it
+        loading.add_done_callback(
+            lambda f: None if f.cancelled() or f.exception() else library.release(avatar_id))
+        raise
     except AvatarError as exc:  # registered, but its files are damaged or gone
         logger.error("avatar %s could not be loaded: %s", avatar_id, exc)
         raise AvatarUnavailable(
