@@ -162,6 +162,21 @@ async def test_frame_k_is_rendered_from_mel_window_k(engine, avatar):
         assert np.abs(other - pred).max() > 1e-3  # another window would give other pixels
 
 
+def test_an_avatars_paste_geometry_lives_only_while_a_call_uses_it(engine, tmp_path):
+    import gc
+
+    from avatars.library import AvatarLibrary
+
+    library = AvatarLibrary(data_dir=tmp_path, width=512, height=512)
+    loaded = library.get("default")
+    r1 = engine.renderer(loaded, loaded.new_timeline(), width=512, height=512, executor=None)
+    r2 = engine.renderer(loaded, loaded.new_timeline(), width=512, height=512, executor=None)
+    assert r1._faces is r2._faces  # computed once, shared by the calls
+    del r1, r2
+    gc.collect()
+    assert id(loaded.face) not in engine._faces  # no call: not kept (the library decides)
+
+
 async def test_sessions_are_batched_together_with_the_same_results(engine, avatar):
     audio = speech(1.0, seed=5)
     track = engine.analyse(audio, fps=FPS)

@@ -27,7 +27,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from media_tracks.priority import background_thread
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +181,6 @@ class BatchWorker(Generic[I, O]):
             return batch
 
     def _loop(self) -> None:
-        background_thread()  # video work: below the event loop, which carries the audio
         while True:
             batch = self._take()
             if batch is None:

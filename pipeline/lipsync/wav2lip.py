@@ -25,6 +25,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -353,7 +354,9 @@ class Wav2LipEngine:
             name="wav2lip-worker",
             workers=model.runner.streams,
         )
-        self._faces: dict[int, AvatarFaces] = {}
+        # per avatar, while a call's renderer holds it: an avatar no call uses (and the library
+        # unloaded) is not kept alive here
+        self._faces: weakref.WeakValueDictionary[int, AvatarFaces] = weakref.WeakValueDictionary()
         self._faces_lock = threading.Lock()
 
     def info(self) -> dict[str, object]:
