@@ -254,6 +254,8 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 # a DELETE with a cancel token while other requests still wait for the job
                 "detached": BOOL,
                 "waiting": INT,
+                # the last job WebSocket message at server shutdown (then close 1001)
+                "closing": STR,
             },
             ["id", "status", "percent", "stage", "status_url", "ws_url"],
         ),
@@ -517,7 +519,9 @@ def websocket_paths() -> dict[str, dict[str, Any]]:
         "/ws/jobs/{job_id}": {
             "summary": "A render job's state on every change (stage and percent, at most 10 a "
                        "second): JSON text messages shaped like GET /v1/render/{job_id}; closed "
-                       "after the final one. An unknown job: one {error, detail} message, then "
+                       "after the final one. At server shutdown: the final state (in-process "
+                       "jobs are cancelled; a Redis job's current state) with 'closing', then "
+                       "close code 1001. An unknown job: one {error, detail} message, then "
                        "close code 4404.",
             "message": _ref("Job"),
         }

@@ -72,6 +72,7 @@ RESULT_FILES = {
 FIELDS = ("avatar_id", "text", "voice", "speed", "format", "fps", "async", "priority")
 MAX_FIELD_BYTES = 64 * 1024
 KEY_LEN = 64
+SOCKET_CLOSE_WAIT_S = 10.0  # shutdown waits this long for job sockets to close
 
 
 class RenderTimeout(AvatarServerError):
@@ -109,8 +110,12 @@ class RenderService:
     inflight: dict[str, str] = field(default_factory=dict)
     # who may cancel a job: one secret per request that made or joined it (job id -> tokens)
     waiters: dict[str, set[str]] = field(default_factory=dict)
-    # job WebSockets open now (told the final state and closed 1001 at shutdown)
+    # job WebSockets open now -> job id; their handlers' tasks (awaited at shutdown)
     sockets: dict[web.WebSocketResponse, str] = field(default_factory=dict)
+    socket_tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    # shutdown: closing is set first (sockets then close 1001), stopping once jobs are settled
+    closing: bool = False
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
     close_renderer: Callable[[], None] | None = None
     _avatar_digests: dict[str, tuple[float, str]] = field(default_factory=dict)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -187,23 +192,18 @@ class RenderService:
             self.waiters.pop(job_id, None)
         return len(left)
 
-    async def close_sockets(self) -> None:
-        """Shutdown: every job WebSocket gets its job's last state, then a going-away close.
-        In-process jobs are cancelled first (they would be at cleanup anyway), so their
-        subscribers see the final ``cancelled``; Redis jobs go on elsewhere."""
-        sockets = list(self.sockets.items())
+    async def close_sockets(self, wait_s: float = SOCKET_CLOSE_WAIT_S) -> None:
+        """Shutdown: every job WebSocket is sent its job's final state, then closed 1001 (going
+        away) by its own handler; waits up to ``wait_s`` for them. In-process jobs are
+        cancelled first (cleanup would cancel them anyway), so their subscribers see
+        ``cancelled``; Redis jobs go on elsewhere, so theirs get the current state."""
+        self.closing = True
         if self.settings.jobs.backend == "local":
-            for job_id in {job_id for _, job_id in sockets}:
-                with contextlib.suppress(Exception):
-                    await self.jobs.cancel(job_id)
-        for ws, job_id in sockets:
-            with contextlib.suppress(Exception):
-                state = await self.jobs.get(job_id)
-                if state is not None and not ws.closed:
-                    await ws.send_json({**job_body(state, self.cache, with_result=state.terminal),
-                                        "closing": "the server is shutting down"})
-            with contextlib.suppress(Exception):
-                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+            watched = set(self.sockets.values())
+            await asyncio.gather(*(self.jobs.cancel(j) for j in watched), return_exceptions=True)
+        self.stopping.set()
+        if self.socket_tasks:
+            await asyncio.wait(set(self.socket_tasks), timeout=wait_s)
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -614,6 +614,8 @@ async def handle_result_file(request: web.Request) -> web.StreamResponse:
 
 
 async def handle_job_ws(request: web.Request) -> web.WebSocketResponse:
+    """The job's state on every change until the final one; at shutdown, the final (or, for a
+    job that goes on elsewhere, the current) state and a 1001 close."""
     svc = request.app[RENDER_SERVICE]
     ws = web.WebSocketResponse(heartbeat=20)
     await ws.prepare(request)
@@ -629,20 +631,61 @@ async def handle_job_ws(request: web.Request) -> web.WebSocketResponse:
             if msg.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
                 break
 
+    def message(state: JobState) -> dict[str, object]:
+        body = job_body(state, svc.cache, with_result=state.terminal)
+        if svc.closing:
+            body["closing"] = "the server is shutting down"
+        return body
+
     reader = asyncio.ensure_future(drain())
+    stop = asyncio.ensure_future(svc.stopping.wait())
+    task = asyncio.current_task()
+    if task is not None:
+        svc.socket_tasks.add(task)
     svc.sockets[ws] = job_id
+    states = svc.jobs.subscribe(job_id)
+    step: asyncio.Future[JobState] | None = None
+    last: JobState | None = None
     try:
-        async for state in svc.jobs.subscribe(job_id):
-            if ws.closed:
+        # only this handler writes to ws: states, then (at shutdown) the final one and 1001
+        while not ws.closed:
+            step = asyncio.ensure_future(anext(states))
+            await asyncio.wait({step, reader, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                step.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await step
                 break
-            await ws.send_json(job_body(state, svc.cache, with_result=state.terminal))
+            try:
+                state = step.result()
+            except StopAsyncIteration:
+                break
+            await ws.send_json(message(state))
+            last = state
             if state.terminal:
                 break
+        if svc.closing and not ws.closed:
+            await svc.stopping.wait()  # in-process jobs are cancelled by now
+            with contextlib.suppress(Exception):
+                final = await svc.jobs.get(job_id)
+                if final is not None and (final != last or not final.terminal):
+                    await ws.send_json(message(final))
     finally:
         svc.sockets.pop(ws, None)
-        reader.cancel()
+        stop.cancel()
+        if step is not None and not step.done():
+            step.cancel()  # the subscription ends itself
+        elif (aclose := getattr(states, "aclose", None)) is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
         with contextlib.suppress(Exception):
-            await ws.close()
+            if svc.closing:
+                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+            else:
+                await ws.close()
+        reader.cancel()
+        if task is not None:
+            svc.socket_tasks.discard(task)
     return ws
 
 

@@ -18,6 +18,7 @@ from aiohttp import WSMsgType, web
 from config import load_settings
 from pipeline.render.core import ClipRenderer
 from rtc_server.app import create_app
+from rtc_server.render_api import RENDER_SERVICE
 from tests.fakes.render import fake_run
 from tests.fakes.tts import ToneTTS
 
@@ -72,6 +73,26 @@ async def test_a_second_requester_only_detaches_itself(aiohttp_client, tmp_path)
     assert await status(client, first["id"]) == "done"  # the first requester got its clip
 
 
+async def test_a_waiting_sync_request_keeps_its_clip_when_a_joiner_leaves(
+        aiohttp_client, tmp_path):
+    client = await aiohttp_client(app_for(tmp_path))
+    text = "steps=60 step_s=0.01 wanted by two"
+    joiner = await submit(client, text, **REMOTE)
+    waiting = asyncio.ensure_future(client.post("/v1/render", json={"text": text}, headers=REMOTE))
+    svc = client.server.app[RENDER_SERVICE]
+    for _ in range(200):  # until the synchronous request has joined the job
+        if len(getattr(svc, "waiters", {}).get(joiner["id"], ())) == 2:
+            break
+        await asyncio.sleep(0.01)
+    resp = await client.delete(f"/v1/render/{joiner['id']}", headers={
+        **REMOTE, "X-Cancel-Token": joiner["cancel_token"]})
+    assert resp.status == 200 and (await resp.json())["detached"] is True
+    answer = await waiting
+    assert answer.status == 200, await answer.text()  # not 409 cancelled
+    body = await answer.json()
+    assert body["id"] == joiner["id"] and body["status"] == "done"
+
+
 async def test_the_last_waiter_cancels_and_a_used_token_is_spent(aiohttp_client, tmp_path):
     client = await aiohttp_client(app_for(tmp_path))
     job = await submit(client, **REMOTE)
@@ -86,6 +107,9 @@ async def test_the_last_waiter_cancels_and_a_used_token_is_spent(aiohttp_client,
             break
         await asyncio.sleep(0.05)
     assert await status(client, job["id"]) == "cancelled"
+    cache = tmp_path / "data" / "cache"  # the worker's partial files are gone
+    assert not list((cache / "staging").glob("*"))
+    assert (await (await client.get("/cache/stats")).json())["entries"] == 0
 
 
 @pytest.mark.parametrize("given", [None, "wrong-token", "x" * 5000])
@@ -107,6 +131,8 @@ async def test_an_admin_key_or_this_machine_cancels_outright(aiohttp_client, tmp
     client = await aiohttp_client(app_for(tmp_path, **{"access.api_keys": [KEY]}))
     job = await submit(client, **REMOTE)
     await submit(client, **REMOTE)  # a second waiter: an admin stops the job all the same
+    refused = await client.delete(f"/v1/render/{job['id']}", headers={**REMOTE, "X-API-Key": "no"})
+    assert refused.status == 403 and await status(client, job["id"]) in ("queued", "running")
     resp = await client.delete(f"/v1/render/{job['id']}", headers={**REMOTE, "X-API-Key": KEY})
     assert resp.status == 200 and "detached" not in await resp.json()
     local = await aiohttp_client(app_for(tmp_path / "other"))  # no keys: loopback is admin
@@ -132,19 +158,26 @@ async def test_job_sockets_get_the_final_state_and_a_going_away_close(tmp_path):
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     url = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as http:
-        async with http.post(url + "/v1/render", json={"text": SLOW, "async": True}) as resp:
-            job = await resp.json()
-        ws = await http.ws_connect(url + job["ws_url"])
-        first = await ws.receive()
-        assert json.loads(first.data)["status"] in ("queued", "running")
-        closing = asyncio.ensure_future(runner.cleanup())  # the server shuts down
+
+    async def follow(ws: aiohttp.ClientWebSocketResponse) -> tuple[list[dict[str, Any]], Any]:
         seen: list[dict[str, Any]] = []
         while True:
             msg = await asyncio.wait_for(ws.receive(), 30)
             if msg.type != WSMsgType.TEXT:
-                break
+                return seen, msg
             seen.append(json.loads(msg.data))
+
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url + "/v1/render", json={"text": SLOW, "async": True}) as resp:
+            job = await resp.json()
+        sockets = [await http.ws_connect(url + job["ws_url"]) for _ in range(3)]
+        for ws in sockets:
+            first = await ws.receive()
+            assert json.loads(first.data)["status"] in ("queued", "running")
+        closing = asyncio.ensure_future(runner.cleanup())  # the server shuts down
+        ends = await asyncio.gather(*(follow(ws) for ws in sockets))
         await closing
-    assert msg.type == WSMsgType.CLOSE and msg.data == 1001, msg  # the server's close frame
-    assert seen and seen[-1]["status"] == "cancelled"
+    for seen, msg in ends:  # every subscriber: the final state, then the server's 1001
+        assert msg.type == WSMsgType.CLOSE and msg.data == 1001, msg
+        assert seen and seen[-1]["status"] == "cancelled"
+        assert seen[-1]["closing"] == "the server is shutting down"
