@@ -27,7 +27,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-
 logger = logging.getLogger(__name__)
 
 I = TypeVar("I")  # noqa: E741 - item
