@@ -58,7 +58,7 @@ class Forbidden(AvatarServerError):
     status = 403
     code = "forbidden"
 
-    def __init__(self, detail: str, *, code: str) -> None:
+    def __init__(self, detail: str, *, code: str = "forbidden") -> None:
         super().__init__(detail)
         self.code = code
 

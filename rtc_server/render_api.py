@@ -57,6 +57,7 @@ from pipeline.render.spec import (
 )
 from pipeline.tts import TextToSpeech
 from rtc_server.access import ACCESS
+from rtc_server.avatars_api import Forbidden
 from rtc_server.multipart import MALFORMED_MULTIPART, read_part
 
 logger = logging.getLogger(__name__)
@@ -263,11 +264,6 @@ class RenderService:
 
 
 RENDER_SERVICE = web.AppKey("render_service", RenderService)
-
-
-class Forbidden(AvatarServerError):
-    status = 403
-    code = "forbidden"
 
 
 # --- request parsing --------------------------------------------------------------------------
