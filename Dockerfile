@@ -32,7 +32,9 @@ COPY --chown=avatar:avatar rtc_server ./rtc_server
 COPY --chown=avatar:avatar media_tracks ./media_tracks
 COPY --chown=avatar:avatar pipeline ./pipeline
 COPY --chown=avatar:avatar avatars ./avatars
+COPY --chown=avatar:avatar face ./face
 COPY --chown=avatar:avatar config ./config
+COPY --chown=avatar:avatar common ./common
 COPY --chown=avatar:avatar web ./web
 
 USER avatar

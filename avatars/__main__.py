@@ -23,11 +23,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from avatars.library import BUILTIN_ID
+from avatars.model import BUILTIN_ID
 from avatars.registration import PrepareFn, RegistrationService, UploadTooLarge
 from avatars.store import AvatarStore, is_registered_id
+from common.errors import AvatarServerError
 from config import ConfigError, Settings, load_settings
-from pipeline.errors import AvatarServerError
 
 BAR_WIDTH = 30
 _STAGE_LABELS = {"decode": "decoding", "analyse": "analysing", "store": "storing"}

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.errors import AvatarServerError
+from common.errors import AvatarServerError
 
 __all__ = [
     "MAX_SOURCE_PIXELS",

@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 DEFAULT_AVATAR_DIR: Path = Path(__file__).resolve().parent / "default"
+BUILTIN_ID = "default"  # the id of the avatar shipped in DEFAULT_AVATAR_DIR
 N_LANDMARKS = 68
 # The face box (landmark bounding box grown by this fraction of its size on each side, more
 # on top for the forehead and hair) is kept inside the crop whenever it fits.

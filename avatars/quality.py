@@ -43,7 +43,7 @@ import numpy as np
 import numpy.typing as npt
 
 from avatars.analysis.base import Box, DetectedFace, clip_box
-from pipeline.errors import AvatarServerError
+from common.errors import AvatarServerError
 
 __all__ = [
     "REFUSAL_CODES",

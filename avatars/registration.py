@@ -21,9 +21,9 @@ from avatars.analysis import create_analyzer
 from avatars.media_input import DecodedMedia, UnsupportedMedia, sniff_and_decode
 from avatars.prepare import prepare_avatar
 from avatars.store import MAX_NAME_CHARS, AvatarRecord, AvatarStore, DuplicateSource, PreparedLike
+from common.errors import AvatarServerError, BadRequest
+from common.inputs import clean_text
 from config.settings import AvatarSettings
-from pipeline.errors import AvatarServerError, BadRequest
-from pipeline.inputs import clean_text
 
 __all__ = [
     "PrepareFn",

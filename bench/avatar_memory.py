@@ -123,7 +123,7 @@ def _inputs(folder: Path) -> dict[str, Path]:
 def _loaded_bytes(loaded: Any) -> int:
     """``avatar_bytes`` where the library has it, else the frames' bytes."""
     try:
-        from avatars.library import avatar_bytes
+        from face.library import avatar_bytes
     except ImportError:  # an older version: its image and loop frames
         avatar = loaded.avatar
         return int(avatar.image.nbytes + sum(f.nbytes for f in avatar.loop_frames))
@@ -132,10 +132,10 @@ def _loaded_bytes(loaded: Any) -> int:
 
 def child(case: str, source: Path) -> dict[str, Any]:
     """One registration in this (fresh) process; the figures as a dict."""
-    from avatars.library import AvatarLibrary
     from avatars.registration import RegistrationService
     from avatars.store import AvatarStore
     from config import load_settings
+    from face.library import AvatarLibrary
 
     try:  # the server's malloc settings, where this version has them
         from rtc_server.__main__ import tune_malloc

@@ -50,7 +50,7 @@ def video_720p(seconds: int = 10, fps: int = 25) -> bytes:
 def load_cost(folder: Path, label: str) -> dict[str, object]:
     """Time and memory of loading one avatar as the server does (fitted to 512x512)."""
     from avatars.model import load_avatar_dir
-    from media_tracks.idle import FaceRenderer
+    from face import FaceRenderer
 
     t0 = time.perf_counter()
     avatar = load_avatar_dir(folder, width=512, height=512)

@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from avatars import DEFAULT_AVATAR_DIR, load_avatar_dir  # noqa: E402
-from media_tracks.idle import FacePose, FaceRenderer, IdleTimeline  # noqa: E402
+from face import FacePose, FaceRenderer, IdleTimeline  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FRAME_NS = 40_000_000  # 25 fps

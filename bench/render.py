@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 
 from bench.common import print_table, write_result  # noqa: E402
 from config import load_settings  # noqa: E402
-from media_tracks.idle import IdleTimeline  # noqa: E402
+from face import IdleTimeline  # noqa: E402
 from pipeline.lipsync.visemes import track_for  # noqa: E402
 from pipeline.render.core import ClipRenderer  # noqa: E402
 from pipeline.render.media import ClipEncoder, decode_audio, video_options  # noqa: E402

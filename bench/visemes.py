@@ -37,11 +37,11 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from avatars import DEFAULT_AVATAR_DIR, load_avatar_dir  # noqa: E402
-from avatars.library import LoadedAvatar  # noqa: E402
 from bench.common import RESULTS, print_table, write_result  # noqa: E402
+from face import FacePose, FaceRenderer, IdleTimeline  # noqa: E402
+from face.library import LoadedAvatar  # noqa: E402
 from media_tracks.clock import ManualClock  # noqa: E402
 from media_tracks.compositor import Compositor, FramePlan, Segment  # noqa: E402
-from media_tracks.idle import FacePose, FaceRenderer, IdleTimeline  # noqa: E402
 from pipeline.lipsync.base import VISEMES  # noqa: E402
 from pipeline.lipsync.viseme_engine import VisemeEngine  # noqa: E402
 from pipeline.lipsync.visemes import (  # noqa: E402

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from avatars.library import AvatarLibrary
 from bench.common import print_table, write_result
+from face.library import AvatarLibrary
 from media_tracks.compositor import FramePlan
 from pipeline.lipsync.wav2lip import (
     FACE_SIZE,

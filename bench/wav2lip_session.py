@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 from av import VideoFrame
 
-from avatars.library import AvatarLibrary
 from bench.common import print_table, write_result
 from bench.wav2lip import cpu_s, random_model
+from face.library import AvatarLibrary
 from media_tracks.compositor import FramePlan
 from media_tracks.encoders import VideoEncoding, make_video_encoder
 from media_tracks.frames import rgb_to_i420

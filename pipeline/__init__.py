@@ -2,7 +2,7 @@
 lip-sync engines, VAD, speech to text, the replier, rendered clips and their jobs, and the
 checks every untrusted input passes (``inputs``)."""
 
-from pipeline.errors import AvatarServerError, BadRequest, NotFound, PipelineError, ServerFull
+from common.errors import AvatarServerError, BadRequest, NotFound, PipelineError, ServerFull
 from pipeline.tts import PiperTTS, SpeechAudio, TextToSpeech
 
 __all__ = [

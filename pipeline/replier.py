@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import openai
 
-from pipeline.errors import PipelineError
+from common.errors import PipelineError
 
 if TYPE_CHECKING:
     from openai.types.chat import ChatCompletionMessageParam

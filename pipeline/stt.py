@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from common.errors import PipelineError
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import av
 import numpy as np
 
-from pipeline.errors import PipelineError
+from common.errors import PipelineError
 from pipeline.speech_units import MAX_UNIT_CHARS, speech_units
 from pipeline.tts_scheduler import SynthesisScheduler
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from pipeline.errors import PipelineError
+from common.errors import PipelineError
 
 SAMPLE_RATE = 16_000
 CHUNK_SAMPLES = 512  # Silero's window at 16 kHz: 32 ms

@@ -22,13 +22,10 @@ from typing import Any
 import cv2
 from aiohttp import web
 
-from avatars.library import AvatarLibrary
 from avatars.model import AvatarError
 from avatars.registration import PrepareFn, RegistrationService
 from avatars.store import AvatarStore
-from config import Settings
-from media_tracks.priority import LoadGovernor, MediaExecutor, background_thread
-from pipeline.errors import (
+from common.errors import (
     AvatarServerError,
     AvatarUnavailable,
     BadJson,
@@ -38,7 +35,10 @@ from pipeline.errors import (
     ServerFull,
     ShuttingDown,
 )
-from pipeline.inputs import JsonRejected, loads_json, short
+from common.inputs import JsonRejected, loads_json, short
+from config import Settings
+from face.library import AvatarLibrary
+from media_tracks.priority import LoadGovernor, MediaExecutor, background_thread
 from pipeline.lipsync import LipSyncEngine, create_lipsync_engine
 from pipeline.lipsync.viseme_engine import VisemeEngine
 from pipeline.tts import PiperTTS, TextToSpeech

@@ -34,12 +34,12 @@ import cv2
 import numpy as np
 from aiohttp import BodyPartReader, web
 
-from avatars.library import AVATAR_ID_RE, BUILTIN_ID, AvatarLibrary
-from avatars.model import DEFAULT_AVATAR_DIR, AvatarError
+from avatars.model import BUILTIN_ID, DEFAULT_AVATAR_DIR, AvatarError
 from avatars.registration import RegistrationService, UploadTooLarge
 from avatars.store import AvatarRecord, AvatarStore, make_thumbnail
+from common.errors import AvatarServerError, BadRequest, NotFound
 from config.settings import AvatarSettings
-from pipeline.errors import AvatarServerError, BadRequest, NotFound
+from face.library import AVATAR_ID_RE, AvatarLibrary
 from rtc_server.multipart import MALFORMED_MULTIPART, read_part
 
 __all__ = ["AVATAR_API", "AvatarApi", "AvatarInUse", "Forbidden", "add_avatar_routes"]

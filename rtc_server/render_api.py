@@ -35,12 +35,12 @@ from typing import Any
 
 from aiohttp import BodyPartReader, WSCloseCode, WSMsgType, web
 
-from avatars.library import AVATAR_ID_RE, BUILTIN_ID, AvatarLibrary
-from avatars.model import DEFAULT_AVATAR_DIR
+from avatars.model import BUILTIN_ID, DEFAULT_AVATAR_DIR
 from avatars.registration import UploadTooLarge
+from common.errors import AvatarServerError, BadRequest, NotFound, PipelineError
+from common.inputs import as_finite, clean_text, has_speakable, short
 from config import Settings
-from pipeline.errors import AvatarServerError, BadRequest, NotFound, PipelineError
-from pipeline.inputs import as_finite, clean_text, has_speakable, short
+from face.library import AVATAR_ID_RE, AvatarLibrary
 from pipeline.lipsync import LipSyncEngine
 from pipeline.render.cache import RenderCache
 from pipeline.render.jobs import JobQueue, JobState

@@ -29,8 +29,10 @@ from aiortc import MediaStreamTrack, RTCDataChannel, RTCPeerConnection, RTCSessi
 from aiortc.codecs.base import Encoder
 from aiortc.mediastreams import MediaStreamError
 
-from avatars.library import LoadedAvatar
+from common.errors import BadRequest
+from common.inputs import JsonRejected, clean_text, has_speakable, loads_json, short
 from config import Settings
+from face.library import LoadedAvatar
 from media_tracks import (
     AvatarAudioTrack,
     AvatarVideoTrack,
@@ -50,8 +52,6 @@ from media_tracks.encoders import (
     video_codec_preferences,
 )
 from media_tracks.priority import LoadGovernor
-from pipeline.errors import BadRequest
-from pipeline.inputs import JsonRejected, clean_text, has_speakable, loads_json, short
 from pipeline.lipsync import LipSyncEngine, SessionLipSync
 from pipeline.replier import EmbeddedReplier, Replier
 from pipeline.tts import TextToSpeech

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from pipeline.errors import ServerFull
+from common.errors import ServerFull
 
 __all__ = ["Slot", "SessionSlots", "TooManyPending"]
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from yarl import URL
 
-from avatars.library import LoadedAvatar
 from avatars.model import DEFAULT_AVATAR_DIR
 from config import load_settings
+from face.library import LoadedAvatar
 from rtc_server.app import AVATARS, SESSIONS, create_app
 from rtc_server.avatars_api import AVATAR_API
 from tests.fakes.prepare import (

@@ -12,12 +12,12 @@ import cv2
 import numpy as np
 import pytest
 
-import avatars.library as library_module
 import avatars.media_input as media_input
-from avatars.library import AvatarLibrary, avatar_bytes
+import face.library as library_module
 from avatars.media_input import sniff_and_decode
 from avatars.model import DEFAULT_AVATAR_DIR, load_avatar_dir
 from config import ConfigError, load_settings
+from face.library import AvatarLibrary, avatar_bytes
 from rtc_server.app import AVATARS, SESSIONS, create_app
 from rtc_server.bot import Bot
 from rtc_server.ice import use_host_candidates

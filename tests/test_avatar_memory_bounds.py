@@ -16,11 +16,11 @@ import cv2
 import numpy as np
 import pytest
 
-import avatars.library as library_module
 import avatars.media_input as media_input
-from avatars.library import AvatarLibrary, avatar_bytes
+import face.library as library_module
 from avatars.media_input import sniff_and_decode
 from avatars.model import DEFAULT_AVATAR_DIR, load_avatar_dir
+from face.library import AvatarLibrary, avatar_bytes
 
 SIZE = 128
 IDS = [f"av_{i:012x}" for i in range(1, 6)]

@@ -22,11 +22,11 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from avatars.library import AvatarLibrary
 from avatars.prepare import prepare_avatar
 from avatars.quality import RegistrationRefused
+from common.inputs import JsonRejected, clean_text, json_depth, loads_json
 from config import load_settings
-from pipeline.inputs import JsonRejected, clean_text, json_depth, loads_json
+from face.library import AvatarLibrary
 from pipeline.lipsync.viseme_engine import VisemeEngine
 from rtc_server.app import AVATARS, SESSIONS, create_app
 from rtc_server.avatars_api import AVATAR_API

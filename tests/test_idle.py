@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from avatars import DEFAULT_AVATAR_DIR, Avatar, AvatarError, load_avatar_dir
-from media_tracks.idle import FacePose, FaceRenderer, IdleTimeline
+from face import FacePose, FaceRenderer, IdleTimeline
 
 NS = 1_000_000_000
 MS = 1_000_000

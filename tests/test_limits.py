@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from avatars.library import AvatarLibrary
 from config import load_settings
+from face.library import AvatarLibrary
 from pipeline.lipsync.viseme_engine import VisemeEngine
 from pipeline.vad import SpeechStart
 from rtc_server.app import SESSIONS, create_app

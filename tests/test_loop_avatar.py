@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from avatars.model import DEFAULT_AVATAR_DIR, AvatarError, load_avatar_dir
-from media_tracks.idle import FacePose, FaceRenderer
+from face import FacePose, FaceRenderer
 
 N = 6
 SHIFT = 12  # px per frame, to the right

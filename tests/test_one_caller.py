@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from avatars.library import AvatarLibrary
+from common.errors import ServerFull
 from config import load_settings
-from pipeline.errors import ServerFull
+from face.library import AvatarLibrary
 from pipeline.lipsync.viseme_engine import VisemeEngine
 from rtc_server.app import SESSIONS, SLOTS, create_app
 from rtc_server.ice import use_host_candidates

@@ -13,9 +13,9 @@ import av
 import numpy as np
 import pytest
 
+from common.errors import BadRequest, NotFound
 from config import load_settings
-from media_tracks.idle import IdleTimeline
-from pipeline.errors import BadRequest, NotFound
+from face import IdleTimeline
 from pipeline.lipsync.base import VISEMES
 from pipeline.lipsync.visemes import MouthCue
 from pipeline.render.core import ClipRenderer, RenderCancelled, split_points

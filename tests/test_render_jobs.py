@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import BadRequest, NotFound, ServerFull
+from common.errors import BadRequest, NotFound, ServerFull
 from pipeline.render.cache import RenderCache
 from pipeline.render.jobs import (
     JobQueue,

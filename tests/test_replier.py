@@ -16,7 +16,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from pipeline.errors import PipelineError
+from common.errors import PipelineError
 from pipeline.replier import EmbeddedReplier, OpenAIReplier, Replier, ReplyError, trim_history
 from tests.fakes.openai_server import FakeOpenAIState, start_fake_openai
 

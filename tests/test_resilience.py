@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from avatars.library import AvatarLibrary
 from config import load_settings
+from face.library import AvatarLibrary
 from media_tracks.compositor import FramePlan
 from pipeline.lipsync import SessionLipSync
 from pipeline.lipsync.viseme_engine import VisemeEngine

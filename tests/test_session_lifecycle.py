@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from avatars.library import AvatarLibrary
 from config import load_settings
+from face.library import AvatarLibrary
 from pipeline.lipsync.viseme_engine import VisemeEngine
 from rtc_server.session import Session
 from tests.fakes.tts import ToneTTS

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import PipelineError
+from common.errors import PipelineError
 from pipeline.stt import Transcript, WhisperSTT, resolve_whisper_model
 from tests.fakes.speech import piper_speech, with_silence
 

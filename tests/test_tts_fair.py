@@ -444,8 +444,8 @@ async def test_the_bundled_voice_speaks_a_long_unpunctuated_text_in_bounded_unit
 async def test_a_session_say_is_live_synthesis_of_that_session(tmp_path):
     from pathlib import Path
 
-    from avatars.library import AvatarLibrary
     from config import load_settings
+    from face.library import AvatarLibrary
     from pipeline.lipsync.viseme_engine import VisemeEngine
     from rtc_server.session import Session
     from tests.fakes.tts import ToneTTS

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from avatars import DEFAULT_AVATAR_DIR, Avatar, load_avatar_dir
-from avatars.library import LoadedAvatar
+from face import FacePose, FaceRenderer, IdleTimeline, MouthShape
+from face.library import LoadedAvatar
 from media_tracks.compositor import FramePlan
 from media_tracks.frames import flash_i420, rgb_to_i420
-from media_tracks.idle import FacePose, FaceRenderer, IdleTimeline, MouthShape
 from pipeline.lipsync.base import VISEMES, LipSyncEngine
 from pipeline.lipsync.viseme_engine import VisemeEngine, VisemeRenderer
 from pipeline.lipsync.visemes import VISEME_SHAPES, frame_rms, shape_for
@@ -255,9 +255,9 @@ def test_mouth_open_alone_is_the_plain_jaw_drop(loaded: LoadedAvatar) -> None:
 def test_loop_video_avatars_get_the_same_shapes(
     avatar: Avatar, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import media_tracks.idle
+    import face.renderer
 
-    monkeypatch.setattr(media_tracks.idle, "LOOP_RIGS", 2)  # rigs are rebuilt as needed
+    monkeypatch.setattr(face.renderer, "LOOP_RIGS", 2)  # rigs are rebuilt as needed
     n, shift = 4, 6
     m = np.float32([[1, 0, shift], [0, 1, 0]])
     frames = [avatar.image]

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from avatars.library import AvatarLibrary
+from common.errors import PipelineError
 from config import load_settings
-from pipeline.errors import PipelineError
+from face.library import AvatarLibrary
 from pipeline.lipsync import backends, create_lipsync_engine
 from pipeline.lipsync.backends import load_runner, openvino_core, ov_precision_hint
 from pipeline.lipsync.quantize import (

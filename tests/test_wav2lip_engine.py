@@ -9,12 +9,12 @@ import sys
 import numpy as np
 import pytest
 
-from avatars.library import AvatarLibrary
+from common.errors import PipelineError
 from config import load_settings
+from face.library import AvatarLibrary
 from media_tracks.clock import ManualClock
 from media_tracks.compositor import Compositor, FramePlan, Segment
 from media_tracks.frames import rgb_to_i420
-from pipeline.errors import PipelineError
 from pipeline.lipsync import create_lipsync_engine
 from pipeline.lipsync.backends import choose_providers
 from pipeline.lipsync.mel import mel_windows, to_wav2lip_audio, wav2lip_mel
@@ -165,7 +165,7 @@ async def test_frame_k_is_rendered_from_mel_window_k(engine, avatar):
 def test_an_avatars_paste_geometry_lives_only_while_a_call_uses_it(engine, tmp_path):
     import gc
 
-    from avatars.library import AvatarLibrary
+    from face.library import AvatarLibrary
 
     library = AvatarLibrary(data_dir=tmp_path, width=512, height=512)
     loaded = library.get("default")

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from pipeline.errors import PipelineError
+from common.errors import PipelineError
 from pipeline.lipsync import wav2lip_model
 from pipeline.lipsync.wav2lip_model import (
     ModelError,

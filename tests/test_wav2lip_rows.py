@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from avatars import DEFAULT_AVATAR_DIR, load_avatar_dir
-from media_tracks.idle import FaceRenderer, IdleTimeline
-from pipeline.errors import PipelineError
+from common.errors import PipelineError
+from face import FaceRenderer, IdleTimeline
 from pipeline.lipsync.rows import (
     LOWER_ROWS,
     START_12,

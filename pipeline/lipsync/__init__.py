@@ -19,10 +19,10 @@ from pipeline.lipsync.base import VISEMES, FrameRenderer, LipSyncEngine, LipTrac
 if TYPE_CHECKING:
     from concurrent.futures import Executor
 
-    from avatars.library import LoadedAvatar
     from config import Settings
+    from face import IdleTimeline
+    from face.library import LoadedAvatar
     from media_tracks.compositor import FramePlan
-    from media_tracks.idle import IdleTimeline
     from pipeline.tts import SpeechAudio
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def create_lipsync_engine(settings: Settings) -> LipSyncEngine:
     Runtime or OpenVINO fp32 on the CPU, about one session at most) the viseme engine.
     ``wav2lip`` without a model, or a model that does not load, is a ``PipelineError`` naming
     the setting."""
-    from pipeline.errors import PipelineError
+    from common.errors import PipelineError
     from pipeline.lipsync.viseme_engine import VisemeEngine
 
     cfg = settings.lipsync

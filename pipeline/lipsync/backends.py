@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.errors import PipelineError
+from common.errors import PipelineError
 
 logger = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     from concurrent.futures import Executor
 
-    from avatars.library import LoadedAvatar
+    from face import IdleTimeline
+    from face.library import LoadedAvatar
     from media_tracks.compositor import FramePlan
-    from media_tracks.idle import IdleTimeline
     from pipeline.tts import SpeechAudio
 
 Yuv = npt.NDArray[np.uint8]  # (h * 3 // 2, w) planar I420, limited range

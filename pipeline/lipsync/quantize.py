@@ -30,7 +30,7 @@ from pipeline.lipsync.wav2lip import AvatarFaces, crop_face, mel_track, model_in
 
 if TYPE_CHECKING:
     from config.settings import Settings
-    from media_tracks.idle import FaceRenderer
+    from face import FaceRenderer
     from pipeline.tts import SpeechAudio
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def calibration_samples(
         windows.extend(track.windows[int(j)] for j in voiced)
     if not windows:
         raise ValueError("no voiced frames in the calibration speech")
-    from media_tracks.idle import IdleTimeline
+    from face import IdleTimeline
 
     timeline = IdleTimeline(seed=0)  # deterministic: the same avatar gives the same set
     faces = AvatarFaces(face)
@@ -94,7 +94,7 @@ def default_calibration(settings: Settings, *, count: int = 64) -> Calibration:
     key = f"{avatar_name}|{voice}|{size}|{count}"
 
     def samples() -> list[Sample]:
-        from avatars.library import AvatarLibrary
+        from face.library import AvatarLibrary
         from pipeline.tts import PiperTTS
 
         library = AvatarLibrary(

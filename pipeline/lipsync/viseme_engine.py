@@ -16,9 +16,9 @@ from pipeline.lipsync.base import VISEMES, Yuv
 from pipeline.lipsync.visemes import VisemeTrack, shape_for, track_for
 
 if TYPE_CHECKING:
-    from avatars.library import LoadedAvatar
+    from face import FaceRenderer, IdleTimeline
+    from face.library import LoadedAvatar
     from media_tracks.compositor import FramePlan
-    from media_tracks.idle import FaceRenderer, IdleTimeline
     from pipeline.tts import SpeechAudio
 
 

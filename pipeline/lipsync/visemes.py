@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from media_tracks.idle import MouthShape
+from face import MouthShape
 from pipeline.lipsync.base import VISEMES
 from pipeline.tts import SpeechAudio
 

@@ -37,8 +37,8 @@ import numpy as np
 import numpy.typing as npt
 
 from avatars.quality import face_box_from_landmarks
+from common.errors import PipelineError
 from media_tracks.frames import flash_i420, rgb_to_i420
-from pipeline.errors import PipelineError
 from pipeline.lipsync.backends import Runner, load_runner
 from pipeline.lipsync.base import Yuv
 from pipeline.lipsync.batching import BatchWorker
@@ -46,9 +46,9 @@ from pipeline.lipsync.mel import MEL_STEP, mel_windows, to_wav2lip_audio, wav2li
 from pipeline.lipsync.rows import LOWER_ROWS, WHOLE_CROP, OutputRows
 
 if TYPE_CHECKING:
-    from avatars.library import LoadedAvatar
+    from face import FaceRenderer, IdleTimeline
+    from face.library import LoadedAvatar
     from media_tracks.compositor import FramePlan
-    from media_tracks.idle import FaceRenderer, IdleTimeline
     from pipeline.lipsync.quantize import Calibration
     from pipeline.tts import SpeechAudio
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.errors import PipelineError
+from common.errors import PipelineError
 from pipeline.lipsync.mel import MAX_ABS, MEL_STEP, N_MELS
 from pipeline.lipsync.wav2lip_net import Wav2LipGenerator
 

@@ -22,8 +22,8 @@ import threading
 from pathlib import Path
 from typing import TextIO
 
+from common.errors import AvatarServerError, BadRequest, NotFound
 from config import ConfigError, Settings, load_settings
-from pipeline.errors import AvatarServerError, BadRequest, NotFound
 from pipeline.render.spec import FORMATS, MAX_SPEED, MIN_SPEED, TIMELINE_FILE, RenderSpec
 
 BAR_WIDTH = 30
@@ -116,7 +116,7 @@ def _spec(args: argparse.Namespace, settings: Settings) -> RenderSpec:
             )
         key.update(hashlib.sha256(audio.read_bytes()).digest())
     avatar = args.avatar or settings.avatars.default
-    from avatars.library import AvatarLibrary
+    from face.library import AvatarLibrary
 
     media = settings.media
     library = AvatarLibrary(

@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from common.errors import BadRequest, PipelineError
+from face import IdleTimeline
 from media_tracks.clock import ManualClock
 from media_tracks.compositor import Compositor, Scheduled, Segment
-from media_tracks.idle import IdleTimeline
 from media_tracks.priority import RENDER_JOB_NICE, background_thread
-from pipeline.errors import BadRequest, PipelineError
 from pipeline.lipsync.visemes import VisemeTrack, track_for
 from pipeline.render.media import (
     ClipEncoder,
@@ -58,8 +58,8 @@ from pipeline.render.timeline import build_timeline, idle_seed, mouth_cues
 from pipeline.tts import PiperTTS, SpeechAudio, TextToSpeech, speech_stream
 
 if TYPE_CHECKING:
-    from avatars.library import AvatarLibrary, LoadedAvatar
     from config import Settings
+    from face.library import AvatarLibrary, LoadedAvatar
     from pipeline.lipsync.base import LipSyncEngine, LipTrack
 
 logger = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class ClipRenderer:
         engine and the default avatar). Raises what the server would at start-up."""
         import cv2
 
-        from avatars.library import AvatarLibrary
+        from face.library import AvatarLibrary
         from pipeline.lipsync import create_lipsync_engine
 
         cv2.setNumThreads(1)  # frames render on our pool; OpenCV's own threads only compete

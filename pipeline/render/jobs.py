@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, get_args
 
+from common.errors import AvatarServerError, BadRequest, NotFound, PipelineError, ServerFull
 from media_tracks.priority import RENDER_JOB_NICE, background_thread
-from pipeline.errors import AvatarServerError, BadRequest, NotFound, PipelineError, ServerFull
 from pipeline.render.cache import RenderCache, check_key
 from pipeline.render.spec import RenderSpec
 

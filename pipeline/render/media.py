@@ -15,7 +15,7 @@ import av
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.errors import BadRequest, PipelineError
+from common.errors import BadRequest, PipelineError
 
 Pcm = npt.NDArray[np.int16]
 Yuv = npt.NDArray[np.uint8]  # (h * 3 // 2, w) planar I420

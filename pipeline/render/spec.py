@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-from pipeline.errors import BadRequest
+from common.errors import BadRequest
 
 FORMATS: tuple[str, ...] = ("mp4", "webm")
 MIN_SPEED = 0.5

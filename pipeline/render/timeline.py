@@ -19,7 +19,7 @@ import hashlib
 import math
 from collections.abc import Iterable, Sequence
 
-from media_tracks.idle import IdleTimeline
+from face import IdleTimeline
 from pipeline.lipsync.base import VISEMES
 from pipeline.lipsync.visemes import MouthCue
 

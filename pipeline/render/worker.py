@@ -22,7 +22,7 @@ import time
 from types import FrameType
 from typing import Any
 
-from pipeline.errors import AvatarServerError
+from common.errors import AvatarServerError
 from pipeline.render.cache import RenderCache
 from pipeline.render.jobs import (
     HEARTBEAT_TIMEOUT_S,

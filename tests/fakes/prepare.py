@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from avatars.model import DEFAULT_AVATAR_DIR
-from pipeline.errors import AvatarServerError
+from common.errors import AvatarServerError
 
 
 class FakeRefused(AvatarServerError):

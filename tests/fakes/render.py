@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.errors import BadRequest
+from common.errors import BadRequest
 from pipeline.render.spec import RenderSpec
 
 

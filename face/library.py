@@ -21,14 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from avatars.model import DEFAULT_AVATAR_DIR, Avatar, AvatarError, load_avatar_dir
+from avatars.model import BUILTIN_ID, DEFAULT_AVATAR_DIR, Avatar, AvatarError, load_avatar_dir
 from avatars.store import AvatarStore
-from media_tracks.idle import FaceRenderer, IdleTimeline
-from pipeline.errors import NotFound
+from common.errors import NotFound
+from face.renderer import FaceRenderer
+from face.timeline import IdleTimeline
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_ID = "default"
 # Ids are the built-in "default" or server-generated ("av_" + 12 hex digits, see
 # avatars/store.py); anything else is refused before touching the file system.
 AVATAR_ID_RE = re.compile(r"^(?:av_[0-9a-f]{12}|default)$")

@@ -1,0 +1,180 @@
+"""``FaceRenderer``: an avatar drawn for a ``FacePose``.
+
+It precomputes every mask, texture and map once per avatar; ``render()`` then only touches two
+small eye regions and the mouth region, and runs one ``cv2.warpAffine`` over the whole frame.
+
+Eye and mouth geometry come from the avatar's 68 dlib landmarks:
+36-41 / 42-47 eyes (corner, upper lid x2, corner, lower lid x2), 17-21 / 22-26 brows,
+48-59 outer lips, 60-67 inner lips, 0-16 jaw (8 = chin), 33 = nose base.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from avatars.model import Avatar
+from face.eyes import EyeRig
+from face.geometry import NS_PER_S, PATCH_INSET, U8, Box, frozen, overlaps
+from face.mouth import MouthRig
+from face.timeline import FacePose
+
+LOOP_RIGS = 128  # loop-video avatars: mouth rigs kept (about 0.3 MB each at 512x512)
+
+
+class FaceRenderer:
+    """Renders an avatar for a ``FacePose``. Thread-safe: all state is read-only after init."""
+
+    def __init__(self, avatar: Avatar) -> None:
+        self._avatar = avatar
+        image = np.ascontiguousarray(avatar.image, dtype=np.uint8)
+        self._image = frozen(image)
+        self._h, self._w = image.shape[:2]
+        lm = avatar.landmarks.astype(np.float64)
+        self._eyes = (EyeRig(image, lm[36:42], lm[17:22]), EyeRig(image, lm[42:48], lm[22:27]))
+        self._mouth = MouthRig(image, lm)
+        face_h = float(lm[8, 1] - lm[17:27, 1].min())
+        # head motion pivots at the neck, below the chin
+        self._pivot = (float(lm[8, 0]), float(lm[8, 1] + 0.35 * face_h))
+        self._loop = avatar.loop_frames
+        self._loop_fps = avatar.loop_fps
+        self._loop_cycle = avatar.loop_mode == "cycle"
+        # mouth rigs of loop frames with their own landmarks, built on first use (only
+        # speaking frames need one) and kept for the most recently used LOOP_RIGS frames (a
+        # 30 s loop would otherwise hold 750 rigs); a race builds the same rig twice, harmlessly
+        self._loop_mouths: OrderedDict[int, MouthRig] = OrderedDict()
+        self._loop_lock = threading.Lock()
+
+    @property
+    def avatar(self) -> Avatar:
+        return self._avatar
+
+    def _loop_mouth(self, i: int) -> MouthRig:
+        """The mouth rig for loop frame ``i``: its own landmarks when the avatar has them."""
+        lms = self._avatar.loop_landmarks
+        if not lms:
+            return self._mouth
+        with self._loop_lock:
+            rig = self._loop_mouths.get(i)
+            if rig is not None:
+                self._loop_mouths.move_to_end(i)
+                return rig
+        rig = MouthRig(self._loop[i], lms[i].astype(np.float64))
+        with self._loop_lock:
+            self._loop_mouths[i] = rig
+            while len(self._loop_mouths) > LOOP_RIGS:
+                self._loop_mouths.popitem(last=False)
+        return rig
+
+    def loop_index(self, t_ns: int) -> int:
+        """Loop frame shown at ``t_ns``: ping-pong 0, 1, .., n-1, n-2, .., 1, 0, 1, ..., or for
+        a seamless (``cycle``) loop 0, 1, .., n-1, 0, 1, ..."""
+        n = len(self._loop)
+        if n <= 1:
+            return 0
+        i = int(math.floor(max(t_ns, 0) * self._loop_fps / NS_PER_S))
+        if self._loop_cycle:
+            return i % n
+        i %= 2 * (n - 1)
+        return i if i < n else 2 * (n - 1) - i
+
+    def head_matrix(self, pose: FacePose) -> npt.NDArray[np.float64] | None:
+        """The frame's affine warp for the pose, or None when it is the identity."""
+        if (
+            abs(pose.head_dx) < 1e-3
+            and abs(pose.head_dy) < 1e-3
+            and abs(pose.head_roll_deg) < 1e-4
+            and abs(pose.head_scale - 1.0) < 1e-6
+        ):
+            return None
+        m = cv2.getRotationMatrix2D(self._pivot, pose.head_roll_deg, pose.head_scale)
+        m[0, 2] += pose.head_dx
+        m[1, 2] += pose.head_dy
+        return np.asarray(m, dtype=np.float64)
+
+    def _patches(self, pose: FacePose) -> list[tuple[Box, U8]]:
+        """Changed regions of the avatar image (source coordinates) for this pose."""
+        out: list[tuple[Box, U8]] = []
+        for eye in self._eyes:
+            p = eye.patch(pose.gaze_x, pose.gaze_y, pose.blink)
+            if p is not None:
+                out.append((eye.box, p))
+        p = self._mouth.patch(self._image, pose.mouth_shape())
+        if p is not None:
+            out.append((self._mouth.box, p))
+        return out
+
+    def render(self, pose: FacePose) -> U8:
+        """HxWx3 uint8 RGB frame for ``pose`` (a new array every call)."""
+        if self._loop:
+            i = self.loop_index(pose.t_ns)
+            frame = self._loop[i].copy()
+            shape = pose.mouth_shape()
+            if not shape.is_rest():
+                rig = self._loop_mouth(i)
+                p = rig.patch(frame, shape)
+                if p is not None:
+                    x0, y0, x1, y1 = rig.box
+                    frame[y0:y1, x0:x1] = p
+            return frame
+        patches = self._patches(pose)
+        m = self.head_matrix(pose)
+        if (
+            m is None
+            or abs(pose.head_roll_deg) > 10.0  # _warp_patch assumes a small rotation
+            or any(overlaps(a[0], b[0]) for i, a in enumerate(patches) for b in patches[i + 1 :])
+        ):
+            frame = self._image.copy()
+            for (x0, y0, x1, y1), p in patches:
+                frame[y0:y1, x0:x1] = p
+            if m is None:
+                return frame
+            return np.asarray(self._warp(frame, m), dtype=np.uint8)
+        # warp the untouched image once, then warp only the small changed regions on top
+        out = self._warp(self._image, m)
+        for box, p in patches:
+            self._warp_patch(out, p, box, m)
+        return out
+
+    def _warp(self, frame: U8, m: npt.NDArray[np.float64]) -> U8:
+        out = cv2.warpAffine(
+            frame, m, (self._w, self._h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )
+        return np.asarray(out, dtype=np.uint8)
+
+    def _warp_patch(self, out: U8, patch: U8, box: Box, m: npt.NDArray[np.float64]) -> None:
+        """Warp ``patch`` (the image region ``box``, already edited) into ``out`` in place.
+
+        Only the destination pixels whose source lies at least ``PATCH_INSET`` pixels inside
+        the patch are written: the rigs never edit that border ring, so the base warp already
+        holds the right pixels there and the seam is invisible.
+        """
+        x0, y0, x1, y1 = box
+        k = PATCH_INSET
+        sx0, sy0, sx1, sy1 = x0 + k, y0 + k, x1 - 1 - k, y1 - 1 - k
+        if sx0 >= sx1 or sy0 >= sy1:
+            return
+        c = np.array([[sx0, sy0, 1.0], [sx1, sy0, 1.0], [sx0, sy1, 1.0], [sx1, sy1, 1.0]]) @ m.T
+        # the axis-aligned rectangle inside the (slightly rotated) image of the inner box; a
+        # side of the box on the frame's edge is edited up to the edge and replicated there by
+        # both warps alike, so it extends to the frame's edge
+        dx0 = 0 if x0 == 0 else max(0, int(math.ceil(max(c[0, 0], c[2, 0]))))
+        dx1 = self._w if x1 == self._w else min(self._w, int(math.floor(min(c[1, 0], c[3, 0]))) + 1)
+        dy0 = 0 if y0 == 0 else max(0, int(math.ceil(max(c[0, 1], c[1, 1]))))
+        dy1 = self._h if y1 == self._h else min(self._h, int(math.floor(min(c[2, 1], c[3, 1]))) + 1)
+        if dx0 >= dx1 or dy0 >= dy1:
+            return
+        mp = m.copy()
+        mp[:, 2] += m[:, :2] @ np.array([x0, y0], dtype=np.float64) - np.array([dx0, dy0])
+        out[dy0:dy1, dx0:dx1] = cv2.warpAffine(
+            patch,
+            mp,
+            (dx1 - dx0, dy1 - dy0),
+            flags=cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_REPLICATE,
+        )
