@@ -42,6 +42,13 @@ from aiortc.rtcrtpparameters import RTCRtpCodecCapability
 from av.frame import Frame
 from av.video.codeccontext import VideoCodecContext
 
+from media_tracks.aiortc_compat import (
+    has_encoder_slot,
+    negotiated_codec_name,
+    sender_encoder,
+    set_sender_encoder,
+)
+
 if TYPE_CHECKING:
     from config import Settings
 
@@ -62,7 +69,6 @@ REOPEN_MIN_S = 3.0
 REOPEN_DROP = 0.5
 H264_LEVEL = "31"  # level 3.1: up to 1280x720 at 30 fps, as negotiated by aiortc
 # aiortc's sender keeps its encoder in this (name-mangled) attribute
-SENDER_ENCODER_ATTR = "_RTCRtpSender__encoder"
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,15 +330,6 @@ def video_codec_preferences(names: Sequence[str]) -> list[RTCRtpCodecCapability]
     return preferred + [c for c in capabilities if is_rtx(c)]
 
 
-def negotiated_codec_name(transceiver: RTCRtpTransceiver) -> str | None:
-    """The codec the transceiver's sender will send ("VP8", "H264", ...), once the remote
-    offer is applied; None before. (aiortc's sender takes the first negotiated codec.)"""
-    codecs = getattr(transceiver, "_codecs", None)
-    if not codecs:
-        return None
-    return str(codecs[0].name)
-
-
 def install_video_encoder(
     transceiver: RTCRtpTransceiver, encoding: VideoEncoding
 ) -> Encoder | None:
@@ -361,20 +358,14 @@ def install_video_encoder(
     if encoder is None:
         return None
     sender = transceiver.sender
-    if not hasattr(sender, SENDER_ENCODER_ATTR):
+    if not has_encoder_slot(sender):
         logger.warning("aiortc's sender has no encoder slot to fill; its own encoder is used")
         return None
-    if getattr(sender, SENDER_ENCODER_ATTR) is not None:
+    if sender_encoder(sender) is not None:
         logger.warning("the sender already has an encoder; it is kept")
         return None
-    setattr(sender, SENDER_ENCODER_ATTR, encoder)
+    set_sender_encoder(sender, encoder)
     return encoder
-
-
-def sender_encoder(sender: RTCRtpSender) -> Encoder | None:
-    """The encoder the sender uses now (None before its first frame or after it stopped)."""
-    encoder = getattr(sender, SENDER_ENCODER_ATTR, None)
-    return encoder if isinstance(encoder, Encoder) else None
 
 
 _X264_SEI = re.compile(rb"x264 - core \d+.*? - options: ([ -~]*)")

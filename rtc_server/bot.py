@@ -41,9 +41,13 @@ from aiortc.mediastreams import MediaStreamError
 from aiortc.rtcrtpreceiver import RtcpSrPacket
 from av import AudioFrame
 
+from media_tracks.aiortc_compat import (
+    negotiated_codec_name,
+    receiver_rtp_origin,
+    use_host_candidates,
+)
 from media_tracks.clapper import detect_beep_onsets, detect_flash_onsets, pair_offsets_ms
-from media_tracks.encoders import negotiated_codec_name, video_codec_preferences
-from rtc_server.ice import use_host_candidates
+from media_tracks.encoders import video_codec_preferences
 
 NTP_EPOCH_OFFSET = 0  # both streams' SRs use the same sender clock; only differences matter
 
@@ -63,8 +67,8 @@ class StreamLog:
     receiver: RTCRtpReceiver | None = None
 
     def rtp_origin(self) -> int | None:
-        mapper = getattr(self.receiver, "_RTCRtpReceiver__timestamp_mapper", None)
-        return getattr(mapper, "_origin", None)
+        origin = receiver_rtp_origin(self.receiver)
+        return origin if isinstance(origin, int) else None
 
     def sender_time_s(self, rel_pts: int, at: float) -> float | None:
         """Sender wall-clock time (s, NTP) of relative pts, estimated as a browser does it at

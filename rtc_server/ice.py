@@ -1,8 +1,8 @@
-"""Which host candidates ICE gathers.
+"""ICE configuration: STUN/TURN servers for aiortc and the page, TURN REST credentials.
 
-aioice leaves 127.0.0.1 out of its host candidates, which is right on a real network and makes
-a loopback-only network namespace (where tests run) unreachable. ``loopback`` mode makes the
-process gather exactly 127.0.0.1, so no packet is ever addressed anywhere else."""
+Which host candidates the process gathers (``use_host_candidates``: all, or loopback only) is
+an explicit call into :mod:`media_tracks.aiortc_compat`, made by the entry point from the
+``webrtc.host_candidates`` setting."""
 
 from __future__ import annotations
 
@@ -11,27 +11,19 @@ import hashlib
 import hmac
 import time
 from collections.abc import Sequence
-from typing import Literal
 
-import aioice.ice
 from aiortc import RTCConfiguration, RTCIceServer
 
 from config import IceServer, WebRTCSettings
+from media_tracks.aiortc_compat import use_host_candidates
 
-_original_get_host_addresses = aioice.ice.get_host_addresses
-
-
-def _loopback_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
-    return ["127.0.0.1"] if use_ipv4 else []
-
-
-def use_host_candidates(mode: Literal["all", "loopback"] | str) -> None:
-    """Process-wide: gather host candidates on every interface or on loopback only."""
-    if mode == "loopback":
-        aioice.ice.get_host_addresses = _loopback_host_addresses
-    else:
-        aioice.ice.get_host_addresses = _original_get_host_addresses
-
+__all__ = [
+    "browser_ice_servers",
+    "resolve_ice_servers",
+    "rtc_configuration",
+    "turn_rest_credentials",
+    "use_host_candidates",
+]
 
 def rtc_configuration(ice_servers: Sequence[IceServer]) -> RTCConfiguration:
     """An explicit configuration; an empty list means no STUN/TURN at all (aiortc would

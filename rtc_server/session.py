@@ -41,13 +41,13 @@ from media_tracks import (
     MediaClock,
     Segment,
 )
+from media_tracks.aiortc_compat import negotiated_codec_name, set_receiver_prefetch
 from media_tracks.clapper import clapper_pcm, flash_frames
 from media_tracks.encoders import (
     RealtimeH264Encoder,
     RealtimeVp8Encoder,
     VideoEncoding,
     install_video_encoder,
-    negotiated_codec_name,
     unmatched_video_codecs,
     video_codec_preferences,
 )
@@ -96,18 +96,9 @@ def set_audio_prefetch(pc: RTCPeerConnection, track: MediaStreamTrack, frames: i
     hears speech). The server only analyses the microphone, never plays it, so it needs the
     packets in order, not smoothed. False where aiortc's receiver does not have the buffer
     this replaces (then nothing changes)."""
-    from aiortc.jitterbuffer import JitterBuffer
-
     for receiver in pc.getReceivers():
-        if receiver.track is not track:
-            continue
-        name = "_RTCRtpReceiver__jitter_buffer"
-        old = getattr(receiver, name, None)
-        if not isinstance(old, JitterBuffer):
-            logger.warning("aiortc's audio receiver has no jitter buffer to shorten")
-            return False
-        setattr(receiver, name, JitterBuffer(capacity=old.capacity, prefetch=frames))
-        return True
+        if receiver.track is track:
+            return set_receiver_prefetch(receiver, frames)
     return False
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from config import load_settings
+from media_tracks.aiortc_compat import receiver_jitter_buffer
 from pipeline.lipsync.viseme_engine import VisemeEngine
 from pipeline.stt import Transcript
 from pipeline.vad import SpeechEnd, SpeechPause, SpeechResume, SpeechStart
@@ -264,7 +265,8 @@ async def test_the_microphone_receiver_hands_frames_on_after_one_more_not_four()
         receiver = transceiver.receiver
 
         def frames_out(n_packets: int) -> int:
-            buf = receiver._RTCRtpReceiver__jitter_buffer  # type: ignore[attr-defined]
+            buf = receiver_jitter_buffer(receiver)
+            assert buf is not None
             out = 0
             for seq in range(n_packets):
                 packet = RtpPacket(payload_type=111, sequence_number=seq, timestamp=seq * 960)

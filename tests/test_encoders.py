@@ -16,12 +16,12 @@ from aiortc.codecs.vpx import VpxPayloadDescriptor
 from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, pack_remb_fci
 
 from config import load_settings
+from media_tracks.aiortc_compat import sender_encoder
 from media_tracks.encoders import (
     RealtimeH264Encoder,
     RealtimeVp8Encoder,
     VideoBitrate,
     VideoEncoding,
-    sender_encoder,
     unmatched_video_codecs,
     video_codec_preferences,
     x264_options,

@@ -1,0 +1,132 @@
+"""Every reach into aiortc's and aioice's private parts, in one place, guarded by their pins.
+
+The server relies on four things aiortc and aioice do not offer publicly:
+
+- a sender's encoder slot (``RTCRtpSender.__encoder``), to give a sender our tuned encoder;
+- a transceiver's negotiated codec list (``RTCRtpTransceiver._codecs``);
+- an audio receiver's jitter buffer (``RTCRtpReceiver.__jitter_buffer``), to hand microphone
+  frames on sooner;
+- aioice's host-address function, to gather loopback candidates (tests, loopback-only
+  namespaces) — applied only when asked (:func:`use_host_candidates`).
+
+Importing this module checks that the installed versions are the pinned ones: a moved pin is a
+clear error at start-up (:class:`AiortcVersionError`), not a silent fallback in the middle of a
+call. Update the pins here together with ``requirements.txt`` after checking each item above.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import version
+from typing import Any, Literal
+
+import aioice.ice
+from aiortc import RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver
+from aiortc.codecs.base import Encoder
+from aiortc.jitterbuffer import JitterBuffer
+
+logger = logging.getLogger(__name__)
+
+PINNED = {"aiortc": "1.16.0", "aioice": "0.13.0"}
+
+_SENDER_ENCODER = "_RTCRtpSender__encoder"
+_RECEIVER_JITTER = "_RTCRtpReceiver__jitter_buffer"
+_RECEIVER_MAPPER = "_RTCRtpReceiver__timestamp_mapper"
+
+
+class AiortcVersionError(RuntimeError):
+    """The installed aiortc/aioice is not the version this module was checked against."""
+
+
+def check_versions(installed: dict[str, str] | None = None) -> None:
+    """Raise :class:`AiortcVersionError` unless every pinned package has its pinned version."""
+    found = installed if installed is not None else {p: version(p) for p in PINNED}
+    moved = [f"{p} {found.get(p)} (pinned {v})" for p, v in PINNED.items() if found.get(p) != v]
+    if moved:
+        raise AiortcVersionError(
+            "media_tracks/aiortc_compat.py reaches into private parts of aiortc and aioice "
+            f"checked against the pinned versions, but found {', '.join(moved)}: install the "
+            "pins from requirements.txt, or re-check that module and update its PINNED"
+        )
+
+
+check_versions()
+
+# --- senders and transceivers -------------------------------------------------------------
+
+
+def negotiated_codec_name(transceiver: RTCRtpTransceiver) -> str | None:
+    """The codec the transceiver's sender will send ("VP8", "H264", ...) once the remote
+    offer is applied; None before. (aiortc's sender takes the first negotiated codec.)"""
+    codecs = getattr(transceiver, "_codecs", None)
+    if not codecs:
+        return None
+    return str(codecs[0].name)
+
+
+def has_encoder_slot(sender: RTCRtpSender) -> bool:
+    return hasattr(sender, _SENDER_ENCODER)
+
+
+def sender_encoder(sender: RTCRtpSender) -> Encoder | None:
+    """The encoder the sender uses now (None before its first frame or after it stopped)."""
+    encoder = getattr(sender, _SENDER_ENCODER, None)
+    return encoder if isinstance(encoder, Encoder) else None
+
+
+def set_sender_encoder(sender: RTCRtpSender, encoder: Encoder) -> None:
+    """Fill the sender's encoder slot; the sender makes none of its own once it is set."""
+    setattr(sender, _SENDER_ENCODER, encoder)
+
+
+# --- receivers ------------------------------------------------------------------------------
+
+
+def receiver_jitter_buffer(receiver: RTCRtpReceiver) -> JitterBuffer | None:
+    buffer = getattr(receiver, _RECEIVER_JITTER, None)
+    return buffer if isinstance(buffer, JitterBuffer) else None
+
+
+def receiver_prefetch(receiver: RTCRtpReceiver) -> int | None:
+    """How many frames the receiver's jitter buffer waits for behind a frame (None: no buffer)."""
+    buffer = receiver_jitter_buffer(receiver)
+    return None if buffer is None else int(getattr(buffer, "_prefetch", 0))
+
+
+def set_receiver_prefetch(receiver: RTCRtpReceiver, frames: int) -> bool:
+    """Make the receiver hand a frame on once ``frames`` more have arrived behind it (aiortc
+    waits for 4). False, changing nothing, where the receiver has no such buffer."""
+    old = receiver_jitter_buffer(receiver)
+    if old is None:
+        logger.warning("aiortc's receiver has no jitter buffer to shorten")
+        return False
+    setattr(receiver, _RECEIVER_JITTER, JitterBuffer(capacity=old.capacity, prefetch=frames))
+    return True
+
+
+def receiver_rtp_origin(receiver: RTCRtpReceiver | None) -> Any:
+    """The first RTP timestamp the receiver mapped (its timestamp mapper's origin), or None."""
+    mapper = getattr(receiver, _RECEIVER_MAPPER, None)
+    return getattr(mapper, "_origin", None)
+
+
+# --- ICE host candidates -------------------------------------------------------------------
+
+_original_get_host_addresses = aioice.ice.get_host_addresses
+
+
+def _loopback_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+    return ["127.0.0.1"] if use_ipv4 else []
+
+
+def use_host_candidates(mode: Literal["all", "loopback"] | str) -> None:
+    """Process-wide: gather host candidates on every interface (aioice's default, which leaves
+    127.0.0.1 out) or on 127.0.0.1 only, so no packet is addressed anywhere else."""
+    if mode == "loopback":
+        aioice.ice.get_host_addresses = _loopback_host_addresses
+    else:
+        aioice.ice.get_host_addresses = _original_get_host_addresses
+
+
+def host_candidates_mode() -> str:
+    return "loopback" if aioice.ice.get_host_addresses is _loopback_host_addresses else "all"
