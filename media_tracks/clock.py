@@ -47,22 +47,14 @@ def video_pts_to_samples(video_pts: int, sample_rate: int) -> int:
 class MediaClock:
     """Monotonic media clock; ``now_ns()`` is nanoseconds since the epoch.
 
-    The epoch is fixed at construction (or by ``start()``), and never moves afterwards.
+    The epoch is fixed at construction and never moves afterwards.
     """
 
     def __init__(self) -> None:
         self._epoch_ns = time.monotonic_ns()
 
-    @property
-    def epoch_ns(self) -> int:
-        """The epoch as a ``time.monotonic_ns()`` reading."""
-        return self._epoch_ns
-
     def now_ns(self) -> int:
         return time.monotonic_ns() - self._epoch_ns
-
-    def now_pts(self, time_base: Fraction) -> int:
-        return ns_to_pts(self.now_ns(), time_base)
 
     async def sleep_until_ns(self, deadline_ns: int) -> None:
         """Sleep until media time ``deadline_ns``; returns at once if it has passed."""
@@ -79,7 +71,6 @@ class ManualClock(MediaClock):
 
     def __init__(self, start_ns: int = 0) -> None:
         self._now = start_ns
-        self._epoch_ns = 0
         self._sleepers: list[tuple[int, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
 
@@ -96,10 +87,6 @@ class ManualClock(MediaClock):
     @property
     def sleepers(self) -> int:
         return sum(1 for _, _, f in self._sleepers if not f.done())
-
-    def next_deadline_ns(self) -> int | None:
-        live = [d for d, _, f in self._sleepers if not f.done()]
-        return min(live) if live else None
 
     async def advance(self, delta_ns: int) -> None:
         """Move time forward by ``delta_ns``, waking every sleeper whose deadline is reached,

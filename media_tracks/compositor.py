@@ -128,9 +128,6 @@ class Compositor:
     def frame_at_or_after_ns(self, t_ns: int) -> int:
         return -((-t_ns * self.fps) // NS_PER_S)
 
-    def frame_of_sample(self, sample: int) -> int:
-        return sample * self.fps // self.sample_rate
-
     # --- scheduling ---------------------------------------------------------------------
     @property
     def speaking(self) -> bool:
