@@ -82,7 +82,15 @@ def background_thread(nice: int = BACKGROUND_NICE) -> None:
         logger.debug("could not lower a worker thread's priority: %s", exc)
 
 
-class MediaExecutor(ThreadPoolExecutor):
+class CountedExecutor(ThreadPoolExecutor):
+    """A thread pool that reports its size and its backlog."""
+
+    def stats(self) -> dict[str, int]:
+        """``workers`` (at most) and ``pending`` (submitted, not started)."""
+        return {"workers": self._max_workers, "pending": self._work_queue.qsize()}
+
+
+class MediaExecutor(CountedExecutor):
     """The event loop's default executor: audio encodes inline, the rest on lower-priority
     worker threads (``max_workers``; ``nice`` below the loop)."""
 

@@ -21,8 +21,9 @@ from pathlib import Path
 from aiohttp import web
 
 from config import ConfigError, Settings, load_settings
-from rtc_server.app import DRAINING, create_app
+from rtc_server.app import create_app
 from rtc_server.logs import configure_logging
+from rtc_server.services import SERVICES
 
 logger = logging.getLogger("rtc_server")
 
@@ -32,7 +33,7 @@ def _drain_at_once_on_sigterm(app: web.Application) -> None:
     aiohttp's graceful exit starts: an offer already being answered gets 503."""
 
     def on_signal() -> None:
-        app[DRAINING].set()
+        app[SERVICES].draining.set()
         raise web.GracefulExit()
 
     async def install(app: web.Application) -> None:

@@ -47,7 +47,6 @@ from aiohttp import web
 from config import Settings
 
 __all__ = [
-    "ACCESS",
     "ADMIN_ROUTES",
     "RATE_GROUPS",
     "TOKEN_ROUTES",
@@ -552,14 +551,10 @@ class AccessControl:
             headers["Vary"] = f"{vary}, Origin" if vary else "Origin"
 
 
-ACCESS = web.AppKey("access", AccessControl)
-
-
-def install_access(app: web.Application, settings: Settings) -> None:
-    """Add the access middleware (inside the error middleware) and the CORS signal; the
-    controller is ``app[ACCESS]``."""
+def install_access(app: web.Application, settings: Settings) -> AccessControl:
+    """Add the access middleware (inside the error middleware) and the CORS signal; returns
+    the controller."""
     control = AccessControl(settings)
-    app[ACCESS] = control
 
     @web.middleware
     async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -582,3 +577,4 @@ def install_access(app: web.Application, settings: Settings) -> None:
         )
     if a.offer_token is None:
         logger.debug("no access.offer_token: POST /offer and POST /v1/render are open")
+    return control

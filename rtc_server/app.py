@@ -15,9 +15,7 @@ import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import cv2
 from aiohttp import web
@@ -28,33 +26,38 @@ from avatars.store import AvatarStore
 from common.errors import (
     AvatarServerError,
     AvatarUnavailable,
-    BadJson,
     BadRequest,
     NotFound,
     PipelineError,
     ServerFull,
     ShuttingDown,
 )
-from common.inputs import JsonRejected, loads_json, short
 from config import Settings
 from face.library import AvatarLibrary
-from media_tracks.priority import LoadGovernor, MediaExecutor, background_thread
+from media_tracks.priority import CountedExecutor, LoadGovernor, MediaExecutor, background_thread
 from pipeline.lipsync import LipSyncEngine, create_lipsync_engine
 from pipeline.lipsync.viseme_engine import VisemeEngine
+from pipeline.render.service import start_render_service
+from pipeline.replier import Replier
+from pipeline.stt import WhisperSTT
 from pipeline.tts import PiperTTS, TextToSpeech
-from rtc_server.access import ACCESS, install_access
-from rtc_server.avatars_api import AVATAR_API, AvatarApi, add_avatar_routes
+from pipeline.vad import SileroVad
+from rtc_server.access import install_access
+from rtc_server.avatars_api import AvatarApi, add_avatar_routes
 from rtc_server.ice import browser_ice_servers, resolve_ice_servers, use_host_candidates
 from rtc_server.logs import bind_session
+from rtc_server.metrics import Observability
 from rtc_server.observability import (
     add_observability_routes,
     http_metrics_middleware,
     session_event_hook,
 )
 from rtc_server.openapi import add_openapi_route
-from rtc_server.render_api import RENDER_SERVICE, add_render_routes, start_render_service
+from rtc_server.render_api import add_render_routes
+from rtc_server.services import SERVICES, Engines, Services, services_of
 from rtc_server.session import Session
 from rtc_server.slots import SessionSlots, Slot
+from rtc_server.wire import json_error, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -63,29 +66,10 @@ RETRY_AFTER_S = 5
 # nginx's "client closed request": what /metrics counts for a client that hung up mid-request
 CLIENT_CLOSED_STATUS = 499
 
-SETTINGS = web.AppKey("settings", Settings)
-SESSIONS = web.AppKey("sessions", dict)
-AVATARS = web.AppKey("avatars", AvatarLibrary)
-TTS = web.AppKey("tts", TextToSpeech)
-RENDER_POOL = web.AppKey("render_pool", ThreadPoolExecutor)
-LIPSYNC = web.AppKey("lipsync", LipSyncEngine)
-# the engine a session falls back to when its lip-sync engine fails (None: the engine is
-# already the viseme engine)
-FALLBACK_LIPSYNC = web.AppKey("fallback_lipsync", object)
-STT = web.AppKey("stt", object)
-VAD = web.AppKey("vad", object)
-REPLIER = web.AppKey("replier_factory", object)
-DRAINING = web.AppKey("draining", asyncio.Event)
-SLOTS = web.AppKey("slots", SessionSlots)
-GOVERNOR = web.AppKey("governor", LoadGovernor)
-
-
 @functools.lru_cache(maxsize=4)
 def shared_stt(model: str, cache_dir: str, device: str, compute_type: str | None,
-               language: str | None, beam_size: int) -> Any:
+               language: str | None, beam_size: int) -> WhisperSTT:
     """One loaded Whisper model per configuration per process (sessions share it)."""
-    from pipeline.stt import WhisperSTT
-
     stt = WhisperSTT(model, cache_dir=Path(cache_dir), device=device,  # type: ignore[arg-type]
                      compute_type=compute_type, language=language, beam_size=beam_size)
     stt.load()
@@ -93,13 +77,11 @@ def shared_stt(model: str, cache_dir: str, device: str, compute_type: str | None
 
 
 @functools.lru_cache(maxsize=1)
-def shared_vad() -> Any:
-    from pipeline.vad import SileroVad
-
+def shared_vad() -> SileroVad:
     return SileroVad()
 
 
-def load_listening(settings: Settings) -> tuple[Any, Any]:
+def load_listening(settings: Settings) -> tuple[WhisperSTT, SileroVad]:
     """The Whisper model and the VAD model (blocking: call from an executor)."""
     s = settings.stt
     cache = s.cache_dir or str(Path(settings.avatars.data_dir) / "models")
@@ -107,7 +89,7 @@ def load_listening(settings: Settings) -> tuple[Any, Any]:
     return stt, shared_vad()
 
 
-def replier_factory(settings: Settings) -> Callable[[], Any]:
+def replier_factory(settings: Settings) -> Callable[[], Replier]:
     """A new replier per session (each counts its own consecutive failures)."""
     from pipeline.replier import EmbeddedReplier, OpenAIReplier
 
@@ -132,12 +114,6 @@ def replier_factory(settings: Settings) -> Callable[[], Any]:
 
 def _detail(exc: BaseException) -> str:
     return str(getattr(exc, "detail", None) or exc or type(exc).__name__)
-
-
-def json_error(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> (
-    web.Response
-):
-    return web.json_response({"error": error, "detail": detail}, status=status, headers=headers)
 
 
 @web.middleware
@@ -175,28 +151,10 @@ async def errors_middleware(
         return json_error(500, "internal_error", "the server failed; see its log")
 
 
-async def read_json_object(request: web.Request) -> dict[str, object]:
-    """The body as a JSON object: 400 ``bad_json`` for malformed JSON, nesting deeper than
-    ``server.max_json_depth``, NaN/Infinity or a number no float holds; 413 past
-    ``server.max_body_bytes``."""
-    if request.content_type != "application/json":
-        raise BadRequest(
-            f"Content-Type must be application/json, not {short(request.content_type)!r}"
-        )
-    body = await request.read()  # raises 413 past client_max_size
-    try:
-        data = loads_json(body, max_depth=request.app[SETTINGS].server.max_json_depth)
-    except JsonRejected as exc:
-        raise BadJson(f"body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise BadRequest("body must be a JSON object")
-    return data
-
-
 async def handle_offer(request: web.Request) -> web.Response:
-    app = request.app
-    settings = app[SETTINGS]
-    data = await read_json_object(request)
+    services = services_of(request)
+    settings = services.settings
+    data = await read_json_object(request, settings.server.max_json_depth)
     sdp, kind = data.get("sdp"), data.get("type")
     if not isinstance(sdp, str) or not sdp.strip():
         raise BadRequest("field 'sdp' (string) is required")
@@ -207,27 +165,25 @@ async def handle_offer(request: web.Request) -> web.Response:
     avatar_id = data.get("avatar_id", settings.avatars.default)
     if not isinstance(avatar_id, str):
         raise BadRequest("field 'avatar_id' must be a string")
-    if app[DRAINING].is_set():
+    if services.draining.is_set():
         raise ShuttingDown("the server is shutting down; try again shortly",
                            retry_after_s=RETRY_AFTER_S)
     # taken before the first await, so concurrent offers can never pass the limit together
-    slot = app[SLOTS].reserve(app[ACCESS].client(request) if ACCESS in app else "local")
+    slot = services.slots.reserve(services.access.client(request))
     try:
-        return await _answer_offer(request, sdp, avatar_id, slot)
+        return await _answer_offer(services, sdp, avatar_id, slot)
     except BaseException:
         slot.release()
         raise
 
 
-async def _answer_offer(request: web.Request, sdp: str, avatar_id: str, slot: Slot) -> (
+async def _answer_offer(services: Services, sdp: str, avatar_id: str, slot: Slot) -> (
     web.Response
 ):
-    app = request.app
-    settings = app[SETTINGS]
-    sessions: dict[str, Session] = app[SESSIONS]
-    library = app[AVATARS]
+    settings, sessions, engines = services.settings, services.sessions, services.engines
+    library = engines.library
     # held for the call: never unloaded under it (avatars.memory_budget_mb)
-    loading = app[RENDER_POOL].submit(library.acquire, avatar_id)
+    loading = engines.pool.submit(library.acquire, avatar_id)
     try:
         avatar = await asyncio.wrap_future(loading)
     except asyncio.CancelledError:  # the offer went away while the avatar loaded: let go of it
@@ -249,17 +205,17 @@ async def _answer_offer(request: web.Request, sdp: str, avatar_id: str, slot: Sl
         session = Session(
             settings=settings,
             avatar=avatar,
-            tts=app[TTS],
-            lipsync=app[LIPSYNC],
-            render_executor=app[RENDER_POOL],
-            stt=app[STT],
-            vad_model=app[VAD],
-            replier=app[REPLIER](),  # type: ignore[operator]
+            tts=engines.tts,
+            lipsync=engines.lipsync,
+            render_executor=engines.pool,
+            stt=engines.stt,
+            vad_model=engines.vad,
+            replier=engines.replier(),
             on_closed=closed,
             on_connected=lambda s: slot.connected(),
-            governor=app.get(GOVERNOR),
-            on_event=session_event_hook(app),
-            fallback_lipsync=app[FALLBACK_LIPSYNC],  # type: ignore[arg-type]
+            governor=engines.governor,
+            on_event=session_event_hook(services),
+            fallback_lipsync=engines.fallback_lipsync,
         )
     except BaseException:
         library.release(avatar_id)
@@ -273,7 +229,7 @@ async def _answer_offer(request: web.Request, sdp: str, avatar_id: str, slot: Sl
     except BaseException:
         await session.aclose("offer failed")
         raise
-    if app[DRAINING].is_set():  # shutdown began while the offer was being answered
+    if services.draining.is_set():  # shutdown began while the offer was being answered
         await session.aclose("server shutting down")
         raise ShuttingDown("the server is shutting down; try again shortly",
                            retry_after_s=RETRY_AFTER_S)
@@ -286,13 +242,12 @@ def _forget(sessions: dict[str, Session], session: Session) -> None:
 
 
 async def handle_sessions(request: web.Request) -> web.Response:
-    sessions: dict[str, Session] = request.app[SESSIONS]
+    sessions = services_of(request).sessions
     return web.json_response({"sessions": [s.describe() for s in list(sessions.values())]})
 
 
 async def handle_delete_session(request: web.Request) -> web.Response:
-    sessions: dict[str, Session] = request.app[SESSIONS]
-    session = sessions.get(request.match_info["session_id"])
+    session = services_of(request).sessions.get(request.match_info["session_id"])
     if session is None:
         return json_error(404, "not_found", "no such session")
     await session.aclose("deleted by API")
@@ -331,9 +286,10 @@ async def close_sessions(
 async def drain(app: web.Application) -> None:
     """``on_shutdown``: no new sessions; every session told and closed within the grace
     (``server.shutdown_grace_s``, less a second kept for requests in flight and cleanup)."""
-    app[DRAINING].set()
-    grace = app[SETTINGS].server.shutdown_grace_s
-    sessions: dict[str, Session] = app[SESSIONS]
+    services = app[SERVICES]
+    services.draining.set()
+    grace = services.settings.server.shutdown_grace_s
+    sessions = services.sessions
     n = len(sessions)
     stuck = await close_sessions(
         sessions,
@@ -347,7 +303,7 @@ async def drain(app: web.Application) -> None:
 async def handle_ice_servers(request: web.Request) -> web.Response:
     """The STUN/TURN servers the call page should use (TURN REST credentials are made per
     request when webrtc.turn_secret is set)."""
-    webrtc = request.app[SETTINGS].webrtc
+    webrtc = services_of(request).settings.webrtc
     servers = browser_ice_servers(resolve_ice_servers(webrtc))
     return web.json_response(
         {"iceServers": servers}, headers={"Cache-Control": "no-store"}
@@ -375,7 +331,7 @@ def create_app(
     *,
     tts: TextToSpeech | None = None,
     lipsync: LipSyncEngine | None = None,
-    replier: Callable[[], Any] | None = None,
+    replier: Callable[[], Replier] | None = None,
     prepare: PrepareFn | None = None,
     analyzer_factory: Callable[[], object] | None = None,
 ) -> web.Application:
@@ -387,123 +343,146 @@ def create_app(
         # outermost first: metrics see every final answer, errors become JSON, then access
         middlewares=[http_metrics_middleware, errors_middleware],
     )
-    app[SETTINGS] = settings
-    app[SESSIONS] = {}
-    app[DRAINING] = asyncio.Event()  # set on shutdown: no new sessions, /ready answers 503
     s = settings.sessions
-    app[SLOTS] = SessionSlots(max_live=s.max_concurrent, max_pending=s.max_pending,
-                              max_pending_per_client=s.max_pending_per_client,
-                              retry_after_s=RETRY_AFTER_S)
-    install_access(app, settings)
+    services = Services(
+        settings=settings,
+        access=install_access(app, settings),
+        slots=SessionSlots(max_live=s.max_concurrent, max_pending=s.max_pending,
+                           max_pending_per_client=s.max_pending_per_client,
+                           retry_after_s=RETRY_AFTER_S),
+        observability=Observability(),
+    )
+    app[SERVICES] = services
     use_host_candidates(settings.webrtc.host_candidates)
     data_dir_abs = os.path.abspath(settings.avatars.data_dir)  # for start-up messages
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        # sessions render on a thread pool; OpenCV's own threads on top only add spikes
-        cv2.setNumThreads(1)
-        # audio first under overload: rendering and video encodes run below the event loop's
-        # priority, and audio encodes never wait behind video ones (media_tracks/priority.py)
-        audio_first = settings.media.audio_first
-        pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="render",
-                                  initializer=background_thread if audio_first else None)
-        app[RENDER_POOL] = pool
-        governor: LoadGovernor | None = None
-        if audio_first:
-            asyncio.get_running_loop().set_default_executor(MediaExecutor())
-            governor = LoadGovernor()
-            app[GOVERNOR] = governor
-        media = settings.media
-        store = AvatarStore(Path(settings.avatars.data_dir))
-        library = AvatarLibrary(
-            data_dir=Path(settings.avatars.data_dir),
-            width=media.video_width,
-            height=media.video_height,
-            store=store,
-            budget_bytes=settings.avatars.memory_budget_mb * 1024 * 1024,
-        )
-        library.pin(settings.avatars.default)
-        app[AVATARS] = library
-        registration = RegistrationService(
-            store, settings.avatars, prepare=prepare, analyzer_factory=analyzer_factory
-        )
-        app[AVATAR_API] = AvatarApi(
-            settings=settings.avatars,
-            store=store,
-            library=library,
-            service=registration,
-            sessions=app[SESSIONS],
-        )
+        engines, registration = await _load(settings, services.sessions, tts=tts,
+                                            lipsync=lipsync, replier=replier, prepare=prepare,
+                                            analyzer_factory=analyzer_factory,
+                                            data_dir_abs=data_dir_abs)
+        services.loaded = engines
         loop = asyncio.get_running_loop()
-        # the default avatar must load, or the server does not start
-        try:
-            await loop.run_in_executor(pool, library.get, settings.avatars.default)
-        except (NotFound, AvatarError) as exc:
-            raise PipelineError(
-                f"avatars.default: the default avatar {settings.avatars.default!r} cannot be "
-                f"loaded from {data_dir_abs} (avatars.data_dir): "
-                f"{_detail(exc)}; register it there, or set avatars.default to an avatar that "
-                "exists (the built-in one is 'default')"
-            ) from exc
-        if settings.avatars.analyzer == "insightface" and analyzer_factory is None:
-            # a configured model pack must be there and load: a clear start-up error, not a
-            # failure at the first registration (dlib and Haar load lazily, from packages)
-            try:
-                await loop.run_in_executor(pool, registration.analyzer)
-            except Exception as exc:  # noqa: BLE001 - whatever the pack does: one clear line
-                raise PipelineError(
-                    f"avatars.insightface_root: {_detail(exc)}; point avatars.insightface_root "
-                    "at such a folder, or set avatars.analyzer: dlib"
-                ) from exc
-        if tts is None:
-            voice = settings.engines.piper_voice
-            piper = PiperTTS(
-                voice_path=Path(voice) if voice else None,
-                sample_rate=media.audio_sample_rate,
-                speed=settings.engines.tts_speed,
-            )
-            await piper.aload()
-            app[TTS] = piper
-        else:
-            app[TTS] = tts
-        engine = lipsync
-        if engine is None:
-            engine = await loop.run_in_executor(pool, create_lipsync_engine, settings)
-        app[LIPSYNC] = engine
-        # cheap (no weights): the engine a call goes on with if its own engine fails
-        app[FALLBACK_LIPSYNC] = None if engine.name == "viseme" else VisemeEngine()
-        app[REPLIER] = replier or replier_factory(settings)
-        if settings.conversation.listen:
-            stt, vad = await loop.run_in_executor(pool, load_listening, settings)
-        else:
-            stt, vad = None, None
-        app[STT], app[VAD] = stt, vad
-        render_service = await start_render_service(settings, library, engine, app[TTS])
-        app[RENDER_SERVICE] = render_service
         # the governor times the loop from here: start-up's model loading is no call's lag
+        governor = engines.governor
         governing = None if governor is None else loop.create_task(governor.run(), name="governor")
         yield
         if governing is not None:
             governing.cancel()
-        await render_service.aclose()
+        await engines.render.aclose()
         # normally none are left (``drain`` closed them); bounded, so none can hold the exit
-        await close_sessions(app[SESSIONS], reason="shutdown", detail="the server is stopping",
+        await close_sessions(services.sessions, reason="shutdown", detail="the server is stopping",
                              timeout_s=max(0.5, settings.server.shutdown_grace_s / 2))
         await asyncio.to_thread(registration.close)
         if lipsync is None:
-            await engine.aclose()
-        pool.shutdown(wait=True, cancel_futures=True)
+            await engines.lipsync.aclose()
+        engines.pool.shutdown(wait=True, cancel_futures=True)
 
     app.cleanup_ctx.append(resources)
     app.on_shutdown.append(drain)
     app.router.add_get("/", handle_index)
     app.router.add_get("/register", handle_register)
-    add_observability_routes(app)
-    add_openapi_route(app)
+    add_observability_routes(app, services)
+    add_openapi_route(app, settings)
     app.router.add_post("/offer", handle_offer)
     app.router.add_get("/sessions", handle_sessions)
     app.router.add_delete("/sessions/{session_id}", handle_delete_session)
-    add_avatar_routes(app)
+    add_avatar_routes(app, lambda request: services_of(request).engines.avatar_api)
     add_render_routes(app)
     app.router.add_get("/ice-servers", handle_ice_servers)
     app.router.add_get("/web/{name:.+}", handle_web_file)
     return app
+
+
+async def _load(
+    settings: Settings,
+    sessions: dict[str, Session],
+    *,
+    tts: TextToSpeech | None,
+    lipsync: LipSyncEngine | None,
+    replier: Callable[[], Replier] | None,
+    prepare: PrepareFn | None,
+    analyzer_factory: Callable[[], object] | None,
+    data_dir_abs: str,
+) -> tuple[Engines, RegistrationService]:
+    """Start-up: the pools, the avatars (the default one must load), the voice, the lip-sync
+    engine, listening and the render service."""
+    # sessions render on a thread pool; OpenCV's own threads on top only add spikes
+    cv2.setNumThreads(1)
+    # audio first under overload: rendering and video encodes run below the event loop's
+    # priority, and audio encodes never wait behind video ones (media_tracks/priority.py)
+    audio_first = settings.media.audio_first
+    pool = CountedExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="render",
+                           initializer=background_thread if audio_first else None)
+    governor: LoadGovernor | None = None
+    if audio_first:
+        asyncio.get_running_loop().set_default_executor(MediaExecutor())
+        governor = LoadGovernor()
+    media = settings.media
+    store = AvatarStore(Path(settings.avatars.data_dir))
+    library = AvatarLibrary(
+        data_dir=Path(settings.avatars.data_dir),
+        width=media.video_width,
+        height=media.video_height,
+        store=store,
+        budget_bytes=settings.avatars.memory_budget_mb * 1024 * 1024,
+    )
+    library.pin(settings.avatars.default)
+    registration = RegistrationService(
+        store, settings.avatars, prepare=prepare, analyzer_factory=analyzer_factory
+    )
+    avatar_api = AvatarApi(settings=settings.avatars, store=store, library=library,
+                           service=registration, sessions=sessions)
+    loop = asyncio.get_running_loop()
+    # the default avatar must load, or the server does not start
+    try:
+        await loop.run_in_executor(pool, library.get, settings.avatars.default)
+    except (NotFound, AvatarError) as exc:
+        raise PipelineError(
+            f"avatars.default: the default avatar {settings.avatars.default!r} cannot be "
+            f"loaded from {data_dir_abs} (avatars.data_dir): "
+            f"{_detail(exc)}; register it there, or set avatars.default to an avatar that "
+            "exists (the built-in one is 'default')"
+        ) from exc
+    if settings.avatars.analyzer == "insightface" and analyzer_factory is None:
+        # a configured model pack must be there and load: a clear start-up error, not a
+        # failure at the first registration (dlib and Haar load lazily, from packages)
+        try:
+            await loop.run_in_executor(pool, registration.analyzer)
+        except Exception as exc:  # noqa: BLE001 - whatever the pack does: one clear line
+            raise PipelineError(
+                f"avatars.insightface_root: {_detail(exc)}; point avatars.insightface_root "
+                "at such a folder, or set avatars.analyzer: dlib"
+            ) from exc
+    if tts is None:
+        voice = settings.engines.piper_voice
+        piper = PiperTTS(
+            voice_path=Path(voice) if voice else None,
+            sample_rate=media.audio_sample_rate,
+            speed=settings.engines.tts_speed,
+        )
+        await piper.aload()
+        tts = piper
+    engine = lipsync
+    if engine is None:
+        engine = await loop.run_in_executor(pool, create_lipsync_engine, settings)
+    if settings.conversation.listen:
+        stt, vad = await loop.run_in_executor(pool, load_listening, settings)
+    else:
+        stt, vad = None, None
+    render = await start_render_service(settings, library, engine, tts)
+    engines = Engines(
+        pool=pool,
+        library=library,
+        avatar_api=avatar_api,
+        tts=tts,
+        lipsync=engine,
+        # cheap (no weights): the engine a call goes on with if its own engine fails
+        fallback_lipsync=None if engine.name == "viseme" else VisemeEngine(),
+        replier=replier or replier_factory(settings),
+        stt=stt,
+        vad=vad,
+        render=render,
+        governor=governor,
+    )
+    return engines, registration

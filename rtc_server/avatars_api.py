@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +43,7 @@ from config.settings import AvatarSettings
 from face.library import AVATAR_ID_RE, AvatarLibrary
 from rtc_server.multipart import MALFORMED_MULTIPART, read_part
 
-__all__ = ["AVATAR_API", "AvatarApi", "AvatarInUse", "Forbidden", "add_avatar_routes"]
+__all__ = ["AvatarApi", "AvatarInUse", "Forbidden", "add_avatar_routes"]
 
 # Room for the multipart framing and the name part on top of the file itself.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
@@ -150,9 +151,6 @@ class AvatarApi:
         return self._builtin_thumbnail
 
 
-AVATAR_API = web.AppKey("avatar_api", AvatarApi)
-
-
 def _entry(record: AvatarRecord) -> dict[str, Any]:
     out = record.to_dict()
     out["builtin"] = False
@@ -217,8 +215,7 @@ async def _read_upload(request: web.Request, limit: int) -> tuple[bytes, str]:
     return data, name
 
 
-async def handle_create(request: web.Request) -> web.Response:
-    api = request.app[AVATAR_API]
+async def handle_create(api: AvatarApi, request: web.Request) -> web.Response:
     data, name = await _read_upload(request, api.settings.max_upload_bytes)
     record, created = await api.service.register(data, name)
     api.warm(record.id)
@@ -227,15 +224,13 @@ async def handle_create(request: web.Request) -> web.Response:
     return web.json_response(body, status=201 if created else 200)
 
 
-async def handle_list(request: web.Request) -> web.Response:
-    api = request.app[AVATAR_API]
+async def handle_list(api: AvatarApi, request: web.Request) -> web.Response:
     builtin = await asyncio.to_thread(api.builtin)
     records = await asyncio.to_thread(api.store.list)
     return web.json_response({"avatars": [builtin, *(_entry(r) for r in records)]})
 
 
-async def handle_get(request: web.Request) -> web.Response:
-    api = request.app[AVATAR_API]
+async def handle_get(api: AvatarApi, request: web.Request) -> web.Response:
     avatar_id = _avatar_id(request)
     if avatar_id == BUILTIN_ID:
         return web.json_response(await asyncio.to_thread(api.builtin))
@@ -245,8 +240,7 @@ async def handle_get(request: web.Request) -> web.Response:
     return web.json_response(_entry(record))
 
 
-async def handle_thumbnail(request: web.Request) -> web.Response:
-    api = request.app[AVATAR_API]
+async def handle_thumbnail(api: AvatarApi, request: web.Request) -> web.Response:
     avatar_id = _avatar_id(request)
     if avatar_id == BUILTIN_ID:
         jpeg: bytes | None = await asyncio.to_thread(api.builtin_thumbnail)
@@ -259,8 +253,7 @@ async def handle_thumbnail(request: web.Request) -> web.Response:
     )
 
 
-async def handle_delete(request: web.Request) -> web.Response:
-    api = request.app[AVATAR_API]
+async def handle_delete(api: AvatarApi, request: web.Request) -> web.Response:
     avatar_id = _avatar_id(request)
     if avatar_id == BUILTIN_ID:
         raise Forbidden("the built-in avatar cannot be deleted", code="builtin_avatar")
@@ -290,9 +283,19 @@ async def handle_delete(request: web.Request) -> web.Response:
     return web.json_response({"id": avatar_id, "deleted": True})
 
 
-def add_avatar_routes(app: web.Application) -> None:
-    app.router.add_post("/avatars", handle_create)
-    app.router.add_get("/avatars", handle_list)
-    app.router.add_get("/avatars/{avatar_id}", handle_get)
-    app.router.add_get("/avatars/{avatar_id}/thumbnail", handle_thumbnail)
-    app.router.add_delete("/avatars/{avatar_id}", handle_delete)
+def add_avatar_routes(app: web.Application, api_of: Callable[[web.Request], AvatarApi]) -> None:
+    """The avatar routes; ``api_of`` finds the request's application's AvatarApi."""
+
+    def route(handler: Callable[[AvatarApi, web.Request], Awaitable[web.Response]]) -> (
+        Callable[[web.Request], Awaitable[web.Response]]
+    ):
+        async def handle(request: web.Request) -> web.Response:
+            return await handler(api_of(request), request)
+
+        return handle
+
+    app.router.add_post("/avatars", route(handle_create))
+    app.router.add_get("/avatars", route(handle_list))
+    app.router.add_get("/avatars/{avatar_id}", route(handle_get))
+    app.router.add_get("/avatars/{avatar_id}/thumbnail", route(handle_thumbnail))
+    app.router.add_delete("/avatars/{avatar_id}", route(handle_delete))

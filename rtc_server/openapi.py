@@ -569,16 +569,11 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
     }
 
 
-OPENAPI_DOC = web.AppKey("openapi_doc", dict)
+def add_openapi_route(app: web.Application, settings: Settings) -> None:
+    """Serve the document, built once from ``settings``."""
+    doc = build_openapi(settings)
 
+    async def handle_openapi(request: web.Request) -> web.Response:
+        return web.json_response(doc)
 
-async def handle_openapi(request: web.Request) -> web.Response:
-    return web.json_response(request.app[OPENAPI_DOC])
-
-
-def add_openapi_route(app: web.Application) -> None:
-    """Serve the document built once from the app's settings (set before this is called)."""
-    from rtc_server.app import SETTINGS
-
-    app[OPENAPI_DOC] = build_openapi(app[SETTINGS])
     app.router.add_get(OPENAPI_PATH, handle_openapi)

@@ -703,3 +703,8 @@ class Session:
                 "rms_dbfs": round(self.mic.rms_dbfs, 1),
             },
         }
+
+    @property
+    def pending_says(self) -> int:
+        """Say messages waiting to be spoken."""
+        return self._says.qsize()

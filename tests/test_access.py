@@ -15,15 +15,15 @@ from multidict import CIMultiDict
 
 from config import load_settings
 from rtc_server.access import (
-    ACCESS,
     ADMIN_ROUTES,
     AccessControl,
     RateLimiter,
     redact_query_secrets,
 )
-from rtc_server.app import SESSIONS, create_app
+from rtc_server.app import create_app
 from rtc_server.bot import Bot
 from rtc_server.ice import use_host_candidates
+from rtc_server.services import SERVICES
 from tests.browser import JsError, chromium, js, js_await, wait_js, write_tone_wav
 from tests.conftest import ROOT, free_port, start_server, stop_server
 from tests.fakes.prepare import FakeAnalyzer, FakePrepare
@@ -230,7 +230,7 @@ async def test_a_spoofed_entry_does_not_change_the_rate_limit_key(start, header)
                    "x-real-ip": ("X-Real-IP", "{}")}[header]
     app, client = await start(**{"access.trust_forwarded_for": True, "access.offer_per_min": 3,
                                  "access.forwarded_header": header})
-    app[ACCESS].clock = ManualClock()
+    app[SERVICES].access.clock = ManualClock()
     statuses = []
     for i in range(8):
         headers = [(name, value.format(f"198.51.100.{i}")), (name, value.format("203.0.113.7"))]
@@ -259,7 +259,7 @@ async def test_headers_count_only_on_connections_from_a_trusted_proxy(start):
     app, client = await start(**{"access.trust_forwarded_for": True,
                                  "access.trusted_proxies": ["10.0.0.0/8"],
                                  "access.offer_per_min": 2})
-    app[ACCESS].clock = ManualClock()
+    app[SERVICES].access.clock = ManualClock()
     await granted(await client.get("/sessions", headers=REMOTE))  # still the loopback peer
     statuses = [(await client.post("/offer", json={}, headers={XFF: f"198.51.100.{i}"})).status
                 for i in range(4)]
@@ -459,7 +459,7 @@ async def test_cors_star_allows_any_origin(start):
 async def test_offer_rate_limit_with_an_injected_clock(start):
     app, client = await start(**{"access.offer_per_min": 3})
     clock = ManualClock()
-    app[ACCESS].clock = clock
+    app[SERVICES].access.clock = clock
     for _ in range(3):
         await refused(await client.post("/offer", json={}), 400, "bad_request")
     resp = await client.post("/offer", json={})
@@ -482,7 +482,7 @@ async def test_offer_rate_limit_with_an_injected_clock(start):
 async def test_rate_limits_are_per_client_and_per_group(start):
     app, client = await start(**{"access.offer_per_min": 2, "access.render_per_min": 1,
                                  "access.avatars_per_min": 2, "access.trust_forwarded_for": True})
-    app[ACCESS].clock = ManualClock()
+    app[SERVICES].access.clock = ManualClock()
     a, b = {"X-Forwarded-For": "198.51.100.1"}, {"X-Forwarded-For": "198.51.100.2"}
     for _ in range(2):
         await refused(await client.post("/offer", json={}, headers=a), 400, "bad_request")
@@ -504,7 +504,7 @@ async def test_rate_limits_are_per_client_and_per_group(start):
 
 async def test_rate_limit_zero_disables(start):
     app, client = await start(**{"access.offer_per_min": 0})
-    app[ACCESS].clock = ManualClock()
+    app[SERVICES].access.clock = ManualClock()
     for _ in range(40):
         await refused(await client.post("/offer", json={}), 400, "bad_request")
 
@@ -601,7 +601,7 @@ async def test_secrets_never_reach_logs_or_answers(start, caplog):
     caplog.set_level(logging.DEBUG)
     app, client = await start(**{"access.api_keys": [KEY_A, KEY_B], "access.offer_token": TOKEN,
                                  "access.offer_per_min": 2})
-    app[ACCESS].clock = ManualClock()
+    app[SERVICES].access.clock = ManualClock()
     answers = []
     for headers in ({"X-API-Key": KEY_A}, {"X-API-Key": WRONG},
                     {"Authorization": f"Bearer {KEY_B}"}, {"Authorization": f"Bearer {WRONG}"},
@@ -648,7 +648,7 @@ async def test_bot_passes_its_token_and_key(loopback_only, aiohttp_client, tmp_p
             await stranger.connect()
     finally:
         await stranger.aclose()
-    assert not app[SESSIONS]
+    assert not app[SERVICES].sessions
 
     bot = Bot(url, token=TOKEN, api_key=KEY_A)
     no_key = Bot(url, token=TOKEN)

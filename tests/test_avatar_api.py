@@ -16,8 +16,8 @@ from yarl import URL
 from avatars.model import DEFAULT_AVATAR_DIR
 from config import load_settings
 from face.library import LoadedAvatar
-from rtc_server.app import AVATARS, SESSIONS, create_app
-from rtc_server.avatars_api import AVATAR_API
+from rtc_server.app import create_app
+from rtc_server.services import SERVICES
 from tests.fakes.prepare import (
     FakeAnalyzer,
     FakePrepare,
@@ -90,7 +90,7 @@ async def error_of(resp, status, code=None):
 
 
 def stored_ids(client) -> list[str]:
-    return [r.id for r in client.app[AVATAR_API].store.list()]
+    return [r.id for r in client.app[SERVICES].engines.avatar_api.store.list()]
 
 
 def avatar_folders(tmp_path) -> list[str]:
@@ -138,7 +138,7 @@ async def test_register_image_then_list_get_thumbnail(client, fake_prepare):
 
 async def test_registered_avatar_loads_for_calls(client):
     body = await (await upload(client, PORTRAIT_PNG)).json()
-    library = client.app[AVATARS]
+    library = client.app[SERVICES].engines.library
     loaded = await asyncio.to_thread(library.get, body["id"])
     assert isinstance(loaded, LoadedAvatar) and loaded.avatar_id == body["id"]
     assert loaded.avatar.size == (512, 512)
@@ -157,7 +157,7 @@ async def test_register_video(client):
     assert resp.status == 201, await resp.text()
     body = await resp.json()
     assert (body["frames"], body["fps"], body["width"], body["height"]) == (20, 25.0, 160, 120)
-    loaded = await asyncio.to_thread(client.app[AVATARS].get, body["id"])
+    loaded = await asyncio.to_thread(client.app[SERVICES].engines.library.get, body["id"])
     assert len(loaded.avatar.loop_frames) == 20
 
 
@@ -198,7 +198,7 @@ async def test_registry_survives_a_restart(make_client, tmp_path):
     assert (await (await second.get(f"/avatars/{body['id']}")).json())["name"] == "Kept"
     dup = await upload(second, PORTRAIT_PNG)
     assert dup.status == 200 and (await dup.json())["id"] == body["id"]
-    loaded = await asyncio.to_thread(second.app[AVATARS].get, body["id"])
+    loaded = await asyncio.to_thread(second.app[SERVICES].engines.library.get, body["id"])
     assert loaded.avatar_id == body["id"]
 
 
@@ -346,7 +346,7 @@ async def test_odd_or_unknown_ids_are_404(client, raw):
 
 
 async def test_path_traversal_never_reaches_the_file_system(client, monkeypatch):
-    store = client.app[AVATAR_API].store
+    store = client.app[SERVICES].engines.avatar_api.store
 
     def no_lookup(*args):
         raise AssertionError("looked up")
@@ -365,8 +365,9 @@ async def test_path_traversal_never_reaches_the_file_system(client, monkeypatch)
 async def test_delete_is_409_while_a_session_uses_it_then_removes_everything(client, tmp_path):
     body = await (await upload(client, PORTRAIT_PNG)).json()
     avatar_id = body["id"]
-    await asyncio.to_thread(client.app[AVATARS].get, avatar_id)  # loaded, as by a call
-    sessions = client.app[SESSIONS]
+    library = client.app[SERVICES].engines.library
+    await asyncio.to_thread(library.get, avatar_id)  # loaded, as by a call
+    sessions = client.app[SERVICES].sessions
     sessions["s1"] = SimpleNamespace(avatar=SimpleNamespace(avatar_id=avatar_id))
     sessions["s2"] = SimpleNamespace(avatar=SimpleNamespace(avatar_id="default"))
     err = await error_of(await client.delete(f"/avatars/{avatar_id}"), 409, "avatar_in_use")
@@ -417,7 +418,7 @@ async def test_list_reads_a_registry_written_by_another_process(client, tmp_path
     record = other.save(prepared, name="From CLI", source_hash="ab" * 32)
     listing = await (await client.get("/avatars")).json()
     assert record.id in [a["id"] for a in listing["avatars"]]
-    loaded = await asyncio.to_thread(client.app[AVATARS].get, record.id)
+    loaded = await asyncio.to_thread(client.app[SERVICES].engines.library.get, record.id)
     assert loaded.avatar.name == "From CLI"
     assert json.loads((tmp_path / "data" / "avatars" / record.id / "avatar.json").read_text())[
         "name"
@@ -489,7 +490,7 @@ async def test_real_analysis_registers_a_portrait(make_client):
     assert quality["backend"] == "dlib"
     assert set(quality["checks"].values()) == {"pass"}
     assert quality["thresholds"]["min_face_px"] == 96
-    loaded = await asyncio.to_thread(client.app[AVATARS].get, body["id"])
+    loaded = await asyncio.to_thread(client.app[SERVICES].engines.library.get, body["id"])
     assert loaded.avatar.name == "Astronaut"
 
     flat = encode_image(np.full((256, 256, 3), 120, np.uint8), ".png")
@@ -510,6 +511,6 @@ async def test_real_analysis_registers_a_video_loop(make_client, tmp_path):
     assert body["quality"]["thresholds"]["min_face_px"] == 48
     folder = tmp_path / "data" / "avatars" / body["id"]
     assert json.loads((folder / "avatar.json").read_text())["loop_mode"] == "cycle"
-    loaded = await asyncio.to_thread(client.app[AVATARS].get, body["id"])
+    loaded = await asyncio.to_thread(client.app[SERVICES].engines.library.get, body["id"])
     assert len(loaded.avatar.loop_frames) == body["frames"]
     assert len(loaded.avatar.loop_landmarks) == body["frames"]

@@ -18,9 +18,10 @@ from avatars.media_input import sniff_and_decode
 from avatars.model import DEFAULT_AVATAR_DIR, load_avatar_dir
 from config import ConfigError, load_settings
 from face.library import AvatarLibrary, avatar_bytes
-from rtc_server.app import AVATARS, SESSIONS, create_app
+from rtc_server.app import create_app
 from rtc_server.bot import Bot
 from rtc_server.ice import use_host_candidates
+from rtc_server.services import SERVICES
 from tests.fakes.peer import QUIET_CALL, wait_until
 from tests.fakes.tts import ToneTTS
 
@@ -103,11 +104,11 @@ async def test_a_call_holds_its_avatar_until_it_ends(loopback_only, aiohttp_clie
     bot = Bot(str(client.make_url("")).rstrip("/"))
     try:
         await bot.connect()
-        assert app[AVATARS].stats()["in_use"] == ["default"]
+        assert app[SERVICES].engines.library.stats()["in_use"] == ["default"]
     finally:
         await bot.aclose()
-    await wait_until(lambda: not app[SESSIONS], 20)
-    assert app[AVATARS].stats()["in_use"] == []
+    await wait_until(lambda: not app[SERVICES].sessions, 20)
+    assert app[SERVICES].engines.library.stats()["in_use"] == []
 
 
 # --- decoding stills at 8 bits --------------------------------------------------------------------

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from config import load_settings
-from rtc_server.app import SESSIONS, create_app
+from rtc_server.app import create_app
 from rtc_server.bot import Bot
 from rtc_server.ice import use_host_candidates
+from rtc_server.services import SERVICES
 from tests.fakes.openai_server import start_fake_openai
 from tests.fakes.speech import piper_speech
 
@@ -76,7 +77,7 @@ async def test_spoken_question_gets_a_spoken_answer(loopback_only, aiohttp_clien
         assert isinstance(metrics[key], float | int) and metrics[key] >= 0, key
     # and the reply's audio reached the bot
     assert bot.first_voice_after(bot.mic.sent_until) is not None
-    session = next(iter(app[SESSIONS].values()))
+    session = next(iter(app[SERVICES].sessions.values()))
     assert session.conversation.history[-2]["content"] == user["text"]
     await bot.aclose()
 
@@ -138,7 +139,7 @@ async def test_repeated_llm_failures_become_a_fatal_error(loopback_only, aiohttp
 
 async def test_barge_in_stops_the_avatar_at_once(loopback_only, aiohttp_client):
     app, _, bot = await start(aiohttp_client)
-    session = next(iter(app[SESSIONS].values()))
+    session = next(iter(app[SERVICES].sessions.values()))
     bot.send({"type": "say", "text": "Let me tell you a long story about the sea. " * 4})
     await bot.wait_event(lambda e: e.get("state") == "speaking", 20)
     await asyncio.sleep(1.0)
@@ -161,7 +162,7 @@ async def test_barge_in_stops_the_avatar_at_once(loopback_only, aiohttp_client):
 
 async def test_short_sounds_do_not_interrupt(loopback_only, aiohttp_client):
     app, _, bot = await start(aiohttp_client)
-    session = next(iter(app[SESSIONS].values()))
+    session = next(iter(app[SERVICES].sessions.values()))
     bot.send({"type": "say", "text": "A sentence that goes on for a good few seconds, at least."})
     await bot.wait_event(lambda e: e.get("state") == "speaking", 20)
     blip = piper_speech("Hm.", sample_rate=48000)
@@ -205,7 +206,7 @@ async def test_another_session_keeps_its_frame_rate_while_one_transcribes(
     watcher = Bot(str(client.make_url("")).rstrip("/"))
     await watcher.connect()
     await watcher.wait_first_video(15)
-    watched = app[SESSIONS][watcher.session_id].video_track.stats
+    watched = app[SERVICES].sessions[watcher.session_id].video_track.stats
     await asyncio.sleep(1.0)
     talker.mic.play(piper_speech("What is twelve times seven?", sample_rate=48000), 48000)
     await talker.mic.speech_ended.wait()

@@ -26,9 +26,10 @@ from media_tracks.encoders import (
     video_codec_preferences,
     x264_options,
 )
-from rtc_server.app import SESSIONS, create_app
+from rtc_server.app import create_app
 from rtc_server.bot import Bot
 from rtc_server.ice import use_host_candidates
+from rtc_server.services import SERVICES
 from tests.fakes.peer import wait_until
 from tests.fakes.tts import ToneTTS
 
@@ -273,7 +274,7 @@ async def test_answer_codec(loopback_only, aiohttp_client, offered, configured, 
     assert resp.status == 200, await resp.text()
     answer = await resp.json()
     assert answer_video_codec(answer["sdp"]) == expected
-    (session,) = app[SESSIONS].values()
+    (session,) = app[SERVICES].sessions.values()
     assert session.video_codec == expected
     kind = RealtimeH264Encoder if expected == "H264" else RealtimeVp8Encoder
     assert isinstance(session.video_encoder, kind)
@@ -298,7 +299,7 @@ async def test_offer_without_a_configured_codec_is_400(
     assert body["error"] == "bad_request"
     assert offered[0] in body["detail"] and configured[0] in body["detail"]
     assert "webrtc.video_codecs" in body["detail"]
-    assert app[SESSIONS] == {}
+    assert app[SERVICES].sessions == {}
     await pc.close()
 
 
@@ -346,7 +347,7 @@ async def test_h264_call_runs_the_configured_encoder(
     await bot.connect()
     await bot.wait_first_video(15)
     await wait_until(lambda: len(bot.video.arrival) >= 25, 30)
-    (session,) = app[SESSIONS].values()
+    (session,) = app[SERVICES].sessions.values()
     encoder = sender_encoder(video_sender(session))
     assert bot.video_codec == session.video_codec == "H264"
     assert isinstance(encoder, RealtimeH264Encoder) and encoder is session.video_encoder
@@ -383,7 +384,7 @@ async def test_vp8_call_encodes_off_the_loop_and_follows_remb(
     await bot.connect()
     await bot.wait_first_video(15)
     await wait_until(lambda: len(bot.video.arrival) >= 10, 30)
-    (session,) = app[SESSIONS].values()
+    (session,) = app[SERVICES].sessions.values()
     sender = video_sender(session)
     encoder = sender_encoder(sender)
     assert bot.video_codec == "VP8"

@@ -15,9 +15,10 @@ import weakref
 import pytest
 
 from config import load_settings
-from rtc_server.app import SESSIONS, create_app
+from rtc_server.app import create_app
 from rtc_server.bot import Bot
 from rtc_server.ice import use_host_candidates
+from rtc_server.services import SERVICES
 from tests.fakes.peer import offer_sdp, wait_until
 from tests.fakes.tts import ToneTTS
 
@@ -84,7 +85,7 @@ async def test_malformed_offers_are_400_and_leave_no_session(app_client):
         assert r.content_type == "application/json", name
         body = await r.json()
         assert set(body) == {"error", "detail"} and body["detail"], (name, body)
-        assert app[SESSIONS] == {}, name
+        assert app[SERVICES].sessions == {}, name
     for kind in ("answer", "pranswer", "rollback", None, 1):
         r = await client.post("/offer", json={"sdp": sdp, "type": kind})
         assert r.status == 400 and "type" in (await r.json())["detail"], kind
@@ -92,7 +93,7 @@ async def test_malformed_offers_are_400_and_leave_no_session(app_client):
     huge = sdp.replace("a=mid:0\r\n", "a=mid:0\r\na=x-pad:" + "p" * MAX_BODY_BYTES + "\r\n", 1)
     r = await client.post("/offer", json={"sdp": huge, "type": "offer"})
     assert r.status == 413 and set(await r.json()) == {"error", "detail"}
-    assert app[SESSIONS] == {}
+    assert app[SERVICES].sessions == {}
     await pc.close()
     await pc_audio.close()
     # the server keeps serving: a real call connects and gets video
@@ -101,7 +102,7 @@ async def test_malformed_offers_are_400_and_leave_no_session(app_client):
     await bot.wait_first_video(15)
     assert bot.video.arrival, "no video after the malformed offers"
     await bot.aclose()
-    await wait_until(lambda: not app[SESSIONS])
+    await wait_until(lambda: not app[SERVICES].sessions)
 
 
 # --- garbage on the control channel -----------------------------------------------------------
@@ -156,7 +157,7 @@ async def test_garbage_on_the_control_channel_gives_errors_and_the_calls_go_on(
     for bot in (victim, other):
         await bot.connect()
         await bot.wait_first_video(15)
-    sessions = app[SESSIONS]
+    sessions = app[SERVICES].sessions
     vstats = sessions[victim.session_id].video_track.stats
     ostats = sessions[other.session_id].video_track.stats
     await asyncio.sleep(1.0)

@@ -28,10 +28,10 @@ from common.inputs import JsonRejected, clean_text, json_depth, loads_json
 from config import load_settings
 from face.library import AvatarLibrary
 from pipeline.lipsync.viseme_engine import VisemeEngine
-from rtc_server.app import AVATARS, SESSIONS, create_app
-from rtc_server.avatars_api import AVATAR_API
+from rtc_server.app import create_app
 from rtc_server.bot import Bot
 from rtc_server.ice import use_host_candidates
+from rtc_server.services import SERVICES
 from rtc_server.session import Session
 from tests.fakes.peer import QUIET_CALL, StubChannel, wait_until
 from tests.fakes.prepare import FakeAnalyzer, FakePrepare, FrameMedia, encode_image, portrait_rgb
@@ -275,7 +275,7 @@ def test_the_registration_service_passes_the_configured_ratio(tmp_path):
 # --- defect 5: delete right after register ------------------------------------------------------
 async def test_delete_during_the_preload_is_quiet_and_keeps_nothing(client, caplog):
     app = client.server.app
-    library = app[AVATARS]
+    library = app[SERVICES].engines.library
     entered, release = threading.Event(), threading.Event()
     real_get = library.get
 
@@ -298,7 +298,7 @@ async def test_delete_during_the_preload_is_quiet_and_keeps_nothing(client, capl
     resp = await client.delete(f"/avatars/{avatar_id}")
     assert resp.status == 200, await resp.text()
     release.set()
-    api = app[AVATAR_API]
+    api = app[SERVICES].engines.avatar_api
     await wait_until(lambda: not api._warming, 10)
     assert avatar_id not in library._loaded
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [
@@ -542,7 +542,7 @@ async def test_a_live_call_keeps_streaming_through_hostile_messages(loopback_onl
     try:
         await bot.connect()
         await bot.wait_first_video(15)
-        (session,) = app[SESSIONS].values()
+        (session,) = app[SERVICES].sessions.values()
         session.conversation.chat = lambda text: None  # no replier in this test
         before = session.describe()["frames_sent"]
         messages = hostile_messages(120, seed=25)

@@ -19,9 +19,10 @@ from config import load_settings
 from face.library import AvatarLibrary
 from pipeline.lipsync.viseme_engine import VisemeEngine
 from pipeline.vad import SpeechStart
-from rtc_server.app import SESSIONS, create_app
+from rtc_server.app import create_app
 from rtc_server.bot import Bot
 from rtc_server.ice import use_host_candidates
+from rtc_server.services import SERVICES
 from rtc_server.session import Session
 from tests.fakes.peer import QUIET_CALL, StubChannel, wait_until
 from tests.fakes.tts import ToneTTS
@@ -187,7 +188,7 @@ async def test_a_call_is_told_and_closed_at_max_call_s(loopback_only, aiohttp_cl
     try:
         event = await bot.wait_event(lambda e: e.get("type") == "closing", 20)
         assert event["reason"] == "call_limit" and event["detail"]
-        await wait_until(lambda: not app[SESSIONS], 20)
+        await wait_until(lambda: not app[SERVICES].sessions, 20)
         await wait_until(lambda: bot.pc.connectionState in ("closed", "failed"), 30)
     finally:
         await bot.aclose()
@@ -205,11 +206,11 @@ async def test_a_silent_call_is_closed_as_idle_and_messages_keep_it(loopback_onl
         for _ in range(6):
             bot.send({"type": "interrupt"})
             await asyncio.sleep(0.5)
-        assert len(app[SESSIONS]) == 1
+        assert len(app[SERVICES].sessions) == 1
         assert not [e for e in bot.events if e.get("type") == "closing"]
         event = await bot.wait_event(lambda e: e.get("type") == "closing", 20)
         assert event["reason"] == "idle"
-        await wait_until(lambda: not app[SESSIONS], 20)
+        await wait_until(lambda: not app[SERVICES].sessions, 20)
     finally:
         await bot.aclose()
 
@@ -221,11 +222,11 @@ async def test_a_client_that_stops_sending_media_is_closed(loopback_only, aiohtt
     client = await aiohttp_client(app)
     bot = await start_bot(client)
     try:
-        session = next(iter(app[SESSIONS].values()))
+        session = next(iter(app[SERVICES].sessions.values()))
         await wait_until(lambda: session.mic.frames_received > 0, 15)
         tasks = list(session._tasks)
         bot.mic.stop()  # the microphone track ends: no more RTP, the connection stays up
-        await wait_until(lambda: not app[SESSIONS], 20)
+        await wait_until(lambda: not app[SERVICES].sessions, 20)
         assert session.close_reason == "media_timeout"
         assert all(t.done() for t in tasks)
     finally:
@@ -248,15 +249,15 @@ async def test_a_killed_client_is_cleaned_up_within_the_media_timeout(loopback_o
     )
     try:
         await wait_until(lambda: any(s.state == "connected" and s.mic.frames_received > 0
-                                     for s in app[SESSIONS].values()), 60)
-        (session,) = app[SESSIONS].values()
+                                     for s in app[SERVICES].sessions.values()), 60)
+        (session,) = app[SERVICES].sessions.values()
         tag = session.id[:8]
         tasks = list(session._tasks)
         loop = asyncio.get_running_loop()
         child.send_signal(signal.SIGKILL)
         await asyncio.wait_for(child.wait(), 10)
         killed_at = loop.time()
-        await wait_until(lambda: not app[SESSIONS], 20)
+        await wait_until(lambda: not app[SERVICES].sessions, 20)
         gone_after_s = loop.time() - killed_at
         assert session.close_reason == "media_timeout"
         assert all(t.done() for t in tasks)

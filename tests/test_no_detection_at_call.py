@@ -14,9 +14,10 @@ import avatars.analysis as analysis
 from avatars.analysis.dlib_backend import DlibAnalyzer, ShapePredictor
 from avatars.analysis.haar_backend import HaarAnalyzer
 from config import load_settings
-from rtc_server.app import AVATARS, create_app
+from rtc_server.app import create_app
 from rtc_server.bot import Bot
 from rtc_server.ice import use_host_candidates
+from rtc_server.services import SERVICES
 from tests.fakes.prepare import encode_video, moving_frames
 from tests.fakes.tts import ToneTTS
 
@@ -77,6 +78,6 @@ async def test_call_with_registered_avatar_runs_no_detector(
     assert server is not None and server["avatar_id"] == avatar_id
     assert server["frames_sent"]["video"] > 25
     assert not [e for e in bot.events if e.get("type") == "error"]
-    loaded = client.app[AVATARS].get(avatar_id)
+    loaded = client.app[SERVICES].engines.library.get(avatar_id)
     assert len(loaded.avatar.loop_frames) > 1  # the call played the avatar's own idle loop
     assert len(loaded.avatar.loop_landmarks) == len(loaded.avatar.loop_frames)

@@ -23,8 +23,9 @@ from media_tracks.tracks import (
     TrackStats,
     av_offset_ms,
 )
-from rtc_server.app import DRAINING, LIPSYNC, SESSIONS, create_app
+from rtc_server.app import create_app
 from rtc_server.observability import STAGES, readiness, session_event_hook
+from rtc_server.services import SERVICES
 from tests.fakes.peer import wait_until
 from tests.fakes.tts import ToneTTS
 
@@ -79,7 +80,7 @@ async def test_ready_after_start_up_and_503_while_draining(aiohttp_client, tmp_p
     assert {"default_avatar", "tts", "lipsync", "render", "accepting"} <= set(body["checks"])
     assert all(body["checks"].values())
     assert "stt" not in body["checks"]  # not listening: Whisper is not needed
-    app[DRAINING].set()
+    app[SERVICES].draining.set()
     r = await client.get("/ready")
     body = await r.json()
     assert r.status == 503
@@ -139,7 +140,7 @@ async def test_two_apps_in_one_process_count_apart(aiohttp_client, tmp_path):
 
 async def test_session_metrics_event_moves_the_stage_histograms(aiohttp_client, tmp_path):
     app, client = await start(aiohttp_client, tmp_path)
-    hook = session_event_hook(app)
+    hook = session_event_hook(app[SERVICES])
     session = SimpleNamespace(id="ab" * 16)  # no tracks: only the event is counted
     latencies_ms = {"vad_end_ms": 612.0, "stt_ms": 180.5, "llm_first_token_ms": 40,
                     "tts_first_audio_ms": 95.0, "lipsync_first_frame_ms": 3.2,
@@ -164,7 +165,7 @@ async def test_session_metrics_event_moves_the_stage_histograms(aiohttp_client, 
 
 async def test_error_events_count_by_stage(aiohttp_client, tmp_path):
     app, client = await start(aiohttp_client, tmp_path)
-    hook = session_event_hook(app)
+    hook = session_event_hook(app[SERVICES])
     session = SimpleNamespace(id="cd" * 16)
     hook(session, {"type": "error", "stage": "llm", "fatal": False, "message": "x"})
     hook(session, {"type": "error", "stage": "llm", "fatal": True, "message": "x"})
@@ -244,17 +245,18 @@ def fake_session(sid: str, *, sent: int, repeated: int, late: int) -> SimpleName
         video_track=SimpleNamespace(stats=video, recent_fps=lambda: 25.0),
         audio_track=SimpleNamespace(stats=TrackStats(), recent_fps=lambda: 50.0),
         frames=SimpleNamespace(stats=frames, queued=4),
+        pending_says=0,
     )
 
 
 async def test_frame_totals_keep_closed_sessions_once(aiohttp_client, tmp_path):
     app, client = await start(aiohttp_client, tmp_path)
-    hook = session_event_hook(app)
+    hook = session_event_hook(app[SERVICES])
     a = fake_session("aa" * 16, sent=100, repeated=3, late=2)
     b = fake_session("bb" * 16, sent=50, repeated=1, late=0)
-    app[SESSIONS][a.id] = a
+    app[SERVICES].sessions[a.id] = a
     hook(a, {"type": "hello"})  # seen by the hook, never scraped while live
-    app[SESSIONS][b.id] = b
+    app[SERVICES].sessions[b.id] = b
     m = await scrape(client)
     fam, sample = "avatar_video_frames", "avatar_video_frames_total"
     assert value(m, fam, sample, outcome="sent") == 150
@@ -262,7 +264,7 @@ async def test_frame_totals_keep_closed_sessions_once(aiohttp_client, tmp_path):
                  session="aaaaaaaa") == 4
     assert value(m, "avatar_session_fps_sent", "avatar_session_fps_sent",
                  session="bbbbbbbb", track="audio") == 50
-    del app[SESSIONS][a.id]
+    del app[SERVICES].sessions[a.id]
     a.video_track.stats.frames_sent += 10  # its last frames went out before it closed
     m = await scrape(client)
     assert value(m, fam, sample, outcome="sent") == 160
@@ -270,7 +272,7 @@ async def test_frame_totals_keep_closed_sessions_once(aiohttp_client, tmp_path):
     assert value(m, fam, sample, outcome="late") == 2
     assert not [s for s in m["avatar_session_video_frames"] if s[1]["session"] == "aaaaaaaa"]
     hook(a, {"type": "state", "state": "closed"})  # an event after it left: not re-counted
-    del app[SESSIONS][b.id]
+    del app[SERVICES].sessions[b.id]
     m = await scrape(client)
     assert value(m, fam, sample, outcome="sent") == 160
     assert value(m, "avatar_sessions_live", "avatar_sessions_live") == 0
@@ -323,7 +325,7 @@ async def test_a_real_call_shows_in_the_metrics_and_leaves_with_its_session(
     label = bot.session_id[:8]
     bot.send({"type": "chat", "text": "Hello there."})
     turn = await bot.wait_event(lambda e: e.get("type") == "metrics", 40)
-    session = app[SESSIONS][bot.session_id]
+    session = app[SERVICES].sessions[bot.session_id]
     await wait_until(lambda: session.video_track.stats.frames_sent >= 30)
     metrics = await scrape(client)
     assert value(metrics, "avatar_sessions_live", "avatar_sessions_live") == 1
@@ -345,7 +347,7 @@ async def test_a_real_call_shows_in_the_metrics_and_leaves_with_its_session(
     assert value(metrics, "avatar_turns", "avatar_turns_total", source=turn["source"]) == 1
 
     await bot.aclose()
-    await wait_until(lambda: not app[SESSIONS])
+    await wait_until(lambda: not app[SERVICES].sessions)
     metrics = await scrape(client)
     assert value(metrics, "avatar_sessions_live", "avatar_sessions_live") == 0
     for family in ("avatar_session_fps_sent", "avatar_session_av_offset_ms",
@@ -436,7 +438,7 @@ async def test_the_server_freezes_its_start_up_objects_once_loaded(aiohttp_clien
         assert gc.get_freeze_count() > 0
         # the lip-sync engine made during start-up is frozen (``gc.get_objects`` lists only
         # what the collector still walks): the freeze ran after loading
-        engine = app[LIPSYNC]
+        engine = app[SERVICES].engines.lipsync
         assert not any(o is engine for o in gc.get_objects())
     finally:
         gc.unfreeze()  # this test process goes on: give the objects back to the collector

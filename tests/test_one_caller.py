@@ -16,8 +16,9 @@ from common.errors import ServerFull
 from config import load_settings
 from face.library import AvatarLibrary
 from pipeline.lipsync.viseme_engine import VisemeEngine
-from rtc_server.app import SESSIONS, SLOTS, create_app
+from rtc_server.app import create_app
 from rtc_server.ice import use_host_candidates
+from rtc_server.services import SERVICES
 from rtc_server.session import Session
 from rtc_server.slots import SessionSlots, TooManyPending
 from tests.fakes.peer import QUIET_CALL, StubChannel, offer_sdp, wait_until
@@ -64,7 +65,7 @@ async def test_simultaneous_offers_never_pass_the_call_limit(loopback_only, aioh
             client.post("/offer", json={"sdp": sdp, "type": "offer"}) for _, sdp in peers))
         statuses = sorted(r.status for r in answers)
         assert statuses == [200, 200, 200, 503, 503, 503], statuses
-        assert len(app[SESSIONS]) == 3
+        assert len(app[SERVICES].sessions) == 3
         full = [await r.json() for r in answers if r.status == 503]
         assert all(body["error"] == "server_full" for body in full)
     finally:
@@ -89,12 +90,12 @@ async def test_offers_that_never_connect_render_nothing_and_have_their_own_limit
         assert third.status == 429 and third.headers["Retry-After"]
         assert (await third.json())["error"] == "too_many_pending"
         await asyncio.sleep(1.0)  # a connected call would have rendered 25 frames by now
-        for session in list(app[SESSIONS].values()):
+        for session in list(app[SERVICES].sessions.values()):
             assert session.state == "connecting"
             assert session.frames.stats.rendered == 0
         # the connect timeout ends them and gives their slots back
-        await wait_until(lambda: not app[SESSIONS], 20)
-        assert (app[SLOTS].taken, app[SLOTS].pending) == (0, 0)
+        await wait_until(lambda: not app[SERVICES].sessions, 20)
+        assert (app[SERVICES].slots.taken, app[SERVICES].slots.pending) == (0, 0)
         again = await client.post("/offer", json={"sdp": peers[2][1], "type": "offer"})
         assert again.status == 200, await again.text()
     finally:
@@ -111,7 +112,7 @@ async def test_a_refused_offer_gives_its_slot_back(aiohttp_client):
         missing = await client.post("/offer", json={"sdp": "v=0\r\n", "type": "offer",
                                                     "avatar_id": "av_000000000000"})
         assert missing.status == 404
-    assert (app[SLOTS].taken, app[SLOTS].pending) == (0, 0)
+    assert (app[SERVICES].slots.taken, app[SERVICES].slots.pending) == (0, 0)
 
 
 # --- clapper ------------------------------------------------------------------------------------

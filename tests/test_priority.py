@@ -18,7 +18,8 @@ from config import load_settings
 from media_tracks.clock import ManualClock
 from media_tracks.priority import BACKGROUND_NICE, LoadGovernor, MediaExecutor, is_audio_encode
 from media_tracks.tracks import AvatarVideoTrack, TrackStats
-from rtc_server.app import RENDER_POOL, create_app
+from rtc_server.app import create_app
+from rtc_server.services import SERVICES
 from tests.fakes.tts import ToneTTS
 
 FPS = 25
@@ -82,7 +83,7 @@ async def test_the_app_installs_it_only_with_audio_first(aiohttp_client):
         default = loop._default_executor  # type: ignore[attr-defined]
         assert isinstance(default, MediaExecutor) == audio_first
         if audio_first:
-            render_nice = app[RENDER_POOL].submit(thread_nice).result()
+            render_nice = app[SERVICES].engines.pool.submit(thread_nice).result()
             assert render_nice == min(19, thread_nice() + BACKGROUND_NICE)
         loop._default_executor = None  # type: ignore[attr-defined]
         if isinstance(default, MediaExecutor):

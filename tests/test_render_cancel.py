@@ -18,7 +18,7 @@ from aiohttp import WSMsgType, web
 from config import load_settings
 from pipeline.render.core import ClipRenderer
 from rtc_server.app import create_app
-from rtc_server.render_api import RENDER_SERVICE
+from rtc_server.services import SERVICES
 from tests.fakes.render import fake_run
 from tests.fakes.tts import ToneTTS
 
@@ -79,7 +79,7 @@ async def test_a_waiting_sync_request_keeps_its_clip_when_a_joiner_leaves(
     text = "steps=60 step_s=0.01 wanted by two"
     joiner = await submit(client, text, **REMOTE)
     waiting = asyncio.ensure_future(client.post("/v1/render", json={"text": text}, headers=REMOTE))
-    svc = client.server.app[RENDER_SERVICE]
+    svc = client.server.app[SERVICES].engines.render
     for _ in range(200):  # until the synchronous request has joined the job
         if len(getattr(svc, "waiters", {}).get(joiner["id"], ())) == 2:
             break

@@ -31,10 +31,11 @@ from pipeline.replier import OpenAIReplier, ReplyError
 from pipeline.stt import Transcript
 from pipeline.tts import SpeechAudio
 from pipeline.vad import SpeechEnd, SpeechStart
-from rtc_server.app import SESSIONS, create_app
+from rtc_server.app import create_app
 from rtc_server.bot import Bot
 from rtc_server.conversation import Conversation
 from rtc_server.ice import use_host_candidates
+from rtc_server.services import SERVICES
 from rtc_server.session import Session
 from tests.fakes.openai_server import start_fake_openai
 from tests.fakes.peer import offer_sdp, wait_until
@@ -177,8 +178,8 @@ async def test_a_broken_engine_in_one_call_falls_back_and_the_other_call_is_unto
         for bot in (broken, other):  # the first session gets the failing renderer
             await bot.connect()
             await bot.wait_first_video(15)
-        a = app[SESSIONS][broken.session_id]
-        b = app[SESSIONS][other.session_id]
+        a = app[SERVICES].sessions[broken.session_id]
+        b = app[SERVICES].sessions[other.session_id]
         watched = b.video_track.stats
         await asyncio.sleep(1.0)
         caplog.set_level(logging.ERROR, logger="media_tracks.frames")
@@ -214,7 +215,7 @@ async def test_a_broken_engine_in_one_call_falls_back_and_the_other_call_is_unto
         fps = (sent1 - sent0) / (t1 - t0)
         assert t1 - t0 > 1.0 and fps >= 24, (fps, t1 - t0)
         assert watched.frames_skipped == skipped0
-        assert len(app[SESSIONS]) == 2
+        assert len(app[SERVICES].sessions) == 2
     finally:
         await broken.aclose()
         await other.aclose()
@@ -443,7 +444,7 @@ async def test_offers_aiortc_cannot_answer_are_400_and_leave_no_session(loopback
             body = await r.json()
             assert body["error"] == "bad_request" and body["detail"]
             assert "NoneType" not in body["detail"]
-            assert app[SESSIONS] == {}
+            assert app[SERVICES].sessions == {}
     finally:
         await pc.close()
 

@@ -10,9 +10,10 @@ import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 
 from config import load_settings
-from rtc_server.app import SESSIONS, create_app
+from rtc_server.app import create_app
 from rtc_server.bot import Bot
 from rtc_server.ice import use_host_candidates
+from rtc_server.services import SERVICES
 from tests.fakes.peer import offer_sdp, wait_until
 from tests.fakes.tts import ToneTTS
 
@@ -38,7 +39,7 @@ async def test_peer_close_tears_session_down_completely(app_client):
     bot = Bot(str(client.make_url("")).rstrip("/"))
     await bot.connect()
     await bot.wait_first_video(10)
-    sessions = app[SESSIONS]
+    sessions = app[SERVICES].sessions
     assert len(sessions) == 1
     session = next(iter(sessions.values()))
     tasks = list(session._tasks)
@@ -70,7 +71,7 @@ async def test_delete_session_ends_the_call(app_client):
     resp = await client.delete(f"/sessions/{bot.session_id}")
     assert resp.status == 200
     assert (await resp.json())["state"] == "closed"
-    assert app[SESSIONS] == {}
+    assert app[SERVICES].sessions == {}
     await wait_until(lambda: bot.pc.connectionState in ("closed", "failed"), 15)
     await bot.aclose()
 
@@ -80,9 +81,9 @@ async def test_session_that_never_connects_is_torn_down(app_client):
     pc, sdp = await offer_sdp()
     resp = await client.post("/offer", json={"sdp": sdp, "type": "offer"})
     assert resp.status == 200
-    assert len(app[SESSIONS]) == 1
+    assert len(app[SERVICES].sessions) == 1
     # the answer is never applied: no ICE, no DTLS; connect_timeout_s is 2
-    await wait_until(lambda: not app[SESSIONS], 8)
+    await wait_until(lambda: not app[SERVICES].sessions, 8)
     await pc.close()
 
 
@@ -100,7 +101,7 @@ async def test_over_the_session_limit_is_503_with_retry_after(app_client):
     assert int(resp.headers["Retry-After"]) > 0
     body = await resp.json()
     assert body["error"] == "server_full" and "2" in body["detail"]
-    assert len(app[SESSIONS]) == 2
+    assert len(app[SERVICES].sessions) == 2
     for pc in pcs:
         await pc.close()
 
@@ -113,7 +114,7 @@ async def test_offer_without_video_is_400(app_client):
     resp = await client.post("/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"})
     assert resp.status == 400
     assert "video" in (await resp.json())["detail"]
-    assert app[SESSIONS] == {}
+    assert app[SERVICES].sessions == {}
     await pc.close()
 
 
@@ -174,7 +175,7 @@ async def test_interrupt_stops_speech_at_once_and_the_call_goes_on(app_client):
     bot.send({"type": "say", "text": "A long sentence that would play for several seconds " * 2})
     bot.send({"type": "say", "text": "And one queued after it."})
     await bot.wait_event(lambda e: e.get("state") == "speaking", 5)
-    session = next(iter(app[SESSIONS].values()))
+    session = next(iter(app[SERVICES].sessions.values()))
     bot.send({"type": "interrupt"})
     loop = asyncio.get_running_loop()
     t0 = loop.time()

@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 
 from config import load_settings
-from rtc_server.app import DRAINING, SESSIONS, create_app, drain
+from rtc_server.app import create_app, drain
 from rtc_server.bot import Bot
 from rtc_server.ice import use_host_candidates
+from rtc_server.services import SERVICES
 from tests.conftest import free_port, start_server
 from tests.fakes.peer import offer_sdp, wait_until
 from tests.fakes.tts import ToneTTS
@@ -78,7 +79,7 @@ async def test_an_offer_while_draining_is_503_shutting_down(loopback_only, aioht
     use_host_candidates("loopback")
     app = make_app()
     client = await aiohttp_client(app)
-    app[DRAINING].set()
+    app[SERVICES].draining.set()
     pc, sdp = await offer_sdp()
     try:
         resp = await client.post("/offer", json={"sdp": sdp, "type": "offer"})
@@ -86,7 +87,7 @@ async def test_an_offer_while_draining_is_503_shutting_down(loopback_only, aioht
         assert int(resp.headers["Retry-After"]) > 0
         body = await resp.json()
         assert body["error"] == "shutting_down" and body["detail"]
-        assert app[SESSIONS] == {}
+        assert app[SERVICES].sessions == {}
     finally:
         await pc.close()
 
@@ -102,7 +103,7 @@ async def test_a_session_whose_close_hangs_does_not_hold_the_shutdown(loopback_o
     for bot in bots:
         await bot.connect()
         await bot.wait_first_video(15)
-    hung, fine = (app[SESSIONS][b.session_id] for b in bots)
+    hung, fine = (app[SERVICES].sessions[b.session_id] for b in bots)
     real_aclose = hung.aclose
 
     async def hang(reason: str = "closed") -> None:
@@ -111,9 +112,9 @@ async def test_a_session_whose_close_hangs_does_not_hold_the_shutdown(loopback_o
     hung.aclose = hang  # type: ignore[method-assign]
     try:
         await drain(app)  # returns: the hung session is left behind after the grace
-        assert app[DRAINING].is_set()
+        assert app[SERVICES].draining.is_set()
         assert fine.state == "closed"
-        assert app[SESSIONS] == {}
+        assert app[SERVICES].sessions == {}
         for bot in bots:
             event = await bot.wait_event(lambda e: e.get("type") == "closing", 5)
             assert event["reason"] == "shutdown"
