@@ -22,6 +22,7 @@ from aiohttp import web
 
 from config import ConfigError, Settings, load_settings
 from rtc_server.app import create_app
+from rtc_server.ice import use_host_candidates
 from rtc_server.logs import configure_logging
 from rtc_server.services import SERVICES
 
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:
         print(f"start-up failed: {problem}", file=sys.stderr)
         return 1
+    # process-wide and explicit: which host candidates ICE gathers (webrtc.host_candidates)
+    use_host_candidates(settings.webrtc.host_candidates)
     app = create_app(settings)
     _drain_at_once_on_sigterm(app)
     _freeze_start_up_objects(app)

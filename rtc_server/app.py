@@ -44,7 +44,7 @@ from pipeline.tts import PiperTTS, TextToSpeech
 from pipeline.vad import SileroVad
 from rtc_server.access import install_access
 from rtc_server.avatars_api import AvatarApi, add_avatar_routes
-from rtc_server.ice import browser_ice_servers, resolve_ice_servers, use_host_candidates
+from rtc_server.ice import browser_ice_servers, resolve_ice_servers
 from rtc_server.logs import bind_session
 from rtc_server.metrics import Observability
 from rtc_server.observability import (
@@ -353,7 +353,6 @@ def create_app(
         observability=Observability(),
     )
     app[SERVICES] = services
-    use_host_candidates(settings.webrtc.host_candidates)
     data_dir_abs = os.path.abspath(settings.avatars.data_dir)  # for start-up messages
 
     async def resources(app: web.Application) -> AsyncIterator[None]:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from avatars.model import DEFAULT_AVATAR_DIR
+from media_tracks.aiortc_compat import use_host_candidates
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("AVATAR_TEST_ARTIFACTS", ROOT / "build" / "test-artifacts"))
@@ -39,6 +40,15 @@ def loopback_only() -> None:
     if os.environ.get("AVATAR_REQUIRE_NETNS") == "1":
         pytest.fail(reason)
     pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def loopback_candidates() -> Iterator[None]:
+    """Peer connections made in tests gather 127.0.0.1 only, whatever a test's settings say
+    (the server's entry point applies ``webrtc.host_candidates``; ``create_app`` does not)."""
+    use_host_candidates("loopback")
+    yield
+    use_host_candidates("loopback")
 
 
 @pytest.fixture(scope="session")

@@ -67,3 +67,16 @@ async def test_the_sender_encoder_slot_is_filled_once():
         assert compat.sender_encoder(sender) is enc
     finally:
         await pc.close()
+
+
+def test_building_the_app_does_not_switch_host_candidates():
+    from config import load_settings
+    from rtc_server.app import create_app
+    from tests.fakes.tts import ToneTTS
+
+    compat.use_host_candidates("all")
+    try:
+        create_app(load_settings(overrides={"webrtc.host_candidates": "loopback"}), tts=ToneTTS())
+        assert compat.host_candidates_mode() == "all"
+    finally:
+        compat.use_host_candidates("loopback")
