@@ -1,4 +1,5 @@
-"""Settings for the avatar server: documented defaults in ``defaults.yaml``, typed and validated.
+"""Settings for the avatar server: declared once (``sections.py``), typed and validated;
+``defaults.yaml`` is their documented reference, written from the declarations.
 
 Usage: ``settings = load_settings(config_file=path, overrides={"server.port": 9000})``.
 """
