@@ -1,5 +1,5 @@
-"""Avatars: the built-in one, registration of your own (decode, face analysis, quality checks,
-idle loop, crops), the registry on disk, and the library of loaded avatars calls use."""
+"""Avatars as data: the built-in one, registration of your own (decode, face analysis, quality
+checks, idle loop, crops) and the registry on disk. Loading one for a call is ``face.library``."""
 
 from avatars.model import DEFAULT_AVATAR_DIR, Avatar, AvatarError, load_avatar_dir
 

@@ -1,5 +1,6 @@
 """Media: the session clock, the compositor, frame rendering ahead of the clock, the aiortc
-tracks and encoders, and audio-first scheduling under overload (``priority``)."""
+tracks and encoders, audio-first scheduling under overload (``priority``), and every reach
+into aiortc's private parts (``aiortc_compat``)."""
 
 from media_tracks.clock import VIDEO_CLOCK_RATE, VIDEO_TIME_BASE, ManualClock, MediaClock
 from media_tracks.compositor import Compositor, FramePlan, Scheduled, Segment
