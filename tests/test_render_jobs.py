@@ -21,16 +21,10 @@ import pytest
 
 from common.errors import BadRequest, NotFound, ServerFull
 from pipeline.render.cache import RenderCache
-from pipeline.render.jobs import (
-    JobQueue,
-    JobState,
-    LocalJobQueue,
-    ProgressThrottle,
-    QueueFull,
-    RedisJobQueue,
-    cache_root,
-    create_job_queue,
-)
+from pipeline.render.jobs import JobQueue, JobState, ProgressThrottle, QueueFull, cache_root
+from pipeline.render.local_queue import LocalJobQueue
+from pipeline.render.queues import create_job_queue
+from pipeline.render.redis_queue import RedisJobQueue
 from pipeline.render.spec import RenderSpec
 from tests.fakes.redis_server import redis_server, redis_server_binary
 from tests.fakes.render import fake_run

@@ -279,7 +279,8 @@ async def start_render_service(
     """The cache, the job queue (with this process's workers, if any) and the renderer they
     run, sharing the server's avatars, voice and lip-sync engine."""
     from pipeline.render.core import ClipRenderer
-    from pipeline.render.jobs import create_cache, create_job_queue
+    from pipeline.render.jobs import create_cache
+    from pipeline.render.queues import create_job_queue
 
     jobs_cfg = settings.jobs
     if jobs_cfg.backend == "local" and jobs_cfg.workers < 1:

@@ -24,20 +24,16 @@ from typing import Any
 
 from common.errors import AvatarServerError
 from pipeline.render.cache import RenderCache
-from pipeline.render.jobs import (
+from pipeline.render.jobs import Outcome, ProgressThrottle, RunFn, execute, worker_name
+from pipeline.render.redis_schema import (
     HEARTBEAT_TIMEOUT_S,
     LUA_SCRIPTS,
     WORKER_LOST_ERROR,
     WORKER_SEEN_S,
-    Outcome,
-    ProgressThrottle,
     RedisKeys,
-    RunFn,
     encode_fields,
-    execute,
     expire_ms,
     redact_url,
-    worker_name,
 )
 from pipeline.render.spec import RenderSpec
 
