@@ -24,14 +24,8 @@ import numpy as np
 from bench.common import print_table, write_result
 from face.library import AvatarLibrary
 from media_tracks.compositor import FramePlan
-from pipeline.lipsync.wav2lip import (
-    FACE_SIZE,
-    Wav2LipEngine,
-    Wav2LipModel,
-    crop_face,
-    model_input,
-    paste,
-)
+from pipeline.lipsync.wav2lip import Wav2LipEngine, Wav2LipModel
+from pipeline.lipsync.wav2lip_io import FACE_SIZE, crop_face, model_input, paste
 from pipeline.tts import SpeechAudio
 
 SR, FPS = 48000, 25

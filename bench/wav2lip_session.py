@@ -46,13 +46,8 @@ from face.library import AvatarLibrary
 from media_tracks.compositor import FramePlan
 from media_tracks.encoders import VideoEncoding, make_video_encoder
 from media_tracks.frames import rgb_to_i420
-from pipeline.lipsync.wav2lip import (
-    Wav2LipEngine,
-    crop_face,
-    load_wav2lip_engine,
-    model_input,
-    paste,
-)
+from pipeline.lipsync.wav2lip import Wav2LipEngine, load_wav2lip_engine
+from pipeline.lipsync.wav2lip_io import crop_face, model_input, paste
 from pipeline.tts import PiperTTS, SpeechAudio
 
 FPS = 25

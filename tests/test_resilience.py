@@ -26,7 +26,7 @@ from media_tracks.compositor import FramePlan
 from pipeline.lipsync import SessionLipSync
 from pipeline.lipsync.viseme_engine import VisemeEngine
 from pipeline.lipsync.visemes import VisemeTrack
-from pipeline.lipsync.wav2lip import MelTrack, mel_track
+from pipeline.lipsync.wav2lip_io import MelTrack, mel_track
 from pipeline.replier import OpenAIReplier, ReplyError
 from pipeline.stt import Transcript
 from pipeline.tts import SpeechAudio

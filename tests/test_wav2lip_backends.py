@@ -41,7 +41,8 @@ from pipeline.lipsync.quantize import (
     quantized_model,
 )
 from pipeline.lipsync.rows import LOWER_ROWS, lower_rows_model
-from pipeline.lipsync.wav2lip import FACE_SIZE, Wav2LipModel, load_wav2lip_engine
+from pipeline.lipsync.wav2lip import Wav2LipModel, load_wav2lip_engine
+from pipeline.lipsync.wav2lip_io import FACE_SIZE
 from pipeline.tts import PiperTTS
 
 pytest.importorskip("openvino")

@@ -18,15 +18,8 @@ from media_tracks.frames import rgb_to_i420
 from pipeline.lipsync import create_lipsync_engine
 from pipeline.lipsync.backends import choose_providers
 from pipeline.lipsync.mel import mel_windows, to_wav2lip_audio, wav2lip_mel
-from pipeline.lipsync.wav2lip import (
-    FACE_SIZE,
-    Wav2LipEngine,
-    crop_face,
-    face_geometry,
-    load_wav2lip_engine,
-    model_input,
-    paste,
-)
+from pipeline.lipsync.wav2lip import Wav2LipEngine, load_wav2lip_engine
+from pipeline.lipsync.wav2lip_io import FACE_SIZE, crop_face, face_geometry, model_input, paste
 from pipeline.tts import SpeechAudio
 
 SR, FPS = 48000, 25

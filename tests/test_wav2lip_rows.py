@@ -26,14 +26,8 @@ from pipeline.lipsync.rows import (
     lower_rows_path,
     slice_graph,
 )
-from pipeline.lipsync.wav2lip import (
-    FACE_SIZE,
-    crop_face,
-    face_geometry,
-    load_wav2lip_engine,
-    model_input,
-    paste,
-)
+from pipeline.lipsync.wav2lip import load_wav2lip_engine
+from pipeline.lipsync.wav2lip_io import FACE_SIZE, crop_face, face_geometry, model_input, paste
 from pipeline.lipsync.wav2lip_model import INPUT_NAMES, OUTPUT_NAMES
 
 

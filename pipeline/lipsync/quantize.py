@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.lipsync.backends import derived_model_path
-from pipeline.lipsync.wav2lip import AvatarFaces, crop_face, mel_track, model_input
+from pipeline.lipsync.wav2lip_io import AvatarFaces, crop_face, mel_track, model_input
 
 if TYPE_CHECKING:
     from config.settings import Settings

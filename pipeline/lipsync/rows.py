@@ -41,10 +41,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.lipsync.backends import derived_model_path
+from pipeline.lipsync.wav2lip_io import FACE_SIZE
 
 logger = logging.getLogger(__name__)
 
-FACE_SIZE = 96
 START_24 = 8  # first row of the 24x24 decoder feature the 48x48 stage reads
 # first row of the 12x12 decoder feature the 24x24 stage reads: that stage's transposed
 # convolution (stride 2) gives rows from 2 * START_12 computed exactly, and each of its two 3x3

@@ -27,12 +27,12 @@ from torch import nn
 
 from common.errors import PipelineError
 from pipeline.lipsync.mel import MAX_ABS, MEL_STEP, N_MELS
+from pipeline.lipsync.wav2lip_io import FACE_SIZE
 from pipeline.lipsync.wav2lip_net import Wav2LipGenerator
 
 INPUT_NAMES = ("mel", "face")
 OUTPUT_NAMES = ("frames",)
 OPSET = 17
-FACE_SIZE = 96
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".tar")
 _FIX = "use the Wav2Lip generator weights, e.g. wav2lip_gan.pth, or their ONNX export"
 
