@@ -96,20 +96,7 @@ def replier_factory(settings: Settings) -> Callable[[], Replier]:
     llm = settings.llm
     if llm.base_url is None:
         return EmbeddedReplier
-    return functools.partial(
-        OpenAIReplier,
-        base_url=llm.base_url,
-        api_key=llm.api_key,
-        model=llm.model,
-        system_prompt=llm.system_prompt,
-        history_turns=llm.history_turns,
-        first_token_timeout_s=llm.first_token_timeout_s,
-        total_timeout_s=llm.total_timeout_s,
-        max_retries=llm.max_retries,
-        max_consecutive_failures=llm.max_consecutive_failures,
-        temperature=llm.temperature,
-        max_tokens=llm.max_tokens,
-    )
+    return functools.partial(OpenAIReplier.from_settings, llm)
 
 
 def _detail(exc: BaseException) -> str:

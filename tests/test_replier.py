@@ -555,3 +555,17 @@ async def test_fake_server_modes(fake_openai: StartFake) -> None:
             await client.chat.completions.create(model="m", messages=user)
     finally:
         await client.close()
+
+
+def test_the_llm_section_builds_the_same_replier_as_its_arguments():
+    from config import load_settings
+
+    llm = load_settings(env={}, overrides={
+        "llm.base_url": "http://127.0.0.1:9/v1", "llm.model": "m1", "llm.history_turns": 3,
+        "llm.max_retries": 1, "llm.temperature": 0.2,
+    }).llm
+    r = OpenAIReplier.from_settings(llm)
+    assert (r.history_turns, r.info()["model"]) == (3, "m1")
+    assert r.info()["base_url"].startswith("http://127.0.0.1:9")
+    with pytest.raises(ValueError, match="base_url"):
+        OpenAIReplier.from_settings(load_settings(env={}).llm)
