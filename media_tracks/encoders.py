@@ -330,6 +330,19 @@ def video_codec_preferences(names: Sequence[str]) -> list[RTCRtpCodecCapability]
     return preferred + [c for c in capabilities if is_rtx(c)]
 
 
+def describe_encoder(encoder: Encoder | None, codec: str | None) -> str:
+    """One line for the log: the codec, and our encoder's rate and preset (or aiortc's)."""
+    if not isinstance(encoder, RealtimeH264Encoder | RealtimeVp8Encoder):
+        return f"{codec} (aiortc's encoder)"
+    rate = encoder.rate
+    preset = (
+        f", preset {encoder.encoding.h264_preset}" if isinstance(encoder, RealtimeH264Encoder)
+        else ""
+    )
+    return (f"{codec} at {rate.start_bps // 1000} kbit/s "
+            f"(REMB {rate.min_bps // 1000}..{rate.max_bps // 1000}){preset}")
+
+
 def install_video_encoder(
     transceiver: RTCRtpTransceiver, encoding: VideoEncoding
 ) -> Encoder | None:

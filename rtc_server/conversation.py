@@ -29,29 +29,29 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from pipeline.sentences import SentenceSplitter
+from pipeline.speaking import FirstAudio, Speaker
+from rtc_server.protocol import Error, Event, Metrics, State, Transcript, with_turn
 
 if TYPE_CHECKING:
     from av import AudioFrame
 
     from config import Settings
     from media_tracks.compositor import Segment
-    from pipeline.lipsync import LipSyncEngine
     from pipeline.replier import Replier
-    from pipeline.stt import Transcript
-    from pipeline.tts import TextToSpeech
+    from pipeline.stt import Transcript as SttTranscript
 
 logger = logging.getLogger(__name__)
 
 
 class SpeechToText(Protocol):
-    async def transcribe(self, audio16k: np.ndarray) -> Transcript: ...
+    async def transcribe(self, audio16k: np.ndarray) -> SttTranscript: ...
 
 
 class Host(Protocol):
@@ -59,11 +59,13 @@ class Host(Protocol):
 
     id: str
 
-    def send_event(self, event: dict[str, object]) -> None: ...
+    def send_event(self, event: Event) -> None: ...
 
     def schedule(self, segment: Segment) -> None: ...
 
-    def cut(self) -> None: ...
+    def interrupt(self) -> object:
+        """Stop the playout now (at the next frame boundary)."""
+        ...
 
     @property
     def playing(self) -> bool: ...
@@ -81,7 +83,7 @@ class Turn:
     ``number`` (shown to the client) is given when it is committed; ``key`` tags its speech."""
 
     key: int
-    started: float  # time.monotonic() when the user's speech ended (or the chat arrived)
+    started: float  # the conversation's clock when the user's speech ended (or chat arrived)
     source: str  # "voice" | "chat"
     number: int = 0
     committed: bool = True
@@ -115,27 +117,27 @@ class Conversation:
         host: Host,
         *,
         settings: Settings,
-        tts: TextToSpeech,
-        lipsync: LipSyncEngine,
+        speaker: Speaker,
         replier: Replier,
         stt: SpeechToText | None,
         listener: Any | None,
         resampler: Any | None,
-        executor: Executor | None,
         on_speech: Callable[[], None] | None = None,
+        now: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``on_speech``: called at every speech start the VAD hears (the session's idle
-        timeout)."""
+        """``speaker``: the call's one speaking path (text -> TTS -> lip-sync -> schedule).
+        ``on_speech``: called at every speech start the VAD hears (the session's idle
+        timeout). ``now``: seconds of a monotonic clock, for the turn metrics (tests pass a
+        fake and drive turns without sleeping)."""
         self._host = host
         self._on_speech = on_speech
         self._settings = settings
-        self._tts = tts
-        self._lipsync = lipsync
+        self.speaker = speaker
         self._replier = replier
         self._stt = stt
         self._listener = listener
         self._resampler = resampler
-        self._executor = executor
+        self._now = now
         # VAD chunks must run in order: one thread per session for the mic path
         self._mic_pool = ThreadPoolExecutor(1, thread_name_prefix=f"mic-{host.id[:6]}")
         self._turn_task: asyncio.Task[None] | None = None
@@ -204,7 +206,7 @@ class Conversation:
                 self._on_speech()
             if self._settings.conversation.barge_in and (self.busy or self._host.playing):
                 self.barge_in()
-            self._host.send_event({"type": "state", "state": "listening", "user": "speaking"})
+            self._host.send_event(State("listening", user="speaking"))
         elif kind == "SpeechPause":
             # maybe the end of the turn: start on it now, keep the work if the end comes
             if self._stt is not None and not self.closed:
@@ -221,7 +223,7 @@ class Conversation:
             self._cancel_speculation()
         elif kind == "SpeechEnd":
             started = self._speech_ended_at(event.end_ms)
-            vad_end_ms = _ms(time.monotonic() - started)
+            vad_end_ms = _ms(self._now() - started)
             spec, self._speculative = self._speculative, None
             if spec is not None and spec[0] == int(event.end_ms):
                 _, early_turn, task = spec
@@ -241,11 +243,11 @@ class Conversation:
             self._start(turn, self._voice_turn(turn, event.audio))
 
     def _speech_ended_at(self, end_ms: int) -> float:
-        """time.monotonic() when the speech ending at ``end_ms`` of mic-stream time (audio
+        """self._now() when the speech ending at ``end_ms`` of mic-stream time (audio
         fed to the VAD) ended."""
         assert self._listener is not None
         behind_s = max(0.0, (self._listener.time_ms - float(end_ms)) / 1000.0)
-        return time.monotonic() - behind_s
+        return self._now() - behind_s
 
     def _cancel_speculation(self) -> None:
         if self._speculative is not None:
@@ -255,11 +257,11 @@ class Conversation:
     def barge_in(self) -> None:
         """The person talks over the avatar: stop the turn and the playout at once."""
         self.barge_ins += 1
-        self.cancel()
-        self._host.cut()
+        self.interrupt()
+        self._host.interrupt()
         logger.info("session %s: barge-in", self._host.id[:8])
 
-    def cancel(self) -> None:
+    def interrupt(self) -> None:
         """Stop the current turn and any held (preemptive) one."""
         self._cancel_speculation()
         if self._turn_task is not None and not self._turn_task.done():
@@ -269,15 +271,12 @@ class Conversation:
     def chat(self, text: str) -> None:
         """A typed message: straight to the replier (interrupting a reply in progress)."""
         if self.busy or self._host.playing:
-            self.cancel()
-            self._host.cut()
-        turn = self._new_turn(time.monotonic(), "chat")
+            self.interrupt()
+            self._host.interrupt()
+        turn = self._new_turn(self._now(), "chat")
         turn.user_text = text
         self._start(turn, self._reply_turn(turn))
-        self._emit(
-            turn,
-            {"type": "transcript", "role": "user", "text": text, "final": True, "source": "chat"},
-        )
+        self._emit(turn, Transcript("user", text, source="chat"))
 
     def _new_turn(self, started: float, source: str) -> Turn:
         self._keys += 1
@@ -288,20 +287,17 @@ class Conversation:
         self._adopt(turn, self._spawn(coro, "turn"))
 
     def _adopt(self, turn: Turn, task: asyncio.Task[Any]) -> None:
-        self.cancel()
+        self.interrupt()
         self._turns += 1
         self._turn, self._turn_task = turn, task
         turn.commit(self._turns)
 
-    def _emit(self, turn: Turn, event: dict[str, object]) -> None:
-        """Send ``event`` for ``turn`` (held while the turn is preemptive); a ``turn`` field
-        is added with the turn's number."""
+    def _emit(self, turn: Turn, event: Event) -> None:
+        """Send ``event`` for ``turn`` (held while the turn is preemptive); transcripts and
+        metrics are labelled with the turn's number."""
 
         def send() -> None:
-            payload = dict(event)
-            if payload.get("type") in ("transcript", "metrics"):
-                payload["turn"] = turn.number
-            self._host.send_event(payload)
+            self._host.send_event(with_turn(event, turn.number))
 
         turn.when_committed(send)
 
@@ -311,8 +307,8 @@ class Conversation:
         """``early``: a transcription of the same speech started at its pause; its result is
         used instead of transcribing again."""
         assert self._stt is not None
-        self._emit(turn, {"type": "state", "state": "thinking"})
-        t0 = time.monotonic()
+        self._emit(turn, State("thinking"))
+        t0 = self._now()
         try:
             if early is not None:
                 transcript = await early
@@ -323,45 +319,27 @@ class Conversation:
             raise
         except Exception as exc:
             logger.exception("transcription failed")
-            self._emit(
-                turn,
-                {
-                    "type": "error",
-                    "message": f"transcription failed: {exc}",
-                    "fatal": False,
-                    "stage": "stt",
-                },
-            )
-            self._emit(turn, {"type": "state", "state": "listening"})
+            self._emit(turn, Error(f"transcription failed: {exc}", stage="stt"))
+            self._emit(turn, State("listening"))
             return
-        turn.metrics["stt_ms"] = _ms(time.monotonic() - t0)
+        turn.metrics["stt_ms"] = _ms(self._now() - t0)
         text = transcript.text.strip()
         if not text:
-            self._emit(turn, {"type": "state", "state": "listening"})
+            self._emit(turn, State("listening"))
             return
         turn.user_text = text
-        self._emit(
-            turn,
-            {
-                "type": "transcript",
-                "role": "user",
-                "text": text,
-                "final": True,
-                "source": "voice",
-                "language": transcript.language,
-            },
-        )
+        self._emit(turn, Transcript("user", text, source="voice", language=transcript.language))
         await self._reply_turn(turn)
 
     async def _reply_turn(self, turn: Turn) -> None:
         from pipeline.replier import ReplyError
 
-        self._emit(turn, {"type": "state", "state": "thinking"})
+        self._emit(turn, State("thinking"))
         sentences: asyncio.Queue[str | None] = asyncio.Queue()
-        speaker = self._spawn(self._speaker(turn, sentences), "speaker")
+        speaker = self._spawn(self._speak_reply(turn, sentences), "speaker")
         splitter = SentenceSplitter()
         language = self._settings.conversation.language
-        t0 = time.monotonic()
+        t0 = self._now()
         ok = False
         apology = self._settings.conversation.apology.strip()
         try:
@@ -369,7 +347,7 @@ class Conversation:
             try:
                 async for delta in stream:
                     if "llm_first_token_ms" not in turn.metrics:
-                        turn.metrics["llm_first_token_ms"] = _ms(time.monotonic() - t0)
+                        turn.metrics["llm_first_token_ms"] = _ms(self._now() - t0)
                     for sentence in splitter.feed(delta):
                         sentences.put_nowait(sentence)
             finally:
@@ -387,15 +365,7 @@ class Conversation:
             else:
                 logger.exception("reply failed")
                 detail, fatal = str(exc) or type(exc).__name__, False
-            self._emit(
-                turn,
-                {
-                    "type": "error",
-                    "message": f"the reply failed: {detail}",
-                    "fatal": fatal,
-                    "stage": "llm",
-                },
-            )
+            self._emit(turn, Error(f"the reply failed: {detail}", fatal=fatal, stage="llm"))
             if apology:  # said through the same voice and lip-sync, so no silence
                 sentences.put_nowait(apology)
         finally:
@@ -404,7 +374,7 @@ class Conversation:
         if ok and turn.reply:
             turn.when_committed(functools.partial(self._remember, turn))
         if not turn.first_audio_scheduled:
-            self._emit(turn, {"type": "state", "state": "listening"})
+            self._emit(turn, State("listening"))
 
     def _remember(self, turn: Turn) -> None:
         self.history.append({"role": "user", "content": turn.user_text})
@@ -412,51 +382,32 @@ class Conversation:
         keep = 2 * max(self._settings.llm.history_turns, 1)
         del self.history[:-keep]
 
-    async def _speaker(self, turn: Turn, sentences: asyncio.Queue[str | None]) -> None:
-        from media_tracks.compositor import Segment
-        from pipeline.tts import speech_stream
+    async def _speak_reply(self, turn: Turn, sentences: asyncio.Queue[str | None]) -> None:
+        """Speak the reply's sentences as they come, through the call's one speaking path."""
 
-        fps = self._settings.media.fps
-        loop = asyncio.get_running_loop()
+        def first_audio(timing: FirstAudio) -> None:
+            if not turn.first_audio_scheduled:
+                turn.metrics["tts_first_audio_ms"] = timing.tts_ms
+                turn.metrics["lipsync_first_frame_ms"] = timing.lipsync_ms
+                turn.first_audio_scheduled = True
+
+        def schedule(segment: Segment) -> None:
+            turn.when_committed(functools.partial(self._host.schedule, segment))
+
         while (sentence := await sentences.get()) is not None:
-            t0 = time.monotonic()
-            first = True  # the sentence's text goes with its first chunk of audio only
             try:
-                stream = speech_stream(self._tts, sentence, owner=self._host.id, live=True)
-                async for audio in stream:
-                    t1 = time.monotonic()
-                    analyse = functools.partial(self._lipsync.analyse, audio, fps=fps)
-                    track = await loop.run_in_executor(self._executor, analyse)
-                    if not turn.first_audio_scheduled:
-                        turn.metrics["tts_first_audio_ms"] = _ms(t1 - t0)
-                        turn.metrics["lipsync_first_frame_ms"] = _ms(time.monotonic() - t1)
-                        turn.first_audio_scheduled = True
-                    segment = Segment(
-                        pcm=audio.pcm,
-                        mouth=track.openness(),
-                        lips=track,
-                        text=sentence if first else "",
-                        tag=("turn", turn.key),
-                    )
-                    turn.when_committed(functools.partial(self._host.schedule, segment))
-                    first = False
-                    # the next piece is made when it is needed a few seconds from now (a
-                    # held turn schedules nothing yet, so it does not wait)
-                    await self._host.wait_for_speech_room()
+                # the next piece is made when it is needed a few seconds from now (a held
+                # turn schedules nothing yet, so it does not wait)
+                await self.speaker.speak(
+                    sentence, schedule=schedule, room=self._host.wait_for_speech_room,
+                    tag=("turn", turn.key), on_first_audio=first_audio,
+                )
                 turn.reply.append(sentence)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 logger.exception("speech synthesis failed")
-                self._emit(
-                    turn,
-                    {
-                        "type": "error",
-                        "fatal": False,
-                        "stage": "tts",
-                        "message": f"speech synthesis failed: {exc}",
-                    },
-                )
+                self._emit(turn, Error(f"speech synthesis failed: {exc}", stage="tts"))
 
     # --- playout --------------------------------------------------------------------------
     def on_playout(self, tag: object) -> None:
@@ -470,8 +421,8 @@ class Conversation:
         ):
             return
         turn.reported = True
-        turn.metrics["voice_to_voice_ms"] = _ms(time.monotonic() - turn.started)
-        self._emit(turn, {"type": "metrics", "source": turn.source, **turn.metrics})
+        turn.metrics["voice_to_voice_ms"] = _ms(self._now() - turn.started)
+        self._emit(turn, Metrics(turn.source, dict(turn.metrics)))
 
 
 def make_conversation_parts(settings: Settings, vad_model: Any) -> tuple[Any | None, Any | None]:

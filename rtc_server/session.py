@@ -16,12 +16,10 @@ import contextlib
 import functools
 import json
 import logging
-import math
 import time
 import uuid
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,7 +28,7 @@ from aiortc.codecs.base import Encoder
 from aiortc.mediastreams import MediaStreamError
 
 from common.errors import BadRequest
-from common.inputs import JsonRejected, clean_text, has_speakable, loads_json, short
+from common.inputs import short
 from config import Settings
 from face.library import LoadedAvatar
 from media_tracks import (
@@ -41,12 +39,11 @@ from media_tracks import (
     MediaClock,
     Segment,
 )
-from media_tracks.aiortc_compat import negotiated_codec_name, set_receiver_prefetch
+from media_tracks.aiortc_compat import negotiated_codec_name
 from media_tracks.clapper import clapper_pcm, flash_frames
 from media_tracks.encoders import (
-    RealtimeH264Encoder,
-    RealtimeVp8Encoder,
     VideoEncoding,
+    describe_encoder,
     install_video_encoder,
     unmatched_video_codecs,
     video_codec_preferences,
@@ -54,9 +51,25 @@ from media_tracks.encoders import (
 from media_tracks.priority import LoadGovernor
 from pipeline.lipsync import LipSyncEngine, SessionLipSync
 from pipeline.replier import EmbeddedReplier, Replier
+from pipeline.speaking import Speaker
 from pipeline.tts import TextToSpeech
 from rtc_server.conversation import Conversation, make_conversation_parts
 from rtc_server.ice import resolve_ice_servers, rtc_configuration
+from rtc_server.mic import MicStats, set_audio_prefetch
+from rtc_server.protocol import (
+    Chat,
+    Clapper,
+    Closing,
+    Error,
+    Event,
+    Hello,
+    Interrupt,
+    Refused,
+    Say,
+    State,
+    Transcript,
+    parse_control,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,41 +78,9 @@ logger = logging.getLogger(__name__)
 # rendering of every call on the machine for as long).
 SPEECH_AHEAD_NS = 3 * 1_000_000_000
 
-MAX_SAY_CHARS = 2000
 MAX_QUEUED_SAYS = 16
-# a clapper is an A/V sync test: one at a time per call, at most 10 minutes of beeps
-MAX_CLAPPER_COUNT = 600
 # how long a "closing" event is given to leave before the peer connection is closed
 CLOSING_LINGER_S = 0.5
-
-
-@dataclass(slots=True)
-class MicStats:
-    """The microphone level: mean power over roughly the last second, in dBFS."""
-
-    frames_received: int = 0
-    mean_power: float = 0.0
-
-    def observe(self, power: float) -> None:
-        alpha = 1.0 if self.frames_received == 0 else 0.05
-        self.mean_power += (power - self.mean_power) * alpha
-        self.frames_received += 1
-
-    @property
-    def rms_dbfs(self) -> float:
-        return 10 * math.log10(max(self.mean_power, 1e-12))
-
-
-def set_audio_prefetch(pc: RTCPeerConnection, track: MediaStreamTrack, frames: int) -> bool:
-    """Make the receiver of the remote audio ``track`` hand a frame on once ``frames`` more
-    have arrived behind it (aiortc always waits for 4: 80 ms the VAD would lose before it
-    hears speech). The server only analyses the microphone, never plays it, so it needs the
-    packets in order, not smoothed. False where aiortc's receiver does not have the buffer
-    this replaces (then nothing changes)."""
-    for receiver in pc.getReceivers():
-        if receiver.track is track:
-            return set_receiver_prefetch(receiver, frames)
-    return False
 
 
 class Session:
@@ -200,17 +181,18 @@ class Session:
             clock=self.clock, compositor=self.compositor, frames=self.frames,
             stride=None if governor is None else (lambda: governor.stride),
         )
+        # the one speaking path: say messages and the conversation's replies
+        self.speaker = Speaker(tts, self.lipsync, fps=media.fps, owner=self.id,
+                               executor=render_executor)
         listener, resampler = make_conversation_parts(settings, vad_model if stt else None)
         self.conversation = Conversation(
             self,
             settings=settings,
-            tts=tts,
-            lipsync=self.lipsync,
+            speaker=self.speaker,
             replier=replier or EmbeddedReplier(),
             stt=stt,
             listener=listener,
             resampler=resampler,
-            executor=render_executor,
             on_speech=self.heard,
         )
         self.pc = RTCPeerConnection(rtc_configuration(resolve_ice_servers(settings.webrtc)))
@@ -275,25 +257,8 @@ class Session:
         return RTCSessionDescription(sdp=local.sdp, type=local.type)
 
     def _log_video_encoder(self) -> None:
-        encoder = self.video_encoder
-        if not isinstance(encoder, RealtimeH264Encoder | RealtimeVp8Encoder):
-            logger.info("session %s video %s (aiortc's encoder)", self.id[:8], self.video_codec)
-            return
-        rate = encoder.rate
-        preset = (
-            f", preset {encoder.encoding.h264_preset}"
-            if isinstance(encoder, RealtimeH264Encoder)
-            else ""
-        )
-        logger.info(
-            "session %s video %s at %d kbit/s (REMB %d..%d)%s",
-            self.id[:8],
-            self.video_codec,
-            rate.start_bps // 1000,
-            rate.min_bps // 1000,
-            rate.max_bps // 1000,
-            preset,
-        )
+        logger.info("session %s video %s", self.id[:8], describe_encoder(self.video_encoder,
+                                                                          self.video_codec))
 
     async def aclose(self, reason: str = "closed") -> None:
         if self._closing:
@@ -394,7 +359,7 @@ class Session:
 
     def notify_closing(self, reason: str, detail: str) -> None:
         """Tell the client why the call is about to end (``closing`` event)."""
-        self.send_event({"type": "closing", "reason": reason, "detail": detail})
+        self.send_event(Closing(reason, detail))
 
     async def end(self, reason: str, detail: str, *, linger_s: float = CLOSING_LINGER_S) -> None:
         """Tell the client, give the message ``linger_s`` to leave, then close."""
@@ -434,39 +399,26 @@ class Session:
         self._channel = channel
         channel.on("message", self._on_message)
         media = self.settings.media
-        self.send_event(
-            {
-                "type": "hello",
-                "session_id": self.id,
-                "avatar_id": self.avatar.avatar_id,
-                "fps": media.fps,
-                "width": media.video_width,
-                "height": media.video_height,
-                "sample_rate": media.audio_sample_rate,
-            }
-        )
+        self.send_event(Hello(self.id, self.avatar.avatar_id, media.fps, media.video_width,
+                              media.video_height, media.audio_sample_rate))
 
     def _on_media_event(self, event: dict[str, object]) -> None:
-        if event.get("type") == "playout":
-            if event.get("kind") == "speech" and event.get("text"):
-                self.send_event(
-                    {
-                        "type": "transcript",
-                        "role": "assistant",
-                        "text": event["text"],
-                        "final": True,
-                    }
-                )
+        """The compositor's events: a segment starting to play (the assistant's line goes
+        out with its audio, never ahead of the mouth) and speaking/listening changes."""
+        kind = event.get("type")
+        if kind == "playout":
+            text = event.get("text")
+            if event.get("kind") == "speech" and isinstance(text, str) and text:
+                self.send_event(Transcript("assistant", text))
             self.conversation.on_playout(event.get("tag"))
-            return
-        self.send_event(event)
+        elif kind == "state" and event.get("state") in ("speaking", "listening"):
+            self.send_event(State("speaking" if event["state"] == "speaking" else "listening"))
+        else:
+            logger.warning("session %s: unknown compositor event %s", self.id[:8], short(kind))
 
     # --- what the conversation drives -------------------------------------------------------
     def schedule(self, segment: Segment) -> None:
         self.compositor.schedule(segment)
-
-    def cut(self) -> None:
-        self.interrupt()
 
     async def wait_for_speech_room(self) -> None:
         await self.compositor.wait_until_ahead_at_most(SPEECH_AHEAD_NS)
@@ -475,16 +427,17 @@ class Session:
     def playing(self) -> bool:
         return self.compositor.speaking or self.compositor.queued > 0
 
-    def send_event(self, event: dict[str, object]) -> None:
+    def send_event(self, event: Event) -> None:
+        payload = event.to_wire()
         if self._on_event is not None:
-            self._on_event(self, event)
+            self._on_event(self, payload)
         ch = self._channel
         if ch is not None and ch.readyState == "open":
             try:
-                ch.send(json.dumps(event))
+                ch.send(json.dumps(payload))
             except Exception as exc:  # noqa: BLE001 - a failed send never ends the call
                 logger.warning("session %s: could not send a %s event: %s", self.id[:8],
-                               short(event.get("type")), exc)
+                               event.type, exc)
 
     def _lipsync_failed(self, where: str, exc: BaseException) -> None:
         """The lip-sync engine failed in ``where`` ("analyse" or "render"); may be called from
@@ -498,28 +451,19 @@ class Session:
             fallback,
             exc_info=(type(exc), exc, exc.__traceback__),
         )
-        event: dict[str, object] = {
-            "type": "error",
-            "stage": "lipsync",
-            "fatal": False,
-            "message": f"{detail}; going on with the {fallback} engine",
-        }
+        event = Error(f"{detail}; going on with the {fallback} engine", stage="lipsync")
         loop = self._loop
         if loop is None or loop.is_closed():
             return
         loop.call_soon_threadsafe(self.send_event, event)
 
     def _error(self, message: str, *, fatal: bool = False) -> None:
-        self.send_event({"type": "error", "message": message, "fatal": fatal})
+        self.send_event(Error(message, fatal=fatal))
 
     def _refuse(self, message: str, field: str | None = None) -> None:
         """A control message was refused: an error event (stage ``control``) naming the field;
         the call goes on."""
-        event: dict[str, object] = {"type": "error", "stage": "control", "fatal": False,
-                                    "message": message}
-        if field is not None:
-            event["field"] = field
-        self.send_event(event)
+        self.send_event(Error(message, stage="control", field=field))
 
     def _on_message(self, raw: object) -> None:
         """One control message. Whatever it holds, it never ends the call: a bad message is
@@ -532,66 +476,25 @@ class Session:
             with contextlib.suppress(Exception):
                 self._error("the server failed to handle that message")
 
-    def _text_field(self, msg: dict[str, Any], kind: str, limit: int) -> str | None:
-        """``msg['text']`` cleaned of control characters, or None after refusing it."""
-        text = msg.get("text")
-        if not isinstance(text, str):
-            self._refuse(f"{kind} needs a non-empty 'text' string", "text")
-            return None
-        if len(text) > limit:
-            self._refuse(f"{kind} text is over {limit} characters", "text")
-            return None
-        text = clean_text(text)
-        if not text:
-            self._refuse(f"{kind} needs a non-empty 'text' string", "text")
-            return None
-        if not has_speakable(text):
-            self._refuse(f"{kind} text has nothing to speak (no letter or digit)", "text")
-            return None
-        return text
-
     def _handle_message(self, raw: object) -> None:
-        if isinstance(raw, bytes | bytearray):
-            data: bytes | str = bytes(raw)
-        else:
-            data = raw if isinstance(raw, str) else str(raw)
-        try:
-            msg = loads_json(data, max_depth=self.settings.server.max_json_depth)
-        except JsonRejected as exc:
-            self._refuse(f"control messages must be JSON objects ({exc})")
-            return
-        if not isinstance(msg, dict):
-            self._refuse("control messages must be JSON objects")
-            return
-        kind = msg.get("type")
-        if kind == "say":
-            text = self._text_field(msg, "say", MAX_SAY_CHARS)
-            if text is not None:
-                try:
-                    self._says.put_nowait(text)
-                except asyncio.QueueFull:
-                    self._refuse(f"too many queued says (max {MAX_QUEUED_SAYS})")
-        elif kind == "chat":
-            text = self._text_field(msg, "chat", self.settings.conversation.max_chat_chars)
-            if text is not None:
-                self.conversation.chat(text)
-        elif kind == "interrupt":
+        msg = parse_control(raw, max_json_depth=self.settings.server.max_json_depth,
+                            max_chat_chars=self.settings.conversation.max_chat_chars)
+        if isinstance(msg, Refused):
+            self._refuse(msg.message, msg.field)
+        elif isinstance(msg, Say):
+            try:
+                self._says.put_nowait(msg.text)
+            except asyncio.QueueFull:
+                self._refuse(f"too many queued says (max {MAX_QUEUED_SAYS})")
+        elif isinstance(msg, Chat):
+            self.conversation.chat(msg.text)
+        elif isinstance(msg, Interrupt):
             self.interrupt()
-        elif kind == "clapper":
-            count = msg.get("count", 5)
-            if not isinstance(count, int) or isinstance(count, bool) or not (
-                1 <= count <= MAX_CLAPPER_COUNT
-            ):
-                self._refuse(f"clapper 'count' must be an integer 1..{MAX_CLAPPER_COUNT}",
-                             "count")
-            elif self._clapper is not None or self.compositor.pending_of("clapper"):
+        elif isinstance(msg, Clapper):
+            if self._clapper is not None or self.compositor.pending_of("clapper"):
                 self._refuse("a clapper is already playing (one at a time; interrupt ends it)")
             else:
-                self._clapper = self._spawn(self.play_clapper(count), "clapper")
-        elif isinstance(kind, str):
-            self._refuse(f"unknown message type {short(kind)!r}", "type")
-        else:
-            self._refuse("control messages need a 'type' string", "type")
+                self._clapper = self._spawn(self.play_clapper(msg.count), "clapper")
 
     async def play_clapper(self, count: int) -> None:
         """Schedule an A/V sync test of ``count`` beeps; its audio (up to 58 MB for 600 s)
@@ -624,7 +527,7 @@ class Session:
             self._say_job.cancel()
         if self._clapper is not None:
             self._clapper.cancel()
-        self.conversation.cancel()
+        self.conversation.interrupt()
         cut = self.compositor.clear()
         logger.info(
             "session %s interrupted at frame %d (%d says dropped)", self.id[:8], cut, dropped
@@ -639,27 +542,9 @@ class Session:
             await asyncio.wait({job})  # an interrupt cancels the job, not this worker
 
     async def _speak(self, text: str) -> None:
-        from pipeline.tts import speech_stream
-
-        fps = self.settings.media.fps
-        loop = asyncio.get_running_loop()
-        first = True  # the text goes with the first chunk of audio only
         try:
-            # a live call's synthesis, taken in turn with the other calls' (per session)
-            async for sentence in speech_stream(self._tts, text, owner=self.id, live=True):
-                analyse = functools.partial(self.lipsync.analyse, sentence, fps=fps)
-                track = await loop.run_in_executor(self._render_executor, analyse)
-                self.compositor.schedule(
-                    Segment(
-                        pcm=sentence.pcm,
-                        mouth=track.openness(),
-                        lips=track,
-                        text=text if first else "",
-                    )
-                )
-                first = False
-                # the next sentence is made only when it is needed a few seconds from now
-                await self.wait_for_speech_room()
+            await self.speaker.speak(text, schedule=self.compositor.schedule,
+                                     room=self.wait_for_speech_room)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -14,9 +14,11 @@ import pytest
 from config import load_settings
 from media_tracks.aiortc_compat import receiver_jitter_buffer
 from pipeline.lipsync.viseme_engine import VisemeEngine
+from pipeline.speaking import Speaker
 from pipeline.stt import Transcript
 from pipeline.vad import SpeechEnd, SpeechPause, SpeechResume, SpeechStart
 from rtc_server.conversation import Conversation
+from rtc_server.protocol import Event
 from tests.fakes.tts import ToneTTS
 
 
@@ -30,13 +32,13 @@ class Host:
         self.room = asyncio.Event()  # playback has room for more speech
         self.room.set()
 
-    def send_event(self, event: dict[str, object]) -> None:
-        self.events.append(dict(event))
+    def send_event(self, event: Event) -> None:
+        self.events.append(event.to_wire())
 
     def schedule(self, segment: Any) -> None:
         self.scheduled.append(segment)
 
-    def cut(self) -> None:
+    def interrupt(self) -> None:
         self.cuts += 1
 
     @property
@@ -89,19 +91,36 @@ class Mic:
     time_ms = 0
 
 
-def make(preemptive: bool = True) -> tuple[Conversation, Host, CountingSTT, CountingReplier, Mic]:
+class FakeClock:
+    """The conversation's clock in tests: seconds that move only when a test says so."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def make(
+    preemptive: bool = True, *, now: Any = None, stt: Any = None, replier: Any = None
+) -> tuple[Conversation, Host, Any, Any, Mic]:
     settings = load_settings(env={}, overrides={"conversation.preemptive": preemptive})
-    host, stt, replier, mic = Host(), CountingSTT(), CountingReplier(), Mic()
+    host, mic = Host(), Mic()
+    stt = stt or CountingSTT()
+    replier = replier or CountingReplier()
     conv = Conversation(
         host,
         settings=settings,
-        tts=ToneTTS(),
-        lipsync=VisemeEngine(),
+        speaker=Speaker(ToneTTS(), VisemeEngine(), fps=settings.media.fps, owner=host.id,
+                        executor=None, **({"now": now} if now is not None else {})),
         replier=replier,
         stt=stt,
         listener=mic,
         resampler=None,
-        executor=None,
+        **({"now": now} if now is not None else {}),
     )
     return conv, host, stt, replier, mic
 
@@ -126,7 +145,8 @@ def sent(host: Host) -> list[str]:
 
 @pytest.mark.asyncio
 async def test_a_preemptive_answer_is_held_until_the_end_of_the_turn():
-    conv, host, stt, replier, mic = make()
+    clock = FakeClock()
+    conv, host, stt, replier, mic = make(now=clock)
     conv._on_vad_event(SpeechStart(0, 250))
     host.events.clear()
     mic.time_ms = 1250
@@ -150,8 +170,9 @@ async def test_a_preemptive_answer_is_held_until_the_end_of_the_turn():
     metrics = host.events[-1]
     assert metrics["type"] == "metrics" and metrics["turn"] == 1
     assert metrics["preemptive"] == 1.0
-    # the speech ended 600 ms of mic time before the end was declared
-    assert 590 <= metrics["vad_end_ms"] <= 700
+    # the speech ended 600 ms of mic time before the end was declared (the injected clock
+    # does not move, so the measure is exact)
+    assert metrics["vad_end_ms"] == 600.0
     await conv.aclose()
 
 
@@ -257,7 +278,7 @@ async def test_the_microphone_receiver_hands_frames_on_after_one_more_not_four()
     from aiortc import RTCPeerConnection
     from aiortc.rtp import RtpPacket
 
-    from rtc_server.session import set_audio_prefetch
+    from rtc_server.mic import set_audio_prefetch
 
     pc = RTCPeerConnection()
     try:
@@ -291,3 +312,54 @@ async def test_closing_the_conversation_releases_its_replier():
     assert not replier.released
     await conv.aclose()
     assert replier.released
+
+
+class SlowSTT(CountingSTT):
+    """Transcribes in 420 ms of the test's clock."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    async def transcribe(self, audio16k: np.ndarray) -> Transcript:
+        self.clock.advance(0.42)
+        return await super().transcribe(audio16k)
+
+
+class SlowReplier(CountingReplier):
+    """Its first token comes 250 ms of the test's clock after the request."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    async def reply(
+        self, history: Sequence[Any], text: str, *, language: str = "en"
+    ) -> AsyncIterator[str]:
+        self.clock.advance(0.25)
+        async for delta in super().reply(history, text, language=language):
+            yield delta
+
+
+@pytest.mark.asyncio
+async def test_a_turn_is_timed_by_the_injected_clock_without_sleeping():
+    clock = FakeClock()
+    conv, host, stt, replier, mic = make(
+        preemptive=False, now=clock, stt=SlowSTT(clock), replier=SlowReplier(clock)
+    )
+    conv._on_vad_event(SpeechStart(0, 250))
+    mic.time_ms = 1600
+    conv._on_vad_event(SpeechEnd(AUDIO, 0, 1000, 1600))
+    await settle(conv)
+    assert [s.text for s in host.scheduled] == ["Hello, my friend.", "Nice to meet you today."]
+    clock.advance(0.1)  # the first segment starts playing 100 ms after it was scheduled
+    conv.on_playout(host.scheduled[0].tag)
+    metrics = host.events[-1]
+    assert metrics["type"] == "metrics" and metrics["source"] == "voice"
+    assert metrics["vad_end_ms"] == 600.0
+    assert metrics["stt_ms"] == 420.0
+    assert metrics["llm_first_token_ms"] == 250.0
+    assert metrics["tts_first_audio_ms"] == 0.0 and metrics["lipsync_first_frame_ms"] == 0.0
+    # from the end of the voice: 600 ms of end silence + 420 + 250 + 100
+    assert metrics["voice_to_voice_ms"] == 1370.0
+    await conv.aclose()

@@ -28,6 +28,7 @@ from pipeline.lipsync.viseme_engine import VisemeEngine
 from pipeline.lipsync.visemes import VisemeTrack
 from pipeline.lipsync.wav2lip_io import MelTrack, mel_track
 from pipeline.replier import OpenAIReplier, ReplyError
+from pipeline.speaking import Speaker
 from pipeline.stt import Transcript
 from pipeline.tts import SpeechAudio
 from pipeline.vad import SpeechEnd, SpeechStart
@@ -35,6 +36,7 @@ from rtc_server.app import create_app
 from rtc_server.bot import Bot
 from rtc_server.conversation import Conversation
 from rtc_server.ice import use_host_candidates
+from rtc_server.protocol import Event
 from rtc_server.services import SERVICES
 from rtc_server.session import Session
 from tests.fakes.openai_server import start_fake_openai
@@ -231,13 +233,13 @@ class Host:
         self.events: list[dict[str, Any]] = []
         self.scheduled: list[Any] = []
 
-    def send_event(self, event: dict[str, object]) -> None:
-        self.events.append(dict(event))
+    def send_event(self, event: Event) -> None:
+        self.events.append(event.to_wire())
 
     def schedule(self, segment: Any) -> None:
         self.scheduled.append(segment)
 
-    def cut(self) -> None:
+    def interrupt(self) -> None:
         pass
 
     @property
@@ -306,9 +308,10 @@ def conversation(replier: Any, *, tts: Any = None, stt: Any = None,
     settings = load_settings(env={}, overrides={"conversation.apology": apology,
                                                 "conversation.preemptive": False})
     host = Host()
-    conv = Conversation(host, settings=settings, tts=tts or ToneTTS(),
-                        lipsync=lipsync or VisemeEngine(), replier=replier, stt=stt,
-                        listener=Mic() if stt else None, resampler=None, executor=None)
+    speaker = Speaker(tts or ToneTTS(), lipsync or VisemeEngine(), fps=settings.media.fps,
+                      owner=host.id, executor=None)
+    conv = Conversation(host, settings=settings, speaker=speaker, replier=replier, stt=stt,
+                        listener=Mic() if stt else None, resampler=None)
     return conv, host
 
 
@@ -456,7 +459,7 @@ async def test_json_nested_too_deep_on_the_control_channel_is_an_error_event(ava
         on_closed=lambda s: None,
     )
     events: list[dict[str, object]] = []
-    session.send_event = events.append  # type: ignore[method-assign]
+    session.send_event = lambda e: events.append(e.to_wire())  # type: ignore[method-assign]
     session._on_message("[" * 100_000 + "]" * 100_000)
     assert [e["type"] for e in events] == ["error"]
     await session.aclose("test over")

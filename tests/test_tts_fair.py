@@ -474,7 +474,7 @@ async def test_a_conversation_reply_is_live_synthesis_of_its_session():
     conv.chat("What is your name?")
     await settle(conv)
     await conv.aclose()
-    tone = conv._tts
+    tone = conv.speaker.tts
     assert tone.requests  # type: ignore[attr-defined]
     assert set(tone.owners) == {(host.id, True)}  # type: ignore[attr-defined]
 
