@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import os
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -44,6 +46,7 @@ from pipeline.tts import PiperTTS, TextToSpeech
 from pipeline.vad import SileroVad
 from rtc_server.access import install_access
 from rtc_server.avatars_api import AvatarApi, add_avatar_routes
+from rtc_server.bodies import offer_body
 from rtc_server.ice import browser_ice_servers, resolve_ice_servers
 from rtc_server.logs import bind_session
 from rtc_server.metrics import Observability
@@ -142,12 +145,13 @@ async def handle_offer(request: web.Request) -> web.Response:
     services = services_of(request)
     settings = services.settings
     data = await read_json_object(request, settings.server.max_json_depth)
+    body = offer_body(settings)  # the declarations the OpenAPI document publishes too
     sdp, kind = data.get("sdp"), data.get("type")
     if not isinstance(sdp, str) or not sdp.strip():
         raise BadRequest("field 'sdp' (string) is required")
-    if kind != "offer":
-        raise BadRequest("field 'type' must be \"offer\"")
-    if not sdp.lstrip().startswith("v=0"):
+    if kind != body["type"]["const"]:
+        raise BadRequest(f"field 'type' must be {json.dumps(body['type']['const'])}")
+    if not re.match(body["sdp"]["pattern"], sdp):
         raise BadRequest("field 'sdp' is not an SDP description (must start with v=0)")
     avatar_id = data.get("avatar_id", settings.avatars.default)
     if not isinstance(avatar_id, str):

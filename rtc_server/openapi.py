@@ -1,7 +1,9 @@
 """The OpenAPI 3.1 description of the HTTP API, served at ``GET /openapi.json``.
 
-Written by hand as plain data (no generator library) from what the handlers really accept and
-answer; bounds come from the server's settings (text length, frame rates, queue). The progress
+Plain data (no generator library). The request bodies the handlers validate (``POST /offer``,
+``POST /v1/render``) are published from the same declarations the handlers check against
+(``rtc_server/bodies.py``), with bounds from the server's settings; responses are described
+here. The progress
 WebSocket ``GET /ws/jobs/{job_id}`` is no HTTP operation: it is described under the top-level
 ``x-websocket`` key. ``tests/test_openapi.py`` checks that the operations here are exactly the
 app's routes and fuzzes the live app against this document."""
@@ -13,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from config import Settings
+from rtc_server.bodies import offer_body, render_body
 
 __all__ = ["OPENAPI_PATH", "add_openapi_route", "build_openapi", "websocket_paths"]
 
@@ -92,16 +95,7 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
              "detail": {"type": "string", "description": "What went wrong, in plain words."}},
             ["error", "detail"],
         ),
-        "Offer": _obj(
-            {
-                "sdp": {"type": "string", "minLength": 1, "pattern": r"^\s*v=0",
-                        "description": "A complete SDP offer (ICE gathering finished) with an "
-                        "audio and a video m-line; the client creates the 'control' data channel."},
-                "type": {"const": "offer"},
-                "avatar_id": {"type": "string", "description": "default: avatars.default"},
-            },
-            ["sdp", "type"],
-        ),
+        "Offer": offer_body(settings).json_schema(),
         "Answer": _obj(
             {"sdp": STR, "type": {"const": "answer"},
              "session_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"}},
@@ -208,32 +202,12 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
             ["file", "name"],
         ),
         "AvatarDeleted": _obj({"id": STR, "deleted": {"const": True}}, ["id", "deleted"]),
-        "RenderRequest": _obj(
-            {
-                "text": {"type": "string", "minLength": 1, "maxLength": r.max_text_chars,
-                         "pattern": r"\S", "description": "What the avatar says."},
-                "avatar_id": {"type": "string", "minLength": 1},
-                "voice": {"type": "string", "description": "A voice name; 'default'."},
-                "speed": {"type": "number", "minimum": 0.5, "maximum": 2.0},
-                "format": {"enum": ["mp4", "webm"]},
-                "fps": {"type": "integer", "minimum": r.min_fps, "maximum": r.max_fps,
-                        "description": "Must divide 90000."},
-                "async": {"type": "boolean"},
-                "priority": {"type": "integer", "minimum": -10, "maximum": 10},
-            },
-            ["text"],
-            additional=False,
-        ),
-        "RenderUpload": _obj(
-            {
-                "audio": {"type": "string", "contentMediaType": "application/octet-stream",
-                          "description": "Any audio FFmpeg decodes, at most "
-                          f"{r.max_audio_bytes} bytes and {r.max_audio_s:g} s"},
-                **{name: STR for name in ("text", "avatar_id", "voice", "speed", "format",
-                                          "fps", "async", "priority")},
-            },
-            additional=False,
-        ),
+        "RenderRequest": render_body(settings).json_schema(),
+        "RenderUpload": render_body(settings).form_schema({
+            "audio": {"type": "string", "contentMediaType": "application/octet-stream",
+                      "description": "Any audio FFmpeg decodes, at most "
+                      f"{r.max_audio_bytes} bytes and {r.max_audio_s:g} s"},
+        }),
         "Job": _obj(
             {
                 "id": STR,

@@ -38,13 +38,11 @@ from pipeline.render.service import RenderRequest, RenderService
 from pipeline.render.spec import (
     AUDIO_OGG_FILE,
     AUDIO_WAV_FILE,
-    FORMATS,
-    MAX_SPEED,
-    MIN_SPEED,
     TIMELINE_FILE,
     VIDEO_FILES,
 )
 from rtc_server.avatars_api import Forbidden
+from rtc_server.bodies import render_body
 from rtc_server.multipart import MALFORMED_MULTIPART, read_part
 from rtc_server.services import SERVICES, services_of
 from rtc_server.wire import read_json_object
@@ -56,7 +54,6 @@ RESULT_FILES = {
     AUDIO_WAV_FILE: "audio/wav",
     TIMELINE_FILE: "application/json",
 }
-FIELDS = ("avatar_id", "text", "voice", "speed", "format", "fps", "async", "priority")
 MAX_FIELD_BYTES = 64 * 1024
 KEY_LEN = 64
 
@@ -96,11 +93,12 @@ def _as_number(name: str, value: object, kind: type) -> float:
 def validate(
     fields: Mapping[str, object], audio: bytes | None, settings: Settings, voices: list[str]
 ) -> RenderRequest:
-    """The request's fields checked one by one; the first problem is a BadRequest naming it."""
-    unknown = sorted(set(fields) - set(FIELDS))
+    """The request's fields checked one by one against their declarations (``render_body``,
+    also the OpenAPI schema); the first problem is a BadRequest naming it."""
+    body = render_body(settings)
+    unknown = sorted(set(fields) - set(body.names))
     if unknown:
-        raise BadRequest(f"unknown field(s) {unknown}; accepted: {list(FIELDS)}")
-    r = settings.render
+        raise BadRequest(f"unknown field(s) {unknown}; accepted: {list(body.names)}")
     avatar_id = fields.get("avatar_id", settings.avatars.default)
     if not isinstance(avatar_id, str) or not avatar_id:
         raise BadRequest("field 'avatar_id' must be a non-empty string")
@@ -109,9 +107,10 @@ def validate(
         if not isinstance(text, str):
             raise BadRequest("field 'text' must be a string")
         text = clean_text(text)  # no control characters reach the voice or the cache key
-        if len(text) > r.max_text_chars:
+        max_chars = body["text"]["maxLength"]
+        if len(text) > max_chars:
             raise BadRequest(
-                f"field 'text' has {len(text)} characters; at most {r.max_text_chars} are accepted"
+                f"field 'text' has {len(text)} characters; at most {max_chars} are accepted"
             )
         if not text:
             raise BadRequest("field 'text' is empty")
@@ -125,23 +124,24 @@ def validate(
     if not isinstance(voice, str) or voice not in voices:
         raise BadRequest(f"unknown voice {str(voice)[:40]!r}; available: {voices}")
     speed = _as_number("speed", fields.get("speed", 1.0), float)
-    if not MIN_SPEED <= speed <= MAX_SPEED:
-        raise BadRequest(
-            f"field 'speed' must be within {MIN_SPEED:g}..{MAX_SPEED:g}, got {speed:g}"
-        )
+    lo, hi = body.bounds("speed")
+    if not lo <= speed <= hi:
+        raise BadRequest(f"field 'speed' must be within {lo:g}..{hi:g}, got {speed:g}")
     fmt = fields.get("format", "mp4")
-    if fmt not in FORMATS:
-        raise BadRequest(f"field 'format' must be one of {list(FORMATS)}, got {str(fmt)[:20]!r}")
+    formats = body["format"]["enum"]
+    if fmt not in formats:
+        raise BadRequest(f"field 'format' must be one of {formats}, got {str(fmt)[:20]!r}")
     fps_value = _as_number("fps", fields.get("fps", settings.media.fps), int)
     fps = int(fps_value)
-    if not r.min_fps <= fps <= r.max_fps or VIDEO_CLOCK_RATE % fps:
+    lo, hi = body.bounds("fps")
+    if not lo <= fps <= hi or VIDEO_CLOCK_RATE % fps:
         raise BadRequest(
-            f"field 'fps' must be within {r.min_fps}..{r.max_fps} and divide "
-            f"{VIDEO_CLOCK_RATE}, got {fps}"
+            f"field 'fps' must be within {lo}..{hi} and divide {VIDEO_CLOCK_RATE}, got {fps}"
         )
     priority = int(_as_number("priority", fields.get("priority", 0), int))
-    if not -10 <= priority <= 10:
-        raise BadRequest(f"field 'priority' must be within -10..10, got {priority}")
+    lo, hi = body.bounds("priority")
+    if not lo <= priority <= hi:
+        raise BadRequest(f"field 'priority' must be within {lo}..{hi}, got {priority}")
     return RenderRequest(
         avatar_id=avatar_id,
         text=text if isinstance(text, str) else None,
@@ -188,8 +188,9 @@ async def read_request(
                     UploadTooLarge(f"the audio file is over the limit of {limit} bytes"),
                 )
                 continue
-            if name not in FIELDS:
-                raise BadRequest(f"unknown part {name[:40]!r}; accepted: audio, {list(FIELDS)}")
+            names = render_body(settings).names
+            if name not in names:
+                raise BadRequest(f"unknown part {name[:40]!r}; accepted: audio, {list(names)}")
             if name in fields:
                 raise BadRequest(f"more than one {name!r} part")
             raw = await read_part(

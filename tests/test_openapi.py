@@ -27,6 +27,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from common.errors import BadRequest
 from config import Settings, load_settings
 from rtc_server.app import create_app
 from rtc_server.openapi import OPENAPI_PATH, build_openapi
@@ -266,3 +267,24 @@ def test_fuzz_offer(case: Any, fuzz_server: ThreadedServer) -> None:
     assert response.status_code != 200 or case.body.get("type") == "offer"
     sessions = requests.get(fuzz_server.url + "/sessions", timeout=30).json()["sessions"]
     assert sessions == [] or response.status_code == 200
+
+
+def test_request_schemas_are_the_declarations_the_handlers_check() -> None:
+    from rtc_server.bodies import offer_body, render_body
+    from rtc_server.render_api import validate
+
+    s = load_settings(env={}, overrides={"render.max_text_chars": 123, "render.max_fps": 50})
+    schemas = build_openapi(s)["components"]["schemas"]
+    assert schemas["Offer"] == offer_body(s).json_schema()
+    assert schemas["RenderRequest"] == render_body(s).json_schema()
+    assert set(schemas["RenderUpload"]["properties"]) == {"audio", *render_body(s).names}
+    # a bound from the settings reaches the document and the check alike
+    assert schemas["RenderRequest"]["properties"]["text"]["maxLength"] == 123
+    assert schemas["RenderRequest"]["properties"]["fps"]["maximum"] == 50
+    with pytest.raises(BadRequest, match="at most 123 are accepted"):
+        validate({"text": "a" * 124}, None, s, ["default"])
+    with pytest.raises(BadRequest, match=r"within 10\.\.50"):
+        validate({"text": "hi", "fps": 60}, None, s, ["default"])
+    # every field the document allows is one the handler accepts, and no other
+    with pytest.raises(BadRequest, match="unknown field"):
+        validate({"text": "hi", "colour": "red"}, None, s, ["default"])
