@@ -322,3 +322,22 @@ def test_misconfigured_wav2lip_is_a_clear_error(wav2lip_onnx, tmp_path):
         create_lipsync_engine(
             settings(engine="wav2lip", wav2lip_model=str(tmp_path / "missing.onnx"))
         )
+
+
+def test_the_lipsync_section_builds_the_engine_it_describes(wav2lip_onnx, tmp_path):
+    from config import load_settings
+    from pipeline.lipsync.wav2lip import wav2lip_engine_from_settings
+
+    cfg = load_settings(env={}, overrides={
+        "lipsync.wav2lip_model": str(wav2lip_onnx), "lipsync.device": "cpu",
+        "lipsync.max_batch": 4, "lipsync.frame_group": 2, "lipsync.lower_face_only": False,
+    }).lipsync
+    eng = wav2lip_engine_from_settings(cfg, cache_dir=tmp_path)
+    try:
+        info = eng.info()
+        assert (info["max_batch"], info["frame_group"]) == (4, 2)
+        assert eng.model.rows.first == 0  # the whole crop, as lower_face_only false asks
+    finally:
+        eng.worker.close()
+    with pytest.raises(ValueError, match="wav2lip_model"):
+        wav2lip_engine_from_settings(load_settings(env={}).lipsync, cache_dir=tmp_path)

@@ -70,27 +70,15 @@ def create_lipsync_engine(settings: Settings) -> LipSyncEngine:
             )
         logger.info("lip-sync: viseme engine (no Wav2Lip weights configured)")
         return VisemeEngine()
-    from pipeline.lipsync.wav2lip import load_wav2lip_engine
+    from pipeline.lipsync.wav2lip import wav2lip_engine_from_settings
 
     calibration = None
     if cfg.precision == "int8":
         from pipeline.lipsync.quantize import default_calibration
 
         calibration = default_calibration(settings)
-    engine = load_wav2lip_engine(
-        path,
-        cache_dir=model_cache_dir(settings),
-        device=cfg.device,
-        precision=cfg.precision,
-        fp16=cfg.fp16,
-        intra_op_threads=cfg.intra_op_threads,
-        max_batch=cfg.max_batch,
-        max_wait_ms=cfg.max_wait_ms,
-        calibration=calibration,
-        streams=cfg.streams,
-        frame_group=cfg.frame_group,
-        render_lead_ms=cfg.render_lead_ms,
-        lower_face_only=cfg.lower_face_only,
+    engine = wav2lip_engine_from_settings(
+        cfg, cache_dir=model_cache_dir(settings), calibration=calibration
     )
     model = engine.model
     fast_cpu = model.backend == "openvino" and model.precision in ("bf16", "int8")

@@ -52,6 +52,7 @@ from pipeline.lipsync.wav2lip_io import (
 )
 
 if TYPE_CHECKING:
+    from config.sections import LipsyncSettings
     from face import FaceRenderer, IdleTimeline
     from face.library import LoadedAvatar
     from media_tracks.compositor import FramePlan
@@ -285,6 +286,22 @@ class Wav2LipRenderer:
         return await loop.run_in_executor(
             self._executor, self._finish, rgb, pred, geo, float(plan.blend)
         )
+
+
+def wav2lip_engine_from_settings(
+    lipsync: LipsyncSettings, *, cache_dir: Path, calibration: Calibration | None = None
+) -> Wav2LipEngine:
+    """The engine the ``lipsync`` section describes (``wav2lip_model`` must be set)."""
+    if lipsync.wav2lip_path is None:
+        raise ValueError("lipsync.wav2lip_model is not set")
+    return load_wav2lip_engine(
+        lipsync.wav2lip_path, cache_dir=cache_dir, device=lipsync.device,
+        precision=lipsync.precision, fp16=lipsync.fp16,
+        intra_op_threads=lipsync.intra_op_threads, max_batch=lipsync.max_batch,
+        max_wait_ms=lipsync.max_wait_ms, calibration=calibration, streams=lipsync.streams,
+        frame_group=lipsync.frame_group, render_lead_ms=lipsync.render_lead_ms,
+        lower_face_only=lipsync.lower_face_only,
+    )
 
 
 def load_wav2lip_engine(
