@@ -61,6 +61,7 @@ from avatars.analysis.base import (
     FaceAnalyzer,
     LandmarkTracker,
 )
+from avatars.media_output import make_thumbnail
 from avatars.quality import (
     RegistrationRefused,
     assess_quality,
@@ -80,9 +81,7 @@ F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
 Progress = Callable[[float], None]
 
-THUMBNAIL_PX = 256
 _DEFAULT_FPS = 25.0  # for a video whose frame rate is unknown
-_THUMBNAIL_QUALITY = 85
 # Share of the progress bar taken by the analysis (the rest: crops, masks, thumbnail).
 _ANALYSIS_SHARE = 0.85
 # A detection must overlap the tracked face this much (IoU) to continue the track.
@@ -428,21 +427,6 @@ def _masks(crop_pts: F64, size: int) -> tuple[npt.NDArray[np.uint8], npt.NDArray
     return mouth, face
 
 
-def _thumbnail(frame: Rgb) -> bytes:
-    h, w = frame.shape[:2]
-    scale = min(1.0, THUMBNAIL_PX / max(h, w))  # long side 256 px (smaller images as they are)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    small = frame if scale == 1.0 else cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
-    ok, data = cv2.imencode(
-        ".jpg",
-        cv2.cvtColor(small, cv2.COLOR_RGB2BGR),
-        [cv2.IMWRITE_JPEG_QUALITY, _THUMBNAIL_QUALITY],
-    )
-    if not ok:
-        raise RuntimeError("JPEG encoding of the thumbnail failed")
-    return bytes(data.tobytes())
-
-
 # --------------------------------------------------------------------------- entry point
 
 
@@ -518,7 +502,7 @@ def prepare_avatar(
         mouth[i], face[i] = _masks(_to_crop(lm, square, crop_size), crop_size)
         if progress is not None:
             progress(_ANALYSIS_SHARE + (0.99 - _ANALYSIS_SHARE) * (i + 1) / n)
-    thumbnail = _thumbnail(loop_frames[0])
+    thumbnail = make_thumbnail(loop_frames[0])
     quality["crop_size"] = crop_size
     if progress is not None:
         progress(1.0)

@@ -28,13 +28,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Protocol
 
 import cv2
 import numpy as np
 import numpy.typing as npt
+
+from avatars.media_output import encode_loop, make_thumbnail
 
 __all__ = [
     "AVATAR_ID_RE",
@@ -51,8 +52,6 @@ AVATAR_ID_RE = re.compile(r"^av_[0-9a-f]{12}$")
 REGISTRY_FILE = "registry.sqlite3"
 AVATARS_DIR = "avatars"
 MAX_NAME_CHARS = 100
-THUMBNAIL_SIDE = 256
-LOOP_CRF = 18
 _STALE_TMP_S = 3600.0
 
 _SCHEMA = """
@@ -248,56 +247,6 @@ def _check(prepared: PreparedLike) -> _Checked:
         thumbnail=thumbnail,
         quality=_plain_json(prepared.quality or {}),
     )
-
-
-def make_thumbnail(rgb: Rgb, side: int = THUMBNAIL_SIDE) -> bytes:
-    """A JPEG whose long side is at most ``side`` pixels."""
-    h, w = rgb.shape[:2]
-    scale = min(1.0, side / max(h, w))
-    if scale < 1.0:
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        rgb = np.asarray(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), dtype=np.uint8)
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
-                           [cv2.IMWRITE_JPEG_QUALITY, 90])
-    if not ok:
-        raise ValueError("cannot encode the thumbnail")
-    return bytes(buf.tobytes())
-
-
-def encode_loop(
-    path: Path,
-    frames: Sequence[Rgb],
-    fps: float,
-    progress: Callable[[float], None] | None = None,
-) -> None:
-    """Write ``frames`` as an H.264 MP4 (crf 18; yuv420p, or yuv444p for odd sizes so every
-    pixel keeps its place). Falls back to high-quality MPEG-4 Part 2 without libx264."""
-    import av  # lazily: only loop videos need it
-
-    h, w = frames[0].shape[:2]
-    rate = Fraction(fps).limit_denominator(1001)
-    with av.open(str(path), mode="w", format="mp4") as container:
-        if "libx264" in av.codecs_available:
-            stream = container.add_stream("libx264", rate=rate)
-            stream.pix_fmt = "yuv420p" if w % 2 == 0 and h % 2 == 0 else "yuv444p"
-            stream.options = {"crf": str(LOOP_CRF), "preset": "fast"}
-        else:
-            if w % 2 or h % 2:
-                raise ValueError(f"odd frame size {w}x{h} needs libx264")
-            stream = container.add_stream("mpeg4", rate=rate)
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"qscale": "2"}
-        stream.width, stream.height = w, h
-        stream.time_base = Fraction(1, 1) / rate
-        for i, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-            if progress is not None:
-                progress((i + 1) / len(frames))
-        for packet in stream.encode(None):
-            container.mux(packet)
 
 
 def _utc_now() -> str:

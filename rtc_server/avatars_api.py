@@ -35,9 +35,10 @@ import cv2
 import numpy as np
 from aiohttp import BodyPartReader, web
 
+from avatars.media_output import make_thumbnail
 from avatars.model import BUILTIN_ID, DEFAULT_AVATAR_DIR, AvatarError
 from avatars.registration import RegistrationService, UploadTooLarge
-from avatars.store import AvatarRecord, AvatarStore, make_thumbnail
+from avatars.store import AvatarRecord, AvatarStore
 from common.errors import AvatarServerError, BadRequest, NotFound
 from config.settings import AvatarSettings
 from face.library import AVATAR_ID_RE, AvatarLibrary
