@@ -46,13 +46,13 @@ from aiortc.jitterbuffer import JitterFrame
 from avatars import DEFAULT_AVATAR_DIR, load_avatar_dir
 from bench.common import print_table, write_result
 from face import FaceRenderer, IdleTimeline
+from face.yuv import rgb_to_i420
 from media_tracks.encoders import (
     RealtimeH264Encoder,
     RealtimeVp8Encoder,
     VideoEncoding,
     x264_options,
 )
-from media_tracks.frames import rgb_to_i420
 
 FPS = 25
 FRAME_NS = 1_000_000_000 // FPS

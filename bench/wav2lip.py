@@ -127,7 +127,7 @@ async def first_frame_latency(engine: Any, avatar: Any, runs: int) -> list[float
 
 def stage_costs(engine: Wav2LipEngine, avatar: Any, n: int) -> dict[str, float]:
     """ms per frame of each stage of one speaking frame, single-threaded stages."""
-    from media_tracks.frames import rgb_to_i420
+    from face.yuv import rgb_to_i420
 
     r = engine.renderer(avatar, avatar.new_timeline(), width=512, height=512, executor=None)
     track = engine.analyse(speech(4.0), fps=FPS)

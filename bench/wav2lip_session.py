@@ -43,9 +43,9 @@ from av import VideoFrame
 from bench.common import print_table, write_result
 from bench.wav2lip import cpu_s, random_model
 from face.library import AvatarLibrary
+from face.yuv import rgb_to_i420
 from media_tracks.compositor import FramePlan
 from media_tracks.encoders import VideoEncoding, make_video_encoder
-from media_tracks.frames import rgb_to_i420
 from pipeline.lipsync.wav2lip import Wav2LipEngine, load_wav2lip_engine
 from pipeline.lipsync.wav2lip_io import crop_face, model_input, paste
 from pipeline.tts import PiperTTS, SpeechAudio

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -22,7 +23,8 @@ from avatars.model import Avatar
 from face.eyes import EyeRig
 from face.geometry import NS_PER_S, PATCH_INSET, U8, Box, frozen, overlaps
 from face.mouth import MouthRig
-from face.timeline import FacePose
+from face.timeline import FacePose, IdleTimeline, MouthShape
+from face.yuv import Yuv, rgb_to_i420
 
 LOOP_RIGS = 128  # loop-video avatars: mouth rigs kept (about 0.3 MB each at 512x512)
 
@@ -108,6 +110,17 @@ class FaceRenderer:
         if p is not None:
             out.append((self._mouth.box, p))
         return out
+
+    def frame_i420(
+        self, timeline: IdleTimeline, t_ns: int, mouth: MouthShape | None = None
+    ) -> Yuv:
+        """The I420 frame at media time ``t_ns``: the timeline's pose, with ``mouth`` (a
+        speaking mouth) in place of the idle one when given. One call for a frame, so a
+        lip-sync engine hands the whole drawing to this room."""
+        pose = timeline.pose_at(t_ns)
+        if mouth is not None:
+            pose = replace(pose, mouth=mouth)
+        return rgb_to_i420(self.render(pose))
 
     def render(self, pose: FacePose) -> U8:
         """HxWx3 uint8 RGB frame for ``pose`` (a new array every call)."""

@@ -4,7 +4,7 @@ into aiortc's private parts (``aiortc_compat``)."""
 
 from media_tracks.clock import VIDEO_CLOCK_RATE, VIDEO_TIME_BASE, ManualClock, MediaClock
 from media_tracks.compositor import Compositor, FramePlan, Scheduled, Segment
-from media_tracks.frames import FrameProducer, SyncRenderer, rgb_to_i420
+from media_tracks.frames import FrameProducer, SyncRenderer
 from media_tracks.tracks import AvatarAudioTrack, AvatarVideoTrack, TrackStats
 
 __all__ = [
@@ -21,5 +21,4 @@ __all__ = [
     "Segment",
     "SyncRenderer",
     "TrackStats",
-    "rgb_to_i420",
 ]

@@ -11,7 +11,6 @@ import numpy as np
 
 BEEP_HZ = 1000.0
 BEEP_AMPLITUDE = 0.6  # of full scale
-FLASH_LUMA = 235  # the flash frame is uniformly this bright (Y, 0..255)
 FIRST_FLASH_FRAME = 10
 
 

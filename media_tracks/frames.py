@@ -10,29 +10,11 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Protocol
 
-import cv2
-import numpy as np
-
-from media_tracks.clapper import FLASH_LUMA
+from face.yuv import Yuv
 from media_tracks.clock import MediaClock
 from media_tracks.compositor import Compositor, FramePlan
 
 logger = logging.getLogger(__name__)
-
-Yuv = np.ndarray  # (h * 3 // 2, w) uint8, planar I420, limited range
-
-
-def rgb_to_i420(rgb: np.ndarray) -> Yuv:
-    """RGB (h, w, 3) uint8 -> I420 planes stacked as (h*3//2, w), BT.601 limited range
-    (what WebRTC decoders assume; OpenCV's conversion is already limited range)."""
-    return cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)
-
-
-def flash_i420(width: int, height: int) -> Yuv:
-    yuv = np.full((height * 3 // 2, width), 128, dtype=np.uint8)
-    yuv[:height] = FLASH_LUMA
-    return yuv
-
 
 class SyncRenderer:
     """Adapts a blocking ``plan -> Yuv`` function to the async ``FrameRenderer`` seam by

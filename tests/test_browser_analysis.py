@@ -10,7 +10,8 @@ import av
 import numpy as np
 import pytest
 
-from media_tracks.clapper import FLASH_LUMA, clapper_pcm, flash_frames
+from face.yuv import FLASH_LUMA
+from media_tracks.clapper import clapper_pcm, flash_frames
 from tests.browser import analyze_clapper_recording
 
 FPS = 25

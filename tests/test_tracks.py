@@ -6,9 +6,10 @@ from fractions import Fraction
 
 import numpy as np
 
+from face.yuv import flash_i420, rgb_to_i420
 from media_tracks.clock import VIDEO_TIME_BASE, ManualClock
 from media_tracks.compositor import Compositor, FramePlan, Segment
-from media_tracks.frames import FrameProducer, SyncRenderer, flash_i420, rgb_to_i420
+from media_tracks.frames import FrameProducer, SyncRenderer
 from media_tracks.tracks import AvatarAudioTrack, AvatarVideoTrack
 
 SR, FPS, W, H = 48000, 25, 64, 48

@@ -15,8 +15,8 @@ import pytest
 from avatars import DEFAULT_AVATAR_DIR, Avatar, load_avatar_dir
 from face import FacePose, FaceRenderer, IdleTimeline, MouthShape
 from face.library import LoadedAvatar
+from face.yuv import flash_i420, rgb_to_i420
 from media_tracks.compositor import FramePlan
-from media_tracks.frames import flash_i420, rgb_to_i420
 from pipeline.lipsync.base import VISEMES, LipSyncEngine
 from pipeline.lipsync.viseme_engine import VisemeEngine, VisemeRenderer
 from pipeline.lipsync.visemes import VISEME_SHAPES, frame_rms, shape_for
@@ -303,3 +303,17 @@ def test_a_closed_mouth_portrait_gets_painted_teeth(loaded: LoadedAvatar, avatar
 
     assert teeth_px("REST") <= 5
     assert teeth_px("EE") >= 35 and teeth_px("TH") >= 30 and teeth_px("FF") >= 8
+
+
+def test_a_frame_is_drawn_by_the_face_room_in_one_call():
+    from dataclasses import replace
+
+    face = FaceRenderer(load_avatar_dir(DEFAULT_AVATAR_DIR, width=256, height=256))
+    timeline = IdleTimeline(seed=7)
+    mouth = MouthShape(open=0.6)
+    t = 1_234_000_000
+    expected = rgb_to_i420(face.render(replace(timeline.pose_at(t), mouth=mouth)))
+    np.testing.assert_array_equal(face.frame_i420(timeline, t, mouth), expected)
+    idle = rgb_to_i420(face.render(timeline.pose_at(t)))
+    np.testing.assert_array_equal(face.frame_i420(timeline, t), idle)
+    assert not np.array_equal(expected, idle)  # the mouth really is drawn

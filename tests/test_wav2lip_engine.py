@@ -12,9 +12,9 @@ import pytest
 from common.errors import PipelineError
 from config import load_settings
 from face.library import AvatarLibrary
+from face.yuv import rgb_to_i420
 from media_tracks.clock import ManualClock
 from media_tracks.compositor import Compositor, FramePlan, Segment
-from media_tracks.frames import rgb_to_i420
 from pipeline.lipsync import create_lipsync_engine
 from pipeline.lipsync.backends import choose_providers
 from pipeline.lipsync.mel import mel_windows, to_wav2lip_audio, wav2lip_mel

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from face.yuv import Yuv
+
 if TYPE_CHECKING:
     from concurrent.futures import Executor
 
@@ -26,7 +28,6 @@ if TYPE_CHECKING:
     from media_tracks.compositor import FramePlan
     from pipeline.tts import SpeechAudio
 
-Yuv = npt.NDArray[np.uint8]  # (h * 3 // 2, w) planar I420, limited range
 
 # The mouth shapes both engines talk about (render timelines use the same names).
 VISEMES: tuple[str, ...] = ("REST", "AA", "EE", "OH", "OO", "FF", "TH")

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import Executor
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from media_tracks.frames import flash_i420, rgb_to_i420
+from face.yuv import flash_i420
 from pipeline.lipsync.base import VISEMES, Yuv
 from pipeline.lipsync.visemes import VisemeTrack, shape_for, track_for
 
@@ -57,15 +56,15 @@ class VisemeRenderer:
         """The I420 frame for ``plan`` (blocking: run it in an executor)."""
         if plan.flash:
             return self._flash
-        pose = self._timeline.pose_at(plan.t_ns)
+        mouth = None
         if plan.lips is not None and plan.blend > 0:
             lips = np.asarray(plan.lips, dtype=np.float32)
             if lips.size != len(VISEMES):
                 # another engine's feature (speech analysed before a session fell back to
                 # this engine): open the jaw by the segment's voice level
                 lips = open_jaw(plan.mouth / plan.blend)
-            pose = replace(pose, mouth=shape_for(lips, blend=plan.blend))
-        return rgb_to_i420(self._face.render(pose))
+            mouth = shape_for(lips, blend=plan.blend)
+        return self._face.frame_i420(self._timeline, plan.t_ns, mouth)
 
     async def render(self, plan: FramePlan) -> Yuv:
         loop = asyncio.get_running_loop()

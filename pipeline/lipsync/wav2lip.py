@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from common.errors import PipelineError
-from media_tracks.frames import flash_i420, rgb_to_i420
+from face.yuv import flash_i420, rgb_to_i420
 from pipeline.lipsync.backends import Runner, load_runner
 from pipeline.lipsync.base import Yuv
 from pipeline.lipsync.batching import BatchWorker

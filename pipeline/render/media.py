@@ -16,9 +16,9 @@ import numpy as np
 import numpy.typing as npt
 
 from common.errors import BadRequest, PipelineError
+from face.yuv import Yuv
 
 Pcm = npt.NDArray[np.int16]
-Yuv = npt.NDArray[np.uint8]  # (h * 3 // 2, w) planar I420
 
 _CHUNK = 4096  # samples per frame handed to filters and encoders
 _BT601 = 6  # AVCOL_SPC/PRI/TRC_SMPTE170M: what rgb_to_i420 produces
