@@ -19,6 +19,7 @@ from pipeline.stt import Transcript
 from pipeline.vad import SpeechEnd, SpeechPause, SpeechResume, SpeechStart
 from rtc_server.conversation import Conversation
 from rtc_server.protocol import Event
+from tests.fakes.clock import FakeClock
 from tests.fakes.tts import ToneTTS
 
 
@@ -91,17 +92,6 @@ class Mic:
     time_ms = 0
 
 
-class FakeClock:
-    """The conversation's clock in tests: seconds that move only when a test says so."""
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 def make(

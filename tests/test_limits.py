@@ -24,23 +24,13 @@ from rtc_server.bot import Bot
 from rtc_server.ice import use_host_candidates
 from rtc_server.services import SERVICES
 from rtc_server.session import Session
+from tests.fakes.clock import FakeClock
 from tests.fakes.peer import QUIET_CALL, StubChannel, wait_until
 from tests.fakes.tts import ToneTTS
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class FakeClock:
-    """A monotonic clock in seconds that only moves when told."""
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 class StubPeer:

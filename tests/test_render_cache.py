@@ -11,17 +11,7 @@ from typing import cast
 import pytest
 
 from pipeline.render.cache import ENTRY_FILE, MANIFEST_FILE, RenderCache
-
-
-class FakeClock:
-    def __init__(self, t: float = 1_000_000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, s: float) -> None:
-        self.t += s
+from tests.fakes.clock import FakeClock
 
 
 def key_of(name: str) -> str:

@@ -26,6 +26,7 @@ from pipeline.render.local_queue import LocalJobQueue
 from pipeline.render.queues import create_job_queue
 from pipeline.render.redis_queue import RedisJobQueue
 from pipeline.render.spec import RenderSpec
+from tests.fakes.clock import FakeClock
 from tests.fakes.redis_server import redis_server, redis_server_binary
 from tests.fakes.render import fake_run
 
@@ -59,12 +60,6 @@ def is_rendering(state: JobState) -> bool:
     return state.status == "running" and state.percent > 0
 
 
-class FakeClock:
-    def __init__(self, t: float = 1_000_000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @pytest.fixture
