@@ -12,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import os
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -28,7 +26,6 @@ from avatars.store import AvatarStore
 from common.errors import (
     AvatarServerError,
     AvatarUnavailable,
-    BadRequest,
     NotFound,
     PipelineError,
     ServerFull,
@@ -46,7 +43,7 @@ from pipeline.tts import PiperTTS, TextToSpeech
 from pipeline.vad import SileroVad
 from rtc_server.access import install_access
 from rtc_server.avatars_api import AvatarApi, add_avatar_routes
-from rtc_server.bodies import offer_body
+from rtc_server.bodies import offer_model, parse
 from rtc_server.ice import browser_ice_servers, resolve_ice_servers
 from rtc_server.logs import bind_session
 from rtc_server.metrics import Observability
@@ -145,17 +142,8 @@ async def handle_offer(request: web.Request) -> web.Response:
     services = services_of(request)
     settings = services.settings
     data = await read_json_object(request, settings.server.max_json_depth)
-    body = offer_body(settings)  # the declarations the OpenAPI document publishes too
-    sdp, kind = data.get("sdp"), data.get("type")
-    if not isinstance(sdp, str) or not sdp.strip():
-        raise BadRequest("field 'sdp' (string) is required")
-    if kind != body["type"]["const"]:
-        raise BadRequest(f"field 'type' must be {json.dumps(body['type']['const'])}")
-    if not re.match(body["sdp"]["pattern"], sdp):
-        raise BadRequest("field 'sdp' is not an SDP description (must start with v=0)")
-    avatar_id = data.get("avatar_id", settings.avatars.default)
-    if not isinstance(avatar_id, str):
-        raise BadRequest("field 'avatar_id' must be a string")
+    offer = parse(offer_model(settings), data)  # the model the OpenAPI document publishes
+    sdp, avatar_id = offer.sdp, offer.avatar_id
     if services.draining.is_set():
         raise ShuttingDown("the server is shutting down; try again shortly",
                            retry_after_s=RETRY_AFTER_S)

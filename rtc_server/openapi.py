@@ -1,12 +1,11 @@
 """The OpenAPI 3.1 description of the HTTP API, served at ``GET /openapi.json``.
 
-Plain data (no generator library). The request bodies the handlers validate (``POST /offer``,
-``POST /v1/render``) are published from the same declarations the handlers check against
-(``rtc_server/bodies.py``), with bounds from the server's settings; responses are described
-here. The progress
-WebSocket ``GET /ws/jobs/{job_id}`` is no HTTP operation: it is described under the top-level
-``x-websocket`` key. ``tests/test_openapi.py`` checks that the operations here are exactly the
-app's routes and fuzzes the live app against this document."""
+The request bodies the handlers validate (``POST /offer``, ``POST /v1/render``) are the
+``model_json_schema()`` of the pydantic models the handlers check against
+(``rtc_server/bodies.py``), with bounds from the server's settings; responses are plain data
+here. The progress WebSocket ``GET /ws/jobs/{job_id}`` is no HTTP operation: it is described
+under the top-level ``x-websocket`` key. ``tests/test_openapi.py`` checks that the operations
+here are exactly the app's routes and fuzzes the live app against this document."""
 
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from config import Settings
-from rtc_server.bodies import offer_body, render_body
+from rtc_server.bodies import form_schema, json_schema, offer_model, render_model
 
 __all__ = ["OPENAPI_PATH", "add_openapi_route", "build_openapi", "websocket_paths"]
 
@@ -95,7 +94,7 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
              "detail": {"type": "string", "description": "What went wrong, in plain words."}},
             ["error", "detail"],
         ),
-        "Offer": offer_body(settings).json_schema(),
+        "Offer": json_schema(offer_model(settings)),
         "Answer": _obj(
             {"sdp": STR, "type": {"const": "answer"},
              "session_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"}},
@@ -202,8 +201,8 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
             ["file", "name"],
         ),
         "AvatarDeleted": _obj({"id": STR, "deleted": {"const": True}}, ["id", "deleted"]),
-        "RenderRequest": render_body(settings).json_schema(),
-        "RenderUpload": render_body(settings).form_schema({
+        "RenderRequest": json_schema(render_model(settings)),
+        "RenderUpload": form_schema(render_model(settings), {
             "audio": {"type": "string", "contentMediaType": "application/octet-stream",
                       "description": "Any audio FFmpeg decodes, at most "
                       f"{r.max_audio_bytes} bytes and {r.max_audio_s:g} s"},

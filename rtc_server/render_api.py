@@ -29,9 +29,7 @@ from aiohttp import BodyPartReader, WSCloseCode, WSMsgType, web
 
 from avatars.registration import UploadTooLarge
 from common.errors import AvatarServerError, BadRequest, NotFound
-from common.inputs import as_finite, clean_text, has_speakable, short
 from config import Settings
-from media_tracks.clock import VIDEO_CLOCK_RATE
 from pipeline.render.cache import RenderCache
 from pipeline.render.jobs import JobState
 from pipeline.render.service import RenderRequest, RenderService
@@ -42,7 +40,7 @@ from pipeline.render.spec import (
     VIDEO_FILES,
 )
 from rtc_server.avatars_api import Forbidden
-from rtc_server.bodies import render_body
+from rtc_server.bodies import field_names, parse, render_model
 from rtc_server.multipart import MALFORMED_MULTIPART, read_part
 from rtc_server.services import SERVICES, services_of
 from rtc_server.wire import read_json_object
@@ -64,94 +62,22 @@ class RenderTimeout(AvatarServerError):
 
 
 # --- request parsing --------------------------------------------------------------------------
-def _as_bool(name: str, value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
-        return value.strip().lower() in ("true", "1", "yes")
-    raise BadRequest(f"field {name!r} must be true or false")
-
-
-def _as_number(name: str, value: object, kind: type) -> float:
-    if isinstance(value, bool):
-        raise BadRequest(f"field {name!r} must be a number")
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            value = float(text)
-        except ValueError:
-            raise BadRequest(f"field {name!r} must be a number, got {short(text)!r}") from None
-    try:
-        number = as_finite(name, value)  # 400 digits, NaN or inf: refused, never an overflow
-    except ValueError as exc:
-        raise BadRequest(str(exc)) from None
-    if kind is int and not number.is_integer():
-        raise BadRequest(f"field {name!r} must be a whole number")
-    return number
-
-
 def validate(
     fields: Mapping[str, object], audio: bytes | None, settings: Settings, voices: list[str]
 ) -> RenderRequest:
-    """The request's fields checked one by one against their declarations (``render_body``,
-    also the OpenAPI schema); the first problem is a BadRequest naming it."""
-    body = render_body(settings)
-    unknown = sorted(set(fields) - set(body.names))
-    if unknown:
-        raise BadRequest(f"unknown field(s) {unknown}; accepted: {list(body.names)}")
-    avatar_id = fields.get("avatar_id", settings.avatars.default)
-    if not isinstance(avatar_id, str) or not avatar_id:
-        raise BadRequest("field 'avatar_id' must be a non-empty string")
-    text = fields.get("text")
-    if text is not None:
-        if not isinstance(text, str):
-            raise BadRequest("field 'text' must be a string")
-        text = clean_text(text)  # no control characters reach the voice or the cache key
-        max_chars = body["text"]["maxLength"]
-        if len(text) > max_chars:
-            raise BadRequest(
-                f"field 'text' has {len(text)} characters; at most {max_chars} are accepted"
-            )
-        if not text:
-            raise BadRequest("field 'text' is empty")
-        if not has_speakable(text):
-            raise BadRequest("field 'text' has nothing to speak (no letter or digit)")
-    if (text is None) == (audio is None):
-        raise BadRequest("give exactly one of 'text' or an 'audio' file (multipart part 'audio')")
-    if audio is not None and not audio:
-        raise BadRequest("the 'audio' file is empty")
-    voice = fields.get("voice", "default")
-    if not isinstance(voice, str) or voice not in voices:
-        raise BadRequest(f"unknown voice {str(voice)[:40]!r}; available: {voices}")
-    speed = _as_number("speed", fields.get("speed", 1.0), float)
-    lo, hi = body.bounds("speed")
-    if not lo <= speed <= hi:
-        raise BadRequest(f"field 'speed' must be within {lo:g}..{hi:g}, got {speed:g}")
-    fmt = fields.get("format", "mp4")
-    formats = body["format"]["enum"]
-    if fmt not in formats:
-        raise BadRequest(f"field 'format' must be one of {formats}, got {str(fmt)[:20]!r}")
-    fps_value = _as_number("fps", fields.get("fps", settings.media.fps), int)
-    fps = int(fps_value)
-    lo, hi = body.bounds("fps")
-    if not lo <= fps <= hi or VIDEO_CLOCK_RATE % fps:
-        raise BadRequest(
-            f"field 'fps' must be within {lo}..{hi} and divide {VIDEO_CLOCK_RATE}, got {fps}"
-        )
-    priority = int(_as_number("priority", fields.get("priority", 0), int))
-    lo, hi = body.bounds("priority")
-    if not lo <= priority <= hi:
-        raise BadRequest(f"field 'priority' must be within {lo}..{hi}, got {priority}")
+    """The request's fields checked one by one against ``render_model`` (also the OpenAPI
+    schema); the first problem is a BadRequest naming it."""
+    body = parse(render_model(settings), fields, voices=voices, audio=audio)
     return RenderRequest(
-        avatar_id=avatar_id,
-        text=text if isinstance(text, str) else None,
+        avatar_id=body.avatar_id,
+        text=body.text,
         audio=audio,
-        voice=voice,
-        speed=speed,
-        format=str(fmt),
-        fps=fps,
-        run_async=_as_bool("async", fields.get("async", False)),
-        priority=priority,
+        voice=body.voice,
+        speed=body.speed,
+        format=str(body.format),
+        fps=body.fps,
+        run_async=body.run_async,
+        priority=body.priority,
     )
 
 
@@ -188,7 +114,7 @@ async def read_request(
                     UploadTooLarge(f"the audio file is over the limit of {limit} bytes"),
                 )
                 continue
-            names = render_body(settings).names
+            names = field_names(render_model(settings))
             if name not in names:
                 raise BadRequest(f"unknown part {name[:40]!r}; accepted: audio, {list(names)}")
             if name in fields:

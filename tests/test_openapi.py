@@ -270,14 +270,14 @@ def test_fuzz_offer(case: Any, fuzz_server: ThreadedServer) -> None:
 
 
 def test_request_schemas_are_the_declarations_the_handlers_check() -> None:
-    from rtc_server.bodies import offer_body, render_body
+    from rtc_server.bodies import field_names, offer_model, render_model
     from rtc_server.render_api import validate
 
     s = load_settings(env={}, overrides={"render.max_text_chars": 123, "render.max_fps": 50})
     schemas = build_openapi(s)["components"]["schemas"]
-    assert schemas["Offer"] == offer_body(s).json_schema()
-    assert schemas["RenderRequest"] == render_body(s).json_schema()
-    assert set(schemas["RenderUpload"]["properties"]) == {"audio", *render_body(s).names}
+    assert schemas["Offer"] == offer_model(s).model_json_schema()
+    assert schemas["RenderRequest"] == render_model(s).model_json_schema()
+    assert set(schemas["RenderUpload"]["properties"]) == {"audio", *field_names(render_model(s))}
     # a bound from the settings reaches the document and the check alike
     assert schemas["RenderRequest"]["properties"]["text"]["maxLength"] == 123
     assert schemas["RenderRequest"]["properties"]["fps"]["maximum"] == 50
