@@ -5,28 +5,32 @@
 validate with them (:func:`parse`, after ``wire.read_json_object`` has decoded the JSON) and
 ``openapi.py`` publishes their :func:`json_schema`: there is no second copy to drift.
 
-A field's check raises ``BadRequest`` with the text clients get (pydantic lets it through
-unchanged, and fields are checked in the order declared); any other refusal pydantic makes
-becomes a ``BadRequest`` naming the field.
+Each field has a check that says what is wrong in the words clients get: a ``BadRequest``
+(pydantic lets it through at once, so fields are checked in the order declared) or
+:func:`later` (reported only when no other field's check raised). Any other refusal pydantic
+makes becomes a ``BadRequest`` naming the field.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    SkipValidation,
     ValidationError,
     ValidationInfo,
     create_model,
     model_validator,
 )
 from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
 
 from common.errors import BadRequest
 from common.inputs import as_finite, clean_text, has_speakable, short
@@ -43,6 +47,7 @@ __all__ = [
     "field_names",
     "form_schema",
     "json_schema",
+    "later",
     "offer_model",
     "parse",
     "render_model",
@@ -56,6 +61,8 @@ MAX_PRIORITY = 10
 SCHEMA_REF = "#/components/schemas/{model}"
 FPS_TEXT = f"Must divide {VIDEO_CLOCK_RATE}."
 NoText = SkipJsonSchema[None]  # allowed (an audio part instead), but not in the schema
+SDP_START = r"^\s*v=0"
+LATER = "checked_later"
 Format = Literal[FORMATS]  # type: ignore[valid-type]  # "mp4", "webm": one list, in spec.py
 
 
@@ -64,8 +71,6 @@ class Body(BaseModel):
     the first problem in declaration order is the one reported); defaults are checked too."""
 
     model_config = ConfigDict(validate_default=True, regex_engine="python-re")
-    # (field, pydantic error type) -> the detail for a refusal pydantic itself makes
-    messages: ClassVar[dict[tuple[str, str], str]] = {}
 
     @model_validator(mode="before")
     @classmethod
@@ -90,6 +95,11 @@ def field_names(model: type[BaseModel]) -> tuple[str, ...]:
     return tuple(n for n, _ in _aliased(model))
 
 
+def later(detail: str) -> PydanticCustomError:
+    """A refusal reported after every other field's check (raise it from a check)."""
+    return PydanticCustomError(LATER, detail.replace("{", "(").replace("}", ")"))
+
+
 def parse(model: type[B], data: object, **context: object) -> B:
     """``data`` (decoded JSON, or multipart text parts) checked against ``model``; the first
     problem is a ``BadRequest`` naming the field."""
@@ -98,8 +108,8 @@ def parse(model: type[B], data: object, **context: object) -> B:
     except ValidationError as exc:
         first = exc.errors()[0]
         name = str(first["loc"][0]) if first["loc"] else "body"
-        detail = model.messages.get((name, first["type"]))
-        raise BadRequest(detail or f"field {name!r}: {first['msg'][:120]}") from None
+        detail = first["msg"] if first["type"] == LATER else f"field {name!r}: {first['msg']}"
+        raise BadRequest(detail[:200]) from None
 
 
 def json_schema(model: type[BaseModel]) -> Schema:
@@ -120,7 +130,15 @@ def form_schema(model: type[BaseModel], files: dict[str, Schema]) -> Schema:
 def _offer_sdp(value: object) -> object:
     if not isinstance(value, str) or not value.strip():
         raise BadRequest("field 'sdp' (string) is required")
-    return value  # the pattern is checked (and reported) after 'type'
+    if not re.match(SDP_START, value):  # reported after 'type'
+        raise later("field 'sdp' is not an SDP description (must start with v=0)")
+    return value
+
+
+def _offer_avatar_id(value: object) -> object:
+    if not isinstance(value, str):
+        raise later("field 'avatar_id' must be a string")
+    return value
 
 
 def _offer_type(value: object) -> object:
@@ -132,19 +150,14 @@ def _offer_type(value: object) -> object:
 class OfferBody(Body):
     """``POST /offer``; ``offer_model`` fills in the settings."""
 
-    model_config = ConfigDict(strict=True)
-    messages: ClassVar[dict[tuple[str, str], str]] = {
-        ("sdp", "string_pattern_mismatch"):
-            "field 'sdp' is not an SDP description (must start with v=0)",
-        ("avatar_id", "string_type"): "field 'avatar_id' must be a string",
-    }
-
-    sdp: Annotated[str, Field(
-        min_length=1, pattern=r"^\s*v=0",
+    # the checks are the whole validation of strings (SkipValidation): text is passed on as
+    # it came, lone surrogates included, for the SDP parser and the avatar lookup to refuse
+    sdp: Annotated[SkipValidation[Annotated[str, Field(
+        min_length=1, pattern=SDP_START,
         description="A complete SDP offer (ICE gathering finished) with an audio and a video "
-        "m-line; the client creates the 'control' data channel."), BeforeValidator(_offer_sdp)]
+        "m-line; the client creates the 'control' data channel.")]], BeforeValidator(_offer_sdp)]
     type: Annotated[Literal["offer"], BeforeValidator(_offer_type)]
-    avatar_id: str = "default"
+    avatar_id: Annotated[SkipValidation[str], BeforeValidator(_offer_avatar_id)] = "default"
 
 
 def offer_model(settings: Settings) -> type[OfferBody]:
@@ -155,8 +168,9 @@ def offer_model(settings: Settings) -> type[OfferBody]:
 def _offer_model(default_avatar: str) -> type[OfferBody]:
     return create_model(
         "Offer", __base__=OfferBody, __module__=__name__,
-        avatar_id=(str, Field(default_avatar,
-                              description=f"default: avatars.default ({default_avatar})")),
+        avatar_id=(Annotated[SkipValidation[str], BeforeValidator(_offer_avatar_id)],
+                   Field(default_avatar,
+                         description=f"default: avatars.default ({default_avatar})")),
     )
 
 
@@ -222,7 +236,12 @@ def _bool(value: object) -> bool:
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
         return value.strip().lower() in ("true", "1", "yes")
-    raise BadRequest("field 'async' must be true or false")
+    raise later("field 'async' must be true or false")  # checked last, as ever
+
+
+# an unknown id (lone surrogates too) is the avatar lookup's 404: the check is the validation
+AvatarId = Annotated[SkipValidation[Annotated[str, Field(min_length=1)]],
+                     BeforeValidator(_avatar_id)]
 
 
 class RenderBody(Body):
@@ -232,7 +251,7 @@ class RenderBody(Body):
 
     model_config = ConfigDict(extra="forbid")
 
-    avatar_id: Annotated[str, Field(min_length=1), BeforeValidator(_avatar_id)] = "default"
+    avatar_id: AvatarId = "default"
     text: str | NoText
     voice: Annotated[str, Field(description="A voice name; 'default'."),
                      BeforeValidator(_voice)] = "default"
@@ -298,8 +317,7 @@ def _render_model(max_chars: int, min_fps: int, max_fps: int, default_avatar: st
                          BeforeValidator(_fps_check(min_fps, max_fps))]
     return create_model(
         "RenderRequest", __base__=RenderBody, __module__=__name__,
-        avatar_id=(Annotated[str, Field(min_length=1), BeforeValidator(_avatar_id)],
-                   default_avatar),
+        avatar_id=(AvatarId, default_avatar),
         text=(text, ...),
         fps=(fps, default_fps),
     )
