@@ -2,10 +2,11 @@
 
 The request bodies the handlers validate (``POST /offer``, ``POST /v1/render``) are the
 ``model_json_schema()`` of the pydantic models the handlers check against
-(``rtc_server/bodies.py``), with bounds from the server's settings; responses are plain data
-here. The progress WebSocket ``GET /ws/jobs/{job_id}`` is no HTTP operation: it is described
-under the top-level ``x-websocket`` key. ``tests/test_openapi.py`` checks that the operations
-here are exactly the app's routes and fuzzes the live app against this document."""
+(``rtc_server/bodies.py``), with bounds from the server's settings; the error body is
+``wire.ErrorBody``'s; the other responses are plain data here. The progress WebSocket
+``GET /ws/jobs/{job_id}`` is no HTTP operation: it is described under the top-level
+``x-websocket`` key. ``tests/test_openapi.py`` checks that the operations here are exactly the
+app's routes and fuzzes the live app against this document."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from aiohttp import web
 
 from config import Settings
 from rtc_server.bodies import form_schema, json_schema, offer_model, render_model
+from rtc_server.wire import ErrorBody
 
 __all__ = ["OPENAPI_PATH", "add_openapi_route", "build_openapi", "websocket_paths"]
 
@@ -89,11 +91,7 @@ ANY_OBJ = {"type": "object"}
 def _schemas(settings: Settings) -> dict[str, Schema]:
     r = settings.render
     return {
-        "Error": _obj(
-            {"error": {"type": "string", "description": "A stable error name."},
-             "detail": {"type": "string", "description": "What went wrong, in plain words."}},
-            ["error", "detail"],
-        ),
+        "Error": json_schema(ErrorBody),
         "Offer": json_schema(offer_model(settings)),
         "Answer": _obj(
             {"sdp": STR, "type": {"const": "answer"},

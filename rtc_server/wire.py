@@ -1,18 +1,29 @@
 """What travels over HTTP: JSON request bodies read from untrusted bytes, and the error body
-``{error, detail}``."""
+``{error, detail}`` (:class:`ErrorBody`, also its schema in ``/openapi.json``)."""
 
 from __future__ import annotations
 
 from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
 
 from common.errors import BadJson, BadRequest
 from common.inputs import JsonRejected, loads_json, short
 
 
+class ErrorBody(BaseModel):
+    """Every error answer; some carry more fields (a failed render: its job id)."""
+
+    model_config = ConfigDict(title="Error")
+
+    error: str = Field(description="A stable error name.")
+    detail: str = Field(description="What went wrong, in plain words.")
+
+
 def json_error(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> (
     web.Response
 ):
-    return web.json_response({"error": error, "detail": detail}, status=status, headers=headers)
+    body = ErrorBody.model_construct(error=error, detail=detail)  # typed by the caller: no check
+    return web.json_response(body.model_dump(), status=status, headers=headers)
 
 
 async def read_json_object(request: web.Request, max_depth: int) -> dict[str, object]:

@@ -93,3 +93,35 @@ def test_extra_offer_fields_are_ignored() -> None:
     s = load_settings(env={}, overrides={})
     offer = parse(offer_model(s), {"sdp": "v=0\r\n", "type": "offer", "x": [1]})
     assert (offer.sdp, offer.type, offer.avatar_id) == ("v=0\r\n", "offer", s.avatars.default)
+
+
+def test_the_error_body_is_the_models() -> None:
+    from rtc_server.wire import ErrorBody
+
+    doc = build_openapi(load_settings(env={}, overrides={}))
+    assert doc["components"]["schemas"]["Error"] == ErrorBody.model_json_schema()
+    assert doc["components"]["schemas"]["Error"]["required"] == ["error", "detail"]
+
+
+def test_render_refusals_keep_their_order() -> None:
+    s = load_settings(env={}, overrides={})
+    # 'async' is checked last, after 'priority'; unknown fields before anything
+    with pytest.raises(BadRequest, match="'priority' must be within"):
+        validate({"text": "hi", "async": "maybe", "priority": 99}, None, s, ["default"])
+    with pytest.raises(BadRequest, match="'async' must be true or false"):
+        validate({"text": "hi", "async": "maybe"}, None, s, ["default"])
+    with pytest.raises(BadRequest, match="unknown field"):
+        validate({"text": "", "colour": 1}, None, s, ["default"])
+    with pytest.raises(BadRequest, match="exactly one"):
+        validate({"voice": "nobody"}, None, s, ["default"])
+
+
+def test_strings_are_passed_on_as_they_came() -> None:
+    # lone surrogates are no validation error: the avatar lookup (404) and the SDP parser
+    # refuse them, as before the models
+    s = load_settings(env={}, overrides={})
+    assert validate({"text": "hi", "avatar_id": "a\ud800"}, None, s, ["default"]).avatar_id == (
+        "a\ud800"
+    )
+    offer = parse(offer_model(s), {"sdp": "v=0\ud800", "type": "offer", "avatar_id": "\udcff"})
+    assert (offer.sdp, offer.avatar_id) == ("v=0\ud800", "\udcff")
