@@ -518,7 +518,7 @@ class Session:
     def interrupt(self) -> int:
         """Stop speaking now: queued says are dropped, synthesis in progress is cancelled, and
         the compositor cuts speech at the next frame boundary and fades to idle. Returns the
-        video frame index where the cut takes effect."""
+        video frame index where speech stops."""
         dropped = 0
         while not self._says.empty():
             self._says.get_nowait()
@@ -528,11 +528,11 @@ class Session:
         if self._clapper is not None:
             self._clapper.cancel()
         self.conversation.interrupt()
-        cut = self.compositor.clear()
+        frame = self.compositor.clear()
         logger.info(
-            "session %s interrupted at frame %d (%d says dropped)", self.id[:8], cut, dropped
+            "session %s interrupted at frame %d (%d says dropped)", self.id[:8], frame, dropped
         )
-        return cut
+        return frame
 
     async def _say_worker(self) -> None:
         while True:
