@@ -8,8 +8,11 @@ and start both codecs at 1 Mbit/s whatever the frame size, clamped to 0.5..3 Mbi
 * H.264: ``webrtc.h264_preset`` (default veryfast), tune zerolatency (no B-frames, no
   lookahead, sliced threads), Constrained Baseline at level 3.1 (what aiortc negotiates:
   ``profile-level-id`` 42001f / 42e01f), with a one-second VBV buffer at the target rate.
-* VP8: aiortc's real-time libvpx settings (CBR, ``deadline=realtime``, ``cpu-used=-6``,
-  no lag), only the bitrate changes.
+* VP8: real-time libvpx (CBR, ``deadline=realtime``, no lag) at ``cpu-used=-webrtc.vp8_speed``
+  (default 12; aiortc's is 6) and without aiortc's temporal denoiser (``noise-sensitivity``
+  4): our frames are drawn, not filmed, so the denoiser only blurred them and cost a third of
+  the encode (512x512: 2.22 ms a frame at 39.3 dB luma PSNR with it, 1.52 ms at 42.6 dB
+  without, 1.34 ms at 41.8 dB at speed 12).
 * Bitrate (``VideoBitrate``): ``webrtc.video_bitrate_kbps`` when above 0, else 0.1 bit per
   pixel per frame at the session's fps (512x512 at 25 fps: 655 kbit/s; 1280x720: 2304
   kbit/s), never below 32 kbit/s. Receiver feedback (REMB, through the ``target_bitrate``
@@ -110,6 +113,7 @@ class VideoEncoding:
     fps: int
     h264_preset: str = "veryfast"
     bitrate_kbps: int = 0
+    vp8_speed: int = 12
     codecs: tuple[str, ...] = ("VP8", "H264")
 
     @classmethod
@@ -121,6 +125,7 @@ class VideoEncoding:
             fps=media.fps,
             h264_preset=webrtc.h264_preset,
             bitrate_kbps=webrtc.video_bitrate_kbps,
+            vp8_speed=webrtc.vp8_speed,
             codecs=tuple(webrtc.video_codecs),
         )
 
@@ -277,9 +282,9 @@ class RealtimeVp8Encoder(_RateMixin, Vp8Encoder):
             "minrate": rate,  # minrate = maxrate = bit_rate: CBR
             "maxrate": rate,
             "deadline": "realtime",
-            "cpu-used": "-6",
+            "cpu-used": str(-self.encoding.vp8_speed),
             "lag-in-frames": "0",
-            "noise-sensitivity": "4",
+            "noise-sensitivity": "0",
             "overshoot-pct": "15",
             "undershoot-pct": "100",
             "partitions": "0",

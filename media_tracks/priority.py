@@ -28,6 +28,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from common.threads import name_os_thread
+
 __all__ = [
     "BACKGROUND_NICE",
     "RENDER_JOB_NICE",
@@ -70,8 +72,10 @@ def is_audio_encode(fn: Callable[..., Any]) -> bool:
 
 
 def background_thread(nice: int = BACKGROUND_NICE) -> None:
-    """Thread initializer: lower the calling thread's scheduling priority by ``nice``
-    (Linux schedules threads one by one; elsewhere, or without permission, nothing changes)."""
+    """Thread initializer: name the OS thread after the Python one, and lower the calling
+    thread's scheduling priority by ``nice`` (Linux schedules threads one by one; elsewhere,
+    or without permission, nothing changes)."""
+    name_os_thread()
     if nice <= 0 or not hasattr(os, "setpriority"):
         return
     try:

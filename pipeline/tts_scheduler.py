@@ -21,6 +21,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from common.threads import name_os_thread
+
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
@@ -146,6 +148,7 @@ class SynthesisScheduler:
                 self._cond.wait()
 
     def _work(self) -> None:
+        name_os_thread()
         while True:
             with self._cond:
                 picked = self._next()

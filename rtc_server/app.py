@@ -31,6 +31,7 @@ from common.errors import (
     ServerFull,
     ShuttingDown,
 )
+from common.threads import name_os_thread
 from config import Settings
 from face.library import AvatarLibrary
 from media_tracks.priority import CountedExecutor, LoadGovernor, MediaExecutor, background_thread
@@ -391,7 +392,7 @@ async def _load(
     # priority, and audio encodes never wait behind video ones (media_tracks/priority.py)
     audio_first = settings.media.audio_first
     pool = CountedExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="render",
-                           initializer=background_thread if audio_first else None)
+                           initializer=background_thread if audio_first else name_os_thread)
     governor: LoadGovernor | None = None
     if audio_first:
         asyncio.get_running_loop().set_default_executor(MediaExecutor())

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from common.threads import name_os_thread
 from pipeline.sentences import SentenceSplitter
 from pipeline.speaking import FirstAudio, Speaker
 from rtc_server.protocol import Error, Event, Metrics, State, Transcript, with_turn
@@ -48,6 +49,9 @@ if TYPE_CHECKING:
     from pipeline.stt import Transcript as SttTranscript
 
 logger = logging.getLogger(__name__)
+
+# microphone frames queued for the mic thread at most (50 x 20 ms: a second); more are dropped
+MAX_MIC_BACKLOG = 50
 
 
 class SpeechToText(Protocol):
@@ -139,7 +143,12 @@ class Conversation:
         self._resampler = resampler
         self._now = now
         # VAD chunks must run in order: one thread per session for the mic path
-        self._mic_pool = ThreadPoolExecutor(1, thread_name_prefix=f"mic-{host.id[:6]}")
+        self._mic_pool = ThreadPoolExecutor(
+            1, thread_name_prefix=f"mic-{host.id[:6]}", initializer=name_os_thread
+        )
+        self._mic_submitted = 0
+        self._mic_done = 0
+        self.mic_frames_dropped = 0  # the mic thread was MAX_MIC_BACKLOG frames behind
         self._turn_task: asyncio.Task[None] | None = None
         self._turn: Turn | None = None
         self._turns = 0  # turn numbers given (committed turns)
@@ -183,12 +192,39 @@ class Conversation:
     def listening(self) -> bool:
         return self._listener is not None and self._stt is not None
 
-    async def feed(self, frame: AudioFrame) -> None:
-        """One incoming microphone frame (called in arrival order by the session's drain)."""
+    def feed(self, frame: AudioFrame) -> None:
+        """One incoming microphone frame (called in arrival order by the session's drain).
+        It goes to the session's one mic thread (resampling and VAD, in order) and nothing
+        comes back to the event loop unless the VAD has news: no future, no wake-up per 20 ms
+        frame (``_on_vad_events`` runs on the loop for the frames that end with events)."""
         if not self.listening or self.closed:
             return
+        if self._mic_submitted - self._mic_done >= MAX_MIC_BACKLOG:
+            # the mic thread is more than a second behind (a starved machine): hearing late
+            # is worse than missing a frame
+            self.mic_frames_dropped += 1
+            return
         loop = asyncio.get_running_loop()
-        events = await loop.run_in_executor(self._mic_pool, self._listen, frame)
+        with contextlib.suppress(RuntimeError):  # the pool shut down: the call is closing
+            self._mic_pool.submit(self._listen_and_report, frame, loop)
+            self._mic_submitted += 1  # written on the loop only
+
+    def _listen_and_report(self, frame: AudioFrame, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            events = self._listen(frame)
+        except Exception:  # one bad frame must not stop listening; it is logged
+            logger.exception("session %s: the microphone frame could not be analysed",
+                             self._host.id[:8])
+            return
+        finally:
+            self._mic_done += 1  # written on the mic thread only
+        if events and not self.closed:
+            with contextlib.suppress(RuntimeError):  # the loop closed under us
+                loop.call_soon_threadsafe(self._on_vad_events, events)
+
+    def _on_vad_events(self, events: list[Any]) -> None:
+        if self.closed:
+            return
         for event in events:
             self._on_vad_event(event)
 

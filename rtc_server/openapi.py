@@ -121,7 +121,7 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "video_codec": {"type": ["string", "null"], "description": "VP8 or H264"},
                 "lipsync": STR,
                 "speaking": BOOL,
-                "mic": _obj({"frames_received": INT, "rms_dbfs": NUM}),
+                "mic": _obj({"frames_received": INT, "rms_dbfs": NUM, "frames_dropped": INT}),
             },
             ["id", "state", "avatar_id", "uptime_s", "frames_sent"],
         ),

@@ -40,6 +40,7 @@ from media_tracks import (
     Segment,
 )
 from media_tracks.aiortc_compat import negotiated_codec_name
+from media_tracks.audio_encoder import install_session_audio_encoder
 from media_tracks.clapper import clapper_pcm, flash_frames
 from media_tracks.encoders import (
     VideoEncoding,
@@ -145,6 +146,7 @@ class Session:
         # offer is answered (None: aiortc's own encoder)
         self.video_codec: str | None = None
         self.video_encoder: Encoder | None = None
+        self.audio_encoder: Encoder | None = None  # ours for Opus (None: aiortc's)
 
         media = settings.media
         self.clock = clock or MediaClock()
@@ -212,7 +214,7 @@ class Session:
         # The server's transceivers exist before the offer is applied, so the video codec
         # preferences (webrtc.video_codecs) decide the answer's codec order; aiortc would
         # otherwise follow the offer's order (Safari lists H.264 first).
-        self.pc.addTransceiver(self.audio_track, direction="sendrecv")
+        audio = self.pc.addTransceiver(self.audio_track, direction="sendrecv")
         video = self.pc.addTransceiver(self.video_track, direction="sendrecv")
         video.setCodecPreferences(video_codec_preferences(self.settings.webrtc.video_codecs))
         try:
@@ -248,6 +250,7 @@ class Session:
             video, VideoEncoding.from_settings(self.settings)
         )
         self._log_video_encoder()
+        self.audio_encoder = install_session_audio_encoder(audio, self.audio_track, self.settings)
         self.state = "connecting"
         # frames are rendered from when the peer connects: an offer that never connects costs
         # no rendering (the video track renders on demand if asked before that)
@@ -390,7 +393,7 @@ class Session:
                 pcm = frame.to_ndarray().astype(np.float32) / 32768.0  # type: ignore[union-attr]
                 power = float(np.mean(pcm * pcm)) if pcm.size else 0.0
                 self.mic.observe(power)
-                await self.conversation.feed(frame)  # type: ignore[arg-type]
+                self.conversation.feed(frame)  # type: ignore[arg-type]
 
     # --- control channel ------------------------------------------------------------------
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
@@ -586,6 +589,7 @@ class Session:
             "mic": {
                 "frames_received": self.mic.frames_received,
                 "rms_dbfs": round(self.mic.rms_dbfs, 1),
+                "frames_dropped": self.conversation.mic_frames_dropped,
             },
         }
 

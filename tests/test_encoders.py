@@ -219,6 +219,18 @@ def test_vp8_keyframe_on_request_only():
     assert enc.options["minrate"] == enc.options["maxrate"] == str(enc.codec.bit_rate)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "cpu_used"), [({}, "-12"), ({"webrtc.vp8_speed": 16}, "-16")]
+)
+def test_vp8_speed_comes_from_settings_and_the_denoiser_is_off(overrides, cpu_used):
+    settings = load_settings(overrides=overrides)
+    enc = RealtimeVp8Encoder(VideoEncoding.from_settings(settings))
+    enc.encode(next(frames(1)))
+    assert enc.options["cpu-used"] == cpu_used
+    # drawn frames carry no sensor noise: the temporal denoiser only blurred them
+    assert enc.options["noise-sensitivity"] == "0"
+
+
 # --- negotiation ----------------------------------------------------------------------------
 def test_codec_preferences_follow_the_setting():
     names = [c.name for c in video_codec_preferences(["H264", "VP8"])]

@@ -1,0 +1,208 @@
+"""Where one speaking call's server CPU goes: py-spy samples the server process (native frames
+included) while one bot keeps its avatar talking (``bench.capacity``'s speaking load), and each
+sample is put in one stage by the innermost frame that names one.
+
+Stages: ``encode`` (VP8/H.264), ``render`` (face, compositor, I420), ``speech`` (Piper, viseme
+analysis), ``mic`` (decoding, resampling, VAD), ``opus`` (audio encode), ``rtp`` (packetizing,
+SRTP, sending), ``handoff`` (executor/futures/``call_soon_threadsafe``), ``loop`` (the rest of
+the event loop), ``other``. The share of samples times the server's measured CPU gives CPU-ms
+per frame for each stage.
+
+Run: ``unshare --net bash -c 'ip link set lo up; .venv/bin/python -m bench.profile_call'``"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.capacity import SERVER_ENV, sessions, start_bots, wait_sessions
+from bench.common import cpu_seconds, print_table, start_server, write_result
+
+# innermost match wins: (stage, substrings of a frame "function (file)")
+STAGES: list[tuple[str, tuple[str, ...]]] = [
+    ("encode", ("vpx_codec_encode", "vp8_", "vp8cx", "x264", "libvpx", "encoders.py",
+                "codecs/vpx.py", "codecs/h264.py")),
+    ("opus", ("opus", "codecs/opus.py")),
+    ("mic", ("mic.py", "vad.py", "resampler", "decode (av", "swr_", "codecs/g711",
+             "avcodec_send_packet", "jitterbuffer")),
+    ("speech", ("piper", "tts.py", "tts_scheduler", "speaking.py", "viseme", "speech_units",
+                "onnxruntime", "phonem")),
+    ("render", ("face/", "compositor.py", "frames.py", "tracks.py", "clapper.py", "sws_",
+                "reformat", "from_ndarray", "to_ndarray", "cv2")),
+    ("rtp", ("rtcrtpsender", "rtp.py", "rtcdtlstransport", "rtcicetransport", "aioice",
+             "srtp", "sendto", "_sendto", "rtcrtpreceiver", "rtcsctptransport", "crypto")),
+    ("handoff", ("call_soon_threadsafe", "futures.py", "thread.py", "_chain_future",
+                 "run_in_executor", "queue.py", "threading.py", "_write_to_self", "wrap_future")),
+    ("loop", ("base_events", "selector_events", "events.py", "selectors.py", "asyncio")),
+]
+
+
+# leaves where a thread waits (py-spy without --native counts some waits as active)
+IDLE_LEAVES = ("EpollSelector.select", "Condition.wait",
+               "_worker (concurrent/futures/thread.py:81)", "Queue.get", "Event.wait",
+               "Thread.join", "lock.acquire")
+
+
+def stage_of(stack: str) -> str:
+    frames = stack.split(";")
+    if any(key in frames[-1] for key in IDLE_LEAVES):
+        return "idle"
+    for frame in reversed(frames):
+        low = frame.lower()
+        for stage, keys in STAGES:
+            if any(k in low for k in keys):
+                return stage
+    return "other"
+
+
+def read_collapsed(path: Path) -> collections.Counter[str]:
+    counts: collections.Counter[str] = collections.Counter()
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if n.isdigit():
+            counts[stage_of(stack)] += int(n)
+    return counts
+
+
+def top_leaves(path: Path, k: int = 25) -> list[tuple[str, int]]:
+    leaves: collections.Counter[str] = collections.Counter()
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if n.isdigit():
+            leaf = stack.split(";")[-1]
+            if not any(key in leaf for key in IDLE_LEAVES):
+                leaves[leaf] += int(n)
+    return leaves.most_common(k)
+
+
+def thread_group(name: str) -> str:
+    """``render_0`` -> ``render``, ``mic-1a2b3c_0`` -> ``mic``; unnamed threads (the event
+    loop, aiortc's decoder threads, native pools) keep the executable's name."""
+    head = name.split("_")[0]
+    return head.split("-")[0] if head.startswith(("mic-", "piper-", "tts-")) else head
+
+
+SYS: dict[int, float] = {}
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds of every thread of ``pid`` so far, with its OS name."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[str, float]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / ticks)
+        SYS[int(task.name)] = int(fields[12]) / ticks
+    return out
+
+
+def by_thread_group(before: dict[int, tuple[str, float]],
+                    after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    groups: collections.Counter[str] = collections.Counter()
+    for tid, (name, cpu) in after.items():
+        groups[thread_group(name)] += cpu - before.get(tid, (name, 0.0))[1]
+    return dict(groups)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--seconds", type=float, default=16.0)
+    p.add_argument("--rate", type=int, default=200)
+    p.add_argument("--label", default="")
+    p.add_argument("--calls", type=int, default=1)
+    p.add_argument("--native", action="store_true", help="py-spy --native (slower sampling)")
+    p.add_argument("--blocking", action="store_true",
+                   help="pause the server at each sample (consistent stacks, some overhead)")
+    p.add_argument("--env", action="append", default=[], metavar="AVATAR_X__Y=V",
+                   help="extra server setting (repeatable)")
+    args = p.parse_args()
+
+    env = dict(SERVER_ENV)
+    env.update(item.split("=", 1) for item in args.env)
+    proc, url = start_server(env)
+    out = Path(tempfile.mkdtemp()) / "profile.txt"
+    try:
+        bots = start_bots(url, args.calls, args.seconds + 12, speak=True)
+        wait_sessions(url, args.calls)
+        time.sleep(6.0)
+        s0, c0, t0 = sessions(url), cpu_seconds(proc.pid), time.monotonic()
+        threads0 = thread_cpu(proc.pid)
+        cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(proc.pid),
+               "-r", str(args.rate), "-d", str(int(args.seconds)), "-f", "raw", "-o", str(out)]
+        # --native reads native stacks, which needs the process paused at each sample
+        if args.native:
+            cmd.append("--native")
+        elif not args.blocking:
+            cmd.append("--nonblocking")
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        s1, c1, t1 = sessions(url), cpu_seconds(proc.pid), time.monotonic()
+        loop_sys0 = SYS.get(proc.pid, 0.0)
+        threads1 = thread_cpu(proc.pid)
+        loop_sys = SYS.get(proc.pid, 0.0) - loop_sys0
+        bots.wait(timeout=60)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    fresh = sum(
+        (s1[k]["frames_sent"]["video"] - s1[k]["frames_repeated"])
+        - (s0[k]["frames_sent"]["video"] - s0[k]["frames_repeated"])
+        for k in s1 if k in s0
+    )
+    cpu_ms = (c1 - c0) * 1000
+    ms_per_frame = cpu_ms / max(fresh, 1)
+    counts = read_collapsed(out)
+    idle = counts.pop("idle", 0)
+    total = sum(counts.values())
+    rows: list[dict[str, Any]] = []
+    for stage, _ in [*STAGES, ("other", ())]:
+        share = counts.get(stage, 0) / max(total, 1)
+        rows.append({"stage": stage, "share_pct": round(100 * share, 1),
+                     "cpu_ms_per_frame": round(share * ms_per_frame, 2)})
+    rows.append({"stage": "total", "share_pct": 100.0,
+                 "cpu_ms_per_frame": round(ms_per_frame, 2)})
+    print(f"server CPU {cpu_ms / (t1 - t0) / 10:.1f} % of a core, {fresh} fresh frames over "
+          f"{t1 - t0:.1f} s, {ms_per_frame:.2f} CPU-ms per fresh frame; {total} busy samples "
+          f"({idle} waiting left out)")
+    print_table(rows)
+    frames_s = fresh / (t1 - t0)
+    thread_rows = [
+        {"threads": group, "cpu_ms_per_frame": round(1000 * cpu / max(fresh, 1), 2),
+         "cores": round(cpu / (t1 - t0), 3)}
+        for group, cpu in sorted(by_thread_group(threads0, threads1).items(),
+                                 key=lambda kv: -kv[1]) if cpu > 0
+    ]
+    unnamed = sorted(
+        (1000 * (cpu - threads0.get(tid, (name, 0.0))[1]) / max(fresh, 1), tid)
+        for tid, (name, cpu) in threads1.items() if thread_group(name).startswith("python")
+    )[::-1]
+    print("unnamed threads, CPU-ms per frame each:",
+          ", ".join(f"{ms:.2f} ({'loop' if tid == proc.pid else tid})"
+                    for ms, tid in unnamed if ms >= 0.01))
+    print(f"event loop thread in the kernel: {1000 * loop_sys / max(fresh, 1):.2f} ms a frame")
+    print(f"\nby thread (OS names; {frames_s:.1f} fresh frames/s):")
+    print_table(thread_rows)
+    print("\ntop leaves:")
+    for leaf, n in top_leaves(out):
+        print(f"  {100 * n / max(total, 1):5.1f}%  {leaf[:150]}")
+    name = "profile_call" + (f"-{args.label}" if args.label else "")
+    write_result(name, {"calls": args.calls, "seconds": round(t1 - t0, 1),
+                        "fresh_frames": fresh, "server_cpu_ms_per_fresh_frame":
+                        round(ms_per_frame, 2), "stages": rows, "threads": thread_rows,
+                        "top_leaves": [{"leaf": leaf[:200], "samples": n}
+                                       for leaf, n in top_leaves(out, 40)],
+                        "native": args.native, "env": args.env, "python": sys.version})
+
+
+if __name__ == "__main__":
+    main()

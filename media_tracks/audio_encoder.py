@@ -1,0 +1,133 @@
+"""The outgoing voice's encoder: mono Opus, one packet per audio frame of the session.
+
+aiortc's own ``OpusEncoder`` upmixes every frame to stereo through a resampler that cuts it
+into 20 ms pieces, and encodes at 96 kbit/s. A frame longer than 20 ms then becomes several
+packets that aiortc's sender sends with one RTP timestamp, so the session could only send
+20 ms frames: 50 packets a second, each a trip through the track, the executor, the encoder,
+RTP, SRTP and the socket on the event loop. Here:
+
+* the track's mono samples go to libopus as they are (mono Opus is valid in an
+  ``opus/48000/2`` stream: every packet says whether it is mono; 8, 12, 16, 24 and 48 kHz
+  are native Opus input rates);
+* one packet per frame of ``media.audio_frame_ms`` (libopus ``frame_duration``), its RTP
+  timestamp the frame's own pts on the 48 kHz Opus clock (the media clock, like the video's);
+* ``webrtc.opus_bitrate_kbps`` (default 32: wideband speech; aiortc's 96 kbit/s is music
+  quality), application ``voip``.
+
+The encoder is a subclass of aiortc's, so the server's executor (``MediaExecutor``) still
+recognises its ``encode`` as an audio encode and runs it at once on the loop.
+"""
+
+from __future__ import annotations
+
+import fractions
+import logging
+from typing import TYPE_CHECKING
+
+import av
+from aiortc import RTCRtpTransceiver
+from aiortc.codecs.base import Encoder
+from aiortc.codecs.opus import OpusEncoder
+from av.frame import Frame
+from av.packet import Packet
+
+from media_tracks.aiortc_compat import (
+    has_encoder_slot,
+    negotiated_codec_name,
+    sender_encoder,
+    set_sender_encoder,
+)
+
+if TYPE_CHECKING:
+    from config import Settings
+    from media_tracks.tracks import AvatarAudioTrack
+
+logger = logging.getLogger(__name__)
+
+OPUS_CLOCK = 48_000  # RTP clock rate of Opus, whatever the input rate
+OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+OPUS_FRAME_MS = (10, 20, 40, 60)  # what media.audio_frame_ms allows, all valid Opus frames
+
+
+class MonoOpusEncoder(OpusEncoder):
+    """libopus on the track's mono s16 frames of ``frame_ms`` at ``sample_rate``: one
+    packet a frame, at ``bitrate_bps``. ``packets`` counts what it produced."""
+
+    def __init__(self, *, sample_rate: int, frame_ms: int, bitrate_bps: int = 32_000) -> None:
+        # aiortc's __init__ builds its stereo codec and resampler: not wanted here
+        if sample_rate not in OPUS_RATES:
+            raise ValueError(f"Opus does not take {sample_rate} Hz input")
+        if frame_ms not in OPUS_FRAME_MS:
+            raise ValueError(f"{frame_ms} ms is not an Opus frame duration here")
+        self.sample_rate = sample_rate
+        self.frame_ms = frame_ms
+        self.frame_samples = sample_rate * frame_ms // 1000
+        self.bitrate_bps = bitrate_bps
+        self.time_base = fractions.Fraction(1, sample_rate)
+        self.packets = 0
+        self.codec = self._open()
+
+    def _open(self) -> av.AudioCodecContext:
+        codec = av.CodecContext.create("libopus", "w")
+        assert isinstance(codec, av.AudioCodecContext)
+        codec.bit_rate = self.bitrate_bps
+        codec.format = "s16"
+        codec.layout = "mono"
+        codec.sample_rate = self.sample_rate
+        codec.time_base = self.time_base
+        codec.options = {"application": "voip", "frame_duration": str(self.frame_ms)}
+        return codec
+
+    def encode(self, frame: Frame, force_keyframe: bool = False) -> tuple[list[bytes], int]:
+        assert isinstance(frame, av.AudioFrame)
+        if frame.samples != self.frame_samples or frame.layout.name != "mono":
+            raise ValueError(
+                f"expected mono frames of {self.frame_samples} samples, got {frame.samples} "
+                f"({frame.layout.name})"
+            )
+        assert frame.pts is not None
+        packets = self.codec.encode(frame)
+        self.packets += len(packets)
+        # the frame's own time on the Opus clock: a lost or late frame leaves a gap in the
+        # timestamps, as it should, instead of shifting everything after it
+        timestamp = frame.pts * OPUS_CLOCK // self.sample_rate
+        return [bytes(p) for p in packets], timestamp
+
+    def pack(self, packet: Packet) -> tuple[list[bytes], int]:
+        raise NotImplementedError("this encoder takes frames, not packets")
+
+
+def install_audio_encoder(
+    transceiver: RTCRtpTransceiver, *, sample_rate: int, frame_ms: int, bitrate_bps: int
+) -> Encoder | None:
+    """Give the audio sender a ``MonoOpusEncoder`` when Opus was negotiated; returns it, or
+    None (PCMU/PCMA, or an aiortc without the encoder slot: aiortc's encoder is used, and it
+    sends 20 ms frames only, which the session's settings then must be). Call it right after
+    ``setLocalDescription(answer)``, like ``install_video_encoder``."""
+    if (negotiated_codec_name(transceiver) or "").lower() != "opus":
+        return None
+    sender = transceiver.sender
+    if not has_encoder_slot(sender) or sender_encoder(sender) is not None:
+        logger.warning("the audio sender has no free encoder slot; aiortc's Opus is used")
+        return None
+    encoder = MonoOpusEncoder(sample_rate=sample_rate, frame_ms=frame_ms, bitrate_bps=bitrate_bps)
+    set_sender_encoder(sender, encoder)
+    return encoder
+
+
+def install_session_audio_encoder(
+    transceiver: RTCRtpTransceiver, track: AvatarAudioTrack, settings: Settings
+) -> Encoder | None:
+    """``install_audio_encoder`` from the session's settings (``media.audio_sample_rate``,
+    ``media.audio_frame_ms``, ``webrtc.opus_bitrate_kbps``). Where aiortc's encoder stays, the
+    track goes back to 20 ms frames, the only length that encoder sends correctly."""
+    media = settings.media
+    encoder = install_audio_encoder(
+        transceiver,
+        sample_rate=media.audio_sample_rate,
+        frame_ms=media.audio_frame_ms,
+        bitrate_bps=settings.webrtc.opus_bitrate_kbps * 1000,
+    )
+    if encoder is None:
+        track.frame_samples = media.audio_sample_rate // 50
+    return encoder
