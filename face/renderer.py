@@ -27,6 +27,10 @@ from face.timeline import FacePose, IdleTimeline, MouthShape
 from face.yuv import Yuv, rgb_to_i420
 
 LOOP_RIGS = 128  # loop-video avatars: mouth rigs kept (about 0.3 MB each at 512x512)
+# whole-frame warps of the avatar image kept, by head matrix: the timeline holds the head pose
+# for two frames (face.timeline.HEAD_STEP_NS), so every second frame of a call reuses one;
+# a few per live call of the avatar (0.75 MB each at 512x512)
+BASE_WARPS = 8
 
 
 class FaceRenderer:
@@ -51,6 +55,10 @@ class FaceRenderer:
         # 30 s loop would otherwise hold 750 rigs); a race builds the same rig twice, harmlessly
         self._loop_mouths: OrderedDict[int, MouthRig] = OrderedDict()
         self._loop_lock = threading.Lock()
+        self._warps: OrderedDict[bytes, U8] = OrderedDict()  # read-only arrays
+        self._warps_lock = threading.Lock()
+        self.warp_hits = 0
+        self.warp_misses = 0
 
     @property
     def avatar(self) -> Avatar:
@@ -148,11 +156,29 @@ class FaceRenderer:
             if m is None:
                 return frame
             return np.asarray(self._warp(frame, m), dtype=np.uint8)
-        # warp the untouched image once, then warp only the small changed regions on top
-        out = self._warp(self._image, m)
+        # warp the untouched image once (or reuse the warp of a frame with the same head
+        # pose), then warp only the small changed regions on top
+        out = self._base_warp(m).copy()
         for box, p in patches:
             self._warp_patch(out, p, box, m)
         return out
+
+    def _base_warp(self, m: npt.NDArray[np.float64]) -> U8:
+        """The avatar image warped by ``m`` (read-only; shared by the frames of one pose)."""
+        key = m.tobytes()
+        with self._warps_lock:
+            warped = self._warps.get(key)
+            if warped is not None:
+                self._warps.move_to_end(key)
+                self.warp_hits += 1
+                return warped
+        warped = frozen(self._warp(self._image, m))
+        with self._warps_lock:  # a race warps the same pose twice, harmlessly
+            self.warp_misses += 1
+            self._warps[key] = warped
+            while len(self._warps) > BASE_WARPS:
+                self._warps.popitem(last=False)
+        return warped
 
     def _warp(self, frame: U8, m: npt.NDArray[np.float64]) -> U8:
         out = cv2.warpAffine(

@@ -129,11 +129,21 @@ class _Saccade:
         return self.start_ns + 2 * self.move_ns + self.hold_ns
 
 
+HEAD_STEP_NS = 80_000_000
+"""The head pose (sway, bob, roll, breathing) is sampled on this grid of media time: every
+2nd frame at 25 fps. The head moves under 0.1 px a frame, so a step of at most 0.2 px every
+80 ms looks the same as moving every frame, while the frame between shows the same head
+position: the renderer reuses that frame's whole-frame warp (``FaceRenderer``) and the video
+encoder finds the background unchanged. Blinks, gaze and the mouth still move every frame."""
+
+
 class IdleTimeline:
     """Idle face motion as a deterministic, stateless function of media time."""
 
-    def __init__(self, *, seed: int) -> None:
+    def __init__(self, *, seed: int, head_step_ns: int = HEAD_STEP_NS) -> None:
+        """``head_step_ns``: the grid the head pose is sampled on (0: every instant)."""
         self._seed = int(seed)
+        self.head_step_ns = max(0, int(head_step_ns))
 
         def u(i: int) -> float:
             return _uniform(self._seed, _STREAM_MOTION, 0, i)
@@ -244,7 +254,8 @@ class IdleTimeline:
 
     # -- pose ----------------------------------------------------------------------------------
     def pose_at(self, t_ns: int) -> FacePose:
-        t = t_ns / NS_PER_S
+        step = self.head_step_ns
+        t = (t_ns - t_ns % step if step else t_ns) / NS_PER_S  # the head's time
         breath = math.sin(self._breath_w * t + self._breath_ph)
         (w1, p1), (w2, p2) = self._sway
         (w3, p3), (w4, p4) = self._roll

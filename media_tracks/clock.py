@@ -65,6 +65,21 @@ class MediaClock:
     async def sleep_until_pts(self, pts: int, time_base: Fraction) -> None:
         await self.sleep_until_ns(pts_to_ns(pts, time_base))
 
+    async def wait_until_ns(self, deadline_ns: int, event: asyncio.Event) -> None:
+        """Sleep until media time ``deadline_ns`` or until ``event`` is set, whichever comes
+        first (one timer that sets the event: no task per wait). The event may be left set
+        by the timer; the caller clears it before it waits again."""
+        if event.is_set():
+            return
+        delay_ns = deadline_ns - self.now_ns()
+        if delay_ns <= 0:
+            return
+        timer = asyncio.get_running_loop().call_later(delay_ns / NS_PER_S, event.set)
+        try:
+            await event.wait()
+        finally:
+            timer.cancel()
+
 
 class ManualClock(MediaClock):
     """A clock that only moves when a test calls ``advance``; sleepers wake in deadline order."""
@@ -83,6 +98,18 @@ class ManualClock(MediaClock):
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._sleepers, (deadline_ns, next(self._seq), fut))
         await fut
+
+    async def wait_until_ns(self, deadline_ns: int, event: asyncio.Event) -> None:
+        if event.is_set() or deadline_ns <= self._now:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda f: event.set() if not f.cancelled() else None)
+        heapq.heappush(self._sleepers, (deadline_ns, next(self._seq), fut))
+        try:
+            await event.wait()
+        finally:
+            if not fut.done():
+                fut.cancel()
 
     @property
     def sleepers(self) -> int:

@@ -237,13 +237,7 @@ class FrameProducer:
                     if due <= now:  # the window is full: wait for a frame to finish
                         await self._wake.wait()
                         continue
-                    sleeper = loop.create_task(clock.sleep_until_ns(due))
-                    waker = loop.create_task(self._wake.wait())
-                    try:
-                        await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        sleeper.cancel()
-                        waker.cancel()
+                    await clock.wait_until_ns(due, self._wake)
             except BaseException:
                 self._slots.release()
                 raise

@@ -65,3 +65,39 @@ async def test_sleep_until_past_deadline_returns_at_once():
 def test_video_frame_pts_grid(fps):
     step = 90000 // fps
     assert [k * 90000 // fps for k in range(4)] == [0, step, 2 * step, 3 * step]
+
+
+async def test_wait_until_ns_returns_at_the_deadline_or_when_the_event_is_set():
+    import asyncio
+
+    from media_tracks.clock import ManualClock
+
+    clock = ManualClock()
+    event = asyncio.Event()
+    waiter = asyncio.get_running_loop().create_task(clock.wait_until_ns(50_000_000, event))
+    await asyncio.sleep(0)
+    await clock.advance(49_000_000)
+    assert not waiter.done()
+    await clock.advance(1_000_000)
+    await asyncio.sleep(0)
+    assert waiter.done()  # the deadline
+    event.clear()
+    waiter = asyncio.get_running_loop().create_task(clock.wait_until_ns(500_000_000, event))
+    await asyncio.sleep(0)
+    event.set()
+    await asyncio.sleep(0)
+    assert waiter.done() and clock.sleepers == 0  # the event; its timer is gone
+
+
+async def test_real_clock_wait_until_ns_wakes_on_the_event_long_before_the_deadline():
+    import asyncio
+    import time
+
+    from media_tracks.clock import MediaClock
+
+    clock = MediaClock()
+    event = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.01, event.set)
+    started = time.monotonic()
+    await clock.wait_until_ns(clock.now_ns() + 60_000_000_000, event)
+    assert time.monotonic() - started < 30  # woken by the event, not after a minute

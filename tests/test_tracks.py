@@ -386,6 +386,9 @@ class LateWakeClock(ManualClock):
     async def sleep_until_ns(self, deadline_ns):
         await super().sleep_until_ns(deadline_ns + 3_000_000)
 
+    async def wait_until_ns(self, deadline_ns, event):
+        await super().wait_until_ns(deadline_ns + 3_000_000, event)
+
 
 class StallOnceRenderer(SerialRenderer):
     """The first frame takes ``stall_ms`` (a model's first batch of a new shape), then each
