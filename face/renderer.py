@@ -55,7 +55,8 @@ class FaceRenderer:
         # 30 s loop would otherwise hold 750 rigs); a race builds the same rig twice, harmlessly
         self._loop_mouths: OrderedDict[int, MouthRig] = OrderedDict()
         self._loop_lock = threading.Lock()
-        self._warps: OrderedDict[bytes, U8] = OrderedDict()  # read-only arrays
+        self._warps: OrderedDict[bytes, tuple[U8, Yuv]] = OrderedDict()  # read-only arrays
+        self._image_yuv = frozen(rgb_to_i420(image)) if not avatar.loop_frames else None
         self._warps_lock = threading.Lock()
         self.warp_hits = 0
         self.warp_misses = 0
@@ -128,7 +129,37 @@ class FaceRenderer:
         pose = timeline.pose_at(t_ns)
         if mouth is not None:
             pose = replace(pose, mouth=mouth)
-        return rgb_to_i420(self.render(pose))
+        return self.render_i420(pose)
+
+    def render_i420(self, pose: FacePose) -> Yuv:
+        """``rgb_to_i420(render(pose))``, equal to the last bit, drawn without a whole RGB
+        frame: the I420 of the (warped) avatar image is kept with its warp, copied, and only
+        the changed regions (eyes, mouth) are converted and written into its planes, each
+        widened to even coordinates so that its 2x2 chroma blocks are whole."""
+        m = None if self._loop else self.head_matrix(pose)
+        if self._loop or (m is not None and abs(pose.head_roll_deg) > 10.0):
+            return rgb_to_i420(self.render(pose))
+        patches = self._patches(pose)
+        if m is None:
+            placed = [(box, p) for box, p in patches]
+        else:
+            placed = [r for box, p in patches if (r := self._placed_patch(p, box, m)) is not None]
+        regions = [_even(box, self._w, self._h) for box, _ in placed]
+        if any(overlaps(a, b) for i, a in enumerate(regions) for b in regions[i + 1 :]) or (
+            m is not None
+            and any(overlaps(a[0], b[0]) for i, a in enumerate(patches) for b in patches[i + 1 :])
+        ):
+            return rgb_to_i420(self.render(pose))
+        base_rgb, base_yuv = self._base(m)
+        out = base_yuv.copy()
+        planes = _planes(out, self._w, self._h)
+        for ((x0, y0, x1, y1), p), (ex0, ey0, ex1, ey1) in zip(placed, regions, strict=True):
+            region = base_rgb[ey0:ey1, ex0:ex1].copy()
+            region[y0 - ey0 : y1 - ey0, x0 - ex0 : x1 - ex0] = p
+            small = _planes(rgb_to_i420(region), ex1 - ex0, ey1 - ey0)
+            for plane, part, k in zip(planes, small, (1, 2, 2), strict=True):
+                plane[ey0 // k : ey1 // k, ex0 // k : ex1 // k] = part
+        return out
 
     def render(self, pose: FacePose) -> U8:
         """HxWx3 uint8 RGB frame for ``pose`` (a new array every call)."""
@@ -165,20 +196,29 @@ class FaceRenderer:
 
     def _base_warp(self, m: npt.NDArray[np.float64]) -> U8:
         """The avatar image warped by ``m`` (read-only; shared by the frames of one pose)."""
+        return self._base(m)[0]
+
+    def _base(self, m: npt.NDArray[np.float64] | None) -> tuple[U8, Yuv]:
+        """The avatar image warped by ``m`` (None: as it is) and its I420, read-only, kept for
+        the last ``BASE_WARPS`` head poses (the frames of one pose share them)."""
+        if m is None:
+            assert self._image_yuv is not None  # (a loop avatar never comes here)
+            return self._image, self._image_yuv
         key = m.tobytes()
         with self._warps_lock:
-            warped = self._warps.get(key)
-            if warped is not None:
+            found = self._warps.get(key)
+            if found is not None:
                 self._warps.move_to_end(key)
                 self.warp_hits += 1
-                return warped
+                return found
         warped = frozen(self._warp(self._image, m))
+        pair = (warped, frozen(rgb_to_i420(warped)))
         with self._warps_lock:  # a race warps the same pose twice, harmlessly
             self.warp_misses += 1
-            self._warps[key] = warped
+            self._warps[key] = pair
             while len(self._warps) > BASE_WARPS:
                 self._warps.popitem(last=False)
-        return warped
+        return pair
 
     def _warp(self, frame: U8, m: npt.NDArray[np.float64]) -> U8:
         out = cv2.warpAffine(
@@ -187,17 +227,27 @@ class FaceRenderer:
         return np.asarray(out, dtype=np.uint8)
 
     def _warp_patch(self, out: U8, patch: U8, box: Box, m: npt.NDArray[np.float64]) -> None:
-        """Warp ``patch`` (the image region ``box``, already edited) into ``out`` in place.
+        """Warp ``patch`` (the image region ``box``, already edited) into ``out`` in place."""
+        placed = self._placed_patch(patch, box, m)
+        if placed is not None:
+            (x0, y0, x1, y1), warped = placed
+            out[y0:y1, x0:x1] = warped
+
+    def _placed_patch(
+        self, patch: U8, box: Box, m: npt.NDArray[np.float64]
+    ) -> tuple[Box, U8] | None:
+        """``patch`` (the image region ``box``, already edited) warped by ``m``: the
+        destination rectangle and its pixels, or None when nothing of it is inside.
 
         Only the destination pixels whose source lies at least ``PATCH_INSET`` pixels inside
-        the patch are written: the rigs never edit that border ring, so the base warp already
+        the patch are given: the rigs never edit that border ring, so the base warp already
         holds the right pixels there and the seam is invisible.
         """
         x0, y0, x1, y1 = box
         k = PATCH_INSET
         sx0, sy0, sx1, sy1 = x0 + k, y0 + k, x1 - 1 - k, y1 - 1 - k
         if sx0 >= sx1 or sy0 >= sy1:
-            return
+            return None
         c = np.array([[sx0, sy0, 1.0], [sx1, sy0, 1.0], [sx0, sy1, 1.0], [sx1, sy1, 1.0]]) @ m.T
         # the axis-aligned rectangle inside the (slightly rotated) image of the inner box; a
         # side of the box on the frame's edge is edited up to the edge and replicated there by
@@ -207,13 +257,28 @@ class FaceRenderer:
         dy0 = 0 if y0 == 0 else max(0, int(math.ceil(max(c[0, 1], c[1, 1]))))
         dy1 = self._h if y1 == self._h else min(self._h, int(math.floor(min(c[2, 1], c[3, 1]))) + 1)
         if dx0 >= dx1 or dy0 >= dy1:
-            return
+            return None
         mp = m.copy()
         mp[:, 2] += m[:, :2] @ np.array([x0, y0], dtype=np.float64) - np.array([dx0, dy0])
-        out[dy0:dy1, dx0:dx1] = cv2.warpAffine(
+        warped = cv2.warpAffine(
             patch,
             mp,
             (dx1 - dx0, dy1 - dy0),
             flags=cv2.INTER_LINEAR,
             borderMode=cv2.BORDER_REPLICATE,
         )
+        return (dx0, dy0, dx1, dy1), np.asarray(warped, dtype=np.uint8)
+
+
+def _even(box: Box, w: int, h: int) -> Box:
+    """``box`` widened to even coordinates (within a ``w`` x ``h`` frame, both even)."""
+    x0, y0, x1, y1 = box
+    return x0 & ~1, y0 & ~1, min(w, x1 + (x1 & 1)), min(h, y1 + (y1 & 1))
+
+
+def _planes(yuv: Yuv, w: int, h: int) -> tuple[U8, U8, U8]:
+    """Views of the Y (h x w), U and V (h/2 x w/2) planes of an I420 buffer."""
+    flat = yuv.reshape(-1)
+    n, q = w * h, (w // 2) * (h // 2)
+    return (flat[:n].reshape(h, w), flat[n : n + q].reshape(h // 2, w // 2),
+            flat[n + q : n + 2 * q].reshape(h // 2, w // 2))

@@ -588,3 +588,25 @@ def test_held_frames_match_the_continuous_renderer_within_tolerance(avatar):
     # every second frame reused the whole-frame warp of the one before
     assert held_r.warp_hits >= 29 and held_r.warp_misses <= 31
     assert free_r.warp_hits == 0
+
+
+def test_i420_drawn_directly_equals_converting_the_rgb_frame(avatar):
+    """``frame_i420`` keeps the warped base in I420 and converts only the eyes and mouth:
+    equal to the last bit to ``rgb_to_i420(render(pose))``, at rest, speaking, blinking,
+    glancing, with and without head motion."""
+    from face.timeline import MouthShape
+    from face.yuv import rgb_to_i420
+
+    r = FaceRenderer(avatar)
+    tl = IdleTimeline(seed=5)
+    blink = next(t for t in tl.blink_starts_ns(60 * NS)) + 30_000_000
+    times = [k * FRAME for k in range(40)] + [blink, blink + FRAME]
+    for i, t in enumerate(times):
+        p = tl.pose_at(t)
+        if i % 3:
+            p = replace(p, mouth=MouthShape(open=0.2 + 0.02 * i, width=0.3, teeth=0.2))
+        assert np.array_equal(r.render_i420(p), rgb_to_i420(r.render(p))), t
+    still = replace(tl.pose_at(0), head_dx=0.0, head_dy=0.0, head_roll_deg=0.0, head_scale=1.0,
+                    gaze_x=0.4, blink=0.5)
+    assert r.head_matrix(still) is None
+    assert np.array_equal(r.render_i420(still), rgb_to_i420(r.render(still)))
