@@ -113,6 +113,8 @@ class Observability:
     stage_seconds: Histogram = field(init=False)
     turns: Counter = field(init=False)
     session_errors: Counter = field(init=False)
+    lipsync_switches: Counter = field(init=False)
+    offers_refused_overload: Counter = field(init=False)
 
     def __post_init__(self) -> None:
         reg = self.registry
@@ -142,6 +144,18 @@ class Observability:
         self.session_errors = Counter(
             "avatar_session_errors", "Error events sent to clients, by stage and fatality.",
             ["stage", "fatal"], registry=reg)
+        self.lipsync_switches = Counter(
+            "avatar_lipsync_switches", "Calls whose lip-sync engine missed its frame deadlines "
+            "and handed the rest of an utterance to the fallback (degraded), or took it back "
+            "(restored).", ["direction"], registry=reg)
+        for direction in ("degraded", "restored"):
+            self.lipsync_switches.labels(direction)
+        self.offers_refused_overload = Counter(
+            "avatar_offers_refused_overload", "Offers refused (503) because the measured "
+            "headroom could not carry one more call, by reason (deadlines, cpu).", ["reason"],
+            registry=reg)
+        for reason in ("deadlines", "cpu"):
+            self.offers_refused_overload.labels(reason)
         for stage in STAGES:  # every stage is listed from the first scrape, at 0
             self.stage_seconds.labels(stage)
         ProcessCollector(registry=reg)
@@ -179,6 +193,9 @@ class Observability:
         elif kind == "error":
             fatal = "true" if event.get("fatal") is True else "false"
             self.session_errors.labels(_label(event.get("stage"), "session"), fatal).inc()
+        elif kind == "lipsync":
+            self.lipsync_switches.labels(
+                "degraded" if event.get("degraded") is True else "restored").inc()
 
     def observe_http(
         self, request: web.Request, status: int, seconds: float, error: str | None

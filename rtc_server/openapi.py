@@ -120,6 +120,7 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                                 "window": INT, "frame_ms": NUM}),
                 "video_codec": {"type": ["string", "null"], "description": "VP8 or H264"},
                 "lipsync": STR,
+                "lipsync_degraded": BOOL,
                 "speaking": BOOL,
                 "mic": _obj({"frames_received": INT, "rms_dbfs": NUM, "frames_dropped": INT}),
             },

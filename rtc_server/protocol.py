@@ -198,6 +198,18 @@ class Error(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class LipSync(Event):
+    """Who draws the mouth changed: ``degraded`` true when the configured engine kept missing
+    its frame deadlines and ``engine`` (the fallback) draws the rest of the utterance; false
+    when the configured engine is back."""
+
+    engine: str
+    degraded: bool
+    reason: str
+    type: ClassVar[str] = "lipsync"
+
+
+@dataclass(frozen=True, slots=True)
 class Closing(Event):
     """The call is about to end, and why (``idle``, ``call_limit``, ``draining``, ...)."""
 

@@ -65,12 +65,14 @@ from rtc_server.protocol import (
     Event,
     Hello,
     Interrupt,
+    LipSync,
     Refused,
     Say,
     State,
     Transcript,
     parse_control,
 )
+from rtc_server.session_info import describe_session
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +131,8 @@ class Session:
         except RuntimeError:
             self._loop = None
         # the configured engine, or the fallback for the rest of the call once it failed
-        self.lipsync = SessionLipSync(lipsync, fallback_lipsync, on_failure=self._lipsync_failed)
+        self.lipsync = SessionLipSync(lipsync, fallback_lipsync, on_failure=self._lipsync_failed,
+                                      on_degrade=self._lipsync_degraded)
         self._render_executor = render_executor
         self._say_job: asyncio.Task[None] | None = None
         self._clapper: asyncio.Task[None] | None = None  # being built
@@ -164,6 +167,7 @@ class Session:
             width=media.video_width,
             height=media.video_height,
             executor=render_executor,
+            misses=lambda: self.frames.stats.late + self.frames.stats.skipped,
         )
         self.frames = FrameProducer(
             clock=self.clock,
@@ -460,6 +464,16 @@ class Session:
             return
         loop.call_soon_threadsafe(self.send_event, event)
 
+    def _lipsync_degraded(self, degraded: bool) -> None:
+        """The configured engine missed its frame deadlines and the fallback draws the rest of
+        the utterance (``degraded``), or it is back; on the loop (the renderer's caller)."""
+        engine = (self.lipsync.fallback if degraded else self.lipsync.primary) or self.lipsync
+        logger.warning("session %s: lip-sync %s (%s)", self.id[:8],
+                       f"degraded to {engine.name}" if degraded else f"back to {engine.name}",
+                       "frame deadlines missed" if degraded else "no frame missed for 2 s")
+        self.send_event(LipSync(engine.name, degraded,
+                                "deadlines_missed" if degraded else "headroom_back"))
+
     def _error(self, message: str, *, fatal: bool = False) -> None:
         self.send_event(Error(message, fatal=fatal))
 
@@ -556,42 +570,8 @@ class Session:
 
     # --- reporting ------------------------------------------------------------------------
     def describe(self) -> dict[str, object]:
-        return {
-            "id": self.id,
-            "state": self.state,
-            "avatar_id": self.avatar.avatar_id,
-            "uptime_s": round(time.monotonic() - self.created_monotonic, 3),
-            "frames_sent": {
-                "video": self.video_track.stats.frames_sent,
-                "audio": self.audio_track.stats.frames_sent,
-            },
-            # the last two seconds: what a receiver got, frames a second and the longest wait
-            "recent": {
-                "audio_fps": round(self.audio_track.recent_fps(), 1),
-                "audio_max_gap_ms": round(self.audio_track.recent_max_gap_ms(), 1),
-                "video_fps": round(self.video_track.recent_fps(), 1),
-                "video_max_gap_ms": round(self.video_track.recent_max_gap_ms(), 1),
-            },
-            "frames_repeated": self.video_track.stats.frames_repeated,
-            "frames_skipped": self.video_track.stats.frames_skipped,
-            "frames_shed": self.video_track.stats.frames_shed,
-            "frames_late": self.frames.stats.late,
-            "render": {
-                "rendered": self.frames.stats.rendered,
-                "skipped": self.frames.stats.skipped,
-                "rerendered": self.frames.stats.rerendered,
-                "window": self.frames.stats.window,
-                "frame_ms": self.frames.stats.frame_ms,
-            },
-            "video_codec": self.video_codec,
-            "lipsync": self.lipsync.name,
-            "speaking": self.compositor.speaking,
-            "mic": {
-                "frames_received": self.mic.frames_received,
-                "rms_dbfs": round(self.mic.rms_dbfs, 1),
-                "frames_dropped": self.conversation.mic_frames_dropped,
-            },
-        }
+        """What GET /sessions shows of this call (``rtc_server.session_info``)."""
+        return describe_session(self)
 
     @property
     def pending_says(self) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.lipsync.base import VISEMES, FrameRenderer, LipSyncEngine, LipTrack, Yuv
+from pipeline.lipsync.degrade import DeadlineGuard
 
 if TYPE_CHECKING:
     from concurrent.futures import Executor
@@ -109,19 +110,33 @@ class SessionLipSync:
         fallback: LipSyncEngine | None,
         *,
         on_failure: Callable[[str, BaseException], None],
+        on_degrade: Callable[[bool], None] | None = None,
     ) -> None:
+        """``on_degrade(degraded)``: the primary missed its frame deadlines and the fallback
+        draws the rest of the utterance (True), or the primary is back (False); see
+        ``pipeline.lipsync.degrade``. Only with a fallback, and only for a renderer given a
+        count of missed frames."""
         self.primary = primary
         self.fallback = fallback if fallback is not primary else None
         self._on_failure = on_failure
+        self._on_degrade = on_degrade
         self._lock = threading.Lock()
         self.failed = False
+        self.guard: DeadlineGuard | None = None
 
     @property
     def engine(self) -> LipSyncEngine:
-        """The engine in use now."""
+        """The engine in use now. (While degraded for missed deadlines the primary still
+        analyses speech: the fallback draws its plans from their voice level, and the primary
+        can take the next utterance back.)"""
         if self.failed and self.fallback is not None:
             return self.fallback
         return self.primary
+
+    @property
+    def degraded(self) -> bool:
+        """The fallback draws this call for now because the primary missed its deadlines."""
+        return self.guard is not None and self.guard.degraded
 
     @property
     def name(self) -> str:
@@ -164,7 +179,10 @@ class SessionLipSync:
         width: int,
         height: int,
         executor: Executor | None,
+        misses: Callable[[], int] | None = None,
     ) -> FrameRenderer:
+        """``misses()``: the call's missed frames so far (late or skipped); with it and a
+        fallback, a primary that keeps missing deadlines is relieved (``DeadlineGuard``)."""
         primary = self.primary.renderer(
             avatar, timeline, width=width, height=height, executor=executor
         )
@@ -173,6 +191,8 @@ class SessionLipSync:
         fallback = self.fallback.renderer(
             avatar, timeline, width=width, height=height, executor=executor
         )
+        if misses is not None and self._on_degrade is not None:
+            self.guard = DeadlineGuard(misses, self._on_degrade)
         return _FallbackRenderer(self, primary, fallback)
 
     async def aclose(self) -> None:
@@ -192,7 +212,8 @@ class _FallbackRenderer:
         self._fallback = fallback
 
     async def render(self, plan: FramePlan) -> Yuv:
-        if not self._guard.failed:
+        deadlines = self._guard.guard
+        if not self._guard.failed and (deadlines is None or not deadlines.use_fallback(plan)):
             try:
                 return await self._primary.render(plan)
             except asyncio.CancelledError:

@@ -61,7 +61,8 @@ class VisemeRenderer:
             lips = np.asarray(plan.lips, dtype=np.float32)
             if lips.size != len(VISEMES):
                 # another engine's feature (speech analysed before a session fell back to
-                # this engine): open the jaw by the segment's voice level
+                # this engine, or by a primary engine relieved for missed deadlines): open
+                # the jaw by the segment's voice level
                 lips = open_jaw(plan.mouth / plan.blend)
             mouth = shape_for(lips, blend=plan.blend)
         return self._face.frame_i420(self._timeline, plan.t_ns, mouth)
