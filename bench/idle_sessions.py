@@ -88,7 +88,8 @@ def main() -> None:
     if args.client:
         asyncio.run(client(args.url, args.client, args.seconds))
         return
-    proc, url = start_server({"AVATAR_SESSIONS__MAX_CONCURRENT": "64"})
+    proc, url = start_server({"AVATAR_SESSIONS__MAX_CONCURRENT": "64",
+                               "AVATAR_SESSIONS__HEADROOM_ADMISSION": "false"})
     rows = []
     try:
         for n in [int(x) for x in args.steps.split(",")]:

@@ -30,6 +30,8 @@ from bench.common import print_table, start_server, write_result
 SERVER_ENV = {
     "AVATAR_ACCESS__OFFER_PER_MIN": "0",
     "AVATAR_SESSIONS__MAX_CONCURRENT": "16",
+    # these measure past capacity on purpose: no admission from measured headroom
+    "AVATAR_SESSIONS__HEADROOM_ADMISSION": "false",
 }
 
 

@@ -47,6 +47,12 @@ class ServerFull(AvatarServerError):
         self.retry_after_s = retry_after_s
 
 
+class Overloaded(ServerFull):
+    """The measured headroom cannot carry one more call (``rtc_server.headroom``)."""
+
+    code = "overloaded"
+
+
 class ShuttingDown(ServerFull):
     """The server is draining for a shutdown: no new sessions."""
 

@@ -155,6 +155,20 @@ class SessionSettings:
     the default (viseme) engine holds on 2 cores while every call speaks: audio whole, video
     about 23 fps (bench.overload); past it the video degrades first. Raise it on bigger machines.
     """)
+    headroom_admission: bool = setting(True, doc="""
+    Admission from measured headroom (bool): besides max_concurrent, an offer is refused (503
+    overloaded + Retry-After) while the live calls miss more than max_missed_share of their
+    video frames, or the idle cores under cpu_target cannot carry one more call (a call
+    costing the larger of call_cpu_cores and the measured CPU per live call). A server with no
+    call always takes one. GET /ready shows the figures.""")
+    cpu_target: float = setting(0.9, above=0, max=1.0, doc="""
+    Share of the machine's cores the calls may keep busy (float, > 0, <= 1.0; for admission).""")
+    call_cpu_cores: float = setting(0.25, above=0, max=64.0, doc="""
+    The least CPU a new call is assumed to take, in cores (float, > 0, <= 64.0; a speaking
+    viseme call measures about 0.25 on 2 cores here, a Wav2Lip call on a CPU about 0.8).""")
+    max_missed_share: float = setting(0.05, min=0, max=1.0, doc="""
+    Share of video frames the live calls may miss (repeated, skipped, shed) over the last 3 s
+    before new offers are refused (float, 0..1.0).""")
     max_pending: int = setting(4, min=1, doc="""
     Sessions whose peer connection has not connected yet (int, >= 1): offers past it are
     refused (503 server_full), so offers that never connect cannot hold every slot. Nothing is

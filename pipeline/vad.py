@@ -153,6 +153,12 @@ class Resampler16k:
         out += [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
         return _concat(out)
 
+    def close(self) -> None:
+        """Let the filter go now: FFmpeg runs a resampler's filter graph on threads of its own
+        (one per core), which would otherwise live until the garbage collector finds the
+        closed session that held it."""
+        self._resampler = None
+
     def flush(self) -> np.ndarray:
         """The samples still held in the filter; the next push starts a fresh stream."""
         if self._resampler is None:

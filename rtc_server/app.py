@@ -27,6 +27,7 @@ from common.errors import (
     AvatarServerError,
     AvatarUnavailable,
     NotFound,
+    Overloaded,
     PipelineError,
     ServerFull,
     ShuttingDown,
@@ -45,6 +46,7 @@ from pipeline.vad import SileroVad
 from rtc_server.access import install_access
 from rtc_server.avatars_api import AvatarApi, add_avatar_routes
 from rtc_server.bodies import offer_model, parse
+from rtc_server.headroom import Headroom
 from rtc_server.ice import browser_ice_servers, resolve_ice_servers
 from rtc_server.logs import bind_session
 from rtc_server.metrics import Observability
@@ -148,8 +150,14 @@ async def handle_offer(request: web.Request) -> web.Response:
     if services.draining.is_set():
         raise ShuttingDown("the server is shutting down; try again shortly",
                            retry_after_s=RETRY_AFTER_S)
+    slots = services.slots
+    refusal = services.headroom.refusal(live=slots.taken - slots.pending, pending=slots.pending)
+    if refusal is not None:
+        reason, detail = refusal
+        services.observability.offers_refused_overload.labels(reason).inc()
+        raise Overloaded(f"{detail}; try again shortly", retry_after_s=RETRY_AFTER_S)
     # taken before the first await, so concurrent offers can never pass the limit together
-    slot = services.slots.reserve(services.access.client(request))
+    slot = slots.reserve(services.access.client(request))
     try:
         return await _answer_offer(services, sdp, avatar_id, slot)
     except BaseException:
@@ -331,6 +339,8 @@ def create_app(
                            max_pending_per_client=s.max_pending_per_client,
                            retry_after_s=RETRY_AFTER_S),
         observability=Observability(),
+        headroom=Headroom(enabled=s.headroom_admission, cpu_target=s.cpu_target,
+                          call_cpu_cores=s.call_cpu_cores, max_missed_share=s.max_missed_share),
     )
     app[SERVICES] = services
     data_dir_abs = os.path.abspath(settings.avatars.data_dir)  # for start-up messages
@@ -345,7 +355,10 @@ def create_app(
         # the governor times the loop from here: start-up's model loading is no call's lag
         governor = engines.governor
         governing = None if governor is None else loop.create_task(governor.run(), name="governor")
+        measuring = loop.create_task(services.headroom.run(services.sessions.values),
+                                     name="headroom")
         yield
+        measuring.cancel()
         if governing is not None:
             governing.cancel()
         await engines.render.aclose()

@@ -174,7 +174,12 @@ class Conversation:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._mic_pool.shutdown(wait=False, cancel_futures=True)
+        # the mic thread finishes the frame it is on (a VAD chunk: about a millisecond); then
+        # nothing uses the resampler, whose FFmpeg threads go with it now
+        await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self._mic_pool.shutdown, wait=True, cancel_futures=True))
+        if self._resampler is not None:
+            self._resampler.close()
         # the replier is this call's own (an OpenAI client holds a connection pool): close it
         # now, not when the garbage collector finds it after the event loop is gone
         try:

@@ -161,6 +161,23 @@ class _AppCollector:
             all_frames.add_metric([outcome], getattr(totals, outcome))
         yield all_frames
 
+        room = headroom_figures(services)
+        for name, key, doc in (
+            ("avatar_headroom_calls", "calls_more", "More calls the measured headroom carries "
+             "(absent before a call has been measured)."),
+            ("avatar_headroom_busy_cores", "busy_cores", "Busy cores of the machine over the "
+             "last 3 s."),
+            ("avatar_headroom_call_cores", "call_cores", "CPU a call is taken to cost (cores): "
+             "sessions.call_cpu_cores or the measured CPU per live call, the larger."),
+            ("avatar_headroom_missed_share", "missed_share", "Share of the live calls' video "
+             "frames missed (repeated, skipped, shed) over the last 3 s."),
+        ):
+            figure = room.get(key)
+            if isinstance(figure, int | float) and not isinstance(figure, bool):
+                gauge = GaugeMetricFamily(name, doc)
+                gauge.add_metric([], float(figure))
+                yield gauge
+
         lipsync = GaugeMetricFamily(
             "avatar_lipsync_queue_depth", "Frames waiting for the lip-sync batching worker.")
         loaded = services.loaded
@@ -252,7 +269,18 @@ def readiness(app: web.Application) -> dict[str, bool]:
         checks["stt"] = loaded is not None and loaded.stt is not None and loaded.stt.loaded
         checks["vad"] = loaded is not None and loaded.vad is not None
     checks["render"] = loaded is not None
+    if services is not None:
+        slots = services.slots
+        # an offer now would be refused for want of headroom (rtc_server.headroom)
+        checks["headroom"] = services.headroom.refusal(
+            live=slots.taken - slots.pending, pending=slots.pending) is None
     return checks
+
+
+def headroom_figures(services: Services) -> dict[str, object]:
+    slots = services.slots
+    return {"enabled": services.headroom.enabled,
+            **services.headroom.reading(pending=slots.pending)}
 
 
 async def handle_ready(request: web.Request) -> web.Response:
@@ -262,7 +290,11 @@ async def handle_ready(request: web.Request) -> web.Response:
         logger.exception("readiness check failed")
         checks = {"readiness_check": False}
     ready = all(checks.values())
-    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+    body: dict[str, object] = {"ready": ready, "checks": checks}
+    services = request.app.get(SERVICES)
+    if services is not None:
+        body["headroom"] = headroom_figures(services)
+    return web.json_response(body, status=200 if ready else 503)
 
 
 async def handle_metrics(request: web.Request) -> web.Response:

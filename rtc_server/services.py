@@ -20,6 +20,7 @@ from pipeline.tts import TextToSpeech
 from pipeline.vad import SileroVad
 from rtc_server.access import AccessControl
 from rtc_server.avatars_api import AvatarApi
+from rtc_server.headroom import Headroom
 from rtc_server.metrics import Observability
 from rtc_server.session import Session
 from rtc_server.slots import SessionSlots
@@ -54,6 +55,7 @@ class Services:
     access: AccessControl
     slots: SessionSlots
     observability: Observability
+    headroom: Headroom
     sessions: dict[str, Session] = field(default_factory=dict)
     # set on shutdown: no new sessions, /ready answers 503
     draining: asyncio.Event = field(default_factory=asyncio.Event)
