@@ -394,8 +394,8 @@ class Session:
                 return
             self.last_media = self._now()
             if track.kind == "audio":
-                pcm = frame.to_ndarray().astype(np.float32) / 32768.0  # type: ignore[union-attr]
-                power = float(np.mean(pcm * pcm)) if pcm.size else 0.0
+                pcm = frame.to_ndarray().reshape(-1).astype(np.float32)  # type: ignore[union-attr]
+                power = float(np.dot(pcm, pcm)) / (pcm.size * 32768.0**2) if pcm.size else 0.0
                 self.mic.observe(power)
                 self.conversation.feed(frame)  # type: ignore[arg-type]
 

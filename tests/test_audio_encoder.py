@@ -91,6 +91,7 @@ async def test_a_call_sends_frames_of_the_configured_length(
     encoder = sender_encoder(audio_sender)
     assert isinstance(encoder, MonoOpusEncoder) and encoder is session.audio_encoder
     assert encoder.frame_ms == frame_ms and encoder.bitrate_bps == 32_000
+    assert encoder.complexity == 5
     steps = np.diff(np.array(bot.audio.pts[-20:]))
     assert set(steps.tolist()) == {48 * frame_ms}  # one frame a packet, no gaps
     await bot.aclose()
