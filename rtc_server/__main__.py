@@ -144,15 +144,12 @@ def _start_up_failure(settings: Settings, exc: Exception, *, listening: bool) ->
 # glibc mallopt parameters (malloc.h)
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
-# 1 MiB: a 512x512 RGB frame (768 KiB) stays on the heap. At 512 KiB every such frame was an
-# mmap, its pages faulted in and zeroed each time: 0.24 ms more per rendered frame (issue 21);
-# bench.soak's 200 cycles grew RSS by the same 50 MB at either threshold
-MMAP_THRESHOLD_BYTES = 1024 * 1024
+MMAP_THRESHOLD_BYTES = 512 * 1024
 ARENA_MAX = 2
 
 
 def tune_malloc() -> bool:
-    """glibc only: blocks of 1 MiB and more (large video frames, codec buffers, an avatar's loop
+    """glibc only: blocks of 512 KiB and more (video frames, codec buffers, an avatar's loop
     frames) are mmapped, so they go back to the system when freed, and threads share 2
     arenas. glibc's default raises the mmap threshold to the largest block freed so far (up to
     32 MiB); past that such blocks come from per-thread arenas (up to 8 a core) and stay in
