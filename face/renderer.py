@@ -13,7 +13,9 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from dataclasses import replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -31,6 +33,18 @@ LOOP_RIGS = 128  # loop-video avatars: mouth rigs kept (about 0.3 MB each at 512
 # for two frames (face.timeline.HEAD_STEP_NS), so every second frame of a call reuses one;
 # a few per live call of the avatar (0.75 MB each at 512x512)
 BASE_WARPS = 8
+SPARE_WARPS = 2  # arrays of warps that left the cache, kept to be warped into again
+
+
+@dataclass(eq=False, slots=True)
+class _Base:
+    """One cached warp of the avatar image and its I420; ``readers`` reading it now."""
+
+    rgb: U8
+    yuv: Yuv
+    readers: int = 0
+    retired: bool = False  # out of the cache
+    recycled: bool = False  # its arrays were handed out to be warped into
 
 
 class FaceRenderer:
@@ -55,7 +69,8 @@ class FaceRenderer:
         # 30 s loop would otherwise hold 750 rigs); a race builds the same rig twice, harmlessly
         self._loop_mouths: OrderedDict[int, MouthRig] = OrderedDict()
         self._loop_lock = threading.Lock()
-        self._warps: OrderedDict[bytes, tuple[U8, Yuv]] = OrderedDict()  # read-only arrays
+        self._warps: OrderedDict[bytes, _Base] = OrderedDict()
+        self._spare: list[tuple[U8, Yuv]] = []  # arrays of retired warps, to warp into
         self._image_yuv = frozen(rgb_to_i420(image)) if not avatar.loop_frames else None
         self._warps_lock = threading.Lock()
         self.warp_hits = 0
@@ -150,11 +165,13 @@ class FaceRenderer:
             and any(overlaps(a[0], b[0]) for i, a in enumerate(patches) for b in patches[i + 1 :])
         ):
             return rgb_to_i420(self.render(pose))
-        base_rgb, base_yuv = self._base(m)
-        out = base_yuv.copy()
+        with self._base(m) as (base_rgb, base_yuv):
+            out = base_yuv.copy()
+            regions_rgb = [base_rgb[ey0:ey1, ex0:ex1].copy() for ex0, ey0, ex1, ey1 in regions]
         planes = _planes(out, self._w, self._h)
-        for ((x0, y0, x1, y1), p), (ex0, ey0, ex1, ey1) in zip(placed, regions, strict=True):
-            region = base_rgb[ey0:ey1, ex0:ex1].copy()
+        for ((x0, y0, x1, y1), p), (ex0, ey0, ex1, ey1), region in zip(
+            placed, regions, regions_rgb, strict=True
+        ):
             region[y0 - ey0 : y1 - ey0, x0 - ex0 : x1 - ex0] = p
             small = _planes(rgb_to_i420(region), ex1 - ex0, ey1 - ey0)
             for plane, part, k in zip(planes, small, (1, 2, 2), strict=True):
@@ -189,36 +206,64 @@ class FaceRenderer:
             return np.asarray(self._warp(frame, m), dtype=np.uint8)
         # warp the untouched image once (or reuse the warp of a frame with the same head
         # pose), then warp only the small changed regions on top
-        out = self._base_warp(m).copy()
+        with self._base(m) as (base_rgb, _):
+            out = base_rgb.copy()
         for box, p in patches:
             self._warp_patch(out, p, box, m)
         return out
 
-    def _base_warp(self, m: npt.NDArray[np.float64]) -> U8:
-        """The avatar image warped by ``m`` (read-only; shared by the frames of one pose)."""
-        return self._base(m)[0]
-
-    def _base(self, m: npt.NDArray[np.float64] | None) -> tuple[U8, Yuv]:
-        """The avatar image warped by ``m`` (None: as it is) and its I420, read-only, kept for
-        the last ``BASE_WARPS`` head poses (the frames of one pose share them)."""
+    @contextmanager
+    def _base(self, m: npt.NDArray[np.float64] | None) -> Iterator[tuple[U8, Yuv]]:
+        """The avatar image warped by ``m`` (None: as it is) and its I420, to read (never to
+        write) inside the ``with``; kept for the last ``BASE_WARPS`` head poses, so the
+        frames of one pose share them. The arrays of a pose that falls out of the cache are
+        warped into again for a new one once nobody reads them (a new 768 KiB frame each time
+        would be an mmap and its page faults: about 0.25 ms a frame)."""
         if m is None:
             assert self._image_yuv is not None  # (a loop avatar never comes here)
-            return self._image, self._image_yuv
+            yield self._image, self._image_yuv
+            return
         key = m.tobytes()
         with self._warps_lock:
-            found = self._warps.get(key)
-            if found is not None:
+            entry = self._warps.get(key)
+            if entry is not None:
                 self._warps.move_to_end(key)
                 self.warp_hits += 1
-                return found
-        warped = frozen(self._warp(self._image, m))
-        pair = (warped, frozen(rgb_to_i420(warped)))
-        with self._warps_lock:  # a race warps the same pose twice, harmlessly
-            self.warp_misses += 1
-            self._warps[key] = pair
-            while len(self._warps) > BASE_WARPS:
-                self._warps.popitem(last=False)
-        return pair
+                entry.readers += 1
+            else:
+                self.warp_misses += 1
+                spare = self._spare.pop() if self._spare else None
+        if entry is None:
+            rgb_dst, yuv_dst = spare if spare is not None else (None, None)
+            rgb = cv2.warpAffine(self._image, m, (self._w, self._h), dst=rgb_dst,
+                                 flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            yuv = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420, dst=yuv_dst)
+            entry = _Base(np.asarray(rgb, np.uint8), np.asarray(yuv, np.uint8), readers=1)
+            with self._warps_lock:  # a race warps the same pose twice, harmlessly
+                old = self._warps.pop(key, None)
+                if old is not None:
+                    self._retire(old)
+                self._warps[key] = entry
+                while len(self._warps) > BASE_WARPS:
+                    self._retire(self._warps.popitem(last=False)[1])
+        try:
+            yield entry.rgb, entry.yuv
+        finally:
+            with self._warps_lock:
+                entry.readers -= 1
+                if entry.retired and entry.readers == 0:
+                    self._recycle(entry)
+
+    def _retire(self, entry: _Base) -> None:
+        """(under the lock) ``entry`` left the cache; its arrays are reused once unread."""
+        entry.retired = True
+        if entry.readers == 0:
+            self._recycle(entry)
+
+    def _recycle(self, entry: _Base) -> None:
+        if len(self._spare) < SPARE_WARPS and not entry.recycled:
+            entry.recycled = True
+            self._spare.append((entry.rgb, entry.yuv))
 
     def _warp(self, frame: U8, m: npt.NDArray[np.float64]) -> U8:
         out = cv2.warpAffine(

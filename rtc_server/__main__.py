@@ -142,19 +142,25 @@ def _start_up_failure(settings: Settings, exc: Exception, *, listening: bool) ->
 
 
 # glibc mallopt parameters (malloc.h)
+_M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 MMAP_THRESHOLD_BYTES = 512 * 1024
 ARENA_MAX = 2
+# setting the mmap threshold also fixes the trim threshold at 128 KiB: every frame freed at the
+# top of the heap gave its pages back and the next one faulted them in again (0.2 ms a
+# rendered frame at 512x512, issue 21); a 2 MiB pad is kept at the top instead
+TOP_PAD_BYTES = 2 * 1024 * 1024
 
 
 def tune_malloc() -> bool:
     """glibc only: blocks of 512 KiB and more (video frames, codec buffers, an avatar's loop
-    frames) are mmapped, so they go back to the system when freed, and threads share 2
-    arenas. glibc's default raises the mmap threshold to the largest block freed so far (up to
-    32 MiB); past that such blocks come from per-thread arenas (up to 8 a core) and stay in
-    the process: RSS ratcheted up over calls, and a registered or unloaded video avatar's
-    frames stayed. ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_ARENA_MAX`` in the environment win.
+    frames) are mmapped, so they go back to the system when freed, threads share 2 arenas,
+    and a 2 MiB pad stays at the top of the heap. glibc's default raises the mmap threshold
+    to the largest block freed so far (up to 32 MiB); past that such blocks come from
+    per-thread arenas (up to 8 a core) and stay in the process: RSS ratcheted up over calls,
+    and a registered or unloaded video avatar's frames stayed. ``MALLOC_MMAP_THRESHOLD_``,
+    ``MALLOC_ARENA_MAX`` or ``MALLOC_TOP_PAD_`` in the environment win.
     True when applied."""
     import ctypes
     import ctypes.util
@@ -168,6 +174,8 @@ def tune_malloc() -> bool:
         done = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and done
     if "MALLOC_ARENA_MAX" not in os.environ:
         done = bool(mallopt(_M_ARENA_MAX, ARENA_MAX)) and done
+    if "MALLOC_TOP_PAD_" not in os.environ:
+        done = bool(mallopt(_M_TOP_PAD, TOP_PAD_BYTES)) and done
     return done
 
 
