@@ -149,20 +149,30 @@ class _ArenaSession:
         return getattr(self._session, name)
 
 
+_libc: Any = None
+
+
 def _malloc_trim() -> None:
-    """Hand the C heap's free memory back to the system (glibc; elsewhere nothing)."""
+    """Hand the C heap's free memory back to the system (glibc; elsewhere nothing). The
+    library is looked up once (``find_library`` runs ``ldconfig``: a fork of the whole
+    server each time)."""
     import ctypes
     import ctypes.util
 
+    global _libc
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        _libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
 
-RELEASE_AFTER_S = 2.0
-"""Idle seconds after which the synthesis thread gives its scratch memory back."""
+RELEASE_AFTER_S = 15.0
+"""Idle seconds after which the synthesis thread gives its scratch memory back: longer than
+the pauses between the units of one long text (synthesis keeps about 3 s ahead of playback,
+so a 200-character unit leaves the thread idle for ~10 s), so a call that keeps talking does
+not shrink the arena and grow it again for every unit (issue 21)."""
 
 _DONE = object()
 
