@@ -50,7 +50,7 @@ def test_default_values_and_derived_properties() -> None:
     assert s.server.max_body_bytes == 262144
     assert s.server.log_level == "info"
     assert s.media.fps == 25
-    assert s.media.audio_frame_samples == 1920
+    assert s.media.audio_frame_samples == 960
     assert s.media.video_pts_step == 3600
     assert s.webrtc.ice_servers == ()
     assert s.webrtc.host_candidates == "all"

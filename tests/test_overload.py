@@ -1,6 +1,6 @@
 """Audio first under overload (issue 26): five speaking calls on this machine's two cores, more
 than the default call limit holds with full video. Every call must keep sending all its audio
-frames (25 a second at the default 40 ms) without a long wait between two, and stay
+frames (50 a second at the default 20 ms) without a long wait between two, and stay
 connected; video may degrade.
 
 A real server process and the bots in another process at nice 19 (as ``bench.overload``,
