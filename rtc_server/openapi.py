@@ -148,7 +148,12 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
         "Readiness": _obj(
             {"ready": BOOL, "checks": {"type": "object", "additionalProperties": BOOL,
                                        "description": "Each check by name: accepting, "
-                                       "default_avatar, tts, lipsync, stt, vad, render."}},
+                                       "default_avatar, tts, lipsync, stt, vad, render, "
+                                       "headroom."},
+             "headroom": {"type": "object", "description": "The measured headroom over the "
+                          "last 3 s: enabled, cores, cpu_target, busy_cores, server_cores, "
+                          "call_cores, missed_share, calls, calls_more (None before a call "
+                          "was measured), window_s."}},
             ["ready", "checks"],
         ),
         "HealthDetailed": _obj(
@@ -323,7 +328,8 @@ def _operations(settings: Settings) -> dict[str, dict[str, Any]]:
             "tags": ["observability"], "operationId": "ready",
             "summary": "Readiness: models loaded, the default avatar ready, not draining.",
             "responses": {200: _json("Ready for calls.", _ref("Readiness")),
-                          503: _json("Not ready (starting or shutting down).",
+                          503: _json("Not ready (starting, shutting down, or no headroom "
+                                     "for another call).",
                                      _ref("Readiness"))}}},
         "/metrics": {"get": admin({
             "tags": ["observability"], "operationId": "metrics",
@@ -348,8 +354,9 @@ def _operations(settings: Settings) -> dict[str, dict[str, Any]]:
                 200: _json("The answer.", _ref("Answer")),
                 400: _error(400), 404: _error(404, "Unknown avatar."), 413: _error(413),
                 429: _error(429, "Too many offers from this client."),
-                503: _error(503, "sessions.max_concurrent reached, or the server is "
-                                 "shutting down."),
+                503: _error(503, "sessions.max_concurrent reached (server_full), the "
+                                 "measured headroom cannot carry another call (overloaded), "
+                                 "or the server is shutting down."),
             }})},
         "/ice-servers": {"get": token({
             "tags": ["calls"], "operationId": "ice_servers",
