@@ -107,7 +107,7 @@ class Headroom:
         self.window_s = window_s
         self._busy, self._process, self._now = busy, process, now
         self._samples: deque[Sample] = deque()
-        self._per_call: dict[int, tuple[int, int]] = {}
+        self._per_call: dict[object, tuple[int, int]] = {}  # by session id
         self.refused = 0
 
     # --- measuring ----------------------------------------------------------------------------
@@ -115,13 +115,11 @@ class Headroom:
         """Read the counters now (cheap: one ``/proc/stat`` line and the sessions' counts).
         Frame counts are kept per session, so a call that ends takes none of its frames
         out of the totals."""
-        due = missed = live = 0
-        seen: dict[int, tuple[int, int]] = {}
+        seen: dict[object, tuple[int, int]] = {}
         for s in sessions:
             d, m, n = call_frames([s])
             if n:
-                seen[id(s)] = (d, m)
-                live += 1
+                seen[getattr(s, "id", None) or id(s)] = (d, m)
         # the totals only move by what each live call added since the last sample
         last = self._samples[-1] if self._samples else None
         due, missed = (last.frames_due, last.frames_missed) if last else (0, 0)
@@ -130,7 +128,7 @@ class Headroom:
             due += max(0, d - pd)
             missed += max(0, m - pm)
         self._per_call = seen
-        self.add(Sample(self._now(), self._busy(), self._process(), due, missed, live))
+        self.add(Sample(self._now(), self._busy(), self._process(), due, missed, len(seen)))
 
     def add(self, sample: Sample) -> None:
         self._samples.append(sample)
