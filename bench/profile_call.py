@@ -89,11 +89,8 @@ def thread_group(name: str) -> str:
     return head.split("-")[0] if head.startswith(("mic-", "piper-", "tts-")) else head
 
 
-SYS: dict[int, float] = {}
-
-
 def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
-    """CPU seconds of every thread of ``pid`` so far, with its OS name."""
+    """CPU seconds (user + system) of every thread of ``pid`` so far, with its OS name."""
     ticks = os.sysconf("SC_CLK_TCK")
     out: dict[int, tuple[str, float]] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -103,8 +100,13 @@ def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
         except OSError:
             continue
         out[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / ticks)
-        SYS[int(task.name)] = int(fields[12]) / ticks
     return out
+
+
+def system_seconds(pid: int, tid: int) -> float:
+    """CPU seconds thread ``tid`` of ``pid`` spent in the kernel so far."""
+    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
 def by_thread_group(before: dict[int, tuple[str, float]],
@@ -138,6 +140,7 @@ def main() -> None:
         time.sleep(6.0)
         s0, c0, t0 = sessions(url), cpu_seconds(proc.pid), time.monotonic()
         threads0 = thread_cpu(proc.pid)
+        loop_sys0 = system_seconds(proc.pid, proc.pid)
         cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(proc.pid),
                "-r", str(args.rate), "-d", str(int(args.seconds)), "-f", "raw", "-o", str(out)]
         # --native reads native stacks, which needs the process paused at each sample
@@ -147,9 +150,8 @@ def main() -> None:
             cmd.append("--nonblocking")
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         s1, c1, t1 = sessions(url), cpu_seconds(proc.pid), time.monotonic()
-        loop_sys0 = SYS.get(proc.pid, 0.0)
         threads1 = thread_cpu(proc.pid)
-        loop_sys = SYS.get(proc.pid, 0.0) - loop_sys0
+        loop_sys = system_seconds(proc.pid, proc.pid) - loop_sys0
         bots.wait(timeout=60)
     finally:
         proc.terminate()

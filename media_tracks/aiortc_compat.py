@@ -79,6 +79,19 @@ def set_sender_encoder(sender: RTCRtpSender, encoder: Encoder) -> None:
     setattr(sender, _SENDER_ENCODER, encoder)
 
 
+def give_sender_encoder(sender: RTCRtpSender, encoder: Encoder) -> bool:
+    """Fill the sender's encoder slot if it has one and it is empty; False (and a warning
+    saying why) where aiortc's own encoder will be used instead."""
+    if not has_encoder_slot(sender):
+        logger.warning("aiortc's sender has no encoder slot to fill; its own encoder is used")
+        return False
+    if sender_encoder(sender) is not None:
+        logger.warning("the sender already has an encoder; it is kept")
+        return False
+    set_sender_encoder(sender, encoder)
+    return True
+
+
 # --- receivers ------------------------------------------------------------------------------
 
 

@@ -22,7 +22,6 @@ recognises its ``encode`` as an audio encode and runs it at once on the loop.
 from __future__ import annotations
 
 import fractions
-import logging
 from typing import TYPE_CHECKING
 
 import av
@@ -32,18 +31,11 @@ from aiortc.codecs.opus import OpusEncoder
 from av.frame import Frame
 from av.packet import Packet
 
-from media_tracks.aiortc_compat import (
-    has_encoder_slot,
-    negotiated_codec_name,
-    sender_encoder,
-    set_sender_encoder,
-)
+from media_tracks.aiortc_compat import give_sender_encoder, negotiated_codec_name
 
 if TYPE_CHECKING:
     from config import Settings
     from media_tracks.tracks import AvatarAudioTrack
-
-logger = logging.getLogger(__name__)
 
 OPUS_CLOCK = 48_000  # RTP clock rate of Opus, whatever the input rate
 OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
@@ -111,14 +103,9 @@ def install_audio_encoder(
     ``setLocalDescription(answer)``, like ``install_video_encoder``."""
     if (negotiated_codec_name(transceiver) or "").lower() != "opus":
         return None
-    sender = transceiver.sender
-    if not has_encoder_slot(sender) or sender_encoder(sender) is not None:
-        logger.warning("the audio sender has no free encoder slot; aiortc's Opus is used")
-        return None
     encoder = MonoOpusEncoder(sample_rate=sample_rate, frame_ms=frame_ms, bitrate_bps=bitrate_bps,
                               complexity=complexity)
-    set_sender_encoder(sender, encoder)
-    return encoder
+    return encoder if give_sender_encoder(transceiver.sender, encoder) else None
 
 
 def install_session_audio_encoder(

@@ -46,10 +46,8 @@ from av.frame import Frame
 from av.video.codeccontext import VideoCodecContext
 
 from media_tracks.aiortc_compat import (
-    has_encoder_slot,
+    give_sender_encoder,
     negotiated_codec_name,
-    sender_encoder,
-    set_sender_encoder,
 )
 
 if TYPE_CHECKING:
@@ -375,15 +373,7 @@ def install_video_encoder(
     encoder = make_video_encoder(codec_name, encoding)
     if encoder is None:
         return None
-    sender = transceiver.sender
-    if not has_encoder_slot(sender):
-        logger.warning("aiortc's sender has no encoder slot to fill; its own encoder is used")
-        return None
-    if sender_encoder(sender) is not None:
-        logger.warning("the sender already has an encoder; it is kept")
-        return None
-    set_sender_encoder(sender, encoder)
-    return encoder
+    return encoder if give_sender_encoder(transceiver.sender, encoder) else None
 
 
 _X264_SEI = re.compile(rb"x264 - core \d+.*? - options: ([ -~]*)")

@@ -69,18 +69,15 @@ def machine_cores() -> int:
     return os.cpu_count() or 1
 
 
-def call_frames(sessions: Iterable[Any]) -> tuple[int, int, int]:
-    """(due, missed, live calls) over ``sessions``: due = sent + skipped + shed, missed =
-    repeated + skipped + shed (a repeated frame was sent, but not fresh)."""
-    due = missed = live = 0
-    for s in sessions:
-        if getattr(s, "state", None) != "connected":
-            continue
-        st = s.video_track.stats
-        live += 1
-        due += st.frames_sent + st.frames_skipped + st.frames_shed
-        missed += st.frames_repeated + st.frames_skipped + st.frames_shed
-    return due, missed, live
+def call_frames(session: Any) -> tuple[int, int] | None:
+    """(due, missed) video frames of a connected call so far: due = sent + skipped + shed,
+    missed = repeated + skipped + shed (a repeated frame was sent, but not fresh); None for
+    a call not connected."""
+    if getattr(session, "state", None) != "connected":
+        return None
+    st = session.video_track.stats
+    return (st.frames_sent + st.frames_skipped + st.frames_shed,
+            st.frames_repeated + st.frames_skipped + st.frames_shed)
 
 
 class Headroom:
@@ -117,9 +114,9 @@ class Headroom:
         out of the totals."""
         seen: dict[object, tuple[int, int]] = {}
         for s in sessions:
-            d, m, n = call_frames([s])
-            if n:
-                seen[getattr(s, "id", None) or id(s)] = (d, m)
+            counts = call_frames(s)
+            if counts is not None:
+                seen[getattr(s, "id", None) or id(s)] = counts
         # the totals only move by what each live call added since the last sample
         last = self._samples[-1] if self._samples else None
         due, missed = (last.frames_due, last.frames_missed) if last else (0, 0)

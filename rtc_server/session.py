@@ -467,7 +467,8 @@ class Session:
     def _lipsync_degraded(self, degraded: bool) -> None:
         """The configured engine missed its frame deadlines and the fallback draws the rest of
         the utterance (``degraded``), or it is back; on the loop (the renderer's caller)."""
-        engine = (self.lipsync.fallback if degraded else self.lipsync.primary) or self.lipsync
+        engine = self.lipsync.fallback if degraded else self.lipsync.primary
+        assert engine is not None  # a degrade needs a fallback
         logger.warning("session %s: lip-sync %s (%s)", self.id[:8],
                        f"degraded to {engine.name}" if degraded else f"back to {engine.name}",
                        "frame deadlines missed" if degraded else "no frame missed for 2 s")

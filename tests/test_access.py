@@ -26,6 +26,7 @@ from rtc_server.ice import use_host_candidates
 from rtc_server.services import SERVICES
 from tests.browser import JsError, chromium, js, js_await, wait_js, write_tone_wav
 from tests.conftest import ROOT, free_port, start_server, stop_server
+from tests.fakes.clock import FakeClock
 from tests.fakes.prepare import FakeAnalyzer, FakePrepare
 from tests.fakes.tts import ToneTTS
 
@@ -67,17 +68,6 @@ PUBLIC_REQUESTS = [
 
 def test_the_admin_request_list_covers_every_admin_route():
     assert {(m, route) for m, _, route in ADMIN_REQUESTS} == set(ADMIN_ROUTES)
-
-
-class ManualClock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, s: float) -> None:
-        self.t += s
 
 
 def make_app(tmp_path, **overrides) -> web.Application:
@@ -230,7 +220,7 @@ async def test_a_spoofed_entry_does_not_change_the_rate_limit_key(start, header)
                    "x-real-ip": ("X-Real-IP", "{}")}[header]
     app, client = await start(**{"access.trust_forwarded_for": True, "access.offer_per_min": 3,
                                  "access.forwarded_header": header})
-    app[SERVICES].access.clock = ManualClock()
+    app[SERVICES].access.clock = FakeClock()
     statuses = []
     for i in range(8):
         headers = [(name, value.format(f"198.51.100.{i}")), (name, value.format("203.0.113.7"))]
@@ -259,7 +249,7 @@ async def test_headers_count_only_on_connections_from_a_trusted_proxy(start):
     app, client = await start(**{"access.trust_forwarded_for": True,
                                  "access.trusted_proxies": ["10.0.0.0/8"],
                                  "access.offer_per_min": 2})
-    app[SERVICES].access.clock = ManualClock()
+    app[SERVICES].access.clock = FakeClock()
     await granted(await client.get("/sessions", headers=REMOTE))  # still the loopback peer
     statuses = [(await client.post("/offer", json={}, headers={XFF: f"198.51.100.{i}"})).status
                 for i in range(4)]
@@ -458,7 +448,7 @@ async def test_cors_star_allows_any_origin(start):
 
 async def test_offer_rate_limit_with_an_injected_clock(start):
     app, client = await start(**{"access.offer_per_min": 3})
-    clock = ManualClock()
+    clock = FakeClock()
     app[SERVICES].access.clock = clock
     for _ in range(3):
         await refused(await client.post("/offer", json={}), 400, "bad_request")
@@ -482,7 +472,7 @@ async def test_offer_rate_limit_with_an_injected_clock(start):
 async def test_rate_limits_are_per_client_and_per_group(start):
     app, client = await start(**{"access.offer_per_min": 2, "access.render_per_min": 1,
                                  "access.avatars_per_min": 2, "access.trust_forwarded_for": True})
-    app[SERVICES].access.clock = ManualClock()
+    app[SERVICES].access.clock = FakeClock()
     a, b = {"X-Forwarded-For": "198.51.100.1"}, {"X-Forwarded-For": "198.51.100.2"}
     for _ in range(2):
         await refused(await client.post("/offer", json={}, headers=a), 400, "bad_request")
@@ -504,13 +494,13 @@ async def test_rate_limits_are_per_client_and_per_group(start):
 
 async def test_rate_limit_zero_disables(start):
     app, client = await start(**{"access.offer_per_min": 0})
-    app[SERVICES].access.clock = ManualClock()
+    app[SERVICES].access.clock = FakeClock()
     for _ in range(40):
         await refused(await client.post("/offer", json={}), 400, "bad_request")
 
 
 def test_limiter_memory_stays_bounded():
-    clock = ManualClock()
+    clock = FakeClock()
     limiter = RateLimiter(10, clock=clock, max_clients=100)
     for i in range(1000):
         assert limiter.take(f"10.0.{i // 256}.{i % 256}") == 0.0
@@ -524,7 +514,7 @@ def test_limiter_memory_stays_bounded():
 
 
 def test_limiter_refills_continuously():
-    clock = ManualClock()
+    clock = FakeClock()
     limiter = RateLimiter(6, clock=clock)  # one token every 10 s
     assert [limiter.take("c") for _ in range(6)] == [0.0] * 6
     assert limiter.take("c") == pytest.approx(10.0)
@@ -601,7 +591,7 @@ async def test_secrets_never_reach_logs_or_answers(start, caplog):
     caplog.set_level(logging.DEBUG)
     app, client = await start(**{"access.api_keys": [KEY_A, KEY_B], "access.offer_token": TOKEN,
                                  "access.offer_per_min": 2})
-    app[SERVICES].access.clock = ManualClock()
+    app[SERVICES].access.clock = FakeClock()
     answers = []
     for headers in ({"X-API-Key": KEY_A}, {"X-API-Key": WRONG},
                     {"Authorization": f"Bearer {KEY_B}"}, {"Authorization": f"Bearer {WRONG}"},
