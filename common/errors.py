@@ -64,3 +64,23 @@ class AvatarUnavailable(AvatarServerError):
 
     status = 500
     code = "avatar_unavailable"
+
+
+class NoCapacity(ServerFull):
+    """A front found no ready node with room for one more call."""
+
+    code = "no_capacity"
+
+
+class SessionGone(AvatarServerError):
+    """The session was on a node that stopped answering (it crashed or was killed)."""
+
+    status = 410
+    code = "session_gone"
+
+
+class NodeUnavailable(AvatarServerError):
+    """A front could not reach the node a request belongs to, or it did not answer in time."""
+
+    status = 502
+    code = "node_unavailable"

@@ -34,6 +34,7 @@ SttDevice = Literal["auto", "cuda", "cpu"]
 FaceAnalyzerBackend = Literal["dlib", "haar", "insightface"]
 ForwardedHeader = Literal["x-forwarded-for", "forwarded", "x-real-ip"]
 JobsBackend = Literal["local", "redis"]
+ClusterRole = Literal["standalone", "node", "front"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -456,6 +457,32 @@ class CacheSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    role: ClusterRole = setting("standalone", doc="""
+    What this process is (one of: standalone, node, front). standalone: one server does it
+    all; node: a media server that registers in Redis and takes calls from fronts; front:
+    serves the pages and the API and routes each call to the ready node with the most
+    headroom (docs/scale-out.md).""")
+    redis_url: str = setting("redis://127.0.0.1:6379/0", check=v.redis_url, doc="""
+    Redis URL of the node registry, shared by the fronts and the nodes (str, redis:// or
+    rediss:// or unix://).""")
+    node_url: str | None = setting(None, check=v.http_url, doc="""
+    The URL a front uses to reach this node (str http(s)://host:port; null =
+    http://<server.host>:<server.port>, 127.0.0.1 when server.host is 0.0.0.0).""")
+    node_id: str | None = setting(None, doc="""
+    This node's id in the registry (str; null = <hostname>-<server.port>).""")
+    heartbeat_s: float = setting(1.0, min=0.1, max=30, doc="""
+    How often a node refreshes its entry in the registry (float seconds, 0.1..30).""")
+    node_timeout_s: float = setting(5.0, min=0.5, max=300, doc="""
+    A node that has not refreshed its entry for this long is dropped from routing and its
+    calls are reported gone (float seconds, 0.5..300; more than two heartbeats).""")
+    drain_timeout_s: float = setting(300.0, min=0, max=86400, doc="""
+    On SIGTERM (or POST /cluster/drain) a node takes no new calls and lets its live calls go
+    on for at most this long, then tells the pages and closes them, then exits (float
+    seconds).""")
+
+
+@dataclass(frozen=True, slots=True)
 class AccessSettings:
     api_keys: tuple[str, ...] = setting((), parse=v.api_keys, secret=True, doc="""
     API keys for the admin routes: avatar register and delete, cache admin, session list and
@@ -520,6 +547,7 @@ class Settings:
     jobs: JobsSettings = JobsSettings()
     cache: CacheSettings = CacheSettings()
     access: AccessSettings = AccessSettings()
+    cluster: ClusterSettings = ClusterSettings()
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain data (lists, not tuples) for logging or a /config endpoint.
@@ -552,7 +580,8 @@ class Settings:
 SECTION_TYPES: dict[str, type] = {
     name: tp for name, tp in get_type_hints(Settings).items() if isinstance(tp, type)
 }
-CROSS_CHECKS = {"render": v.render_cross_check, "access": v.access_cross_check}
+CROSS_CHECKS = {"render": v.render_cross_check, "access": v.access_cross_check,
+                "cluster": v.cluster_cross_check}
 
 
 def build_settings(sections: dict[str, Section]) -> Settings:

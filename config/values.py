@@ -282,3 +282,9 @@ def access_cross_check(s: Section, v: dict[str, Any]) -> None:
         )
     if header == "x-real-ip" and hops != 1:
         raise s.error("forwarded_hops", "must be 1 with forwarded_header x-real-ip (one address)")
+
+
+def cluster_cross_check(s: Section, v: dict[str, Any]) -> None:
+    if v["node_timeout_s"] <= 2 * v["heartbeat_s"]:
+        raise s.error("node_timeout_s",
+                      f"must be more than two heartbeats (heartbeat_s {v['heartbeat_s']})")

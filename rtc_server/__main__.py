@@ -22,6 +22,7 @@ from aiohttp import web
 
 from config import ConfigError, Settings, load_settings
 from rtc_server.app import create_app
+from rtc_server.cluster.node import NODE
 from rtc_server.ice import use_host_candidates
 from rtc_server.logs import configure_logging
 from rtc_server.services import SERVICES
@@ -34,6 +35,12 @@ def _drain_at_once_on_sigterm(app: web.Application) -> None:
     aiohttp's graceful exit starts: an offer already being answered gets 503."""
 
     def on_signal() -> None:
+        agent = app.get(NODE)
+        if agent is not None and not agent.draining:
+            # a node drains first: its calls go on until they end (cluster.drain_timeout_s)
+            agent.on_drained = _exit_soon
+            agent.drain()
+            return
         app[SERVICES].draining.set()
         raise web.GracefulExit()
 
@@ -46,6 +53,16 @@ def _drain_at_once_on_sigterm(app: web.Application) -> None:
                 pass
 
     app.on_startup.append(install)
+
+
+def _exit_soon() -> None:
+    """Leave ``web.run_app`` gracefully from the event loop (as its own signal handler does:
+    ``GracefulExit`` is a ``SystemExit``, which the loop lets through)."""
+
+    def leave() -> None:
+        raise web.GracefulExit()
+
+    asyncio.get_running_loop().call_soon(leave)
 
 
 def _freeze_start_up_objects(app: web.Application) -> None:
@@ -204,9 +221,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     # process-wide and explicit: which host candidates ICE gathers (webrtc.host_candidates)
     use_host_candidates(settings.webrtc.host_candidates)
-    app = create_app(settings)
-    _drain_at_once_on_sigterm(app)
-    _freeze_start_up_objects(app)
+    if settings.cluster.role == "front":  # no engines: routes calls to the nodes
+        from rtc_server.cluster.front import create_front_app
+
+        app = create_front_app(settings)
+    else:
+        app = create_app(settings)
+        _drain_at_once_on_sigterm(app)
+        _freeze_start_up_objects(app)
     listening = False  # set once the app has loaded: what fails after that is the socket
 
     async def mark_loaded(app: web.Application) -> None:

@@ -72,6 +72,9 @@ ADMIN_ROUTES: frozenset[RouteKey] = frozenset(
         ("POST", "/cache/cleanup"),
         ("GET", "/metrics"),
         ("GET", "/health/detailed"),
+        ("POST", "/cluster/drain"),
+        ("GET", "/cluster/nodes"),
+        ("POST", "/cluster/nodes/{node_id}/drain"),
     }
 )
 # Routes that need access.offer_token when it is set.

@@ -371,6 +371,14 @@ def create_app(
         engines.pool.shutdown(wait=True, cancel_futures=True)
 
     app.cleanup_ctx.append(resources)
+    if settings.cluster.role == "node":
+        from rtc_server.cluster.node import install_node
+
+        async def close_all(reason: str, detail: str, timeout_s: float) -> object:
+            return await close_sessions(services.sessions, reason=reason, detail=detail,
+                                        timeout_s=timeout_s)
+
+        install_node(app, settings, close_all=close_all)  # registers once the engines load
     app.on_shutdown.append(drain)
     app.router.add_get("/", handle_index)
     app.router.add_get("/register", handle_register)

@@ -1,0 +1,2 @@
+"""Past one machine: media nodes registered in Redis behind stateless fronts
+(``cluster.role``; docs/scale-out.md)."""
