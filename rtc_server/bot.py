@@ -316,6 +316,7 @@ class Bot:
                 if resp.status != 200:
                     raise RuntimeError(f"offer refused: {resp.status} {answer}")
         self.session_id = answer["session_id"]
+        self.node_id: str | None = answer.get("node_id")  # the node, behind a front
         await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
         self.video_codec = negotiated_codec_name(video_tr)
         if self._recorder is not None:

@@ -18,6 +18,7 @@ limit                          refusal                                          
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from common.errors import ServerFull
@@ -53,6 +54,8 @@ class SessionSlots:
     max_pending: int
     max_pending_per_client: int
     retry_after_s: int = 5
+    # called after a slot is taken, connects or is given back (a cluster node republishes)
+    on_change: Callable[[], None] | None = None
     _slots: set[Slot] = field(default_factory=set)
     _pending_by_client: Counter[str] = field(default_factory=Counter)
 
@@ -85,12 +88,16 @@ class SessionSlots:
         slot = Slot(self, client)
         self._slots.add(slot)
         self._pending_by_client[client] += 1
+        if self.on_change is not None:
+            self.on_change()
         return slot
 
     def _connected(self, slot: Slot) -> None:
         if slot.pending and not slot.released:
             slot.pending = False
             self._uncount_pending(slot.client)
+            if self.on_change is not None:
+                self.on_change()
 
     def _release(self, slot: Slot) -> None:
         if slot.released:
@@ -100,6 +107,8 @@ class SessionSlots:
         if slot.pending:
             slot.pending = False
             self._uncount_pending(slot.client)
+        if self.on_change is not None:
+            self.on_change()
 
     def _uncount_pending(self, client: str) -> None:
         self._pending_by_client[client] -= 1

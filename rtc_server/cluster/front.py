@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,34 +78,36 @@ RETURNED_HEADERS = ("Content-Type", "Retry-After", "Cache-Control", "Content-Dis
 @dataclass
 class Router:
     """The order in which to try nodes for a new call: ready nodes with room, most room
-    first, then fewest calls. A call routed since a node's last heartbeat is not in its
-    figures yet; it is taken off that node's room until two heartbeats later."""
+    first, then fewest calls. A node publishes its record as soon as it takes a call, so
+    only the offers this front has in flight are not in the figures yet: each is taken off
+    its node's room until its answer is back."""
 
-    _routed: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
-    forget_after_s: float = 10.0
+    _in_flight: dict[str, int] = field(default_factory=dict)
 
-    def order(self, nodes: list[NodeView], now: float) -> list[NodeView]:
+    def order(self, nodes: list[NodeView]) -> list[NodeView]:
         ranked: list[tuple[int, int, str, NodeView]] = []
         for n in nodes:
             if n.state != "ready":
                 continue
-            recent = [r for r in self._routed.get(n.id, [])
-                      if n.seq <= r[1] + 1 and now - r[0] < self.forget_after_s]
-            self._routed[n.id] = recent
-            room = n.room - len(recent)
+            flying = self._in_flight.get(n.id, 0)
+            room = n.room - flying
             if room >= 1:
-                ranked.append((-room, n.sessions + len(recent), n.id, n))
+                ranked.append((-room, n.sessions + flying, n.id, n))
         ranked.sort(key=lambda r: r[:3])
         return [r[3] for r in ranked]
 
-    def routed(self, node: NodeView, now: float) -> tuple[float, int]:
-        entry = (now, node.seq)
-        self._routed.setdefault(node.id, []).append(entry)
-        return entry
-
-    def failed(self, node: NodeView, entry: tuple[float, int]) -> None:
-        with contextlib.suppress(KeyError, ValueError):
-            self._routed[node.id].remove(entry)
+    @contextlib.contextmanager
+    def sending(self, node: NodeView) -> Iterator[None]:
+        """An offer on its way to ``node``."""
+        self._in_flight[node.id] = self._in_flight.get(node.id, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._in_flight[node.id] - 1
+            if left:
+                self._in_flight[node.id] = left
+            else:
+                del self._in_flight[node.id]
 
 
 class FrontMetrics:
@@ -176,37 +178,39 @@ async def handle_offer(request: web.Request) -> web.StreamResponse:
     data = await read_json_object(request, front.settings.server.max_json_depth)
     parse(offer_model(front.settings), data)  # the same checks (and 400s) as a node's
     nodes = await front.registry.nodes()
-    order = front.router.order(nodes, time.monotonic())
     headers = passed_headers(request)
-    for node in order:
-        entry = front.router.routed(node, time.monotonic())
+    tried: set[str] = set()
+    while True:
+        # ranked again after each refusal: offers in flight elsewhere change the order
+        order = [n for n in front.router.order(nodes) if n.id not in tried]
+        if not order:
+            break
+        node = order[0]
+        tried.add(node.id)
         sent = time.perf_counter()
         try:
-            async with front.client.post(
-                f"{node.url}/offer", json=data, headers=headers,
-                timeout=aiohttp.ClientTimeout(total=OFFER_TIMEOUT_S, sock_connect=2.0),
-            ) as resp:
-                body = await resp.read()
-                status, returned = resp.status, _returned(resp)
+            with front.router.sending(node):
+                async with front.client.post(
+                    f"{node.url}/offer", json=data, headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=OFFER_TIMEOUT_S, sock_connect=2.0),
+                ) as resp:
+                    body = await resp.read()
+                    status, returned = resp.status, _returned(resp)
         except (aiohttp.ClientError, OSError) as exc:
-            front.router.failed(node, entry)
             front.metrics.skipped.labels("unreachable").inc()
             logger.warning("node %s did not take an offer: %s", node.id, exc or type(exc).__name__)
             continue
         except TimeoutError:
-            front.router.failed(node, entry)
             front.metrics.offers.labels("node_error").inc()
             # it may have made the session: trying another node could leave two calls
             raise NodeUnavailable(f"node {node.id} did not answer the offer within "
                                   f"{OFFER_TIMEOUT_S:g} s; try again") from None
         node_s = time.perf_counter() - sent
         if status == 503 or status >= 500:
-            front.router.failed(node, entry)
             front.metrics.skipped.labels("full" if status == 503 else "error").inc()
             logger.info("node %s refused an offer (%d); trying the next", node.id, status)
             continue
         if status != 200:  # the caller's mistake (400, 404, 429): the same answer
-            front.router.failed(node, entry)
             front.metrics.offers.labels("rejected").inc()
             return web.Response(body=body, status=status, headers=returned)
         answer = _json_object(body)

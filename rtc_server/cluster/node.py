@@ -1,10 +1,10 @@
 """A media node (``cluster.role: node``): today's server, plus a heartbeat into the registry
 and a drain that drops no call.
 
-The heartbeat writes the node's record every ``cluster.heartbeat_s`` (at once when its
-state changes): id, URL, state (``ready`` or ``draining``), live calls and their ids, and
-``room``, the calls it takes now, from the same measure its own admission uses
-(``rtc_server.headroom``) and ``sessions.max_concurrent``.
+The heartbeat writes the node's record every ``cluster.heartbeat_s``, and at once when a
+call is taken or ends or the state changes: id, URL, state (``ready`` or ``draining``), live
+calls and their ids, and ``room``, the calls it takes now, from the same measure its own
+admission uses (``rtc_server.headroom``) and ``sessions.max_concurrent``.
 
 Drain (SIGTERM, or ``POST /cluster/drain``): the node says ``draining`` (fronts stop routing
 to it; an offer that reaches it anyway gets 503 ``shutting_down``), lets its live calls go
@@ -195,8 +195,11 @@ def install_node(
     start-up context that loads the engines is added (the node registers once loaded)."""
     cluster = settings.cluster
     registry = registry or Registry(cluster.redis_url, timeout_s=cluster.node_timeout_s)
-    agent = NodeAgent(app[SERVICES], registry, close_all=close_all)
+    services = app[SERVICES]
+    agent = NodeAgent(services, registry, close_all=close_all)
     app[NODE] = agent
+    # a call taken or ended is published at once: fronts route by fresh figures
+    services.slots.on_change = agent.kick
 
     async def heartbeat(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.get_running_loop().create_task(agent.run(), name="heartbeat")

@@ -88,7 +88,8 @@ class Registry:
     # --- the node side --------------------------------------------------------------------------
     async def publish(self, record: dict[str, Any]) -> None:
         """Write a node's record (its heartbeat)."""
-        node_id, text = record["id"], json.dumps(record)
+        # the expiry goes with the record: its age is read against the node's own timeout
+        node_id, text = record["id"], json.dumps({**record, "timeout_s": self.timeout_s})
         async with self.redis.pipeline(transaction=True) as p:
             p.set(PREFIX + f"node:{node_id}", text, px=int(self.timeout_s * 1000))
             p.set(PREFIX + f"seen:{node_id}", text, ex=SEEN_TTL_S)
@@ -123,9 +124,7 @@ class Registry:
             live, pttl, seen = replies[3 * i: 3 * i + 3]
             view: NodeView | None = None
             if live is not None:
-                last = None if pttl is None or pttl < 0 else max(
-                    0.0, self.timeout_s - pttl / 1000)
-                view = self._view(live, last_seen_s=last)
+                view = self._view(live, pttl_ms=pttl)
             elif seen is None:
                 forgotten.append(node_id)
             elif with_gone:
@@ -139,11 +138,16 @@ class Registry:
         return out
 
     @staticmethod
-    def _view(text: str, *, state: str | None = None, last_seen_s: float | None = None
+    def _view(text: str, *, state: str | None = None, pttl_ms: int | None = None
               ) -> NodeView | None:
+        """The record ``text`` as a view; ``pttl_ms``: what is left of its expiry."""
         try:
-            return NodeView.from_record(json.loads(text), state=state, last_seen_s=last_seen_s)
-        except (ValueError, KeyError, TypeError):
+            record = json.loads(text)
+            last = None
+            if pttl_ms is not None and pttl_ms >= 0:
+                last = max(0.0, float(record.get("timeout_s", 0.0)) - pttl_ms / 1000)
+            return NodeView.from_record(record, state=state, last_seen_s=last)
+        except (ValueError, KeyError, TypeError, AttributeError):
             logger.warning("a malformed node record in the registry was ignored")
             return None
 
