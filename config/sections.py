@@ -479,7 +479,7 @@ class ClusterSettings:
     drain_timeout_s: float = setting(300.0, min=0, max=86400, doc="""
     On SIGTERM (or POST /cluster/drain) a node takes no new calls and lets its live calls go
     on for at most this long, then tells the pages and closes them, then exits (float
-    seconds).""")
+    seconds, 0..86400).""")
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ import contextlib
 import functools
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import cv2
@@ -24,12 +24,10 @@ from avatars.model import AvatarError
 from avatars.registration import PrepareFn, RegistrationService
 from avatars.store import AvatarStore
 from common.errors import (
-    AvatarServerError,
     AvatarUnavailable,
     NotFound,
     Overloaded,
     PipelineError,
-    ServerFull,
     ShuttingDown,
 )
 from common.threads import name_os_thread
@@ -56,18 +54,15 @@ from rtc_server.observability import (
     session_event_hook,
 )
 from rtc_server.openapi import add_openapi_route
+from rtc_server.pages import handle_index, handle_register, handle_web_file
 from rtc_server.render_api import add_render_routes
 from rtc_server.services import SERVICES, Engines, Services, services_of
 from rtc_server.session import Session
 from rtc_server.slots import SessionSlots, Slot
-from rtc_server.wire import json_error, read_json_object
+from rtc_server.wire import RETRY_AFTER_S, errors_middleware, json_error, read_json_object
 
 logger = logging.getLogger(__name__)
 
-WEB_DIR = Path(__file__).resolve().parent.parent / "web"
-RETRY_AFTER_S = 5
-# nginx's "client closed request": what /metrics counts for a client that hung up mid-request
-CLIENT_CLOSED_STATUS = 499
 
 @functools.lru_cache(maxsize=4)
 def shared_stt(model: str, cache_dir: str, device: str, compute_type: str | None,
@@ -104,41 +99,6 @@ def replier_factory(settings: Settings) -> Callable[[], Replier]:
 
 def _detail(exc: BaseException) -> str:
     return str(getattr(exc, "detail", None) or exc or type(exc).__name__)
-
-
-@web.middleware
-async def errors_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Every failure is a JSON ``{error, detail}`` with a fitting status, never a traceback."""
-    try:
-        return await handler(request)
-    except ServerFull as exc:
-        return json_error(
-            exc.status, exc.code, exc.detail, headers={"Retry-After": str(exc.retry_after_s)}
-        )
-    except AvatarServerError as exc:
-        return json_error(exc.status, exc.code, exc.detail)
-    except web.HTTPRequestEntityTooLarge as exc:
-        return json_error(413, "body_too_large", exc.text or "request body too large")
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return json_error(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason)
-    except asyncio.CancelledError:
-        raise
-    except ConnectionResetError:
-        transport = request.transport
-        if transport is not None and not transport.is_closing():
-            logger.exception("unhandled error on %s %s", request.method, request.path)
-            return json_error(500, "internal_error", "the server failed; see its log")
-        # the client hung up mid-request: nobody reads this answer, nothing failed here
-        logger.info("client disconnected during %s %s", request.method, request.path)
-        return json_error(CLIENT_CLOSED_STATUS, "client_closed_request",
-                          "the client closed the connection before the answer")
-    except Exception:
-        logger.exception("unhandled error on %s %s", request.method, request.path)
-        return json_error(500, "internal_error", "the server failed; see its log")
 
 
 async def handle_offer(request: web.Request) -> web.Response:
@@ -296,22 +256,6 @@ async def handle_ice_servers(request: web.Request) -> web.Response:
     return web.json_response(
         {"iceServers": servers}, headers={"Cache-Control": "no-store"}
     )
-
-
-async def handle_web_file(request: web.Request) -> web.FileResponse:
-    """A file of the pages; anything else (a missing file, a path out of web/) is a JSON 404."""
-    path = (WEB_DIR / request.match_info["name"]).resolve()
-    if not path.is_relative_to(WEB_DIR) or not path.is_file():
-        raise NotFound("no such file")
-    return web.FileResponse(path)
-
-
-async def handle_index(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(WEB_DIR / "index.html")
-
-
-async def handle_register(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(WEB_DIR / "register.html")
 
 
 def create_app(

@@ -3,11 +3,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.errors import BadJson, BadRequest
+from common.errors import AvatarServerError, BadJson, BadRequest, ServerFull
 from common.inputs import JsonRejected, loads_json, short
+
+logger = logging.getLogger("rtc_server.app")
+
+RETRY_AFTER_S = 5  # what a refused caller is told to wait (Retry-After)
+# nginx's "client closed request": what /metrics counts for a client that hung up mid-request
+CLIENT_CLOSED_STATUS = 499
 
 
 class ErrorBody(BaseModel):
@@ -42,3 +52,38 @@ async def read_json_object(request: web.Request, max_depth: int) -> dict[str, ob
     if not isinstance(data, dict):
         raise BadRequest("body must be a JSON object")
     return data
+
+
+@web.middleware
+async def errors_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every failure is a JSON ``{error, detail}`` with a fitting status, never a traceback."""
+    try:
+        return await handler(request)
+    except ServerFull as exc:
+        return json_error(
+            exc.status, exc.code, exc.detail, headers={"Retry-After": str(exc.retry_after_s)}
+        )
+    except AvatarServerError as exc:
+        return json_error(exc.status, exc.code, exc.detail)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return json_error(413, "body_too_large", exc.text or "request body too large")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return json_error(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason)
+    except asyncio.CancelledError:
+        raise
+    except ConnectionResetError:
+        transport = request.transport
+        if transport is not None and not transport.is_closing():
+            logger.exception("unhandled error on %s %s", request.method, request.path)
+            return json_error(500, "internal_error", "the server failed; see its log")
+        # the client hung up mid-request: nobody reads this answer, nothing failed here
+        logger.info("client disconnected during %s %s", request.method, request.path)
+        return json_error(CLIENT_CLOSED_STATUS, "client_closed_request",
+                          "the client closed the connection before the answer")
+    except Exception:
+        logger.exception("unhandled error on %s %s", request.method, request.path)
+        return json_error(500, "internal_error", "the server failed; see its log")

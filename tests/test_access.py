@@ -66,8 +66,37 @@ PUBLIC_REQUESTS = [
 ]
 
 
+# the same for the cluster's admin routes: (method, path, route, role of the app that has it)
+CLUSTER_ADMIN_REQUESTS = [
+    ("POST", "/cluster/drain", "/cluster/drain", "node"),
+    ("GET", "/cluster/nodes", "/cluster/nodes", "front"),
+    ("POST", "/cluster/nodes/n1/drain", "/cluster/nodes/{node_id}/drain", "front"),
+]
+
+
 def test_the_admin_request_list_covers_every_admin_route():
-    assert {(m, route) for m, _, route in ADMIN_REQUESTS} == set(ADMIN_ROUTES)
+    listed = {(m, route) for m, _, route in ADMIN_REQUESTS}
+    listed |= {(m, route) for m, _, route, _ in CLUSTER_ADMIN_REQUESTS}
+    assert listed == set(ADMIN_ROUTES)
+
+
+@pytest.mark.parametrize("method, path, route, role", CLUSTER_ADMIN_REQUESTS)
+async def test_cluster_admin_routes_want_a_key(aiohttp_client, tmp_path, method, path, route,
+                                               role):
+    from rtc_server.cluster.front import create_front_app
+
+    overrides = {"access.api_keys": [KEY_A], "cluster.role": role,
+                 # nothing listens there: these requests never get past access control
+                 "cluster.redis_url": "redis://127.0.0.1:9/0"}
+    if role == "front":
+        app = create_front_app(load_settings(env={}, overrides=overrides))
+    else:
+        app = make_app(tmp_path, **overrides)
+    client = await aiohttp_client(app)
+    await refused(await client.request(method, path), 401, "unauthorized")
+    await refused(await client.request(method, path, headers={"X-API-Key": WRONG}), 403,
+                  "forbidden")
+    await granted(await client.request(method, path, headers={"X-API-Key": KEY_A}))
 
 
 def make_app(tmp_path, **overrides) -> web.Application:

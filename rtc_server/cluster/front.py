@@ -47,18 +47,12 @@ from prometheus_client import (
 from common.errors import NoCapacity, NodeUnavailable, NotFound, SessionGone
 from config import Settings
 from rtc_server.access import install_access
-from rtc_server.app import (
-    RETRY_AFTER_S,
-    errors_middleware,
-    handle_index,
-    handle_register,
-    handle_web_file,
-)
 from rtc_server.bodies import offer_model, parse
 from rtc_server.cluster.registry import NodeView, Registry
 from rtc_server.ice import browser_ice_servers, resolve_ice_servers
 from rtc_server.openapi import add_openapi_route
-from rtc_server.wire import json_error, read_json_object
+from rtc_server.pages import handle_index, handle_register, handle_web_file
+from rtc_server.wire import RETRY_AFTER_S, errors_middleware, json_error, read_json_object
 
 __all__ = ["FRONT", "Front", "Router", "create_front_app"]
 
