@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -36,7 +37,14 @@ from typing import Any
 
 import psutil
 
-from bench.common import ROOT, cpu_seconds, print_table, start_server, write_result
+from bench.common import (
+    ROOT,
+    cpu_seconds,
+    print_table,
+    start_cluster,
+    start_server,
+    write_result,
+)
 from bench.soak import get_json
 
 WARMUP_S = 5.0
@@ -207,19 +215,24 @@ def model_stats(url: str) -> tuple[float, int]:
     return float(batching.get("busy_s", 0.0)), int(batching.get("items", 0))
 
 
-def speaking_step(url: str, pid: int, n: int, seconds: float) -> dict[str, Any]:
+def servers_cpu(pids: list[int]) -> float:
+    return sum(cpu_seconds(pid) for pid in pids)
+
+
+def speaking_step(url: str, pids: list[int], n: int, seconds: float) -> dict[str, Any]:
+    """``pids``: the server's processes (a front and its nodes with ``--nodes``)."""
     bots = start_bots(url, n, seconds, speak=True)
     wait_sessions(url, n)
     time.sleep(WARMUP_S)
     m0, b0 = model_stats(url), cpu_seconds(bots.pid)
-    s0, c0, t0, k0 = sessions(url), cpu_seconds(pid), time.monotonic(), machine_cpu()
+    s0, c0, t0, k0 = sessions(url), servers_cpu(pids), time.monotonic(), machine_cpu()
     speaking: dict[str, list[bool]] = {}
     end = t0 + max(2.0, seconds - WARMUP_S - 4.0)
     while time.monotonic() < end:
         for sid, s in sessions(url).items():
             speaking.setdefault(sid, []).append(bool(s.get("speaking")))
         time.sleep(0.5)
-    s1, c1, t1, k1 = sessions(url), cpu_seconds(pid), time.monotonic(), machine_cpu()
+    s1, c1, t1, k1 = sessions(url), servers_cpu(pids), time.monotonic(), machine_cpu()
     m1, b1 = model_stats(url), cpu_seconds(bots.pid)
     out, _ = bots.communicate(timeout=300)
     received = json.loads(out.strip().splitlines()[-1])
@@ -265,6 +278,20 @@ def speaking_step(url: str, pid: int, n: int, seconds: float) -> dict[str, Any]:
     }
 
 
+def speaking_runs(url: str, pids: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+    speaking: list[dict[str, Any]] = []
+    warm_up(url)
+    for run in range(1, args.repeat + 1):
+        for n in [int(x) for x in args.steps.split(",")]:
+            row = {"run": run, **speaking_step(url, pids, n, args.seconds)}
+            speaking.append(row)
+            print_table([row])
+            if not held(row) and not args.all_steps and args.repeat == 1:
+                break
+            time.sleep(2)
+    return speaking
+
+
 def held(row: dict[str, Any]) -> bool:
     return row["fresh_fps_min"] >= 24 and row["skipped"] == 0
 
@@ -293,6 +320,9 @@ def main() -> None:
                    help="measure every step, also after one falls under 24 fps")
     p.add_argument("--threads", type=int, default=0,
                    help="lipsync.intra_op_threads for --engine wav2lip (0 = every core)")
+    p.add_argument("--nodes", type=int, default=0,
+                   help="run N media nodes behind a front (and a redis-server) instead of "
+                   "one server; the server CPU is theirs together")
     args = p.parse_args()
     if args.client:
         asyncio.run(client(args.url, args.client, args.seconds, args.speak))
@@ -304,23 +334,17 @@ def main() -> None:
             SERVER_ENV["AVATAR_LIPSYNC__MAX_WAIT_MS"] = str(args.max_wait_ms)
     steps = [int(x) for x in args.memory_steps.split(",") if x]
     memory = [memory_step(n) for n in steps]
-    proc, url = start_server(SERVER_ENV)
-    lipsync = get_json(url + "/health").get("lipsync", {})
-    print("lip-sync:", lipsync)
-    speaking = []
-    try:
-        warm_up(url)
-        for run in range(1, args.repeat + 1):
-            for n in [int(x) for x in args.steps.split(",")]:
-                row = {"run": run, **speaking_step(url, proc.pid, n, args.seconds)}
-                speaking.append(row)
-                print_table([row])
-                if not held(row) and not args.all_steps and args.repeat == 1:
-                    break
-                time.sleep(2)
-    finally:
-        proc.terminate()
-        proc.wait()
+    with contextlib.ExitStack() as stack:
+        if args.nodes:
+            procs, url = stack.enter_context(start_cluster(args.nodes, SERVER_ENV))
+        else:
+            proc, url = start_server(SERVER_ENV)
+            stack.callback(proc.wait)
+            stack.callback(proc.terminate)
+            procs = [proc]
+        lipsync = get_json(url + "/health").get("lipsync", {})
+        print("lip-sync:", lipsync)
+        speaking = speaking_runs(url, [p.pid for p in procs], args)
     print_table(memory)
     print_table(speaking)
     # a step holds in a run when every call got >= 24 fresh fps and no frame was skipped; the
@@ -342,6 +366,7 @@ def main() -> None:
         "runs_held_by_sessions": {str(n): k for n, k in held_runs.items()},
         "cpu_per_speaking_session_cores": speaking[0]["cpu_per_session"] if speaking else None,
         "engine": args.engine,
+        "nodes": args.nodes,
         "lipsync": {
             k: lipsync.get(k)
             for k in (
@@ -357,6 +382,8 @@ def main() -> None:
     name = "capacity"
     if args.engine == "wav2lip":
         name = f"capacity-wav2lip-{args.device}-{args.precision}-t{args.threads}"
+    if args.nodes:
+        name += f"-nodes{args.nodes}"
     write_result(name, {"summary": summary, "memory": memory, "speaking": speaking})
 
 

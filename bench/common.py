@@ -5,6 +5,7 @@ Benchmarks that open peer connections must run in a loopback-only network namesp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,44 @@ def start_server(env_extra: dict[str, str] | None = None) -> tuple[subprocess.Po
             time.sleep(0.2)
     proc.kill()
     raise RuntimeError("server did not start")
+
+
+@contextlib.contextmanager
+def start_cluster(nodes: int, env_extra: dict[str, str] | None = None) -> Iterator[
+        tuple[list[subprocess.Popen[bytes]], str]]:
+    """A redis-server, ``nodes`` media nodes and a front on 127.0.0.1 (``cluster.role``);
+    yields (the front and node processes, the front's URL) and stops them all."""
+    import shutil
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed (Debian package redis-server)")
+    port = free_port()
+    redis = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        base = {"AVATAR_CLUSTER__DRAIN_TIMEOUT_S": "1",  # stopping never waits for calls
+                **(env_extra or {}), "AVATAR_CLUSTER__REDIS_URL": f"redis://127.0.0.1:{port}/0"}
+        for i in range(nodes):
+            proc, _ = start_server({**base, "AVATAR_CLUSTER__ROLE": "node",
+                                    "AVATAR_CLUSTER__NODE_ID": f"node-{i + 1}"})
+            procs.append(proc)
+        front, url = start_server({**base, "AVATAR_CLUSTER__ROLE": "front"})
+        procs.insert(0, front)
+        for _ in range(100):  # every node registered
+            with urllib.request.urlopen(url + "/cluster/nodes", timeout=2) as r:
+                if len(json.loads(r.read())["nodes"]) == nodes:
+                    break
+            time.sleep(0.1)
+        yield procs, url
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait()
+        redis.terminate()
+        redis.wait()
 
 
 def cpu_seconds(pid: int) -> float:

@@ -236,3 +236,62 @@ async def test_the_front_lists_nodes_with_state_and_last_heartbeat(front, regist
     assert 0 <= node["last_seen_s"] < 1
     resp = await front.post("/cluster/nodes/nope/drain")
     assert resp.status == 404
+
+
+# --- the node agent ------------------------------------------------------------------------------
+class FakeRegistry:
+    def __init__(self) -> None:
+        self.published: list[dict[str, Any]] = []
+        self.withdrawn: list[dict[str, Any]] = []
+
+    async def publish(self, record: dict[str, Any]) -> None:
+        self.published.append(record)
+
+    async def withdraw(self, record: dict[str, Any]) -> None:
+        self.withdrawn.append(record)
+
+
+def agent(s: Services, registry: FakeRegistry, closed: list[str]) -> Any:
+    from rtc_server.cluster.node import NodeAgent
+
+    async def close_all(reason: str, detail: str, timeout_s: float) -> None:
+        closed.append(reason)
+        s.sessions.clear()
+
+    return NodeAgent(s, registry, close_all=close_all,  # type: ignore[arg-type]
+                     node_id="n1", url="http://127.0.0.1:1")
+
+
+async def test_the_heartbeat_stops_when_cancelled_even_as_a_kick_wakes_it():
+    """A cancel that lands as a kick wakes the heartbeat must still stop it (asyncio.wait_for
+    on 3.11 swallowed it, and a node's shutdown hung)."""
+    for _ in range(20):
+        reg = FakeRegistry()
+        a = agent(services(), reg, [])
+        task = asyncio.get_running_loop().create_task(a.run())
+        await asyncio.sleep(0)  # first beat, then waiting for a kick
+        await asyncio.sleep(0)
+        a.kick()
+        await asyncio.sleep(0)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=2.0)
+        assert done, "the heartbeat did not stop"
+
+
+async def test_a_drain_publishes_draining_at_once_and_closes_what_outlives_it():
+    s = services()
+    s.settings = load_settings(env={}, overrides={"cluster.drain_timeout_s": 0.3})
+    reg, closed, drained = FakeRegistry(), [], []
+    a = agent(s, reg, closed)
+    a.on_drained = lambda: drained.append(True)
+    s.sessions["x"] = type("Live", (), {"id": "x", "state": "connected"})()  # type: ignore[assignment]
+    task = asyncio.get_running_loop().create_task(a.run())
+    await asyncio.sleep(0.05)
+    a.drain()
+    await asyncio.sleep(0.05)
+    assert reg.published[-1]["state"] == "draining" and reg.published[-1]["room"] == 0
+    assert reg.published[-1]["session_ids"] == ["x"] and closed == [] and not drained
+    await asyncio.wait_for(a.drain(), 2.0)  # the same task: drain is idempotent
+    assert closed == ["drain"] and drained == [True] and reg.withdrawn
+    task.cancel()
+    await asyncio.wait({task}, timeout=2.0)

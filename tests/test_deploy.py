@@ -105,3 +105,125 @@ def test_dockerfile_is_a_non_root_cuda_image_with_a_healthcheck() -> None:
     assert "onnxruntime-gpu" in (ROOT / "requirements-gpu.txt").read_text()
     env = dict(re.findall(r"(AVATAR_\w+)=(\S+)", text))
     assert env and load_settings(env=env)
+
+
+# --------------------------------------------------------------------------- scale-out
+K8S = ROOT / "deploy" / "k8s"
+# what the manifests take from secrets and the cluster (stand-ins of the right form)
+SECRETS = {"api-keys": '["' + "k" * 24 + '"]', "turn-secret": "t" * 32}
+DOWNWARD = {"HOST_IP": "10.1.2.3", "NODE_NAME": "gpu-node-1"}
+
+
+def k8s_docs() -> list[dict]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def config_map(docs: list[dict], name: str) -> dict[str, str]:
+    return next(d["data"] for d in docs if d["kind"] == "ConfigMap"
+                and d["metadata"]["name"] == name)
+
+
+def container_env(docs: list[dict], container: dict) -> dict[str, str]:
+    """The container's environment as Kubernetes gives it: secrets, config maps, the downward
+    API and $(VAR) references filled in."""
+    env: dict[str, str] = {}
+    for item in container.get("env", []):
+        if "value" in item:
+            value = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], item["value"])
+        else:
+            ref = item["valueFrom"]
+            if "secretKeyRef" in ref:
+                value = SECRETS[ref["secretKeyRef"]["key"]]
+            elif "configMapKeyRef" in ref:
+                r = ref["configMapKeyRef"]
+                value = config_map(docs, r["name"])[r["key"]]
+            else:
+                value = DOWNWARD[item["name"]]
+        env[item["name"]] = value
+    return env
+
+
+def our_containers(docs: list[dict]) -> list[tuple[dict, dict]]:
+    out = []
+    for d in docs:
+        if d["kind"] in ("Deployment", "DaemonSet", "StatefulSet"):
+            for c in d["spec"]["template"]["spec"]["containers"]:
+                if c["image"].startswith("avatar-rtc"):
+                    out.append((d, c))
+    return out
+
+
+def app_routes(settings) -> set[str]:
+    from rtc_server.app import create_app
+    from rtc_server.cluster.front import create_front_app
+
+    app = (create_front_app(settings) if settings.cluster.role == "front"
+           else create_app(settings))
+    return {r.resource.canonical for r in app.router.routes() if r.resource is not None}
+
+
+def test_every_manifest_parses_and_names_real_settings_ports_and_commands() -> None:
+    import importlib.util
+
+    docs = k8s_docs()
+    assert {d["kind"] for d in docs} >= {"Deployment", "DaemonSet", "Service", "ConfigMap"}
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    roles = set()
+    for workload, c in our_containers(docs):
+        env = container_env(docs, c)
+        settings = load_settings(env=env)  # every AVATAR_* key exists and its value is valid
+        roles.add(settings.cluster.role)
+        assert c["command"][:2] == ["python3", "-m"]
+        assert importlib.util.find_spec(c["command"][2]) is not None, c["command"]
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports["http"] == settings.server.port
+        routes = app_routes(settings)
+        for probe in ("readinessProbe", "livenessProbe"):
+            get = c[probe]["httpGet"]
+            assert get["path"] in routes and get["port"] in ports, (probe, get)
+        redis_host = settings.cluster.redis_url.split("//")[1].split(":")[0].split(".")[0]
+        assert redis_host in services, settings.cluster.redis_url
+        if settings.cluster.role == "node":
+            assert workload["spec"]["template"]["spec"]["hostNetwork"] is True  # media is UDP
+            assert settings.cluster.node_url == f"http://10.1.2.3:{settings.server.port}"
+            assert settings.cluster.node_id == "gpu-node-1"
+            hook = c["lifecycle"]["preStop"]["exec"]["command"]
+            assert hook[:2] == ["python3", "-m"] and importlib.util.find_spec(hook[2])
+            grace = workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            assert grace > settings.cluster.drain_timeout_s
+            assert "/cluster/drain" in routes
+    assert roles == {"front", "node"}
+    # every Service selects pods that have the port it targets
+    for svc in services.values():
+        pods = [c for w, c in our_containers(docs) + [
+            (d, c) for d in docs if d["kind"] == "Deployment"
+            for c in d["spec"]["template"]["spec"]["containers"]]
+            if w["spec"]["selector"]["matchLabels"] == svc["spec"]["selector"]]
+        assert pods, svc["metadata"]["name"]
+        for port in svc["spec"]["ports"]:
+            assert any(port["targetPort"] in {p["name"] for p in c["ports"]} for c in pods)
+
+
+def test_the_compose_cluster_profile_runs_a_front_and_two_nodes(compose) -> None:
+    services = compose["services"]
+    cluster = {n: s for n, s in services.items() if "cluster" in s.get("profiles", [])}
+    assert set(cluster) == {"front", "node-1", "node-2"}
+    ports, ids = set(), set()
+    for name, svc in cluster.items():
+        settings = load_settings(env={k: str(v) for k, v in svc["environment"].items()})
+        assert settings.cluster.role == ("front" if name == "front" else "node")
+        assert settings.cluster.redis_url.startswith("redis://127.0.0.1:6379")
+        assert svc["network_mode"] == "host"
+        health = " ".join(svc["healthcheck"]["test"])
+        assert f"127.0.0.1:{settings.server.port}/ready" in health
+        ports.add(settings.server.port)
+        if name != "front":
+            assert settings.cluster.node_url == f"http://127.0.0.1:{settings.server.port}"
+            ids.add(settings.cluster.node_id)
+            grace = int(svc["stop_grace_period"].rstrip("s"))
+            assert grace > settings.cluster.drain_timeout_s
+            assert settings.access.trusted_proxies == ("127.0.0.1/32",)
+    assert len(ports) == 3 and ids == {"node-1", "node-2"}

@@ -130,12 +130,16 @@ class NodeAgent:
         while True:
             await self.beat()
             self._wake.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that arrives
+            # as a kick wakes it, and the heartbeat then never stopped
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.heartbeat_s)
+                async with asyncio.timeout(self.heartbeat_s):
+                    await self._wake.wait()
 
     async def withdraw(self) -> None:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.registry.withdraw(self.record()), 2.0)
+            async with asyncio.timeout(2.0):
+                await self.registry.withdraw(self.record())
 
     # --- drain ----------------------------------------------------------------------------------
     @property
@@ -207,8 +211,7 @@ def install_node(
                     redact_url(cluster.redis_url))
         yield
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await asyncio.wait({task}, timeout=2.0)  # bounded: nothing here may hold the exit
         if agent._draining is not None and not agent._draining.done():
             agent._draining.cancel()
         await agent.withdraw()
