@@ -308,7 +308,7 @@ def _operations(settings: Settings) -> dict[str, dict[str, Any]]:
         return op
 
     html = {"description": "An HTML page.", "content": {"text/html": {"schema": STR}}}
-    return {
+    paths: dict[str, dict[str, Any]] = {
         "/": {"get": {"tags": ["pages"], "summary": "The call page.",
                       "operationId": "call_page", "responses": {200: html}}},
         "/register": {"get": {"tags": ["pages"], "summary": "The avatar registration page.",
@@ -490,6 +490,31 @@ def _operations(settings: Settings) -> dict[str, dict[str, Any]]:
             "summary": "Remove expired entries and stale partial files; enforce the size cap.",
             "responses": {200: _json("What was removed.", _ref("CacheCleanup"))}})},
     }
+    role = settings.cluster.role  # docs/scale-out.md
+    if role == "node":
+        paths["/cluster/drain"] = {"post": admin({
+            "tags": ["cluster"], "operationId": "drain", "summary": "Take no new calls; let "
+            "the live ones end (cluster.drain_timeout_s), then exit.",
+            "responses": {202: _json("Draining: {id, state, sessions, drain_timeout_s}.",
+                                     ANY_OBJ)}})}
+    elif role == "front":
+        del paths["/health/detailed"]
+        node_id = _path_param("node_id", STR, "A node id from GET /cluster/nodes.")
+        paths["/cluster/nodes"] = {"get": admin({
+            "tags": ["cluster"], "operationId": "list_nodes", "summary": "The media nodes: "
+            "{nodes: [{id, url, state, sessions, room, headroom, last_seen_s}]}.",
+            "responses": {200: _json("The nodes (state ready, draining or gone).", ANY_OBJ)}})}
+        paths["/cluster/nodes/{node_id}/drain"] = {"post": admin({
+            "tags": ["cluster"], "operationId": "drain_node", "summary": "Drain one node.",
+            "parameters": [node_id],
+            "responses": {202: _json("The node's answer.", ANY_OBJ), 404: _error(404),
+                          502: _error(502, "node_unavailable")}})}
+        deleting = paths["/sessions/{session_id}"]["delete"]["responses"]
+        deleting[410] = _error(410, "session_gone: the call's node stopped answering.")
+        deleting[502] = _error(502, "node_unavailable")
+        paths["/offer"]["post"]["responses"][503] = _error(
+            503, "No node has room (no_capacity).")
+    return paths
 
 
 def websocket_paths() -> dict[str, dict[str, Any]]:
@@ -531,6 +556,7 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             {"name": "observability", "description": "Health, readiness and metrics."},
             {"name": "pages", "description": "HTML pages."},
             {"name": "meta", "description": "This description."},
+            {"name": "cluster", "description": "Media nodes behind a front."},
         ],
         "paths": paths,
         "components": {

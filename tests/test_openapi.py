@@ -94,6 +94,20 @@ def test_document_describes_exactly_the_registered_routes() -> None:
     assert doc_operations(doc) == routes - {("get", p) for p in ws}
 
 
+@pytest.mark.parametrize("role", ["node", "front"])
+def test_a_node_and_a_front_are_described_by_their_own_routes(role: str) -> None:
+    from rtc_server.cluster.front import create_front_app
+
+    s = load_settings(env={}, overrides={"cluster.role": role})
+    app = create_front_app(s) if role == "front" else create_app(s, tts=ToneTTS())
+    doc = build_openapi(s)
+    routes = app_routes(app)
+    assert doc_operations(doc) == routes - {("get", p) for p in doc["x-websocket"]}
+    assert ("post", "/cluster/drain" if role == "node" else "/cluster/nodes/{node_id}/drain") \
+        in routes
+    schemathesis.openapi.from_dict(doc)  # valid
+
+
 def test_document_is_valid_openapi_3_1_with_errors_security_and_bounds() -> None:
     s = fuzz_settings()
     doc = build_openapi(s)
