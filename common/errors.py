@@ -37,6 +37,11 @@ class NotFound(AvatarServerError):
     code = "not_found"
 
 
+class LipSyncUnavailable(PipelineError):
+    """The lip-sync engine cannot run now, but may later: its inference pool is unreachable,
+    slow or failing. A call degrades to the viseme engine instead of giving it up."""
+
+
 class ServerFull(AvatarServerError):
     status = 503
     code = "server_full"

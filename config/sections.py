@@ -27,7 +27,7 @@ AudioFrameMs = Literal[10, 20, 40, 60]
 HostCandidates = Literal["all", "loopback"]
 TtsEngine = Literal["piper"]
 LipsyncEngine = Literal["auto", "wav2lip", "viseme"]
-LipsyncDevice = Literal["auto", "cuda", "openvino", "cpu"]
+LipsyncDevice = Literal["auto", "cuda", "openvino", "cpu", "remote"]
 LipsyncPrecision = Literal["auto", "fp32", "bf16", "int8"]
 H264Preset = Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium"]
 SttDevice = Literal["auto", "cuda", "cpu"]
@@ -264,9 +264,18 @@ class LipsyncSettings:
     model_cache_dir: str | None = setting(None, doc="""
     Where exported/converted models are cached (str path or null = <avatars.data_dir>/models).""")
     device: LipsyncDevice = setting("auto", doc="""
-    Execution device for Wav2Lip (one of: auto, cuda, openvino, cpu). auto tries TensorRT,
-    then CUDA, then OpenVINO (the openvino package, on the CPU), then plain ONNX Runtime on the
-    CPU; the backend and precision actually in use are logged and shown by /health/detailed.""")
+    Execution device for Wav2Lip (one of: auto, cuda, openvino, cpu, remote). auto tries
+    TensorRT, then CUDA, then OpenVINO (the openvino package, on the CPU), then plain ONNX
+    Runtime on the CPU; the backend and precision actually in use are logged and shown by
+    /health/detailed. remote: the shared inference pool at pool_url runs the model (this
+    server sends the 96x96 crops and mel windows and pastes the mouths back;
+    docs/scale-out.md); wav2lip_model is then the pool's, not set here.""")
+    pool_url: str | None = setting(None, check=v.http_url, doc="""
+    The inference pool's Wav2Lip route, for device remote (str http(s)://host:port/wav2lip,
+    as python -m pipeline.lipsync.serve prints it; null = not used).""")
+    pool_timeout_ms: int = setting(1000, min=50, max=30000, doc="""
+    A batch the pool has not answered within this is a failure: the call goes on with the
+    viseme engine (int, ms, 50..30000).""")
     precision: LipsyncPrecision = setting("auto", doc="""
     Precision of Wav2Lip on OpenVINO (one of: auto, fp32, bf16, int8). auto = bf16 where the
     CPU supports it (AVX512-BF16 or AMX), else fp32. int8 is opt-in: statically quantized,
@@ -581,7 +590,7 @@ SECTION_TYPES: dict[str, type] = {
     name: tp for name, tp in get_type_hints(Settings).items() if isinstance(tp, type)
 }
 CROSS_CHECKS = {"render": v.render_cross_check, "access": v.access_cross_check,
-                "cluster": v.cluster_cross_check}
+                "cluster": v.cluster_cross_check, "lipsync": v.lipsync_cross_check}
 
 
 def build_settings(sections: dict[str, Section]) -> Settings:

@@ -288,3 +288,9 @@ def cluster_cross_check(s: Section, v: dict[str, Any]) -> None:
     if v["node_timeout_s"] <= 2 * v["heartbeat_s"]:
         raise s.error("node_timeout_s",
                       f"must be more than two heartbeats (heartbeat_s {v['heartbeat_s']})")
+
+
+def lipsync_cross_check(s: Section, v: dict[str, Any]) -> None:
+    if v["device"] == "remote" and not v["pool_url"]:
+        raise s.error("pool_url", "device remote needs the pool's URL (python -m "
+                      "pipeline.lipsync.serve prints it)")

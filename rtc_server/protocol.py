@@ -200,8 +200,9 @@ class Error(Event):
 @dataclass(frozen=True, slots=True)
 class LipSync(Event):
     """Who draws the mouth changed: ``degraded`` true when the configured engine kept missing
-    its frame deadlines and ``engine`` (the fallback) draws the rest of the utterance; false
-    when the configured engine is back."""
+    its frame deadlines (``reason`` ``deadlines_missed``) or could not run at all
+    (``engine_unavailable``: its inference pool is away) and ``engine`` (the fallback) draws
+    the rest of the utterance; false when the configured engine is back."""
 
     engine: str
     degraded: bool

@@ -471,9 +471,12 @@ class Session:
         assert engine is not None  # a degrade needs a fallback
         logger.warning("session %s: lip-sync %s (%s)", self.id[:8],
                        f"degraded to {engine.name}" if degraded else f"back to {engine.name}",
-                       "frame deadlines missed" if degraded else "no frame missed for 2 s")
-        self.send_event(LipSync(engine.name, degraded,
-                                "deadlines_missed" if degraded else "headroom_back"))
+                       "frame deadlines missed or its pool away" if degraded
+                       else "no frame missed for 2 s")
+        guard = self.lipsync.guard
+        reason = (guard.reason if guard is not None else "deadlines_missed") if degraded \
+            else "headroom_back"
+        self.send_event(LipSync(engine.name, degraded, reason))
 
     def _error(self, message: str, *, fatal: bool = False) -> None:
         self.send_event(Error(message, fatal=fatal))

@@ -174,3 +174,59 @@ def test_the_switch_is_an_event_on_the_wire_and_a_metric():
         "avatar_lipsync_switches_total", {"direction": "degraded"}) == 2
     assert obs.registry.get_sample_value(
         "avatar_lipsync_switches_total", {"direction": "restored"}) == 1
+
+
+def test_an_engine_that_cannot_run_degrades_at_once_and_is_tried_again_later():
+    missed = [0]
+    switches: list[bool] = []
+    guard = DeadlineGuard(lambda: missed[0], switches.append)
+    assert not guard.use_fallback(plan(0, 1))
+    guard.unavailable(plan(1, 1))  # its inference pool did not answer
+    assert guard.use_fallback(plan(1, 1)) and switches == [True]
+    assert guard.reason == "engine_unavailable"
+    assert all(guard.use_fallback(plan(k, 1)) for k in range(2, 30))
+    # 2 s later, at a new utterance, the primary is tried again
+    assert not guard.use_fallback(plan(80, 2)) and switches == [True, False]
+    missed[0] = 3  # this time it misses deadlines: said so
+    assert guard.use_fallback(plan(81, 2)) and guard.reason == "deadlines_missed"
+
+
+class _Failing:
+    """A primary engine whose renderer raises ``error`` (an unreachable pool, or a bug)."""
+
+    name = "wav2lip"
+    frame_group = 1
+    render_lead_ms = None
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def renderer(self, avatar, timeline, *, width, height, executor):
+        error = self.error
+
+        class R:
+            async def render(self, plan):
+                raise error
+
+        return R()
+
+
+async def test_an_unreachable_pool_degrades_the_call_and_a_bug_fails_it_for_good():
+    from common.errors import LipSyncUnavailable
+
+    clock = ManualClock()
+    fallback = _Engine("viseme", clock, service_ms=0, luma=50)
+    for error, failed in ((LipSyncUnavailable("pool away"), False), (ValueError("bug"), True)):
+        failures: list[str] = []
+        switches: list[bool] = []
+        lipsync = SessionLipSync(_Failing(error), fallback,
+                                 on_failure=lambda where, exc: failures.append(where),
+                                 on_degrade=switches.append)
+        r = lipsync.renderer(None, None, width=W, height=H, executor=None, misses=lambda: 0)
+        frame = await r.render(plan(0, 1))
+        assert int(frame[0, 0]) == 50  # the fallback drew the frame the primary could not
+        assert lipsync.failed is failed
+        assert (failures, switches) == ((["render"], []) if failed else ([], [True]))
+        if not failed:
+            assert lipsync.degraded and lipsync.guard is not None
+            assert lipsync.guard.reason == "engine_unavailable"

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from common.errors import LipSyncUnavailable
 from pipeline.lipsync.base import VISEMES, FrameRenderer, LipSyncEngine, LipTrack, Yuv
 from pipeline.lipsync.degrade import DeadlineGuard
 
@@ -61,6 +62,10 @@ def create_lipsync_engine(settings: Settings) -> LipSyncEngine:
     cfg = settings.lipsync
     if cfg.engine == "viseme":
         return VisemeEngine()
+    if cfg.device == "remote":  # the shared inference pool runs the model
+        from pipeline.lipsync.remote import remote_wav2lip_engine
+
+        return remote_wav2lip_engine(cfg)
     path = cfg.wav2lip_path
     if path is None:
         if cfg.engine == "wav2lip":
@@ -218,6 +223,12 @@ class _FallbackRenderer:
                 return await self._primary.render(plan)
             except asyncio.CancelledError:
                 raise
+            except LipSyncUnavailable as exc:
+                if deadlines is None:
+                    self._guard.fail("render", exc)
+                else:  # its pool is away for now: degraded, tried again at a later utterance
+                    deadlines.unavailable(plan)
+                    deadlines.use_fallback(plan)
             except Exception as exc:  # noqa: BLE001 - any engine failure: fall back, say so
                 self._guard.fail("render", exc)
         return await self._fallback.render(plan)

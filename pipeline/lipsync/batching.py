@@ -27,6 +27,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from common.errors import LipSyncUnavailable
+
 logger = logging.getLogger(__name__)
 
 I = TypeVar("I")  # noqa: E741 - item
@@ -192,7 +194,10 @@ class BatchWorker(Generic[I, O]):
                 if len(outputs) != len(batch):
                     raise RuntimeError(f"model gave {len(outputs)} outputs for {len(batch)} items")
             except BaseException as exc:  # noqa: BLE001 - handed to every waiter
-                logger.exception("batch of %d failed", len(batch))
+                if isinstance(exc, LipSyncUnavailable):  # the pool is away: its calls degrade
+                    logger.warning("batch of %d not run: %s", len(batch), exc)
+                else:
+                    logger.exception("batch of %d failed", len(batch))
                 with self._cond:
                     self.stats.failed_batches += 1
                     self.stats.busy_s += time.perf_counter() - t0

@@ -57,6 +57,10 @@ class DeadlineGuard:
         self.degraded = False
         self._segment: int | None = None  # the utterance the fallback took over
         self.switches = 0
+        # why the last switch to the fallback happened: deadlines_missed, or
+        # engine_unavailable (the primary could not run at all: its inference pool is away)
+        self.reason = "deadlines_missed"
+        self._unavailable = False
 
     def _note_misses(self, t_ns: int) -> None:
         count = self._misses()
@@ -68,6 +72,16 @@ class DeadlineGuard:
         self._seen = max(self._seen, count)
         while self._recent and self._recent[0] <= t_ns - self.window_ns:
             self._recent.popleft()
+
+    def unavailable(self, plan: FramePlan) -> None:
+        """The primary could not draw ``plan`` at all (its inference pool cannot be
+        reached): as many misses as switch the call, at once; the primary is tried again at
+        a later utterance, as after missed deadlines."""
+        t = plan.t_ns
+        self._note_misses(t)
+        self._recent.extend([t] * self.max_misses)
+        self._last_miss_ns = t
+        self._unavailable = True
 
     def use_fallback(self, plan: FramePlan) -> bool:
         """Whether the fallback draws ``plan`` (and the switch, when this plan makes one)."""
@@ -89,6 +103,8 @@ class DeadlineGuard:
                 self._segment = plan.segment_id
             return True
         if plan.segment_id is not None and len(self._recent) >= self.max_misses:
+            self.reason = "engine_unavailable" if self._unavailable else "deadlines_missed"
+            self._unavailable = False
             self.degraded = True
             self._segment = plan.segment_id
             self.switches += 1

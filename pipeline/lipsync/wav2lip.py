@@ -84,7 +84,10 @@ class Wav2LipModel:
         calibration: Calibration | None = None,
         streams: int = 0,
         rows: OutputRows = WHOLE_CROP,
+        runner: Runner | None = None,
     ) -> None:
+        """``runner``: one already made (the inference pool's, ``pipeline.lipsync.remote``)
+        instead of loading ``path``."""
         self.path = Path(path)
         self.rows = rows
         cache = cache_dir or self.path.parent
@@ -95,7 +98,7 @@ class Wav2LipModel:
             def int8_model() -> Path:
                 return quantized_model(self.path, cache, calibration)
 
-        self.runner: Runner = load_runner(
+        self.runner: Runner = runner or load_runner(
             self.path,
             device=device,
             precision=precision,
@@ -304,7 +307,7 @@ def wav2lip_engine_from_settings(
     )
 
 
-def load_wav2lip_engine(
+def load_wav2lip_model(
     model_path: Path,
     *,
     cache_dir: Path,
@@ -313,13 +316,10 @@ def load_wav2lip_engine(
     fp16: bool = True,
     intra_op_threads: int = 0,
     max_batch: int = 16,
-    max_wait_ms: float = 4.0,
     calibration: Calibration | None = None,
     streams: int = 0,
-    frame_group: int = 1,
-    render_lead_ms: int | None = None,
     lower_face_only: bool = True,
-) -> Wav2LipEngine:
+) -> Wav2LipModel:
     """Resolve (``.pth`` -> cached ONNX), load and warm up the model. Blocking.
 
     ``lower_face_only``: run the cached lower-rows copy (``pipeline.lipsync.rows``) when the
@@ -359,6 +359,31 @@ def load_wav2lip_engine(
         # now for every size the worker can make, not inside a call
         for batch in range(2, max_batch + 1):
             model.warm_up(batch)
+    return model
+
+
+def load_wav2lip_engine(
+    model_path: Path,
+    *,
+    cache_dir: Path,
+    device: str = "auto",
+    precision: str = "auto",
+    fp16: bool = True,
+    intra_op_threads: int = 0,
+    max_batch: int = 16,
+    max_wait_ms: float = 4.0,
+    calibration: Calibration | None = None,
+    streams: int = 0,
+    frame_group: int = 1,
+    render_lead_ms: int | None = None,
+    lower_face_only: bool = True,
+) -> Wav2LipEngine:
+    """Resolve (``.pth`` -> cached ONNX), load and warm up the model (``load_wav2lip_model``),
+    and the engine around it. Blocking."""
+    model = load_wav2lip_model(
+        model_path, cache_dir=cache_dir, device=device, precision=precision, fp16=fp16,
+        intra_op_threads=intra_op_threads, max_batch=max_batch, calibration=calibration,
+        streams=streams, lower_face_only=lower_face_only)
     return Wav2LipEngine(
         model,
         max_batch=max_batch,
