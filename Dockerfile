@@ -20,10 +20,12 @@ RUN useradd --create-home --uid 10001 avatar \
  && mkdir -p /app /data && chown avatar:avatar /app /data
 WORKDIR /app
 
-COPY --chown=avatar:avatar requirements.txt requirements-gpu.txt ./
+# one image for every role: a standalone server, a front, a media node, the inference pool
+# (requirements-pool.txt is requirements.txt plus Ray Serve)
+COPY --chown=avatar:avatar requirements.txt requirements-pool.txt requirements-gpu.txt ./
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --upgrade pip \
- && /opt/venv/bin/pip install -r requirements.txt \
+ && /opt/venv/bin/pip install -r requirements-pool.txt \
  && /opt/venv/bin/pip uninstall -y onnxruntime \
  && /opt/venv/bin/pip install -r requirements-gpu.txt
 ENV PATH=/opt/venv/bin:$PATH

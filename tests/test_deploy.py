@@ -209,8 +209,17 @@ def test_every_manifest_parses_and_names_real_settings_ports_and_commands() -> N
 
 def test_the_compose_cluster_profile_runs_a_front_and_two_nodes(compose) -> None:
     services = compose["services"]
+    from pipeline.lipsync.serve import ROUTE
+
     cluster = {n: s for n, s in services.items() if "cluster" in s.get("profiles", [])}
-    assert set(cluster) == {"front", "node-1", "node-2"}
+    assert set(cluster) == {"front", "node-1", "node-2", "pool"}
+    pool = cluster.pop("pool")
+    command = pool["command"]
+    assert command[:3] == ["python3", "-m", "pipeline.lipsync.serve"]
+    pool_port = int(command[command.index("--port") + 1])
+    pool_settings = load_settings(env={k: str(v) for k, v in pool["environment"].items()})
+    assert pool_settings.lipsync.device == "cuda"
+    assert f"127.0.0.1:{pool_port}{ROUTE}" in " ".join(pool["healthcheck"]["test"])
     ports, ids = set(), set()
     for name, svc in cluster.items():
         settings = load_settings(env={k: str(v) for k, v in svc["environment"].items()})
@@ -226,4 +235,33 @@ def test_the_compose_cluster_profile_runs_a_front_and_two_nodes(compose) -> None
             grace = int(svc["stop_grace_period"].rstrip("s"))
             assert grace > settings.cluster.drain_timeout_s
             assert settings.access.trusted_proxies == ("127.0.0.1/32",)
+            assert settings.lipsync.device == "remote"
+            assert settings.lipsync.pool_url == f"http://127.0.0.1:{pool_port}{ROUTE}"
+            assert svc["depends_on"]["pool"]["condition"] == "service_healthy"
     assert len(ports) == 3 and ids == {"node-1", "node-2"}
+
+
+def test_the_pool_manifest_deploys_the_serve_app_the_nodes_call() -> None:
+    import importlib
+
+    from pipeline.lipsync.serve import ROUTE
+
+    docs = k8s_docs()
+    (ray_service,) = [d for d in docs if d["kind"] == "RayService"]
+    (app,) = yaml.safe_load(ray_service["spec"]["serveConfigV2"])["applications"]
+    module, _, attr = app["import_path"].partition(":")
+    assert callable(getattr(importlib.import_module(module), attr))
+    assert app["route_prefix"] == ROUTE
+    cluster = ray_service["spec"]["rayClusterConfig"]
+    for group in cluster["workerGroupSpecs"]:
+        (worker,) = group["template"]["spec"]["containers"]
+        settings = load_settings(env=container_env(docs, worker))
+        assert settings.lipsync.device == "cuda" and settings.lipsync.wav2lip_model
+        assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # the nodes call it at its Serve service (KubeRay names it <name>-serve-svc, port 8000)
+    url = f"http://{ray_service['metadata']['name']}-serve-svc:8000{ROUTE}"
+    nodes = [c for w, c in our_containers(docs) if w["kind"] == "DaemonSet"]
+    assert nodes
+    for c in nodes:
+        settings = load_settings(env=container_env(docs, c))
+        assert settings.lipsync.device == "remote" and settings.lipsync.pool_url == url
