@@ -178,6 +178,34 @@ async def test_a_restarted_front_loses_nothing(cluster: Cluster) -> None:
         await bot.aclose()
 
 
+async def test_the_rest_of_the_api_is_passed_to_a_node(cluster: Cluster) -> None:
+    """Avatars, render jobs (their status, files and progress socket from the node that took
+    them) and the cache answer through the front as on a node."""
+    import aiohttp
+
+    node = f"http://127.0.0.1:{cluster.ports['node-a']}"
+    assert cluster.get("/avatars") == http("GET", node + "/avatars")
+    async with aiohttp.ClientSession() as web:
+        async with web.get(node + "/avatars/default/thumbnail") as r:
+            thumbnail = await r.read()
+        async with web.get(cluster.front + "/avatars/default/thumbnail") as r:
+            assert r.status == 200 and r.content_type == "image/jpeg"
+            assert await r.read() == thumbnail
+        async with web.post(cluster.front + "/v1/render", json={
+                "text": "Hello from the front.", "async": True}) as r:
+            assert r.status == 202, await r.text()
+            job = await r.json()
+        async with web.ws_connect(cluster.front + job["ws_url"]) as ws:
+            states = [json.loads(m.data) async for m in ws]
+        assert states[-1]["status"] == "done", states[-1]
+        status, done = cluster.get(job["status_url"])
+        assert status == 200 and done["status"] == "done"
+        async with web.get(cluster.front + done["result"]["files"]["video"]) as r:
+            video = await r.read()
+            assert r.status == 200 and len(video) > 1000
+    assert http("GET", cluster.front + "/v1/render/no-such-job")[0] == 404
+
+
 async def test_sigterm_drains_a_node_without_dropping_its_calls(cluster: Cluster) -> None:
     # two calls on node-a (four calls: two on each): one ends by itself during the drain,
     # one outlives the drain time
