@@ -220,7 +220,7 @@ async def test_an_unreachable_pool_degrades_the_call_and_a_bug_fails_it_for_good
         failures: list[str] = []
         switches: list[bool] = []
         lipsync = SessionLipSync(_Failing(error), fallback,
-                                 on_failure=lambda where, exc: failures.append(where),
+                                 on_failure=lambda where, exc, seen=failures: seen.append(where),
                                  on_degrade=switches.append)
         r = lipsync.renderer(None, None, width=W, height=H, executor=None, misses=lambda: 0)
         frame = await r.render(plan(0, 1))
