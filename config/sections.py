@@ -466,6 +466,18 @@ class CacheSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ExpressionSettings:
+    enabled: bool = setting(True, doc="""
+    The avatar listens and thinks with its face (bool): while the person speaks its gaze
+    settles on them, it blinks a little less and nods at their pauses; between their turn and
+    the answer it looks up and aside; while it speaks its head follows the voice's stress
+    (docs/api.md). false = the idle face alone.""")
+    strength: float = setting(1.0, min=0.0, max=2.0, doc="""
+    How much the expression layer moves the head (float, 0.0..2.0; 1 = at most about 3 px
+    at 512x512).""")
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterSettings:
     role: ClusterRole = setting("standalone", doc="""
     What this process is (one of: standalone, node, front). standalone: one server does it
@@ -552,6 +564,7 @@ class Settings:
     stt: SttSettings = SttSettings()
     llm: LlmSettings = LlmSettings()
     conversation: ConversationSettings = ConversationSettings()
+    expression: ExpressionSettings = ExpressionSettings()
     render: RenderSettings = RenderSettings()
     jobs: JobsSettings = JobsSettings()
     cache: CacheSettings = CacheSettings()

@@ -190,6 +190,14 @@ class FaceRenderer:
                 if p is not None:
                     x0, y0, x1, y1 = rig.box
                     frame[y0:y1, x0:x1] = p
+            if pose.expr_dx or pose.expr_dy or pose.expr_roll_deg:
+                # the loop moves its own head; the expression layer's nods move the frame
+                shift = cv2.getRotationMatrix2D(self._pivot, pose.expr_roll_deg, 1.0)
+                shift[0, 2] += pose.expr_dx
+                shift[1, 2] += pose.expr_dy
+                frame = np.asarray(cv2.warpAffine(
+                    frame, shift, (self._w, self._h), flags=cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_REPLICATE), dtype=np.uint8)
             return frame
         patches = self._patches(pose)
         m = self.head_matrix(pose)

@@ -7,10 +7,13 @@ Same seed, same ``t_ns`` -> same pose, so any thread may ask for any frame in an
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 from face.geometry import NS_PER_S, smoothstep
+
+Keep = Callable[[int, int], bool]  # (event k, its start ns) -> whether it happens
 
 # ---------------------------------------------------------------------------------------------
 # Timeline
@@ -103,6 +106,12 @@ class FacePose:
     head_scale: float  # ~1.0 (breathing)
     mouth_open: float = 0.0  # 0..1 jaw drop (the energy-driven mouth)
     mouth: MouthShape | None = None  # the full mouth shape; when set, mouth_open is ignored
+    # the expression layer's share of the head motion (face/expression.py), already in
+    # head_dx/head_dy/head_roll_deg; a video-loop avatar, whose loop has its own head motion,
+    # moves its frames by this much alone
+    expr_dx: float = 0.0
+    expr_dy: float = 0.0
+    expr_roll_deg: float = 0.0
 
     @classmethod
     def neutral(
@@ -194,13 +203,17 @@ class IdleTimeline:
             raise ValueError(f"no blink starts at {start_ns} ns")
         return dur
 
-    def blink_at(self, t_ns: int) -> float:
+    def blink_at(self, t_ns: int, keep: Keep | None = None) -> float:
+        """``keep(k, start_ns)``: whether blink k happens (the expression layer drops some
+        while the person speaks); decided by its start, so a blink is whole or absent."""
         k0 = t_ns // BLINK_PERIOD_NS
         for k in (k0, k0 + 1):
             if k < 1:
                 continue
             start, dur = self._blink(k)
             if start <= t_ns < start + dur:
+                if keep is not None and not keep(k, start):
+                    return 0.0
                 p = (t_ns - start) / dur
                 if p < _BLINK_CLOSE:
                     return smoothstep(p / _BLINK_CLOSE)
@@ -239,9 +252,13 @@ class IdleTimeline:
                 out.append((s.start_ns, s.end_ns, s.gaze_x, s.gaze_y))
         return out
 
-    def gaze_at(self, t_ns: int) -> tuple[float, float]:
-        s = self._saccade(t_ns // SACCADE_SLOT_NS)
+    def gaze_at(self, t_ns: int, keep: Keep | None = None) -> tuple[float, float]:
+        """``keep(k, start_ns)``: whether glance k happens (as for blinks)."""
+        k = t_ns // SACCADE_SLOT_NS
+        s = self._saccade(k)
         if s is None or not (s.start_ns <= t_ns < s.end_ns):
+            return 0.0, 0.0
+        if keep is not None and not keep(k, s.start_ns):
             return 0.0, 0.0
         dt = t_ns - s.start_ns
         if dt < s.move_ns:
@@ -253,17 +270,22 @@ class IdleTimeline:
         return a * s.gaze_x, a * s.gaze_y
 
     # -- pose ----------------------------------------------------------------------------------
-    def pose_at(self, t_ns: int) -> FacePose:
+    def head_time_ns(self, t_ns: int) -> int:
+        """The time on the head's grid (``head_step_ns``) that ``t_ns`` shows."""
         step = self.head_step_ns
-        t = (t_ns - t_ns % step if step else t_ns) / NS_PER_S  # the head's time
+        return t_ns - t_ns % step if step else t_ns
+
+    def pose_at(self, t_ns: int, *, keep_blink: Keep | None = None,
+                keep_glance: Keep | None = None) -> FacePose:
+        t = self.head_time_ns(t_ns) / NS_PER_S  # the head's time
         breath = math.sin(self._breath_w * t + self._breath_ph)
         (w1, p1), (w2, p2) = self._sway
         (w3, p3), (w4, p4) = self._roll
         wb, pb = self._bob
-        gx, gy = self.gaze_at(t_ns)
+        gx, gy = self.gaze_at(t_ns, keep_glance)
         return FacePose(
             t_ns=t_ns,
-            blink=self.blink_at(t_ns),
+            blink=self.blink_at(t_ns, keep_blink),
             gaze_x=gx,
             gaze_y=gy,
             head_dx=1.1 * math.sin(w1 * t + p1) + 0.45 * math.sin(w2 * t + p2),

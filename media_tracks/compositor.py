@@ -116,6 +116,8 @@ class Compositor:
         self._speaking = False
         self._audio_pos = 0  # audio pts up to which playout has been asked for
         self._cut_listeners: list[Callable[[int], None]] = []
+        self._speech_listeners: list[
+            tuple[Callable[[Scheduled], None], Callable[[int], None]]] = []
         self.stats = CompositorStats()
 
     # --- time helpers -------------------------------------------------------------------
@@ -190,8 +192,23 @@ class Compositor:
             prev.fade_out = False
             item.fade_in = False
         self._segments.append(item)
+        for scheduled, _ in list(self._speech_listeners):
+            try:
+                scheduled(item)
+            except Exception:
+                logger.exception("speech listener failed")
         self._replanned(first)
         return item
+
+    def add_speech_listener(self, scheduled: Callable[[Scheduled], None],
+                            cleared: Callable[[int], None]) -> None:
+        """``scheduled(item)`` when a segment is queued (before its frames are re-planned),
+        ``cleared(k)`` when speech is interrupted at frame ``k``."""
+        self._speech_listeners.append((scheduled, cleared))
+
+    def replan_from(self, k: int) -> None:
+        """Frames from ``k`` on must be drawn again (what they show changed elsewhere)."""
+        self._replanned(k)
 
     def add_cut_listener(self, listener: Callable[[int], None]) -> None:
         """``listener(k)`` is called when the plans of frames ``>= k`` changed: after
@@ -228,6 +245,11 @@ class Compositor:
             kept.append(s)
         self._segments = kept
         self.stats.clears += 1
+        for _, cleared in list(self._speech_listeners):
+            try:
+                cleared(cut)
+            except Exception:
+                logger.exception("speech listener failed")
         self._replanned(cut)
         return cut
 

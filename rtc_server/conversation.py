@@ -111,6 +111,10 @@ class Turn:
             action()
 
 
+# the VAD's events as cues for the face (media_tracks.expressive)
+VAD_CUES = {"SpeechStart": "user_start", "SpeechPause": "user_pause", "SpeechEnd": "user_end"}
+
+
 def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 1)
 
@@ -127,14 +131,18 @@ class Conversation:
         listener: Any | None,
         resampler: Any | None,
         on_speech: Callable[[], None] | None = None,
+        on_cue: Callable[[str], None] | None = None,
         now: Callable[[], float] = time.monotonic,
     ) -> None:
         """``speaker``: the call's one speaking path (text -> TTS -> lip-sync -> schedule).
         ``on_speech``: called at every speech start the VAD hears (the session's idle
-        timeout). ``now``: seconds of a monotonic clock, for the turn metrics (tests pass a
-        fake and drive turns without sleeping)."""
+        timeout). ``on_cue(kind)``: the person's speech as the face shows it
+        (``user_start``, ``user_pause``, ``user_end``; ``media_tracks.expressive``).
+        ``now``: seconds of a monotonic clock, for the turn metrics (tests pass a fake and
+        drive turns without sleeping)."""
         self._host = host
         self._on_speech = on_speech
+        self._on_cue = on_cue
         self._settings = settings
         self.speaker = speaker
         self._replier = replier
@@ -242,6 +250,9 @@ class Conversation:
 
     def _on_vad_event(self, event: Any) -> None:
         kind = type(event).__name__
+        cue = VAD_CUES.get(kind)
+        if cue is not None and self._on_cue is not None:
+            self._on_cue(cue)
         if kind == "SpeechStart":
             if self._on_speech is not None:
                 self._on_speech()

@@ -49,6 +49,7 @@ from media_tracks.encoders import (
     unmatched_video_codecs,
     video_codec_preferences,
 )
+from media_tracks.expressive import CallExpression
 from media_tracks.priority import LoadGovernor
 from pipeline.lipsync import LipSyncEngine, SessionLipSync
 from pipeline.replier import EmbeddedReplier, Replier
@@ -161,9 +162,13 @@ class Session:
             crossfade_frames=media.crossfade_frames,
             on_event=self._on_media_event,
         )
+        lead_ms = self.lipsync.render_lead_ms or media.render_lead_ms
+        self.expression = None if not settings.expression.enabled else CallExpression(
+            self.compositor, strength=settings.expression.strength, lead_ns=lead_ms * 1_000_000)
+        idle = avatar.new_timeline()
         renderer = self.lipsync.renderer(
             avatar,
-            avatar.new_timeline(),
+            idle if self.expression is None else self.expression.timeline(idle),
             width=media.video_width,
             height=media.video_height,
             executor=render_executor,
@@ -173,7 +178,7 @@ class Session:
             clock=self.clock,
             compositor=self.compositor,
             renderer=renderer,
-            lead_ms=self.lipsync.render_lead_ms or media.render_lead_ms,
+            lead_ms=lead_ms,
             group=self.lipsync.frame_group,
             stride=None if governor is None else (lambda: governor.stride),
         )
@@ -200,6 +205,7 @@ class Session:
             listener=listener,
             resampler=resampler,
             on_speech=self.heard,
+            on_cue=None if self.expression is None else self.expression.cue,
         )
         self.pc = RTCPeerConnection(rtc_configuration(resolve_ice_servers(settings.webrtc)))
         self.pc.on("track", self._on_track)
@@ -435,6 +441,8 @@ class Session:
         return self.compositor.speaking or self.compositor.queued > 0
 
     def send_event(self, event: Event) -> None:
+        if isinstance(event, State) and self.expression is not None:
+            self.expression.state(event.state, event.user)  # thinking, back to listening
         payload = event.to_wire()
         if self._on_event is not None:
             self._on_event(self, payload)

@@ -33,6 +33,7 @@ from common.errors import BadRequest, PipelineError
 from face import IdleTimeline
 from media_tracks.clock import ManualClock
 from media_tracks.compositor import Compositor, Scheduled, Segment
+from media_tracks.expressive import CallExpression
 from media_tracks.priority import RENDER_JOB_NICE, background_thread
 from pipeline.lipsync.visemes import VisemeTrack, track_for
 from pipeline.render.media import (
@@ -309,6 +310,10 @@ class ClipRenderer:
             schedule_lead_ms=0,
             crossfade_frames=self.settings.media.crossfade_frames,
         )
+        expression = self.settings.expression
+        # the head follows the voice's stress, as in a call (no listening in a clip)
+        expressive = None if not expression.enabled or expression.strength <= 0 else (
+            CallExpression(compositor, strength=expression.strength, lead_ns=0))
         scheduled: list[Scheduled] = [
             compositor.schedule(
                 Segment(pcm=seg.pcm, mouth=track.openness(), lips=track, text=seg.text)
@@ -324,6 +329,8 @@ class ClipRenderer:
             pcm[item.start : item.start + len(item.segment.pcm)] = item.segment.pcm
         n_frames = max(1, -(-n_samples * fps // sr))
         idle = IdleTimeline(seed=idle_seed(spec.cache_key or json.dumps(spec.to_dict())))
+        if expressive is not None:
+            idle = expressive.timeline(idle)
 
         # 4. frames, rendered ahead and encoded in order
         report(_ANALYSIS_END, "rendering")

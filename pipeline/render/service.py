@@ -31,7 +31,7 @@ from pipeline.tts import TextToSpeech
 
 logger = logging.getLogger(__name__)
 
-RENDER_FORMAT_VERSION = 1  # bump when rendering changes what an identical request produces
+RENDER_FORMAT_VERSION = 2  # bump when rendering changes what an identical request produces
 WATCH_CLOSE_WAIT_S = 10.0  # shutdown waits this long for job watchers (sockets) to close
 CLEANUP_PERIOD_S = 600.0
 
@@ -121,6 +121,9 @@ class RenderService:
             "sample_rate": media.audio_sample_rate,
             "crossfade": media.crossfade_frames,
             "encoder": [render.h264_preset, render.h264_crf, render.vp9_crf],
+            # the speaking head motion (face/expression.py)
+            "expression": (self.settings.expression.strength
+                           if self.settings.expression.enabled else 0.0),
         }
         blob = json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
