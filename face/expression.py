@@ -60,6 +60,12 @@ def _hann(n: int) -> np.ndarray:
     return w / w.sum()
 
 
+def _smooth(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """``x`` convolved with an odd-length ``kernel``, its ends held (any length of x)."""
+    pad = kernel.size // 2
+    return np.convolve(np.pad(x, pad, mode="edge"), kernel, "valid")
+
+
 def _raised(x: float) -> float:
     """0 -> 1 -> 0 over x in [0, 1], with zero slope at both ends (a nod's path)."""
     if x <= 0.0 or x >= 1.0:
@@ -84,11 +90,11 @@ class Speech:
         env = np.asarray(envelope, dtype=np.float64)
         if env.size == 0:
             return cls(start_ns, frame_ns, np.zeros(0, np.float32), start_ns)
-        short = np.convolve(env, _hann(5), "same")
-        long = np.convolve(env, np.ones(25) / 25.0, "same")
+        short = _smooth(env, _hann(5))
+        long = _smooth(env, np.ones(25) / 25.0)
         stress = np.clip((short - long) * 3.0, 0.0, 1.0)
         # a dip lasts about half a second: the head never jerks on a syllable
-        stress = np.convolve(stress, _hann(13), "same")
+        stress = _smooth(stress, _hann(13))
         # from and back to still at the speech's ends (no step where it starts or stops)
         edge = np.array([smoothstep((j + 1) / 7.0) for j in range(min(6, env.size))])
         stress[: edge.size] *= edge

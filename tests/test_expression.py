@@ -193,3 +193,13 @@ def test_strength_zero_or_off_is_the_idle_face():
     settings = load_settings(env={"AVATAR_EXPRESSION__ENABLED": "false"})
     assert settings.expression.enabled is False
     assert load_settings(env={}).expression.strength == 1.0
+
+
+@pytest.mark.parametrize("frames", [1, 3, 14, 40])
+def test_speech_of_any_length_gets_a_stress_curve(frames):
+    rng = np.random.default_rng(frames)
+    from face.expression import Speech
+
+    s = Speech.from_envelope(0, FRAME_NS, rng.random(frames))
+    assert s.stress.shape == (frames,) and 0.0 <= s.stress.min() and s.stress.max() <= 1.0
+    assert s.end_ns == frames * FRAME_NS
