@@ -21,7 +21,7 @@ import socket
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -203,6 +203,8 @@ class Bot:
         self.video = StreamLog("video", 90_000)
         self.audio = StreamLog("audio", 48_000)
         self.events: list[dict[str, Any]] = []
+        # called with each decoded video frame's luma plane (H x W uint8), as it arrives
+        self.on_video_luma: Callable[[np.ndarray], None] | None = None
         self.session_id: str | None = None
         self.t0 = 0.0
         self._player = MediaPlayer(mic, loop=True) if mic else None
@@ -273,6 +275,8 @@ class Bot:
                 if frame.format.name == "yuv420p":  # type: ignore[union-attr]
                     y = y[: frame.height]  # type: ignore[union-attr]
                 log.lumas.append(float(y.mean()))
+                if self.on_video_luma is not None:
+                    self.on_video_luma(y)
                 self._first_video.set()
             else:
                 arr = frame.to_ndarray()  # type: ignore[union-attr]
