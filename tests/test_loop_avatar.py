@@ -76,3 +76,23 @@ def test_face_data_must_match_the_loop(loop_dir, tmp_path):
     np.savez_compressed(bad / "face_data.npz", landmarks=np.zeros((N - 1, 68, 2), np.float32))
     with pytest.raises(AvatarError, match="loop frames"):
         load_avatar_dir(bad, width=512, height=512)
+
+
+def test_the_expression_layer_moves_a_loop_frame_and_only_its_share(loop_dir):
+    """A video loop has its own head motion (the idle sway is not applied to it); the
+    expression layer's nods move the loop's frame by their share alone (issue 23)."""
+    from dataclasses import replace
+
+    avatar = load_avatar_dir(loop_dir, width=512, height=512)
+    r = FaceRenderer(avatar)
+    t = 2 * 40_000_000
+    base = FacePose.neutral(t)
+    swayed = replace(base, head_dx=3.0, head_dy=2.0)  # idle sway: a loop ignores it
+    assert np.array_equal(r.render(swayed), r.render(base))
+    nodded = r.render(replace(base, head_dy=2.0, expr_dy=2.0))
+    still = r.render(base)
+    # the nodded frame is the still one moved 2 px down
+    down = cv2.warpAffine(still, np.float32([[1, 0, 0], [0, 1, 2]]), (512, 512),
+                          borderMode=cv2.BORDER_REPLICATE)
+    assert np.abs(nodded.astype(int) - down.astype(int)).mean() < 0.5
+    assert np.abs(nodded.astype(int) - still.astype(int)).mean() > 2.0
