@@ -236,10 +236,12 @@ async def test_sigterm_drains_a_node_without_dropping_its_calls(cluster: Cluster
         assert nodes["node-b"]["state"] == "ready"
     finally:
         await asyncio.gather(*(b.aclose() for b in bots))
+    cluster.wait_nodes(lambda n: n["node-b"]["sessions"] == 0)  # its calls have ended
 
 
 async def test_a_killed_node_leaves_the_routing_and_its_calls_are_gone(
         cluster: Cluster) -> None:
+    cluster.wait_nodes(lambda n: n["node-b"]["room"] >= 1)
     bot = await call(cluster.front)
     try:
         assert bot.node_id == "node-b"
