@@ -12,7 +12,8 @@ call uses, on an expressive timeline driven by scripted cues on one media clock:
   rarer);
 * thinking: a turn starts at 0.5 s (the look up and aside), and ends at 4.5 s.
 
-Each panel is the head (cropped), 256x256, with its name; 6 s at 25 fps; VP9 in WebM (no audio), under 2 MB.
+Each panel is the head (cropped), 256x256, with its name; 6 s at 25 fps; VP9 in WebM (no
+audio), under 2 MB.
 """
 
 from __future__ import annotations

@@ -130,6 +130,18 @@ def live_server(loopback_only: None, artifacts_dir: Path) -> Iterator[str]:
         stop_server(proc)
 
 
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on 127.0.0.1 for the module (skipped, saying so, without the
+    Debian package; ``scripts/test`` installs it)."""
+    from tests.fakes.redis_server import redis_server, redis_server_binary
+
+    if redis_server_binary() is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server)")
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
 @pytest.fixture(scope="session")
 def wav2lip_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight Wav2Lip generator exported to ONNX (seed 0), built once per session."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -19,7 +19,6 @@ from rtc_server.cluster.registry import NodeView, Registry
 from rtc_server.headroom import Headroom
 from rtc_server.services import Services
 from rtc_server.slots import SessionSlots
-from tests.fakes.redis_server import redis_server, redis_server_binary
 from tests.test_headroom import feed
 
 SDP = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
@@ -106,14 +105,6 @@ def test_cluster_settings_from_the_environment_and_their_checks():
 
 
 # --- the registry on a real redis-server -------------------------------------------------------
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if redis_server_binary() is None:
-        pytest.skip("redis-server is not installed (Debian package redis-server)")
-    with redis_server(tmp_path_factory.mktemp("redis")) as url:
-        yield url
-
-
 @pytest.fixture
 async def registry(redis_url: str) -> AsyncIterator[Registry]:
     reg = Registry(redis_url, timeout_s=0.6)

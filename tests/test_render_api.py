@@ -236,16 +236,6 @@ async def test_cache_administration(aiohttp_client, tmp_path):
     assert stats["entries"] == 0 and stats["bytes"] == 0
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    from tests.fakes.redis_server import redis_server, redis_server_binary
-
-    if redis_server_binary() is None:
-        pytest.skip("redis-server is not installed (Debian package redis-server)")
-    with redis_server(tmp_path_factory.mktemp("redis")) as url:
-        yield url
-
-
 async def test_the_redis_backend_renders_and_its_jobs_outlive_the_api(
     aiohttp_client, tmp_path, redis_url
 ):

@@ -27,7 +27,6 @@ from pipeline.render.queues import create_job_queue
 from pipeline.render.redis_queue import RedisJobQueue
 from pipeline.render.spec import RenderSpec
 from tests.fakes.clock import FakeClock
-from tests.fakes.redis_server import redis_server, redis_server_binary
 from tests.fakes.render import fake_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -286,14 +285,6 @@ def test_factories_follow_the_settings(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- redis queue
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if redis_server_binary() is None:
-        pytest.skip("redis-server is not installed (Debian package redis-server)")
-    with redis_server(tmp_path_factory.mktemp("redis")) as url:
-        yield url
 
 
 @pytest.fixture
