@@ -35,6 +35,7 @@ FaceAnalyzerBackend = Literal["dlib", "haar", "insightface"]
 ForwardedHeader = Literal["x-forwarded-for", "forwarded", "x-real-ip"]
 JobsBackend = Literal["local", "redis"]
 ClusterRole = Literal["standalone", "node", "front"]
+TurnDetectorKind = Literal["rules", "model", "off"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -466,6 +467,25 @@ class CacheSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TurnSettings:
+    detector: TurnDetectorKind = setting("rules", doc="""
+    What ends the person's turn (one of: rules, model, off). rules: the embedded English and
+    Persian rules read the transcript at the first pause and the voice's end (short_ms after
+    a complete sentence or a question, long_ms after "and", "because", a filler or a rising,
+    held voice; other languages: vad.end_silence_ms); model: the ONNX classifier at model;
+    off: always vad.end_silence_ms.""")
+    short_ms: int = setting(250, min=100, max=2000, doc="""
+    The silence that ends a turn that is plainly over (int, ms, 100..2000).""")
+    long_ms: int = setting(900, min=200, max=5000, doc="""
+    The silence that ends a turn that plainly goes on (int, ms, 200..5000).""")
+    model: str | None = setting(None, doc="""
+    An ONNX end-of-turn classifier for detector model (str path; never downloaded;
+    docs/api.md says what it takes and gives).""")
+    model_threshold: float = setting(0.5, min=0.0, max=1.0, doc="""
+    At or above this end probability the model's turn ends after short_ms (float, 0.0..1.0).""")
+
+
+@dataclass(frozen=True, slots=True)
 class ExpressionSettings:
     enabled: bool = setting(True, doc="""
     The avatar listens and thinks with its face (bool): while the person speaks its gaze
@@ -564,6 +584,7 @@ class Settings:
     stt: SttSettings = SttSettings()
     llm: LlmSettings = LlmSettings()
     conversation: ConversationSettings = ConversationSettings()
+    turns: TurnSettings = TurnSettings()
     expression: ExpressionSettings = ExpressionSettings()
     render: RenderSettings = RenderSettings()
     jobs: JobsSettings = JobsSettings()
@@ -603,7 +624,8 @@ SECTION_TYPES: dict[str, type] = {
     name: tp for name, tp in get_type_hints(Settings).items() if isinstance(tp, type)
 }
 CROSS_CHECKS = {"render": v.render_cross_check, "access": v.access_cross_check,
-                "cluster": v.cluster_cross_check, "lipsync": v.lipsync_cross_check}
+                "cluster": v.cluster_cross_check, "lipsync": v.lipsync_cross_check,
+                "turns": v.turns_cross_check}
 
 
 def build_settings(sections: dict[str, Section]) -> Settings:

@@ -294,3 +294,10 @@ def lipsync_cross_check(s: Section, v: dict[str, Any]) -> None:
     if v["device"] == "remote" and not v["pool_url"]:
         raise s.error("pool_url", "device remote needs the pool's URL (python -m "
                       "pipeline.lipsync.serve prints it)")
+
+
+def turns_cross_check(s: Section, v: dict[str, Any]) -> None:
+    if v["short_ms"] > v["long_ms"]:
+        raise s.error("short_ms", f"must not exceed long_ms ({v['long_ms']})")
+    if v["detector"] == "model" and not v["model"]:
+        raise s.error("model", "detector model needs the classifier's path")

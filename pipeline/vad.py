@@ -276,6 +276,9 @@ class Endpointer:
         self._last_speech_end = 0
         self._paused_at = -1  # the speech end a SpeechPause was emitted for
         self._pause_open = False  # a SpeechPause was emitted and no speech came since
+        # (speech end in ms, silence in samples): the end silence a turn detector chose for
+        # that pause (``end_after``); a later speech end makes it stale
+        self._end_override: tuple[int, int] | None = None
         self._idle: deque[np.ndarray] = deque()  # pre-roll ring (whole chunks)
         self._idle_samples = 0
         self._utterance: list[np.ndarray] = []
@@ -335,7 +338,11 @@ class Endpointer:
         if self._pos - self._onset >= self._max_utterance:
             return [self._end(self._pos)]
         silent_for = self._pos - self._last_speech_end
-        if not self._is_speech and silent_for >= self._end_silence:
+        end_silence = self._end_silence
+        override = self._end_override
+        if override is not None and override[0] == self._ms(self._last_speech_end):
+            end_silence = override[1]
+        if not self._is_speech and silent_for >= end_silence:
             return [self._end(self._last_speech_end)]
         if (
             self._pause is not None
@@ -351,6 +358,13 @@ class Endpointer:
                 )
             ]
         return []
+
+    def end_after(self, end_ms: int, silence_ms: int) -> None:
+        """The utterance whose speech ended at ``end_ms`` (a ``SpeechPause``'s) ends after
+        ``silence_ms`` of silence instead of ``end_silence_ms`` (sooner or later), unless
+        speech resumes. May be called from another thread than ``feed``'s; a call for an
+        older pause changes nothing."""
+        self._end_override = (int(end_ms), int(silence_ms) * SAMPLE_RATE // 1000)
 
     def _end(self, end: int) -> SpeechEnd:
         audio = _concat(self._utterance)
@@ -421,6 +435,10 @@ class Listener:
             self.last_prob = self.stream.prob(chunk)
             events += self.endpointer.feed(self.last_prob, chunk)
         return events
+
+    def end_after(self, end_ms: int, silence_ms: int) -> None:
+        """``Endpointer.end_after``: the end silence a turn detector chose for a pause."""
+        self.endpointer.end_after(end_ms, silence_ms)
 
     def reset(self) -> None:
         """Forget the VAD state, buffered samples and any utterance in progress."""

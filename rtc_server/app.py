@@ -40,6 +40,7 @@ from pipeline.render.service import start_render_service
 from pipeline.replier import Replier
 from pipeline.stt import WhisperSTT
 from pipeline.tts import PiperTTS, TextToSpeech
+from pipeline.turns import turn_detector
 from pipeline.vad import SileroVad
 from rtc_server.access import install_access
 from rtc_server.avatars_api import AvatarApi, add_avatar_routes
@@ -84,6 +85,7 @@ def load_listening(settings: Settings) -> tuple[WhisperSTT, SileroVad]:
     s = settings.stt
     cache = s.cache_dir or str(Path(settings.avatars.data_dir) / "models")
     stt = shared_stt(s.model, cache, s.device, s.compute_type, s.language, s.beam_size)
+    turn_detector(settings)  # a configured turns.model loads now, or the server does not start
     return stt, shared_vad()
 
 

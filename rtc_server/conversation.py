@@ -38,7 +38,9 @@ import numpy as np
 from common.threads import name_os_thread
 from pipeline.sentences import SentenceSplitter
 from pipeline.speaking import FirstAudio, Speaker
+from pipeline.turns import TurnDetector, stt_language
 from rtc_server.protocol import Error, Event, Metrics, State, Transcript, with_turn
+from rtc_server.turn_end import EndOfTurn
 
 if TYPE_CHECKING:
     from av import AudioFrame
@@ -97,6 +99,8 @@ class Turn:
     metrics: dict[str, float] = field(default_factory=dict)
     first_audio_scheduled: bool = False
     reported: bool = False
+    pause_end_ms: int | None = None  # the pause (mic ms) a preemptive turn started at
+    end_rule: str | None = None  # what ended the person's turn (pipeline.turns)
 
     def when_committed(self, action: Callable[[], None]) -> None:
         if self.committed:
@@ -132,6 +136,7 @@ class Conversation:
         resampler: Any | None,
         on_speech: Callable[[], None] | None = None,
         on_cue: Callable[[str], None] | None = None,
+        turn_detector: TurnDetector | None = None,
         now: Callable[[], float] = time.monotonic,
     ) -> None:
         """``speaker``: the call's one speaking path (text -> TTS -> lip-sync -> schedule).
@@ -143,6 +148,7 @@ class Conversation:
         self._host = host
         self._on_speech = on_speech
         self._on_cue = on_cue
+        self._remembered: int | None = None  # the last turn put in the history
         self._settings = settings
         self.speaker = speaker
         self._replier = replier
@@ -154,6 +160,10 @@ class Conversation:
         self._mic_pool = ThreadPoolExecutor(
             1, thread_name_prefix=f"mic-{host.id[:6]}", initializer=name_os_thread
         )
+        # when the person's turn ends (rtc_server.turn_end; the detector runs on the mic
+        # thread); without a detector: the VAD's fixed silence
+        self._eot = EndOfTurn(turn_detector, listener, fixed_ms=settings.vad.end_silence_ms,
+                              executor=self._mic_pool, language=lambda: stt_language(settings))
         self._mic_submitted = 0
         self._mic_done = 0
         self.mic_frames_dropped = 0  # the mic thread was MAX_MIC_BACKLOG frames behind
@@ -256,43 +266,70 @@ class Conversation:
         if kind == "SpeechStart":
             if self._on_speech is not None:
                 self._on_speech()
-            if self._settings.conversation.barge_in and (self.busy or self._host.playing):
+            if self._eot.speech_started(int(event.onset_ms)):
+                # the turn was ended too soon: its answer stops, the utterance goes on
+                self._forget_last_turn()
+                self.barge_in()
+            elif self._settings.conversation.barge_in and (self.busy or self._host.playing):
                 self.barge_in()
             self._host.send_event(State("listening", user="speaking"))
         elif kind == "SpeechPause":
             # maybe the end of the turn: start on it now, keep the work if the end comes
             if self._stt is not None and not self.closed:
                 self._cancel_speculation()
+                end_ms = int(event.end_ms)
+                audio = self._eot.audio_for(event.audio)
                 if self._settings.conversation.preemptive:
                     turn = self._new_turn(self._speech_ended_at(event.end_ms), "voice")
                     turn.committed = False
-                    task = self._spawn(self._voice_turn(turn, event.audio), "turn-preemptive")
-                    self._speculative = (int(event.end_ms), turn, task)
+                    turn.pause_end_ms = end_ms
+                    task = self._spawn(self._voice_turn(turn, audio), "turn-preemptive")
+                    self._speculative = (end_ms, turn, task)
                 else:
-                    task = self._spawn(self._stt.transcribe(event.audio), "stt-early")
-                    self._speculative = (int(event.end_ms), None, task)
+                    task = self._spawn(self._early_transcript(end_ms, audio), "stt-early")
+                    self._speculative = (end_ms, None, task)
         elif kind == "SpeechResume":
             self._cancel_speculation()
         elif kind == "SpeechEnd":
-            started = self._speech_ended_at(event.end_ms)
-            vad_end_ms = _ms(self._now() - started)
-            spec, self._speculative = self._speculative, None
-            if spec is not None and spec[0] == int(event.end_ms):
-                _, early_turn, task = spec
-                if early_turn is not None:  # preemptive: the held turn becomes the turn
-                    early_turn.metrics["vad_end_ms"] = vad_end_ms
-                    early_turn.metrics["preemptive"] = 1.0
-                    self._adopt(early_turn, task)
-                    return
-                turn = self._new_turn(started, "voice")
-                turn.metrics["vad_end_ms"] = vad_end_ms
-                self._start(turn, self._voice_turn(turn, event.audio, task))
+            self._on_speech_end(event)
+
+    def _on_speech_end(self, event: Any) -> None:
+        started = self._speech_ended_at(event.end_ms)
+        audio = self._eot.audio_for(event.audio)
+        joined = self._eot.joining
+        self._eot.joined()
+        decision = self._eot.ended(int(event.end_ms), audio)
+        spec, self._speculative = self._speculative, None
+
+        def measured(turn: Turn) -> Turn:
+            turn.metrics["vad_end_ms"] = _ms(self._now() - started)
+            turn.metrics["end_wait_ms"] = float(decision.wait_ms)
+            turn.end_rule = decision.rule
+            if joined:
+                turn.metrics["joined"] = 1.0
+            return turn
+
+        if spec is not None and spec[0] == int(event.end_ms):
+            _, early_turn, task = spec
+            if early_turn is not None:  # preemptive: the held turn becomes the turn
+                measured(early_turn).metrics["preemptive"] = 1.0
+                self._adopt(early_turn, task)
                 return
-            if spec is not None:
-                spec[2].cancel()
-            turn = self._new_turn(started, "voice")
-            turn.metrics["vad_end_ms"] = vad_end_ms
-            self._start(turn, self._voice_turn(turn, event.audio))
+            turn = measured(self._new_turn(started, "voice"))
+            self._start(turn, self._voice_turn(turn, audio, task))
+            return
+        if spec is not None:
+            spec[2].cancel()
+        turn = measured(self._new_turn(started, "voice"))
+        self._start(turn, self._voice_turn(turn, audio))
+
+    async def _early_transcript(self, end_ms: int, audio: np.ndarray) -> SttTranscript:
+        """Transcribe at a pause (conversation.preemptive off), and choose the end silence."""
+        assert self._stt is not None
+        transcript = await self._stt.transcribe(audio)
+        if transcript.text.strip():
+            await self._eot.decide(end_ms, transcript.text, audio, transcript.language)
+        return transcript
 
     def _speech_ended_at(self, end_ms: int) -> float:
         """self._now() when the speech ending at ``end_ms`` of mic-stream time (audio
@@ -380,6 +417,9 @@ class Conversation:
             self._emit(turn, State("listening"))
             return
         turn.user_text = text
+        if not turn.committed and turn.pause_end_ms is not None:
+            # the transcript at the pause says how long a silence ends this turn
+            await self._eot.decide(turn.pause_end_ms, text, audio, transcript.language)
         self._emit(turn, Transcript("user", text, source="voice", language=transcript.language))
         await self._reply_turn(turn)
 
@@ -433,6 +473,15 @@ class Conversation:
         self.history.append({"role": "assistant", "content": " ".join(turn.reply)})
         keep = 2 * max(self._settings.llm.history_turns, 1)
         del self.history[:-keep]
+        self._remembered = turn.key
+
+    def _forget_last_turn(self) -> None:
+        """An early cut-in: the turn ended too soon is answered again, whole; what it said
+        and heard leaves the history (no double answers)."""
+        turn = self._turn
+        if turn is not None and self._remembered == turn.key and len(self.history) >= 2:
+            del self.history[-2:]
+        self._remembered = None
 
     async def _speak_reply(self, turn: Turn, sentences: asyncio.Queue[str | None]) -> None:
         """Speak the reply's sentences as they come, through the call's one speaking path."""
@@ -474,7 +523,7 @@ class Conversation:
             return
         turn.reported = True
         turn.metrics["voice_to_voice_ms"] = _ms(self._now() - turn.started)
-        self._emit(turn, Metrics(turn.source, dict(turn.metrics)))
+        self._emit(turn, Metrics(turn.source, dict(turn.metrics), end_rule=turn.end_rule))
 
 
 def make_conversation_parts(settings: Settings, vad_model: Any) -> tuple[Any | None, Any | None]:

@@ -175,12 +175,17 @@ class Metrics(Event):
     source: str
     values: dict[str, float] = field(default_factory=dict)
     turn: int | None = None
+    # what ended the person's turn: short, long, fixed or model (pipeline.turns); its wait
+    # is ``end_wait_ms`` among the values
+    end_rule: str | None = None
     type: ClassVar[str] = "metrics"
 
     def to_wire(self) -> dict[str, object]:
         out: dict[str, object] = {"type": self.type, "source": self.source, **self.values}
         if self.turn is not None:
             out["turn"] = self.turn
+        if self.end_rule is not None:
+            out["end_rule"] = self.end_rule
         return out
 
 

@@ -55,6 +55,7 @@ from pipeline.lipsync import LipSyncEngine, SessionLipSync
 from pipeline.replier import EmbeddedReplier, Replier
 from pipeline.speaking import Speaker
 from pipeline.tts import TextToSpeech
+from pipeline.turns import turn_detector
 from rtc_server.conversation import Conversation, make_conversation_parts
 from rtc_server.ice import resolve_ice_servers, rtc_configuration
 from rtc_server.mic import MicStats, set_audio_prefetch
@@ -206,6 +207,7 @@ class Session:
             resampler=resampler,
             on_speech=self.heard,
             on_cue=None if self.expression is None else self.expression.cue,
+            turn_detector=None if listener is None else turn_detector(settings),
         )
         self.pc = RTCPeerConnection(rtc_configuration(resolve_ice_servers(settings.webrtc)))
         self.pc.on("track", self._on_track)

@@ -438,7 +438,8 @@ def test_to_dict_is_plain_data() -> None:
     yaml.safe_dump(out)  # only plain types: no tuples, no dataclasses
     assert set(out) == {
         "server", "media", "webrtc", "sessions", "avatars", "engines", "lipsync", "vad", "stt",
-        "llm", "conversation", "expression", "render", "jobs", "cache", "access", "cluster",
+        "llm", "conversation", "turns", "expression", "render", "jobs", "cache", "access",
+        "cluster",
     }
 
 
