@@ -1,8 +1,9 @@
 """Voice-to-voice latency and barge-in time, measured at the client.
 
 A real server process (tiny.en, viseme engine) on loopback; the bot speaks Piper-synthesised
-questions into its microphone. Voice-to-voice: from the last sample of the question leaving the
-bot to the first audible reply frame arriving at the bot, split by the server's per-turn stage
+questions into its microphone. Voice-to-voice: from the end of the question's voice leaving the
+bot (its last sample above the noise floor, not the end of the file) to the first audible reply
+frame arriving at the bot, split by the server's per-turn stage
 metrics. Run once with the embedded replier and once with a local OpenAI-compatible server
 (the fake one from the tests, answering at once: the LLM's own time is not counted). Barge-in:
 from the onset of the bot's interruption to the last audible avatar frame.
@@ -65,7 +66,9 @@ async def turns(url: str, n: int) -> list[dict[str, Any]]:
         seen = len(bot.events)
         bot.mic.play(q, 48000)
         await bot.mic.speech_ended.wait()
-        t_end = bot.mic.sent_until
+        # from the end of the voice, not of the file (Piper leaves some silence after it)
+        voiced = np.nonzero(np.abs(q) > 0.02)[0]
+        t_end = bot.mic.sent_until - (len(q) - (voiced[-1] + 1 if voiced.size else 0)) / 48000
         metrics = await bot.wait_event(
             lambda e, s=seen: e.get("type") == "metrics" and bot.events.index(e) >= s, 30
         )
@@ -75,6 +78,8 @@ async def turns(url: str, n: int) -> list[dict[str, Any]]:
         heard = bot.first_voice_after(t_end)
         row = {"turn": i + 1, "client_v2v_ms": round(1000 * (heard - t_end), 1) if heard else None}
         row.update({k: metrics.get(k) for k in STAGES})
+        row["end_rule"] = metrics.get("end_rule")
+        row["end_wait_ms"] = metrics.get("end_wait_ms")
         rows.append(row)
         await asyncio.sleep(0.5)
     await bot.aclose()

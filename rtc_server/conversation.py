@@ -212,6 +212,11 @@ class Conversation:
 
     # --- listening ------------------------------------------------------------------------
     @property
+    def early_cut_ins(self) -> int:
+        """Turns ended sooner than the fixed silence that the person went on with."""
+        return self._eot.early_cut_ins
+
+    @property
     def listening(self) -> bool:
         return self._listener is not None and self._stt is not None
 

@@ -114,6 +114,7 @@ class Observability:
     turns: Counter = field(init=False)
     session_errors: Counter = field(init=False)
     lipsync_switches: Counter = field(init=False)
+    turn_ends: Counter = field(init=False)
     offers_refused_overload: Counter = field(init=False)
 
     def __post_init__(self) -> None:
@@ -156,6 +157,12 @@ class Observability:
             registry=reg)
         for reason in ("deadlines", "cpu"):
             self.offers_refused_overload.labels(reason)
+        self.turn_ends = Counter(
+            "avatar_turn_ends", "Turns by what ended the person's speech: short, long, fixed "
+            "or model (pipeline.turns); joined counts early cut-ins answered as one turn.",
+            ["rule"], registry=reg)
+        for rule in ("short", "long", "fixed", "model", "joined"):
+            self.turn_ends.labels(rule)
         for stage in STAGES:  # every stage is listed from the first scrape, at 0
             self.stage_seconds.labels(stage)
         ProcessCollector(registry=reg)
@@ -190,6 +197,11 @@ class Observability:
                 if math.isfinite(value) and value >= 0:
                     self.stage_seconds.labels(stage).observe(value / 1000.0)
             self.turns.labels(_label(event.get("source"), "other")).inc()
+            rule = event.get("end_rule")
+            if rule in ("short", "long", "fixed", "model"):
+                self.turn_ends.labels(rule).inc()
+            if event.get("joined") == 1.0:
+                self.turn_ends.labels("joined").inc()
         elif kind == "error":
             fatal = "true" if event.get("fatal") is True else "false"
             self.session_errors.labels(_label(event.get("stage"), "session"), fatal).inc()

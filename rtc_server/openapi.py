@@ -123,6 +123,7 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "lipsync_degraded": BOOL,
                 "speaking": BOOL,
                 "mic": _obj({"frames_received": INT, "rms_dbfs": NUM, "frames_dropped": INT}),
+                "early_cut_ins": INT,
             },
             ["id", "state", "avatar_id", "uptime_s", "frames_sent"],
         ),

@@ -45,4 +45,6 @@ def describe_session(s: Any) -> dict[str, object]:
             "rms_dbfs": round(s.mic.rms_dbfs, 1),
             "frames_dropped": s.conversation.mic_frames_dropped,
         },
+        # turns ended too soon: the person went on within the fixed silence (issue 24)
+        "early_cut_ins": s.conversation.early_cut_ins,
     }
