@@ -121,9 +121,8 @@ class Expression:
     ``cut(t_ns)`` when it is interrupted. Cues come in time order (a cue earlier than the last
     is placed at the last)."""
 
-    def __init__(self, *, strength: float = 1.0, seed: int = 0) -> None:
+    def __init__(self, *, strength: float = 1.0) -> None:
         self.strength = max(0.0, float(strength))
-        self._seed = seed
         self._lock = threading.Lock()
         # (t_ns, start?) of the person's speech starts and ends, in order
         self._user: tuple[tuple[int, bool], ...] = ()
@@ -225,10 +224,9 @@ class Expression:
 
     def stress(self, t_ns: int) -> float:
         """0..1: how much the reply's voice stresses the syllable at ``t_ns``."""
-        for s in reversed(self._speech):
-            if s.start_ns <= t_ns:
-                return s.at(t_ns)
-        return 0.0
+        speech = self._speech
+        i = bisect.bisect_right(speech, t_ns, key=lambda s: s.start_ns) - 1
+        return speech[i].at(t_ns) if i >= 0 else 0.0
 
     def offsets(self, t_ns: int) -> tuple[float, float, float]:
         """(dx px, dy px, roll degrees) of the head from this layer at ``t_ns``."""

@@ -32,10 +32,9 @@ MIN_AHEAD_NS = 40 * MS  # frames closer than this to now are never drawn again
 class CallExpression:
     """One call's expression layer. ``lead_ns``: how far ahead its frames are drawn."""
 
-    def __init__(self, compositor: Compositor, *, strength: float, lead_ns: int,
-                 seed: int = 0) -> None:
+    def __init__(self, compositor: Compositor, *, strength: float, lead_ns: int) -> None:
         self.compositor = compositor
-        self.expression = Expression(strength=strength, seed=seed)
+        self.expression = Expression(strength=strength)
         self.lead_ns = int(lead_ns)
         self._frame_ns = compositor.frame_t_ns(1) - compositor.frame_t_ns(0)
         compositor.add_speech_listener(self._scheduled, self._cleared)

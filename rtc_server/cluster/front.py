@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -225,8 +226,6 @@ async def handle_offer(request: web.Request) -> web.StreamResponse:
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
-    import json
-
     try:
         data = json.loads(body)
     except ValueError:

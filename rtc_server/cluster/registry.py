@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -128,9 +128,9 @@ class Registry:
             elif seen is None:
                 forgotten.append(node_id)
             elif with_gone:
-                view = self._view(seen, state="gone")
-                if view is not None and json.loads(seen).get("state") == "stopped":
-                    view = None
+                view = self._view(seen)
+                if view is not None:  # a clean exit is "stopped"; any other silence is gone
+                    view = None if view.state == "stopped" else replace(view, state="gone")
             if view is not None:
                 out.append(view)
         if forgotten:
@@ -138,15 +138,14 @@ class Registry:
         return out
 
     @staticmethod
-    def _view(text: str, *, state: str | None = None, pttl_ms: int | None = None
-              ) -> NodeView | None:
+    def _view(text: str, *, pttl_ms: int | None = None) -> NodeView | None:
         """The record ``text`` as a view; ``pttl_ms``: what is left of its expiry."""
         try:
             record = json.loads(text)
             last = None
             if pttl_ms is not None and pttl_ms >= 0:
                 last = max(0.0, float(record.get("timeout_s", 0.0)) - pttl_ms / 1000)
-            return NodeView.from_record(record, state=state, last_seen_s=last)
+            return NodeView.from_record(record, last_seen_s=last)
         except (ValueError, KeyError, TypeError, AttributeError):
             logger.warning("a malformed node record in the registry was ignored")
             return None
