@@ -354,6 +354,10 @@ class SttSettings:
     compute_type: str | None = setting(None, doc="""
     CTranslate2 compute type override, e.g. int8, int8_float16, float16 (str or null = default).""")
     beam_size: int = setting(1, min=1, max=10, doc="Beam size (int, 1..10; 1 = greedy, fastest).")
+    window_s: float = setting(15.0, min=10, max=30, doc="""
+    Utterances shorter than this are encoded in a window this long instead of Whisper's 30 s
+    (about half the encoder's time at 15; a result that looks wrong is done again at 30; 30 =
+    always Whisper's own window) (float, s, 10..30).""")
     cache_dir: str | None = setting(None, doc="""
     Where the multilingual model is assembled once (str path or null = <avatars.data_dir>/models).
     """)

