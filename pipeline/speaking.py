@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from media_tracks.compositor import Segment
 from pipeline.tts import speech_stream
+from pipeline.tts import trim_lead as trim_lead_silence
 
 if TYPE_CHECKING:
     from pipeline.lipsync import LipSyncEngine, SessionLipSync
@@ -62,15 +63,19 @@ class Speaker:
         room: Callable[[], Awaitable[None]],
         tag: Hashable | None = None,
         on_first_audio: Callable[[FirstAudio], None] | None = None,
+        trim_lead: bool = False,
     ) -> None:
         """Speak ``text``: its segments go to ``schedule`` in order, the text with the first;
-        ``on_first_audio`` is told the first unit's timing. Errors propagate; a cancel stops
-        between or inside units."""
+        ``on_first_audio`` is told the first unit's timing; ``trim_lead``: the first unit
+        starts at its voice (``pipeline.tts.trim_lead``: the first words of an answer).
+        Errors propagate; a cancel stops between or inside units."""
         loop = asyncio.get_running_loop()
         t0 = self.now()
         first = True
         async for audio in speech_stream(self.tts, text, owner=self.owner, live=True):
             t1 = self.now()
+            if first and trim_lead:
+                audio = trim_lead_silence(audio)
             analyse = functools.partial(self.lipsync.analyse, audio, fps=self.fps)
             track = await loop.run_in_executor(self.executor, analyse)
             if first and on_first_audio is not None:

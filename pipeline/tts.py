@@ -36,6 +36,35 @@ class SpeechAudio:
     phonemes: tuple[tuple[str, int], ...] = ()
 
 
+LEAD_KEEP_MS = 10
+LEAD_LEVEL = 0.01  # of full scale: the voice starts at the first sample above it
+
+
+def trim_lead(audio: SpeechAudio, *, keep_ms: int = LEAD_KEEP_MS,
+              level: float = LEAD_LEVEL) -> SpeechAudio:
+    """``audio`` without the silence a voice leaves before its first sound (Piper: 30-80 ms),
+    ``keep_ms`` of it kept; the phoneme durations lose the same samples from the front, so
+    the lips stay on the voice. For the first piece of an answer, where that silence is
+    only waiting."""
+    pcm = np.asarray(audio.pcm)
+    loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) > int(level * 32767))
+    cut = max(0, int(loud[0]) - keep_ms * audio.sample_rate // 1000) if loud.size else 0
+    if cut == 0:
+        return audio
+    phonemes: list[tuple[str, int]] = []
+    left = cut
+    for name, n in audio.phonemes:
+        if left == 0:
+            phonemes.append((name, n))
+            continue
+        take = min(n, left)
+        left -= take
+        if n > take:
+            phonemes.append((name, n - take))
+    return SpeechAudio(text=audio.text, pcm=pcm[cut:], sample_rate=audio.sample_rate,
+                       phonemes=tuple(phonemes))
+
+
 class TextToSpeech(Protocol):
     sample_rate: int
 
