@@ -402,6 +402,10 @@ class ConversationSettings:
     Listen to the microphone and answer spoken turns (bool; false: only say/chat messages).""")
     barge_in: bool = setting(True, doc="""
     The person talking over the avatar stops it at once (bool).""")
+    barge_in_fade_ms: int = setting(96, min=0, max=5000, doc="""
+    After this much sound over the avatar its voice fades out at once, while the VAD makes sure
+    it is speech (vad.min_speech_ms, then the barge-in); a sound that stops sooner brings the
+    voice back (int, ms, 0..5000; 0, or at least vad.min_speech_ms: no fade).""")
     preemptive: bool = setting(True, doc="""
     Start answering when the person pauses (vad.end_silence_ms / 2, at most 250 ms of
     silence) and hold the answer until the end of the turn is confirmed; speech resuming

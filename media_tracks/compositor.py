@@ -115,6 +115,7 @@ class Compositor:
         self._next_id = 1
         self._speaking = False
         self._audio_pos = 0  # audio pts up to which playout has been asked for
+        self._gain = self._gain_to = 1.0  # the voice's level, and where duck() sends it
         self._cut_listeners: list[Callable[[int], None]] = []
         self._speech_listeners: list[
             tuple[Callable[[Scheduled], None], Callable[[int], None]]] = []
@@ -281,7 +282,28 @@ class Compositor:
             self._speaking = active
             self._emit({"type": "state", "state": "speaking" if active else "listening"})
         self._forget_played()
-        return out
+        return self._apply_gain(out)
+
+    def duck(self, on: bool) -> None:
+        """Fade the avatar's voice out (``on``) or back in over the next audio frame. The
+        speech plan, its clock and the face go on as they were: while the person may be
+        starting to talk over it (``SpeechOnset``) the voice is out of their way at once, and
+        a sound that was not speech costs a few hundred ms of voice, not a replan."""
+        self._gain_to = 0.0 if on else 1.0
+
+    @property
+    def ducked(self) -> bool:
+        return self._gain_to < 1.0
+
+    def _apply_gain(self, out: np.ndarray) -> np.ndarray:
+        if self._gain == 1.0 and self._gain_to == 1.0:
+            return out
+        start, end = self._gain, self._gain_to
+        self._gain = end
+        if start == end == 0.0:
+            return np.zeros_like(out)
+        ramp = np.linspace(start, end, out.size, dtype=np.float32)
+        return (out * ramp).astype(np.int16)
 
     def _forget_played(self) -> None:
         horizon = self._audio_pos - self.sample_rate  # keep a second for late video plans

@@ -252,9 +252,9 @@ class WhisperSTT:
             self.windowed += 1
             found = self._transcribe_window(audio)
             if found is not None:
-                text, language, probability, no_speech = found
+                text, language, probability, silent = found
                 return Transcript(text, language, probability, audio.size / SAMPLE_RATE,
-                                  time.perf_counter() - started, no_speech)
+                                  time.perf_counter() - started, silent)
             self.rewindowed += 1
         segments, info = self._model.transcribe(
             audio,

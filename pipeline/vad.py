@@ -229,7 +229,25 @@ class SpeechResume:
     at_ms: int
 
 
-ListenEvent = SpeechStart | SpeechEnd | SpeechPause | SpeechResume
+@dataclass(frozen=True, slots=True)
+class SpeechOnset:
+    """Speech has lasted ``onset_ms`` (shorter than ``min_speech_ms``): perhaps the person is
+    starting to talk. A ``SpeechStart`` with the same ``onset_ms`` follows, or a ``SpeechBlip``
+    when the sound stops first. at_ms: ms of audio fed when it was told."""
+
+    onset_ms: int
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechBlip:
+    """The sound a ``SpeechOnset`` told of stopped before ``min_speech_ms``: not speech."""
+
+    onset_ms: int
+    at_ms: int
+
+
+ListenEvent = SpeechStart | SpeechEnd | SpeechPause | SpeechResume | SpeechOnset | SpeechBlip
 
 
 class Endpointer:
@@ -238,8 +256,11 @@ class Endpointer:
     A chunk is speech at or above ``threshold``, silence below ``neg_threshold``, and keeps
     the previous chunk's state in between (hysteresis). A run of speech becomes an utterance
     (``SpeechStart``) once it has lasted ``min_speech_ms``; a silent chunk before that drops
-    it (blips give no events). An utterance ends (``SpeechEnd``) after ``end_silence_ms`` of
-    silence, or when it has lasted ``max_utterance_s``.
+    it (blips give no events, unless ``onset_ms`` is set: then a run that lasts that long is
+    told at once, ``SpeechOnset``, and its end before ``min_speech_ms`` too, ``SpeechBlip``,
+    so a caller can act on a likely start sooner and take it back). An utterance ends
+    (``SpeechEnd``) after ``end_silence_ms`` of silence, or when it has lasted
+    ``max_utterance_s``.
     """
 
     def __init__(
@@ -253,9 +274,13 @@ class Endpointer:
         pre_roll_ms: int = 300,
         max_utterance_s: float = 30.0,
         pause_ms: int | None = None,
+        onset_ms: int | None = None,
     ) -> None:
         if not 0.0 <= neg_threshold <= threshold <= 1.0:
             raise ValueError("need 0 <= neg_threshold <= threshold <= 1")
+        # a likely start is told only when it comes before the sure one
+        self._onset_told_at = (None if not onset_ms or onset_ms >= min_speech_ms
+                               else onset_ms * SAMPLE_RATE // 1000)
         self.chunk_ms = chunk_ms
         self.threshold = threshold
         self.neg_threshold = neg_threshold
@@ -273,6 +298,7 @@ class Endpointer:
         self._is_speech = False
         self._confirmed = False
         self._onset = -1  # sample where the current speech run began; -1: none
+        self._onset_told = False  # a SpeechOnset was emitted for it
         self._last_speech_end = 0
         self._paused_at = -1  # the speech end a SpeechPause was emitted for
         self._pause_open = False  # a SpeechPause was emitted and no speech came since
@@ -323,13 +349,20 @@ class Endpointer:
 
         if not self._confirmed:
             if not self._is_speech:  # a blip: back to idle, its audio becomes pre-roll
+                onset, told = self._onset, self._onset_told
                 audio, self._utterance, self._onset = self._utterance, [], -1
+                self._onset_told = False
                 for c in audio:
                     self._keep_pre_roll(c)
-                return []
+                return [SpeechBlip(self._ms(onset), self._ms(self._pos))] if told else []
             if self._pos - self._onset >= self._min_speech:
                 self._confirmed = True
+                self._onset_told = False
                 return [SpeechStart(self._ms(self._onset), self._ms(self._pos))]
+            if (self._onset_told_at is not None and not self._onset_told
+                    and self._pos - self._onset >= self._onset_told_at):
+                self._onset_told = True
+                return [SpeechOnset(self._ms(self._onset), self._ms(self._pos))]
             return []
 
         if self._is_speech and self._pause_open:
@@ -402,6 +435,7 @@ class Listener:
         pre_roll_ms: int = 300,
         max_utterance_s: float = 30.0,
         pause_ms: int | None = None,
+        onset_ms: int | None = None,
     ) -> None:
         if chunk_ms * SAMPLE_RATE // 1000 != CHUNK_SAMPLES:
             raise ValueError(f"Silero VAD chunks are {CHUNK_SAMPLES} samples (32 ms) at 16 kHz")
@@ -415,6 +449,7 @@ class Listener:
             pre_roll_ms=pre_roll_ms,
             max_utterance_s=max_utterance_s,
             pause_ms=pause_ms,
+            onset_ms=onset_ms,
         )
         self._pending = np.zeros(0, np.float32)
         self.last_prob = 0.0

@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 # microphone frames queued for the mic thread at most (50 x 20 ms: a second); more are dropped
 MAX_MIC_BACKLOG = 50
+DUCK_MAX_S = 1.0  # a faded voice comes back after this, whatever the VAD says
 
 
 class SpeechToText(Protocol):
@@ -75,6 +76,10 @@ class Host(Protocol):
 
     @property
     def playing(self) -> bool: ...
+
+    def duck(self, on: bool) -> None:
+        """Fade the avatar's voice out (on) or back in, its speech going on underneath."""
+        ...
 
     async def wait_for_speech_room(self) -> None:
         """Return once little enough speech is scheduled ahead of playback that the next
@@ -177,6 +182,9 @@ class Conversation:
         # the turn is None for an early transcription only (conversation.preemptive false)
         self._speculative: tuple[int, Turn | None, asyncio.Task[Any]] | None = None
         self.barge_ins = 0
+        self.ducks = 0  # the voice faded for a likely barge-in (SpeechOnset)
+        self.ducks_released = 0  # ... that was not speech after all (SpeechBlip)
+        self._duck_release: asyncio.TimerHandle | None = None
         self.closed = False
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -188,6 +196,9 @@ class Conversation:
 
     async def aclose(self) -> None:
         self.closed = True
+        if self._duck_release is not None:
+            self._duck_release.cancel()
+            self._duck_release = None
         tasks = list(self._tasks)
         for t in tasks:
             t.cancel()
@@ -268,6 +279,17 @@ class Conversation:
         cue = VAD_CUES.get(kind)
         if cue is not None and self._on_cue is not None:
             self._on_cue(cue)
+        if kind == "SpeechOnset":
+            # perhaps the person talks over the avatar: its voice fades at once, and comes
+            # back if the sound stops before it is sure to be speech (SpeechBlip)
+            if self._settings.conversation.barge_in and (self.busy or self._host.playing):
+                self._duck(True)
+            return
+        if kind == "SpeechBlip":
+            if self._duck_release is not None:
+                self.ducks_released += 1
+                self._duck(False)
+            return
         if kind == "SpeechStart":
             if self._on_speech is not None:
                 self._on_speech()
@@ -277,6 +299,7 @@ class Conversation:
                 self.barge_in()
             elif self._settings.conversation.barge_in and (self.busy or self._host.playing):
                 self.barge_in()
+            self._duck(False)  # cut by the barge-in, or nothing was playing any more
             self._host.send_event(State("listening", user="speaking"))
         elif kind == "SpeechPause":
             # maybe the end of the turn: start on it now, keep the work if the end comes
@@ -342,6 +365,21 @@ class Conversation:
         assert self._listener is not None
         behind_s = max(0.0, (self._listener.time_ms - float(end_ms)) / 1000.0)
         return self._now() - behind_s
+
+    def _duck(self, on: bool) -> None:
+        """The voice out of the person's way (on) or back; a duck lasts at most
+        DUCK_MAX_S even if the VAD never settles (the microphone stops)."""
+        ducked = self._duck_release is not None
+        if self._duck_release is not None:
+            self._duck_release.cancel()
+            self._duck_release = None
+        if on:
+            self.ducks += 0 if ducked else 1
+            self._host.duck(True)
+            loop = asyncio.get_running_loop()
+            self._duck_release = loop.call_later(DUCK_MAX_S, self._duck, False)
+        elif ducked:
+            self._host.duck(False)
 
     def _cancel_speculation(self) -> None:
         if self._speculative is not None:
@@ -548,5 +586,7 @@ def make_conversation_parts(settings: Settings, vad_model: Any) -> tuple[Any | N
         min_speech_ms=v.min_speech_ms,
         end_silence_ms=v.end_silence_ms,
         max_utterance_s=v.max_utterance_s,
+        # a likely barge-in is told this soon (the voice fades until the VAD is sure)
+        onset_ms=settings.conversation.barge_in_fade_ms or None,
     )
     return listener, Resampler16k()

@@ -438,6 +438,9 @@ class Session:
     async def wait_for_speech_room(self) -> None:
         await self.compositor.wait_until_ahead_at_most(SPEECH_AHEAD_NS)
 
+    def duck(self, on: bool) -> None:
+        self.compositor.duck(on)
+
     @property
     def playing(self) -> bool:
         return self.compositor.speaking or self.compositor.queued > 0

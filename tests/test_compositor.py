@@ -234,3 +234,23 @@ async def test_a_speaker_waits_until_only_the_allowed_speech_is_ahead():
     for _ in range(3):
         await asyncio.sleep(0)
     assert waiter.done()
+
+
+def test_a_ducked_voice_fades_out_over_one_frame_and_back_on_the_same_clock():
+    comp = make(fade=0)
+    pcm = tone(SPF * 10, 1000)
+    s = comp.schedule(Segment(pcm=pcm, mouth=np.ones(10, np.float32)))
+    first = comp.audio_at(s.start, 960)
+    assert (first == 1000).all()
+    comp.duck(True)
+    assert comp.ducked
+    fade = comp.audio_at(s.start + 960, 960)
+    assert fade[0] == 1000 and fade[-1] < 10 and (np.diff(fade.astype(int)) <= 0).all()
+    assert not comp.audio_at(s.start + 1920, 960).any()  # silent while ducked
+    assert comp.speaking  # ... though the speech goes on underneath
+    comp.duck(False)
+    back = comp.audio_at(s.start + 2880, 960)
+    assert back[0] == 0 and back[-1] > 990 and (np.diff(back.astype(int)) >= 0).all()
+    # the clock did not move: the samples after the fade are the segment's own at those pts
+    np.testing.assert_array_equal(comp.audio_at(s.start + 3840, 960), pcm[3840:4800])
+    assert not comp.ducked

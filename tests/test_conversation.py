@@ -16,7 +16,14 @@ from media_tracks.aiortc_compat import receiver_jitter_buffer
 from pipeline.lipsync.viseme_engine import VisemeEngine
 from pipeline.speaking import Speaker
 from pipeline.stt import Transcript
-from pipeline.vad import SpeechEnd, SpeechPause, SpeechResume, SpeechStart
+from pipeline.vad import (
+    SpeechBlip,
+    SpeechEnd,
+    SpeechOnset,
+    SpeechPause,
+    SpeechResume,
+    SpeechStart,
+)
 from rtc_server.conversation import Conversation
 from rtc_server.protocol import Event
 from tests.fakes.clock import FakeClock
@@ -42,9 +49,15 @@ class Host:
     def interrupt(self) -> None:
         self.cuts += 1
 
+    playing_now = False
+    ducks: list[bool]
+
     @property
     def playing(self) -> bool:
-        return False
+        return self.playing_now
+
+    def duck(self, on: bool) -> None:
+        self.__dict__.setdefault("ducks", []).append(on)
 
     async def wait_for_speech_room(self) -> None:
         self.room_waits = getattr(self, "room_waits", 0) + 1
@@ -352,4 +365,59 @@ async def test_a_turn_is_timed_by_the_injected_clock_without_sleeping():
     assert metrics["tts_first_audio_ms"] == 0.0 and metrics["lipsync_first_frame_ms"] == 0.0
     # from the end of the voice: 600 ms of end silence + 420 + 250 + 100
     assert metrics["voice_to_voice_ms"] == 1370.0
+    await conv.aclose()
+
+
+# --- the voice fades at a likely barge-in -------------------------------------------------
+@pytest.mark.asyncio
+async def test_a_sound_over_the_avatar_fades_its_voice_and_a_blip_brings_it_back():
+    conv, host, *_ = make()
+    host.playing_now = True
+    conv._on_vad_event(SpeechOnset(0, 96))
+    assert host.ducks == [True] and conv.ducks == 1 and host.cuts == 0
+    conv._on_vad_event(SpeechBlip(0, 128))  # not speech: the voice comes back, nothing cut
+    assert host.ducks == [True, False] and conv.ducks_released == 1
+    assert host.cuts == 0 and conv.barge_ins == 0
+    conv._on_vad_event(SpeechBlip(0, 160))  # a second blip changes nothing
+    assert host.ducks == [True, False]
+    await conv.aclose()
+
+
+@pytest.mark.asyncio
+async def test_speech_after_the_fade_is_a_barge_in_and_the_fade_ends():
+    conv, host, *_ = make()
+    host.playing_now = True
+    conv._on_vad_event(SpeechOnset(0, 96))
+    conv._on_vad_event(SpeechStart(0, 256))
+    assert conv.barge_ins == 1 and host.cuts == 1
+    assert host.ducks == [True, False] and conv.ducks_released == 0
+    await conv.aclose()
+
+
+@pytest.mark.asyncio
+async def test_nothing_fades_when_the_avatar_is_silent_or_barge_in_is_off():
+    conv, host, *_ = make()
+    conv._on_vad_event(SpeechOnset(0, 96))
+    conv._on_vad_event(SpeechBlip(0, 128))
+    assert getattr(host, "ducks", []) == [] and conv.ducks == 0
+    await conv.aclose()
+    settings = load_settings(env={}, overrides={"conversation.barge_in": False})
+    conv2, host2, *_ = make()
+    conv2._settings = settings
+    host2.playing_now = True
+    conv2._on_vad_event(SpeechOnset(0, 96))
+    assert getattr(host2, "ducks", []) == []
+    await conv2.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_fade_the_vad_never_settles_ends_by_itself(monkeypatch: pytest.MonkeyPatch):
+    import rtc_server.conversation as conversation
+
+    monkeypatch.setattr(conversation, "DUCK_MAX_S", 0.05)
+    conv, host, *_ = make()
+    host.playing_now = True
+    conv._on_vad_event(SpeechOnset(0, 96))
+    await asyncio.sleep(0.1)  # the microphone stopped: no SpeechStart nor SpeechBlip came
+    assert host.ducks == [True, False]
     await conv.aclose()

@@ -246,6 +246,9 @@ class Host:
     def playing(self) -> bool:
         return False
 
+    def duck(self, on: bool) -> None:
+        pass
+
     async def wait_for_speech_room(self) -> None:
         return None
 

@@ -228,3 +228,31 @@ def test_no_pause_events_unless_asked():
     ep = Endpointer(min_speech_ms=96, end_silence_ms=608)
     kinds = [type(e).__name__ for p in [0.9] * 16 + [0.0] * 30 for e in ep.feed(p)]
     assert kinds == ["SpeechStart", "SpeechEnd"]
+
+
+def test_a_likely_start_is_told_early_and_taken_back_when_it_stops():
+    from pipeline.vad import Endpointer, SpeechBlip, SpeechOnset
+
+    ep = Endpointer(min_speech_ms=256, end_silence_ms=608, onset_ms=96)
+    told = []
+    # 128 ms of sound (a cough), silence, then 0.5 s of speech
+    for prob in [0.9] * 4 + [0.0] * 10 + [0.9] * 16 + [0.0] * 25:
+        told += [(ep.time_ms, e) for e in ep.feed(prob)]
+    assert [type(e).__name__ for _, e in told] == [
+        "SpeechOnset", "SpeechBlip", "SpeechOnset", "SpeechStart", "SpeechEnd"]
+    (t1, onset1), (t2, blip), (t3, onset2), (t4, start), _ = told
+    assert isinstance(onset1, SpeechOnset) and (onset1.onset_ms, onset1.at_ms) == (0, 96)
+    assert t1 == 96  # told at its third chunk, not at the eighth
+    assert isinstance(blip, SpeechBlip) and blip.onset_ms == 0 and t2 == blip.at_ms == 160
+    assert onset2.onset_ms == start.onset_ms == 14 * 32  # the same run, told twice
+    assert t3 == 14 * 32 + 96 and t4 == 14 * 32 + 256
+
+
+def test_no_likely_start_unless_asked_or_when_it_would_not_be_sooner():
+    from pipeline.vad import Endpointer
+
+    for kwargs in ({}, {"onset_ms": 0}, {"onset_ms": 256}, {"onset_ms": 400}):
+        ep = Endpointer(min_speech_ms=256, end_silence_ms=608, **kwargs)
+        kinds = [type(e).__name__ for p in [0.9] * 4 + [0.0] * 3 + [0.9] * 16 + [0.0] * 30
+                 for e in ep.feed(p)]
+        assert kinds == ["SpeechStart", "SpeechEnd"], kwargs
