@@ -116,6 +116,7 @@ class Compositor:
         self._speaking = False
         self._audio_pos = 0  # audio pts up to which playout has been asked for
         self._gain = self._gain_to = 1.0  # the voice's level, and where duck() sends it
+        self._quiet_until = 0  # a cut made while ducked: the voice stays out up to it
         self._cut_listeners: list[Callable[[int], None]] = []
         self._speech_listeners: list[
             tuple[Callable[[Scheduled], None], Callable[[int], None]]] = []
@@ -245,6 +246,8 @@ class Compositor:
                 s.fade_out = True
             kept.append(s)
         self._segments = kept
+        if self.ducked:  # what plays up to the cut stays faded, whatever duck() says next
+            self._quiet_until = max(self._quiet_until, cut_sample)
         self.stats.clears += 1
         for _, cleared in list(self._speech_listeners):
             try:
@@ -282,7 +285,7 @@ class Compositor:
             self._speaking = active
             self._emit({"type": "state", "state": "speaking" if active else "listening"})
         self._forget_played()
-        return self._apply_gain(out)
+        return self._apply_gain(out, pts)
 
     def duck(self, on: bool) -> None:
         """Fade the avatar's voice out (``on``) or back in over the next audio frame. The
@@ -295,10 +298,11 @@ class Compositor:
     def ducked(self) -> bool:
         return self._gain_to < 1.0
 
-    def _apply_gain(self, out: np.ndarray) -> np.ndarray:
-        if self._gain == 1.0 and self._gain_to == 1.0:
+    def _apply_gain(self, out: np.ndarray, pts: int) -> np.ndarray:
+        target = self._gain_to if pts >= self._quiet_until else 0.0
+        if self._gain == 1.0 and target == 1.0:
             return out
-        start, end = self._gain, self._gain_to
+        start, end = self._gain, target
         self._gain = end
         if start == end == 0.0:
             return np.zeros_like(out)

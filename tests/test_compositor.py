@@ -254,3 +254,21 @@ def test_a_ducked_voice_fades_out_over_one_frame_and_back_on_the_same_clock():
     # the clock did not move: the samples after the fade are the segment's own at those pts
     np.testing.assert_array_equal(comp.audio_at(s.start + 3840, 960), pcm[3840:4800])
     assert not comp.ducked
+
+
+def test_a_cut_while_ducked_stays_silent_up_to_the_cut():
+    comp = make(fade=0)
+    pcm = tone(SPF * 10, 1000)
+    s = comp.schedule(Segment(pcm=pcm, mouth=np.ones(10, np.float32)))
+    comp.audio_at(s.start, 960)
+    comp.duck(True)
+    comp.audio_at(s.start + 960, 480)  # faded out, half way through a video frame
+    cut = comp.clear()  # the barge-in: speech stops at the next frame boundary...
+    comp.duck(False)  # ... and the fade is over at once
+    cut_sample = comp.frame_start_sample(cut)
+    pts = s.start + 1440
+    assert pts < cut_sample  # some speech is still before the cut
+    while pts < cut_sample:
+        assert not comp.audio_at(pts, 240).any()  # it does not come back for those samples
+        pts += 240
+    assert not comp.ducked
