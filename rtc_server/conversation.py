@@ -223,6 +223,11 @@ class Conversation:
 
     # --- listening ------------------------------------------------------------------------
     @property
+    def end_of_turn(self) -> EndOfTurn:
+        """The call's end-of-turn decisions (``rtc_server.turn_end``)."""
+        return self._eot
+
+    @property
     def early_cut_ins(self) -> int:
         """Turns ended sooner than the fixed silence that the person went on with."""
         return self._eot.early_cut_ins
