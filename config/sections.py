@@ -354,6 +354,8 @@ class SttSettings:
     compute_type: str | None = setting(None, doc="""
     CTranslate2 compute type override, e.g. int8, int8_float16, float16 (str or null = default).""")
     beam_size: int = setting(1, min=1, max=10, doc="Beam size (int, 1..10; 1 = greedy, fastest).")
+    cpu_threads: int = setting(0, min=0, max=64, doc="""
+    Threads one transcription uses on the CPU (int, 0..64; 0 = one per two CPUs, at most 4).""")
     window_s: float = setting(15.0, min=10, max=30, doc="""
     Utterances shorter than this are encoded in a window this long instead of Whisper's 30 s
     (about half the encoder's time at 15; a result that looks wrong is done again at 30; 30 =

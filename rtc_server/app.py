@@ -67,11 +67,12 @@ logger = logging.getLogger(__name__)
 
 @functools.lru_cache(maxsize=4)
 def shared_stt(model: str, cache_dir: str, device: str, compute_type: str | None,
-               language: str | None, beam_size: int, window_s: float) -> WhisperSTT:
+               language: str | None, beam_size: int, window_s: float,
+               cpu_threads: int) -> WhisperSTT:
     """One loaded Whisper model per configuration per process (sessions share it)."""
     stt = WhisperSTT(model, cache_dir=Path(cache_dir), device=device,  # type: ignore[arg-type]
                      compute_type=compute_type, language=language, beam_size=beam_size,
-                     window_s=window_s)
+                     window_s=window_s, cpu_threads=cpu_threads)
     stt.load()
     return stt
 
@@ -86,7 +87,7 @@ def load_listening(settings: Settings) -> tuple[WhisperSTT, SileroVad]:
     s = settings.stt
     cache = s.cache_dir or str(Path(settings.avatars.data_dir) / "models")
     stt = shared_stt(s.model, cache, s.device, s.compute_type, s.language, s.beam_size,
-                     s.window_s)
+                     s.window_s, s.cpu_threads)
     turn_detector(settings)  # a configured turns.model loads now, or the server does not start
     return stt, shared_vad()
 
