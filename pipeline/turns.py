@@ -8,8 +8,9 @@ the end of the voice and says how long the silence must last:
   fell at the end (or did not rise and hold);
 * ``long`` (``turns.long_ms``, 900 ms): it ends on a conjunction or a filler ("and",
   "because", "so", "um", "uh", "I mean", Persian "و", "که", "چون", ...), on a word that
-  cannot end a clause ("the", "to", ...), without a sentence's end, or the voice rose and
-  held;
+  cannot end a clause ("the", "to", ...), an opening clause without its main clause ("If it
+  rains tomorrow.", "When I was young."), a request without its verb ("Could you please"),
+  without a sentence's end, or the voice rose and held;
 * ``fixed`` (``vad.end_silence_ms``): nothing to judge by (another language, no text).
 
 ``RuleTurnDetector`` is the embedded default (English and Persian). ``OnnxTurnDetector``
@@ -116,6 +117,12 @@ _EN_CONTINUE_PHRASES = ("i mean", "you know", "kind of", "sort of", "and then", 
 _EN_QUESTION = {"what", "who", "whom", "whose", "where", "when", "why", "how", "which", "is",
                 "are", "was", "were", "do", "does", "did", "can", "could", "would", "will",
                 "should", "shall", "may", "might", "have", "has", "had"}
+# a sentence opening with one of these is a clause that needs its main clause ("If it rains
+# tomorrow." is not an answerable turn), unless it is a question ("When does it open?")
+_EN_OPENING = {"if", "when", "because", "although", "though", "unless", "while", "since",
+               "before", "after", "whenever", "once", "as"}
+_EN_REQUEST = {"could", "can", "would", "will"}  # "... you please" still needs its verb
+_FA_OPENING = {"اگر", "اگه", "وقتی", "وقتیکه", "چون", "هرچند", "درحالیکه", "زمانی"}
 _FA_CONTINUE = {"و", "که", "اما", "ولی", "چون", "یا", "اگر", "تا", "بعد", "پس", "یعنی", "خب",
                 "اِ", "ام", "اوم", "مثلا", "مثلاً", "را", "رو", "به", "از", "با", "در", "برای"}
 _FA_QUESTION = {"چرا", "چی", "چه", "کجا", "کی", "چطور", "چطوری", "آیا", "کدام", "کدوم", "چند"}
@@ -142,6 +149,14 @@ class RuleTurnDetector:
             return TurnDecision(self.long_ms, "long", f"ends on {words[-1]!r}")
         if clean.endswith(("...", "…", ",", "،", "-", "—")):
             return TurnDecision(self.long_ms, "long", "an unfinished clause")
+        opening = _FA_OPENING if lang == "fa" else _EN_OPENING
+        if (words[0] in opening and not clean.endswith(("?", "؟")) and "," not in clean
+                and "،" not in clean and len(words) <= 8):
+            return TurnDecision(self.long_ms, "long",
+                                f"a clause opened by {words[0]!r} without its main clause")
+        if (lang == "en" and len(words) >= 3 and words[-1] == "please" and words[-2] == "you"
+                and words[-3] in _EN_REQUEST):
+            return TurnDecision(self.long_ms, "long", "a request without its verb")
         voice = voice_ending(audio)
         if voice == "rose_held":
             return TurnDecision(self.long_ms, "long", "the voice rose and held")

@@ -50,6 +50,13 @@ def test_the_voice_at_the_end_fell_rose_and_held_or_neither():
     ("We were thinking,", LEVEL, "en", "long"),
     ("I went to the market yesterday.", RISING_HELD, "en", "long"),  # rose and held
     ("I went to the market yesterday", LEVEL, "en", "fixed"),  # no sentence end
+    ("If it rains tomorrow.", FALLING, "en", "long"),  # a clause waiting for its main one
+    ("When I was young.", FALLING, "en", "long"),
+    ("When does the shop open?", FALLING, "en", "short"),  # ... but a question is whole
+    ("If it rains tomorrow, we will stay inside.", FALLING, "en", "short"),
+    ("Could you please?", FALLING, "en", "long"),  # a request without its verb
+    ("Could you please help me?", FALLING, "en", "short"),
+    ("اگر فردا باران بیاید.", FALLING, "fa", "long"),
     ("دیروز به بازار رفتم.", FALLING, "fa", "short"),
     ("ساعت چند است؟", LEVEL, "fa", "short"),
     ("دیروز به بازار رفتم و", FALLING, "fa", "long"),
