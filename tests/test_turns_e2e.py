@@ -10,36 +10,23 @@ here into its microphone; the server's VAD, Whisper, rules and turns run as in p
 from __future__ import annotations
 
 import asyncio
-import re
 
 import numpy as np
 import pytest
 
-from config import load_settings
-from rtc_server.app import create_app
 from rtc_server.bot import Bot
-from rtc_server.ice import use_host_candidates
 from rtc_server.services import SERVICES
 from tests.fakes.speech import piper_speech
+from tests.test_conversation_e2e import start as start_call
+from tests.test_conversation_e2e import words
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 SR = 48_000
 
 
-def words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9']+", text.lower())
-
-
 async def start(aiohttp_client, **overrides):
-    use_host_candidates("loopback")
-    base = {"webrtc.host_candidates": "loopback", "sessions.max_concurrent": 4}
-    base.update(overrides)
-    app = create_app(load_settings(env={}, overrides=base))
-    client = await aiohttp_client(app)
-    bot = Bot(str(client.make_url("")).rstrip("/"))
-    await bot.connect()
-    await bot.wait_first_video(15)
+    app, _, bot = await start_call(aiohttp_client, **overrides)
     await asyncio.sleep(0.5)
     return app, bot
 
