@@ -82,8 +82,23 @@ async def turns(url: str, n: int) -> list[dict[str, Any]]:
         row["end_wait_ms"] = metrics.get("end_wait_ms")
         rows.append(row)
         await asyncio.sleep(0.5)
+    VIDEO[url] = video_stats(await bot.server_session())
     await bot.aclose()
     return rows
+
+
+VIDEO: dict[str, dict[str, Any]] = {}  # per server: its call's video counters after the turns
+
+
+def video_stats(info: dict[str, Any] | None) -> dict[str, Any]:
+    """Frames not drawn in time over the call: every answer's first frames are drawn again
+    (``rerendered``) within ``media.schedule_lead_ms``; those that miss it are ``late``."""
+    if info is None:
+        return {}
+    return {"video_frames_sent": info.get("frames_sent", {}).get("video"),
+            "frames_late": info.get("frames_late"),
+            "frames_repeated": info.get("frames_repeated"),
+            "rerendered": info.get("render", {}).get("rerendered")}
 
 
 async def barge_ins(url: str, n: int) -> tuple[list[float], list[float]]:
@@ -156,7 +171,7 @@ async def main_async(n: int, barge: int) -> None:
     proc, url = start_server()
     try:
         rows = await turns(url, n)
-        results["embedded"] = {"summary": summary(rows), "turns": rows}
+        results["embedded"] = {"summary": summary(rows), "turns": rows, "video": VIDEO[url]}
         results["barge_in_ms"], results["barge_in_detected_ms"] = await barge_ins(url, barge)
     finally:
         proc.terminate()
@@ -168,7 +183,8 @@ async def main_async(n: int, barge: int) -> None:
         )
         try:
             rows = await turns(url, n)
-            results["openai_compatible"] = {"summary": summary(rows), "turns": rows}
+            results["openai_compatible"] = {"summary": summary(rows), "turns": rows,
+                                            "video": VIDEO[url]}
         finally:
             proc.terminate()
             proc.wait(10)
@@ -178,6 +194,8 @@ async def main_async(n: int, barge: int) -> None:
     print_table(
         [{"replier": k, **results[k]["summary"]} for k in ("embedded", "openai_compatible")]
     )
+    print("Video over the turns:", {k: results[k]["video"]
+                                     for k in ("embedded", "openai_compatible")})
     b, d = results["barge_in_ms"], results["barge_in_detected_ms"]
     print(
         f"\nBarge-in, speech onset -> avatar silent at the client (ms): {b} "
