@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from media_tracks.compositor import Segment
-from pipeline.tts import speech_stream
+from pipeline.speech_units import first_clause
+from pipeline.tts import SpeechAudio, speech_stream
 from pipeline.tts import trim_lead as trim_lead_silence
 
 if TYPE_CHECKING:
@@ -63,18 +64,19 @@ class Speaker:
         room: Callable[[], Awaitable[None]],
         tag: Hashable | None = None,
         on_first_audio: Callable[[FirstAudio], None] | None = None,
-        trim_lead: bool = False,
+        answer_start: bool = False,
     ) -> None:
         """Speak ``text``: its segments go to ``schedule`` in order, the text with the first;
-        ``on_first_audio`` is told the first unit's timing; ``trim_lead``: the first unit
-        starts at its voice (``pipeline.tts.trim_lead``: the first words of an answer).
-        Errors propagate; a cancel stops between or inside units."""
+        ``on_first_audio`` is told the first unit's timing. ``answer_start`` (the first
+        sentence of an answer): a long sentence is synthesised clause first
+        (``first_clause``), and the first unit starts at its voice (``trim_lead``), so the
+        answer is heard sooner. Errors propagate; a cancel stops between or inside units."""
         loop = asyncio.get_running_loop()
         t0 = self.now()
         first = True
-        async for audio in speech_stream(self.tts, text, owner=self.owner, live=True):
+        async for audio in self._units(text, answer_start):
             t1 = self.now()
-            if first and trim_lead:
+            if first and answer_start:
                 audio = trim_lead_silence(audio)
             analyse = functools.partial(self.lipsync.analyse, audio, fps=self.fps)
             track = await loop.run_in_executor(self.executor, analyse)
@@ -91,6 +93,14 @@ class Speaker:
             )
             first = False
             await room()
+
+
+    async def _units(self, text: str, answer_start: bool) -> AsyncIterator[SpeechAudio]:
+        head, rest = first_clause(text) if answer_start else (text, "")
+        for part in (head, rest):
+            if part:
+                async for audio in speech_stream(self.tts, part, owner=self.owner, live=True):
+                    yield audio
 
 
 def _ms(seconds: float) -> float:

@@ -54,6 +54,26 @@ def speech_units(text: str, max_chars: int = MAX_UNIT_CHARS) -> list[str]:
     return units
 
 
+FIRST_CLAUSE_MIN_CHARS = 48  # a first sentence shorter than this is said whole
+FIRST_CLAUSE_MIN_PIECE = 14  # neither part of a split is shorter than this
+
+
+def first_clause(text: str, *, min_chars: int = FIRST_CLAUSE_MIN_CHARS,
+                 min_piece: int = FIRST_CLAUSE_MIN_PIECE) -> tuple[str, str]:
+    """``text`` (an answer's first sentence) as (its first clause, the rest), cut after the
+    first clause break followed by a space that leaves at least ``min_piece`` characters on
+    each side; (``text``, "") when it is shorter than ``min_chars`` or has no such break.
+    The voice then starts on the clause, while the rest is synthesised, and the pause it
+    makes there is one a speaker makes anyway."""
+    if len(text) < min_chars:
+        return text, ""
+    for i, ch in enumerate(text):
+        if (ch in CLAUSE_BREAKS and ch != "\n" and i + 1 < len(text) and text[i + 1] == " "
+                and i + 1 >= min_piece and len(text) - i - 2 >= min_piece):
+            return text[: i + 1], text[i + 2:]
+    return text, ""
+
+
 def _sentences(text: str) -> list[str]:
     """``text`` cut after each sentence end; the pieces joined give ``text`` back."""
     out: list[str] = []

@@ -550,7 +550,7 @@ class Conversation:
                 await self.speaker.speak(
                     sentence, schedule=schedule, room=self._host.wait_for_speech_room,
                     tag=("turn", turn.key), on_first_audio=first_audio,
-                    trim_lead=not turn.reply,  # the answer's first words start at once
+                    answer_start=not turn.reply,  # the answer's first words start sooner
                 )
                 turn.reply.append(sentence)
             except asyncio.CancelledError:

@@ -40,3 +40,40 @@ def test_piper_s_lead_is_cut_to_ten_ms() -> None:
     assert first > 20 * SR // 1000  # Piper leaves more than 20 ms before the voice
     out = trim_lead(SpeechAudio("x", pcm, SR))
     assert int(np.flatnonzero(np.abs(out.pcm.astype(np.int32)) > 327)[0]) == 10 * SR // 1000
+
+
+# --- the first clause of a long first sentence is said first ---------------------------------
+def test_a_long_first_sentence_is_cut_after_its_first_clause():
+    from pipeline.speech_units import first_clause
+
+    long = "I can chat with you, tell you the time and the date, and do simple arithmetic."
+    assert first_clause(long) == ("I can chat with you,",
+                                  "tell you the time and the date, and do simple arithmetic.")
+    assert first_clause("Hello! I am here.") == ("Hello! I am here.", "")  # short: whole
+    sure = "Sure, I can do that for you right now without any trouble at all."
+    assert first_clause(sure) == (sure, "")  # "Sure," alone is too short a piece
+    persian = "من می‌توانم با شما صحبت کنم، ساعت را بگویم و حساب ساده انجام دهم."
+    head, rest = first_clause(persian)
+    assert head.endswith("،") and f"{head} {rest}" == persian
+
+
+async def test_an_answer_starts_on_its_first_clause_and_carries_its_whole_text():
+    from pipeline.lipsync.viseme_engine import VisemeEngine
+    from pipeline.speaking import Speaker
+    from tests.fakes.tts import ToneTTS
+
+    tts = ToneTTS()
+    speaker = Speaker(tts, VisemeEngine(), fps=25, owner="s", executor=None)
+    segments = []
+
+    async def room() -> None:
+        return None
+
+    long = "I can chat with you, tell you the time and the date, and do simple arithmetic."
+    await speaker.speak(long, schedule=segments.append, room=room, answer_start=True)
+    assert tts.requests == ["I can chat with you,",
+                            "tell you the time and the date, and do simple arithmetic."]
+    assert [s.text for s in segments] == [long, ""]  # the transcript goes with the first
+    tts.requests.clear()
+    await speaker.speak(long, schedule=segments.append, room=room)  # later sentences: whole
+    assert tts.requests == [long]
