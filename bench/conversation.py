@@ -55,7 +55,7 @@ def audible(pcm: np.ndarray, min_rms: float = 300.0) -> bool:
     return bool(pcm.size) and float(np.sqrt(np.mean(pcm.astype(np.float32) ** 2))) > min_rms
 
 
-async def turns(url: str, n: int) -> list[dict[str, Any]]:
+async def turns(url: str, n: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     bot = Bot(url, audio_prefetch=1)
     await bot.connect()
     await bot.wait_first_video(15)
@@ -82,12 +82,9 @@ async def turns(url: str, n: int) -> list[dict[str, Any]]:
         row["end_wait_ms"] = metrics.get("end_wait_ms")
         rows.append(row)
         await asyncio.sleep(0.5)
-    VIDEO[url] = video_stats(await bot.server_session())
+    video = video_stats(await bot.server_session())
     await bot.aclose()
-    return rows
-
-
-VIDEO: dict[str, dict[str, Any]] = {}  # per server: its call's video counters after the turns
+    return rows, video
 
 
 def video_stats(info: dict[str, Any] | None) -> dict[str, Any]:
@@ -170,8 +167,8 @@ async def main_async(n: int, barge: int) -> None:
     results: dict[str, Any] = {}
     proc, url = start_server()
     try:
-        rows = await turns(url, n)
-        results["embedded"] = {"summary": summary(rows), "turns": rows, "video": VIDEO[url]}
+        rows, video = await turns(url, n)
+        results["embedded"] = {"summary": summary(rows), "turns": rows, "video": video}
         results["barge_in_ms"], results["barge_in_detected_ms"] = await barge_ins(url, barge)
     finally:
         proc.terminate()
@@ -182,9 +179,9 @@ async def main_async(n: int, barge: int) -> None:
             {"AVATAR_LLM__BASE_URL": llm_url, "AVATAR_LLM__MODEL": "fake-model"}
         )
         try:
-            rows = await turns(url, n)
+            rows, video = await turns(url, n)
             results["openai_compatible"] = {"summary": summary(rows), "turns": rows,
-                                            "video": VIDEO[url]}
+                                            "video": video}
         finally:
             proc.terminate()
             proc.wait(10)

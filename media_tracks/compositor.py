@@ -84,6 +84,9 @@ class FramePlan:
     lips: object | None = None
 
 
+DUCK_MAX_MS = 1000  # a faded voice comes back after this much media time, at most
+
+
 @dataclass(slots=True)
 class CompositorStats:
     segments_played: int = 0
@@ -117,6 +120,7 @@ class Compositor:
         self._audio_pos = 0  # audio pts up to which playout has been asked for
         self._gain = self._gain_to = 1.0  # the voice's level, and where duck() sends it
         self._quiet_until = 0  # a cut made while ducked: the voice stays out up to it
+        self._duck_until = 0  # a duck ends by itself at this audio pts
         self._cut_listeners: list[Callable[[int], None]] = []
         self._speech_listeners: list[
             tuple[Callable[[Scheduled], None], Callable[[int], None]]] = []
@@ -287,18 +291,24 @@ class Compositor:
         self._forget_played()
         return self._apply_gain(out, pts)
 
-    def duck(self, on: bool) -> None:
+    def duck(self, on: bool, *, max_ms: int = DUCK_MAX_MS) -> None:
         """Fade the avatar's voice out (``on``) or back in over the next audio frame. The
         speech plan, its clock and the face go on as they were: while the person may be
         starting to talk over it (``SpeechOnset``) the voice is out of their way at once, and
-        a sound that was not speech costs a few hundred ms of voice, not a replan."""
+        a sound that was not speech costs a few hundred ms of voice, not a replan. A duck
+        ends by itself ``max_ms`` of media time after playout reached it, whatever else
+        happens (the microphone stops before the VAD settles)."""
         self._gain_to = 0.0 if on else 1.0
+        if on:
+            self._duck_until = self._audio_pos + max_ms * self.sample_rate // 1000
 
     @property
     def ducked(self) -> bool:
         return self._gain_to < 1.0
 
     def _apply_gain(self, out: np.ndarray, pts: int) -> np.ndarray:
+        if self._gain_to == 0.0 and pts >= self._duck_until:
+            self._gain_to = 1.0  # the duck's time is up
         target = self._gain_to if pts >= self._quiet_until else 0.0
         if self._gain == 1.0 and target == 1.0:
             return out

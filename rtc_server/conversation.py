@@ -54,7 +54,6 @@ logger = logging.getLogger(__name__)
 
 # microphone frames queued for the mic thread at most (50 x 20 ms: a second); more are dropped
 MAX_MIC_BACKLOG = 50
-DUCK_MAX_S = 1.0  # a faded voice comes back after this, whatever the VAD says
 
 
 class SpeechToText(Protocol):
@@ -184,7 +183,7 @@ class Conversation:
         self.barge_ins = 0
         self.ducks = 0  # the voice faded for a likely barge-in (SpeechOnset)
         self.ducks_released = 0  # ... that was not speech after all (SpeechBlip)
-        self._duck_release: asyncio.TimerHandle | None = None
+        self._ducked = False
         self.closed = False
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -196,9 +195,6 @@ class Conversation:
 
     async def aclose(self) -> None:
         self.closed = True
-        if self._duck_release is not None:
-            self._duck_release.cancel()
-            self._duck_release = None
         tasks = list(self._tasks)
         for t in tasks:
             t.cancel()
@@ -291,7 +287,7 @@ class Conversation:
                 self._duck(True)
             return
         if kind == "SpeechBlip":
-            if self._duck_release is not None:
+            if self._ducked:
                 self.ducks_released += 1
                 self._duck(False)
             return
@@ -372,19 +368,13 @@ class Conversation:
         return self._now() - behind_s
 
     def _duck(self, on: bool) -> None:
-        """The voice out of the person's way (on) or back; a duck lasts at most
-        DUCK_MAX_S even if the VAD never settles (the microphone stops)."""
-        ducked = self._duck_release is not None
-        if self._duck_release is not None:
-            self._duck_release.cancel()
-            self._duck_release = None
-        if on:
-            self.ducks += 0 if ducked else 1
-            self._host.duck(True)
-            loop = asyncio.get_running_loop()
-            self._duck_release = loop.call_later(DUCK_MAX_S, self._duck, False)
-        elif ducked:
-            self._host.duck(False)
+        """The voice out of the person's way (on) or back (the compositor also ends a duck
+        by itself after a second of media time, should the VAD never settle)."""
+        if on == self._ducked:
+            return
+        self._ducked = on
+        self.ducks += on
+        self._host.duck(on)
 
     def _cancel_speculation(self) -> None:
         if self._speculative is not None:

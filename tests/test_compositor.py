@@ -272,3 +272,20 @@ def test_a_cut_while_ducked_stays_silent_up_to_the_cut():
         assert not comp.audio_at(pts, 240).any()  # it does not come back for those samples
         pts += 240
     assert not comp.ducked
+
+
+def test_a_duck_nobody_ends_ends_by_itself_after_its_media_time():
+    comp = make(fade=0)
+    pcm = tone(SPF * 50, 1000)  # 2 s of speech
+    s = comp.schedule(Segment(pcm=pcm, mouth=np.ones(50, np.float32)))
+    comp.audio_at(s.start, 960)
+    comp.duck(True, max_ms=100)  # the VAD never says SpeechStart nor SpeechBlip
+    pts = s.start + 960
+    for _ in range(5):  # 100 ms of media time: faded
+        out = comp.audio_at(pts, 960)
+        pts += 960
+    assert not out.any() and comp.ducked
+    back = comp.audio_at(pts, 960)  # its time is up: the voice fades back in
+    assert back[-1] > 990 and not comp.ducked
+    np.testing.assert_array_equal(comp.audio_at(pts + 960, 960),
+                                  pcm[pts + 960 - s.start: pts + 1920 - s.start])
