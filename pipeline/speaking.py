@@ -94,7 +94,6 @@ class Speaker:
             first = False
             await room()
 
-
     async def _units(self, text: str, answer_start: bool) -> AsyncIterator[SpeechAudio]:
         head, rest = first_clause(text) if answer_start else (text, "")
         for part in (head, rest):
