@@ -69,9 +69,16 @@ async def turns(url: str, n: int) -> tuple[list[dict[str, Any]], dict[str, Any]]
         # from the end of the voice, not of the file (Piper leaves some silence after it)
         voiced = np.nonzero(np.abs(q) > 0.02)[0]
         t_end = bot.mic.sent_until - (len(q) - (voiced[-1] + 1 if voiced.size else 0)) / 48000
-        metrics = await bot.wait_event(
-            lambda e, s=seen: e.get("type") == "metrics" and bot.events.index(e) >= s, 30
-        )
+        try:
+            metrics = await bot.wait_event(
+                lambda e, s=seen: e.get("type") == "metrics" and bot.events.index(e) >= s, 30
+            )
+        except TimeoutError:
+            # no answer: counted (``unanswered``) with what the server said, not a crash
+            said = [{k: e.get(k) for k in ("type", "state", "user", "text", "message")
+                     if e.get(k) is not None} for e in bot.events[seen:]]
+            rows.append({"turn": i + 1, "client_v2v_ms": None, "unanswered": said})
+            continue
         await bot.wait_event(
             lambda e, m=metrics: e.get("state") == "listening" and e["_t"] > m["_t"], 60
         )
@@ -155,7 +162,8 @@ async def barge_ins(url: str, n: int) -> tuple[list[float], list[float]]:
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"turns": len(rows)}
+    out: dict[str, Any] = {"turns": len(rows),
+                           "unanswered": sum(1 for r in rows if "unanswered" in r)}
     for k in ("client_v2v_ms", *STAGES):
         vals = [r[k] for r in rows if isinstance(r.get(k), int | float)]
         out[f"{k}_median"] = round(statistics.median(vals), 1) if vals else None

@@ -78,11 +78,14 @@ class MediaSettings:
     Height of the rendered video (int, pixels, 64..2160, even).""")
     render_lead_ms: int = setting(200, min=40, max=2000, doc="""
     How far ahead of the media clock video frames are rendered (int, ms, 40..2000).""")
-    schedule_lead_ms: int = setting(120, min=40, max=5000, doc="""
-    Minimum delay between a speech segment being ready and its first sample playing
-    (int, ms, 40..5000). Frames already rendered ahead for that time are rendered again,
-    so it may be shorter than render_lead_ms; it must leave the lip-sync engine time to render
-    the first speaking frames (the viseme engine needs ~1 ms a frame, Wav2Lip a model call).""")
+    schedule_lead_ms: int = setting(60, min=40, max=5000, doc="""
+    Minimum delay between a speech segment being ready and its first sample playing, for the
+    viseme engine (int, ms, 40..5000; Wav2Lip uses lipsync.schedule_lead_ms). Frames already
+    rendered ahead for that time are rendered again, so it may be shorter than
+    render_lead_ms; it must leave the engine time to render the first speaking frames (the
+    viseme engine needs ~1-2 ms a frame). Every answer waits this long: 60 answers about
+    60 ms sooner than 120, with as few late frames in bench.conversation (0-1 in 20
+    answers at either).""")
     crossfade_frames: int = setting(5, min=0, max=25, doc="""
     Number of video frames blended when switching between idle and speaking (int, 0..25;
     0 = hard cut).""")
@@ -303,12 +306,16 @@ class LipsyncSettings:
     the batching worker runs at least that many at once (on a CPU, two frames cost about a
     fifth less each than one at a time; the second frame starts 40 ms earlier, inside the
     render lead).""")
+    schedule_lead_ms: int = setting(120, min=40, max=5000, doc="""
+    Minimum delay between a speech segment being ready and its first sample playing, for a
+    Wav2Lip call (int, ms, 40..5000; the viseme engine uses media.schedule_lead_ms): the first
+    speaking frames are a model call, 30-150 ms on a CPU under load.""")
     render_lead_ms: int = setting(600, min=40, max=2000, doc="""
     How far ahead of the media clock a Wav2Lip call renders its frames (int, ms, 40..2000;
     the viseme engine uses media.render_lead_ms). Wav2Lip on a CPU takes 40-150 ms per batch
     under load, so it needs more frames in flight than the 200 ms lead allows; this costs
     memory (one I420 frame per 40 ms ahead: 393 KB at 512x512) and a few more frames to
-    render again when speech starts, not reply latency (see media.schedule_lead_ms).
+    render again when speech starts, not reply latency (see lipsync.schedule_lead_ms).
     Measured: two OpenVINO bf16 calls on 2 cores, 10 s windows, got 20.8-25.0 fresh
     frames/s each at 600 against 17.4-21.9 at 200.""")
     lower_face_only: bool = setting(True, doc="""
@@ -333,10 +340,13 @@ class VadSettings:
     shorter sounds are ignored (int, ms, 32..5000).""")
     end_silence_ms: int = setting(600, min=96, max=10000, doc="""
     The user's turn ends after this much silence (int, ms, 96..10000).""")
-    pause_ms: int = setting(160, min=32, max=10000, doc="""
+    pause_ms: int = setting(96, min=32, max=10000, doc="""
     After this much silence the answer is started (transcription; with
     conversation.preemptive also the reply and its synthesis) and kept if the turn really
-    ends at end_silence_ms (int, ms, 32..10000; at most half of end_silence_ms is used).""")
+    ends (int, ms, 32..10000; at most half of end_silence_ms is used). The transcript at the
+    pause also decides how long a silence ends the turn (turns.*). 96 (three VAD chunks)
+    answers about 64 ms sooner than 160; on bench.turn_ends it started no more
+    transcriptions and cut no more turns early.""")
     max_utterance_s: float = setting(30.0, min=1, max=120, doc="""
     A longer utterance is cut and transcribed at this length (float, s, 1..120).""")
 

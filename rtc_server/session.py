@@ -159,7 +159,7 @@ class Session:
             clock=self.clock,
             fps=media.fps,
             sample_rate=media.audio_sample_rate,
-            schedule_lead_ms=media.schedule_lead_ms,
+            schedule_lead_ms=self.lipsync.schedule_lead_ms or media.schedule_lead_ms,
             crossfade_frames=media.crossfade_frames,
             on_event=self._on_media_event,
         )

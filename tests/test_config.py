@@ -331,6 +331,7 @@ def test_wrong_type_names_key_expected_type_and_value(tmp_path: Path) -> None:
         ("lipsync.streams", 65, "0..64"),
         ("lipsync.streams", -1, "0..64"),
         ("lipsync.render_lead_ms", 39, "40..2000"),
+        ("lipsync.schedule_lead_ms", 39, "40..5000"),
         ("lipsync.wav2lip_model", "", "must not be empty"),
         ("engines.piper_voice", 3, "expected str or null"),
         ("engines.tts_speed", 2.5, "0.5..2.0"),

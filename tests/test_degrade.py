@@ -70,6 +70,7 @@ class _Engine:
 
     frame_group = 1
     render_lead_ms = None
+    schedule_lead_ms = None
 
     def __init__(self, name: str, clock: ManualClock, service_ms: float, luma: int) -> None:
         self.name = name
@@ -197,6 +198,7 @@ class _Failing:
     name = "wav2lip"
     frame_group = 1
     render_lead_ms = None
+    schedule_lead_ms = None
 
     def __init__(self, error: Exception) -> None:
         self.error = error

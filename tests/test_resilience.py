@@ -74,6 +74,7 @@ class FlakyEngine:
     name = "flaky-wav2lip"
     frame_group = 1
     render_lead_ms = None
+    schedule_lead_ms = None
 
     def __init__(self, *, fail_renderers: frozenset[int] = frozenset(),
                  fail_analyse: bool = False) -> None:

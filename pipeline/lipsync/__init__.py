@@ -155,6 +155,10 @@ class SessionLipSync:
     def render_lead_ms(self) -> int | None:
         return self.primary.render_lead_ms
 
+    @property
+    def schedule_lead_ms(self) -> int | None:
+        return self.primary.schedule_lead_ms
+
     def info(self) -> dict[str, object]:
         return self.engine.info()
 

@@ -76,6 +76,13 @@ class LipSyncEngine(Protocol):
         of that lead needs more frames in flight than a cheap renderer."""
         ...
 
+    @property
+    def schedule_lead_ms(self) -> int | None:
+        """How long after a speech segment is ready its first sample plays, for this engine
+        (None: the server's ``media.schedule_lead_ms``). The frames of that time are drawn
+        again with the speech: a model call needs more of it than a cheap renderer."""
+        ...
+
     def info(self) -> dict[str, object]:
         """What runs: engine, provider actually in use, precision, batching limits."""
         ...

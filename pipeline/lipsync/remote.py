@@ -172,4 +172,5 @@ def remote_wav2lip_engine(lipsync: LipsyncSettings) -> Wav2LipEngine:
     model.warm_up()
     logger.info("Wav2Lip on the inference pool at %s: %s", lipsync.pool_url, runner.info)
     return Wav2LipEngine(model, max_batch=lipsync.max_batch, max_wait_ms=lipsync.max_wait_ms,
-                         frame_group=lipsync.frame_group, render_lead_ms=lipsync.render_lead_ms)
+                         frame_group=lipsync.frame_group, render_lead_ms=lipsync.render_lead_ms,
+                         schedule_lead_ms=lipsync.schedule_lead_ms)

@@ -78,6 +78,7 @@ class VisemeEngine:
     name = "viseme"
     frame_group = 1
     render_lead_ms: int | None = None
+    schedule_lead_ms: int | None = None
 
     def info(self) -> dict[str, object]:
         return {

@@ -174,10 +174,12 @@ class Wav2LipEngine:
         max_wait_ms: float = 4.0,
         frame_group: int = 1,
         render_lead_ms: int | None = None,
+        schedule_lead_ms: int | None = None,
     ) -> None:
         self.model = model
         self.frame_group = max(1, frame_group)
         self.render_lead_ms = render_lead_ms
+        self.schedule_lead_ms = schedule_lead_ms
         self.worker: BatchWorker[FrameJob, F32] = BatchWorker(
             lambda jobs: run_batch(model, jobs),
             max_batch=max_batch,
@@ -205,6 +207,7 @@ class Wav2LipEngine:
             "max_wait_ms": round(self.worker.max_wait_s * 1000, 3),
             "frame_group": self.frame_group,
             "render_lead_ms": self.render_lead_ms,
+            "schedule_lead_ms": self.schedule_lead_ms,
             "batching": self.worker.stats.to_dict(),
             "queue_depth": self.worker.queue_depth,
         }
@@ -303,7 +306,7 @@ def wav2lip_engine_from_settings(
         intra_op_threads=lipsync.intra_op_threads, max_batch=lipsync.max_batch,
         max_wait_ms=lipsync.max_wait_ms, calibration=calibration, streams=lipsync.streams,
         frame_group=lipsync.frame_group, render_lead_ms=lipsync.render_lead_ms,
-        lower_face_only=lipsync.lower_face_only,
+        schedule_lead_ms=lipsync.schedule_lead_ms, lower_face_only=lipsync.lower_face_only,
     )
 
 
@@ -376,6 +379,7 @@ def load_wav2lip_engine(
     streams: int = 0,
     frame_group: int = 1,
     render_lead_ms: int | None = None,
+    schedule_lead_ms: int | None = None,
     lower_face_only: bool = True,
 ) -> Wav2LipEngine:
     """Resolve (``.pth`` -> cached ONNX), load and warm up the model (``load_wav2lip_model``),
@@ -390,4 +394,5 @@ def load_wav2lip_engine(
         max_wait_ms=max_wait_ms,
         frame_group=frame_group,
         render_lead_ms=render_lead_ms,
+        schedule_lead_ms=schedule_lead_ms,
     )
