@@ -6,9 +6,9 @@ Models come from installed packages or a local folder, never from a hub: ``tiny.
 
 **The encoder's window.** Whisper encodes every utterance as a 30 s window, the rest zeros; for
 a 2 s utterance most of the encoder's time (about 270 of 320 ms for tiny.en on two cores) is
-spent on that padding. An utterance shorter than ``stt.window_s`` (default 15 s) is encoded in a
-window of that length instead, about half the encoder's time. Shorter windows than that change
-what Whisper hears (it stops early, drops the last words, or repeats itself; measured in
+spent on that padding. An utterance shorter than ``stt.window_s`` (default 12 s) less 1 s is
+encoded in a window of that length instead: 67 ms of encoder against ~300. Shorter windows than
+that change what Whisper hears (it stops early, drops the last words, or repeats itself; measured in
 ``bench.stt_window``), so they are not offered below 10 s, and a result that looks wrong in
 either of the ways Whisper goes wrong (a repeated half, a text that compresses too well, a low
 average log-probability) is transcribed again in the full window.
