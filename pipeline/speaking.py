@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from media_tracks.compositor import Segment
 from pipeline.speech_units import first_clause
-from pipeline.tts import SpeechAudio, speech_stream
+from pipeline.tts import SpeechAudio, join_speech, speech_stream, split_speech
 from pipeline.tts import trim_lead as trim_lead_silence
 
 if TYPE_CHECKING:
@@ -74,10 +74,8 @@ class Speaker:
         loop = asyncio.get_running_loop()
         t0 = self.now()
         first = True
-        async for audio in self._units(text, answer_start):
+        async for audio in self._pieces(text, answer_start):
             t1 = self.now()
-            if first and answer_start:
-                audio = trim_lead_silence(audio)
             analyse = functools.partial(self.lipsync.analyse, audio, fps=self.fps)
             track = await loop.run_in_executor(self.executor, analyse)
             if first and on_first_audio is not None:
@@ -94,11 +92,35 @@ class Speaker:
             first = False
             await room()
 
+    async def _pieces(self, text: str, answer_start: bool) -> AsyncIterator[SpeechAudio]:
+        """The voice's pieces as segments: an answer's first starts at its voice, and a
+        piece the next one continues ends on a video frame (every segment starts on one),
+        its rest carried into the next."""
+        first = True
+        carry: SpeechAudio | None = None
+        async for piece in self._units(text, answer_start):
+            audio = piece if carry is None else join_speech(carry, piece)
+            carry = None
+            if first and answer_start:
+                audio = trim_lead_silence(audio)
+            if audio.continued:
+                step = audio.sample_rate // self.fps
+                keep = len(audio.pcm) // step * step
+                if keep == 0:
+                    carry = audio
+                    continue
+                audio, carry = split_speech(audio, keep)
+            first = False
+            yield audio
+        if carry is not None:  # said to go on, and did not: what there is still plays
+            yield carry
+
     async def _units(self, text: str, answer_start: bool) -> AsyncIterator[SpeechAudio]:
         head, rest = first_clause(text) if answer_start else (text, "")
-        for part in (head, rest):
+        for part, stream in ((head, answer_start), (rest, False)):
             if part:
-                async for audio in speech_stream(self.tts, part, owner=self.owner, live=True):
+                async for audio in speech_stream(self.tts, part, owner=self.owner, live=True,
+                                                 stream_first=stream):
                     yield audio
 
 

@@ -28,12 +28,15 @@ class SpeechAudio:
     pcm: int16 mono samples at ``sample_rate`` Hz.
     phonemes: (phoneme, samples at ``sample_rate``) pairs in order, when the voice gives
     alignments; empty otherwise.
+    continued: the next piece goes on where this one stops, inside the same sentence (a
+    voice that streams a sentence's start); it must follow with no gap.
     """
 
     text: str
     pcm: np.ndarray
     sample_rate: int
     phonemes: tuple[tuple[str, int], ...] = ()
+    continued: bool = False
 
 
 LEAD_KEEP_MS = 10
@@ -51,18 +54,47 @@ def trim_lead(audio: SpeechAudio, *, keep_ms: int = LEAD_KEEP_MS,
     cut = max(0, int(loud[0]) - keep_ms * audio.sample_rate // 1000) if loud.size else 0
     if cut == 0:
         return audio
-    phonemes: list[tuple[str, int]] = []
-    left = cut
-    for name, n in audio.phonemes:
-        if left == 0:
-            phonemes.append((name, n))
-            continue
+    return split_speech(audio, cut)[1]
+
+
+def split_speech(audio: SpeechAudio, at: int) -> tuple[SpeechAudio, SpeechAudio]:
+    """``audio`` cut at sample ``at``: the phoneme that straddles the cut is shared by both
+    parts, each with its own samples. The head is ``continued``; the tail keeps the
+    original's ``continued`` and text."""
+    at = max(0, min(int(at), len(audio.pcm)))
+    head, tail = _split_phonemes(audio.phonemes, at)
+    return (
+        SpeechAudio(text=audio.text, pcm=audio.pcm[:at], sample_rate=audio.sample_rate,
+                    phonemes=head, continued=True),
+        SpeechAudio(text=audio.text, pcm=audio.pcm[at:], sample_rate=audio.sample_rate,
+                    phonemes=tail, continued=audio.continued),
+    )
+
+
+Phonemes = tuple[tuple[str, int], ...]
+
+
+def _split_phonemes(phonemes: Phonemes, at: int) -> tuple[Phonemes, Phonemes]:
+    """(phoneme, samples) pairs before and after sample ``at``."""
+    head: list[tuple[str, int]] = []
+    tail: list[tuple[str, int]] = []
+    left = at
+    for name, n in phonemes:
         take = min(n, left)
         left -= take
+        if take:
+            head.append((name, take))
         if n > take:
-            phonemes.append((name, n - take))
-    return SpeechAudio(text=audio.text, pcm=pcm[cut:], sample_rate=audio.sample_rate,
-                       phonemes=tuple(phonemes))
+            tail.append((name, n - take))
+    return tuple(head), tuple(tail)
+
+
+def join_speech(first: SpeechAudio, second: SpeechAudio) -> SpeechAudio:
+    """``second`` with ``first`` (its ``continued`` head) in front of it."""
+    return SpeechAudio(text=second.text,
+                       pcm=np.concatenate([np.asarray(first.pcm), np.asarray(second.pcm)]),
+                       sample_rate=second.sample_rate,
+                       phonemes=first.phonemes + second.phonemes, continued=second.continued)
 
 
 class TextToSpeech(Protocol):
@@ -70,7 +102,7 @@ class TextToSpeech(Protocol):
 
     def sentences(self, text: str) -> AsyncIterator[SpeechAudio]:
         """Synthesise ``text``, yielding each piece as soon as it is ready. A voice may also
-        take the keywords ``owner``, ``live`` and ``speed``: call it through
+        take the keywords ``owner``, ``live``, ``speed`` and ``stream_first``: call it through
         ``speech_stream``, which passes those it accepts."""
         ...
 
@@ -82,16 +114,40 @@ def speech_stream(
     owner: Hashable | None = None,
     live: bool = True,
     speed: float | None = None,
+    stream_first: bool = False,
 ) -> AsyncIterator[SpeechAudio]:
     """``tts.sentences(text, ...)`` with those of ``owner`` (whose synthesis this is: a
-    session id, a render job), ``live`` (a call, not a render) and ``speed`` (when given)
-    that its ``sentences`` accepts, so voices taking the text alone keep working."""
+    session id, a render job), ``live`` (a call, not a render), ``speed`` (when given) and
+    ``stream_first`` (when true: the first sentence may come in ``continued`` pieces, its
+    start before its end is made) that its ``sentences`` accepts, so voices taking the text
+    alone keep working."""
     wanted: dict[str, Any] = {"owner": owner, "live": live}
     if speed is not None:
         wanted["speed"] = speed
+    if stream_first:
+        wanted["stream_first"] = True
     accepted = _keywords(tts.sentences)
     kwargs = wanted if accepted is None else {k: v for k, v in wanted.items() if k in accepted}
     return tts.sentences(text, **kwargs)
+
+
+def _alignments(config: Any, phonemes: list[str], ids: list[int],
+                per_id: np.ndarray) -> Phonemes:
+    """(phoneme, samples) for a sentence: each phoneme's ids, and the pad after it, as
+    ``phonemes_to_ids`` laid them out, summed; () when the ids do not follow that layout."""
+    from piper.const import BOS, EOS, PAD
+
+    table = config.phoneme_id_map
+    pad = list(table.get(PAD, []))
+    out: list[tuple[str, int]] = []
+    i = 0
+    for name in [BOS, *phonemes, EOS]:
+        want = list(table.get(name, [])) + (pad if name != EOS else [])
+        if list(ids[i:i + len(want)]) != want or i + len(want) > len(per_id):
+            return ()
+        out.append((name, int(per_id[i:i + len(want)].sum())))
+        i += len(want)
+    return tuple(out) if i == len(ids) else ()
 
 
 def _keywords(fn: Callable[..., Any]) -> frozenset[str] | None:
@@ -138,15 +194,26 @@ def _load_voice(model: Path, config: Path) -> Any:
     from piper.phonemize_espeak import ESPEAK_DATA_DIR
 
     graph = onnx.load(str(model))
+    plain = onnx.ModelProto()
+    plain.CopyFrom(graph)
     try:
-        add_alignment_output(graph)
+        ceil: str | None = add_alignment_output(graph)
     except ValueError:  # already patched, or no such tensor: use it as it is
-        pass
+        ceil = None
     options = ort.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(
-        graph.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
-    )
+
+    def session_of(proto: Any) -> Any:
+        return ort.InferenceSession(proto.SerializeToString(), sess_options=options,
+                                    providers=["CPUExecutionProvider"])
+
+    parts = _split_model(plain, ceil) if ceil is not None else None
+    if parts is not None:
+        front, vocoder, z_name, out_name = parts
+        session: Any = _SplitModel(session_of(front), session_of(vocoder), z_name=z_name,
+                                   ceil_name=str(ceil), out_name=out_name)
+    else:
+        session = session_of(graph)
     settings = PiperConfig.from_dict(json.loads(config.read_text(encoding="utf-8")))
     return PiperVoice(
         config=settings,
@@ -154,6 +221,72 @@ def _load_voice(model: Path, config: Path) -> Any:
         espeak_data_dir=Path(ESPEAK_DATA_DIR),
         download_dir=Path.cwd(),
     )
+
+
+def _split_model(model: Any, ceil: str) -> tuple[Any, Any, str, str] | None:
+    """A VITS voice (Piper's) as its text side, up to the latent ``z`` and the durations
+    (``ceil``), and its vocoder (the ``/dec/`` nodes: HiFi-GAN, ``z`` to samples); None when
+    the graph is not shaped so (no ``/dec/`` nodes, or a vocoder that also takes a speaker)."""
+    from onnx.utils import Extractor
+
+    graph = model.graph
+    vocoder = [n for n in graph.node if n.name.startswith("/dec/")]
+    made = {o for n in vocoder for o in n.output}
+    weights = {t.name for t in graph.initializer}
+    needs = {i for n in vocoder for i in n.input if i and i not in made and i not in weights}
+    if len(needs) != 1 or len(graph.output) < 1:
+        return None
+    z_name, out_name = needs.pop(), graph.output[0].name
+    try:
+        extractor = Extractor(model)
+        front = extractor.extract_model([i.name for i in graph.input], [z_name, ceil])
+        back = extractor.extract_model([z_name], [out_name])
+    except Exception as exc:  # noqa: BLE001 - an unusual graph: the whole model, as before
+        logger.info("Piper voice not split into text side and vocoder (%s)", exc)
+        return None
+    if [i.name for i in back.graph.input] != [z_name]:
+        return None
+    return front, back, z_name, out_name
+
+
+# The vocoder sees this many latent frames on either side of a sample (HiFi-GAN's receptive
+# field; measured: parts decoded with this overlap join to the whole decode's samples within
+# float rounding, 124 dB).
+VOCODER_CONTEXT = 12
+
+
+class _SplitModel:
+    """A Piper voice's model as two ONNX Runtime sessions, the text side and the vocoder.
+    ``run`` runs both as the whole model would (Piper's own synthesis calls it); ``front``
+    and ``decode`` let a caller hear a sentence's start before its end is decoded."""
+
+    def __init__(self, front: Any, vocoder: Any, *, z_name: str, ceil_name: str,
+                 out_name: str) -> None:
+        self._front = front
+        self._vocoder = vocoder
+        self._z = z_name
+        self._ceil = ceil_name
+        self._out = out_name
+
+    def front(self, feeds: dict[str, Any], run_options: Any = None) -> tuple[Any, Any]:
+        """(z, durations in frames per phoneme id)."""
+        z, ceil = self._front.run([self._z, self._ceil], feeds, run_options)
+        return z, ceil
+
+    def decode(self, z: Any, start: int, stop: int, run_options: Any = None) -> np.ndarray:
+        """The float samples of latent frames ``start:stop`` (``hop`` each), decoded with
+        ``VOCODER_CONTEXT`` frames of context on either side."""
+        frames = int(z.shape[-1])
+        a, b = max(0, start - VOCODER_CONTEXT), min(frames, stop + VOCODER_CONTEXT)
+        out = np.asarray(self._vocoder.run([self._out], {self._z: z[:, :, a:b]},
+                                           run_options)[0]).reshape(-1)
+        hop = out.size // max(1, b - a)
+        return out[(start - a) * hop: (stop - a) * hop]
+
+    def run(self, output_names: Any, feeds: Any, run_options: Any = None) -> list[Any]:
+        z, ceil = self.front(feeds, run_options)
+        audio = self._vocoder.run([self._out], {self._z: z}, run_options)[0]
+        return [audio, ceil]
 
 
 class _ArenaSession:
@@ -198,6 +331,35 @@ def _malloc_trim() -> None:
 
 
 RELEASE_AFTER_S = 15.0
+# An answer's first sentence is heard after this many latent frames are decoded (256 samples
+# each at 22050 Hz: about 0.37 s), the rest while they play; shorter sentences whole.
+FIRST_PIECE_FRAMES = 32
+# Phrases whose loudest sample sets the gain of a streamed sentence start (see ``_streamed``)
+CALIBRATION = ("Hello! How are you today?", "I can tell you the time, and the weather.")
+
+
+class _StreamResampler:
+    """libswresample across the pieces of one sentence, so its parts join without a click."""
+
+    def __init__(self, src_rate: int, dst_rate: int) -> None:
+        self._src = src_rate
+        self._resampler = (None if src_rate == dst_rate else
+                           av.AudioResampler(format="s16", layout="mono", rate=dst_rate))
+
+    def push(self, pcm: np.ndarray | None) -> np.ndarray:
+        """Resampled ``pcm`` (int16), as far as it is ready; None: the rest."""
+        if self._resampler is None:
+            return np.zeros(0, np.int16) if pcm is None else pcm
+        frame = None
+        if pcm is not None:
+            frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+            frame.sample_rate = self._src
+        out = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
+        return np.concatenate(out).astype(np.int16) if out else np.zeros(0, np.int16)
+
+
+def _to_int16(audio: np.ndarray, gain: float) -> np.ndarray:
+    return np.clip(audio * (gain * 32767.0), -32768, 32767).astype(np.int16)
 """Idle seconds after which the synthesis thread gives its scratch memory back: longer than
 the pauses between the units of one long text (synthesis keeps about 3 s ahead of playback,
 so a 200-character unit leaves the thread idle for ~10 s), so a call that keeps talking does
@@ -240,6 +402,7 @@ class PiperTTS:
         self._scheduler = scheduler
         self.max_unit_chars = max_unit_chars
         self._voice: Any = None
+        self._peak_ref = 0.0  # the loudest raw sample of the voice seen (``_streamed``)
 
     @property
     def voice_name(self) -> str:
@@ -279,6 +442,10 @@ class PiperTTS:
                     "replace it with a working .onnx voice and its .onnx.json, or set "
                     "engines.piper_voice to null for the bundled voice"
                 ) from exc2
+        if self._split() is not None:
+            for phrase in CALIBRATION:  # sets the gain of streamed sentence starts
+                for _ in self._streamed(phrase, self._config(None), whole=True):
+                    pass
         logger.info("Piper voice loaded: %s", self.voice_name)
 
     async def aload(self) -> None:
@@ -320,13 +487,25 @@ class PiperTTS:
             return [text] if text.strip() else []
         return speech_units(text, self.max_unit_chars)
 
-    def _iter_sentences(self, text: str, *, speed: float | None = None) -> Iterator[SpeechAudio]:
+    def _config(self, speed: float | None) -> Any:
         from piper import SynthesisConfig
 
+        return SynthesisConfig(length_scale=1.0 / self._rate(speed))
+
+    def _split(self) -> _SplitModel | None:
+        """The voice's model as text side and vocoder, when it could be split."""
+        inner = getattr(getattr(self._voice, "session", None), "_session", None)
+        return inner if isinstance(inner, _SplitModel) else None
+
+    def _iter_sentences(self, text: str, *, speed: float | None = None,
+                        stream_first: bool = False) -> Iterator[SpeechAudio]:
         if self._voice is None:
             self.load()
-        cfg = SynthesisConfig(length_scale=1.0 / self._rate(speed))
-        for unit in self.units(text):
+        cfg = self._config(speed)
+        for i, unit in enumerate(self.units(text)):
+            if i == 0 and stream_first and self._split() is not None:
+                yield from self._streamed(unit, cfg)
+                continue
             for chunk in self._voice.synthesize(unit, syn_config=cfg, include_alignments=True):
                 src_rate = int(chunk.sample_rate)
                 pcm = resample_int16(chunk.audio_int16_array, src_rate, self.sample_rate)
@@ -343,6 +522,67 @@ class PiperTTS:
                     phonemes=phonemes,
                 )
 
+    def _streamed(self, unit: str, cfg: Any, *, whole: bool = False) -> Iterator[SpeechAudio]:
+        """``unit``'s sentences, the first one in two pieces when it is long enough: its first
+        ``FIRST_PIECE_FRAMES`` latent frames decoded and yielded (``continued``) before the
+        vocoder runs on the rest, which it then yields. A streamed sentence cannot be scaled
+        to its own loudest sample as Piper scales a whole one (that sample may come later):
+        its gain is set by the louder of its first piece and the loudest raw sample of the
+        voice seen so far (calibrated at load), so it never clips on what came before."""
+        voice, split = self._voice, self._split()
+        assert split is not None
+        src = int(voice.config.sample_rate)
+        hop = int(voice.config.hop_length)
+        for k, phonemes in enumerate(p for p in voice.phonemize(unit) if p):
+            ids = voice.phonemes_to_ids(phonemes)
+            z, per_id = split.front(self._feeds(ids, cfg))
+            frames = int(z.shape[-1])
+            per_id = (np.asarray(per_id).reshape(-1) * hop).astype(np.int64)
+            aligned = _alignments(voice.config, phonemes, ids, per_id)
+            resampler = _StreamResampler(src, self.sample_rate)
+            cut = (FIRST_PIECE_FRAMES if not whole and k == 0
+                   and frames >= 2 * FIRST_PIECE_FRAMES else frames)
+            head = split.decode(z, 0, cut)
+            peak = float(np.max(np.abs(head))) if head.size else 0.0
+            gain = 1.0 / max(peak if cut == frames else max(peak, self._peak_ref), 1e-8)
+            self._peak_ref = max(self._peak_ref, peak)
+            before, after = _split_phonemes(aligned, cut * hop)
+            if cut < frames:
+                yield self._piece(unit, resampler.push(_to_int16(head, gain)), before, src,
+                                  continued=True)
+                rest = split.decode(z, cut, frames)
+                if rest.size:
+                    self._peak_ref = max(self._peak_ref, float(np.max(np.abs(rest))))
+                pcm = np.concatenate([resampler.push(_to_int16(rest, gain)), resampler.push(None)])
+                yield self._piece(unit, pcm, after, src)
+            else:
+                pcm = np.concatenate([resampler.push(_to_int16(head, gain)), resampler.push(None)])
+                yield self._piece(unit, pcm, aligned, src)
+
+    def _feeds(self, ids: list[int], cfg: Any) -> dict[str, np.ndarray]:
+        config = self._voice.config
+        def pick(value: float | None, default: float) -> float:
+            return default if value is None else float(value)
+
+        feeds: dict[str, np.ndarray] = {
+            "input": np.array([ids], dtype=np.int64),
+            "input_lengths": np.array([len(ids)], dtype=np.int64),
+            "scales": np.array([pick(cfg.noise_scale, config.noise_scale),
+                                pick(cfg.length_scale, config.length_scale),
+                                pick(cfg.noise_w_scale, config.noise_w_scale)], np.float32),
+        }
+        if config.num_speakers > 1:
+            speaker = cfg.speaker_id if cfg.speaker_id is not None else config.default_speaker_id
+            feeds["sid"] = np.array([speaker or 0], dtype=np.int64)
+        return feeds
+
+    def _piece(self, unit: str, pcm: np.ndarray, phonemes: Phonemes, src: int, *,
+               continued: bool = False) -> SpeechAudio:
+        return SpeechAudio(
+            text=unit, pcm=pcm, sample_rate=self.sample_rate,
+            phonemes=tuple((name, n * self.sample_rate // src) for name, n in phonemes),
+            continued=continued)
+
     def synthesize(self, text: str, *, speed: float | None = None) -> Iterator[SpeechAudio]:
         """Blocking synthesis, piece by piece, in the calling thread (for work already off
         the event loop, with no other synthesis running)."""
@@ -355,6 +595,7 @@ class PiperTTS:
         speed: float | None = None,
         owner: Hashable | None = None,
         live: bool = True,
+        stream_first: bool = False,
     ) -> AsyncIterator[SpeechAudio]:
         """Synthesise ``text`` piece by piece; ``speed`` (None: the constructor's) scales the
         speech rate for this call only (Piper's length_scale = 1 / speed). ``owner`` (None:
@@ -362,7 +603,7 @@ class PiperTTS:
         scheduler. A piece is made only when the consumer asks for it; closing or
         cancelling the consumer drops the piece it waits for, unless it is being made."""
         self._rate(speed)  # a bad rate fails here, before anything is queued
-        it = self._iter_sentences(text, speed=speed)
+        it = self._iter_sentences(text, speed=speed, stream_first=stream_first)
         key: Hashable = owner if owner is not None else object()
         while True:
             fut = self._scheduler.submit(next, it, _DONE, owner=key, live=live)

@@ -77,3 +77,89 @@ async def test_an_answer_starts_on_its_first_clause_and_carries_its_whole_text()
     tts.requests.clear()
     await speaker.speak(long, schedule=segments.append, room=room)  # later sentences: whole
     assert tts.requests == [long]
+
+
+# --- an answer's first sentence is heard before its end is decoded ----------------------------
+def _quiet_config():
+    from piper import SynthesisConfig
+
+    return SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)  # the same samples every run
+
+
+def test_the_first_sentence_comes_in_two_pieces_that_join_to_the_whole() -> None:
+    """Piper's model runs as text side and vocoder; the first 32 latent frames are decoded
+    and handed on before the rest. The two pieces join to what the whole decode gives (the
+    same samples up to the gain), the phonemes are shared between them, and a short
+    sentence is not split."""
+    from pipeline.tts import FIRST_PIECE_FRAMES, _split_phonemes
+    from tests.fakes.speech import _tts
+
+    tts = _tts(48_000)
+    assert tts._split() is not None
+    text = "It is twelve o'clock in Paris, and the sun is shining."
+    head, tail = list(tts._streamed(text, _quiet_config()))
+    (whole,) = list(tts._streamed(text, _quiet_config(), whole=True))
+    assert head.continued and not tail.continued
+    # 32 frames of 256 samples at 22050 Hz, at 48 kHz (the resampler's delay goes to the tail)
+    assert abs(len(head.pcm) - FIRST_PIECE_FRAMES * 256 * 48_000 // 22_050) < 64
+    joined = np.concatenate([head.pcm, tail.pcm]).astype(np.float64)
+    ref = whole.pcm.astype(np.float64)
+    assert abs(len(joined) - len(ref)) <= 2
+    n = min(len(joined), len(ref))
+    scale = float(np.dot(joined[:n], ref[:n]) / np.dot(joined[:n], joined[:n]))
+    err = ref[:n] - scale * joined[:n]
+    snr = 10 * np.log10(np.sum(ref[:n] ** 2) / np.sum(err ** 2))
+    assert snr > 40, snr  # int16 rounding at two gains, nothing more
+    assert 0.3 < 1 / scale <= 1.0  # never louder than Piper's own scaling, and audible
+    # the phonemes: the same sequence and samples, the one at the cut in both pieces
+    split_at = len(head.pcm)
+    h, t = _split_phonemes(whole.phonemes, split_at)
+    assert [p for p, _ in head.phonemes] == [p for p, _ in h]
+    assert [p for p, _ in tail.phonemes] == [p for p, _ in t]
+    assert abs(sum(n for _, n in head.phonemes) - split_at) < 64
+    (short,) = list(tts._streamed("Hi there.", _quiet_config()))
+    assert not short.continued
+
+
+async def test_a_continued_piece_ends_on_a_video_frame_and_nothing_is_lost() -> None:
+    """Every segment starts on a video frame, so a piece the next one continues is cut on a
+    frame boundary and its rest goes in front of the next: the segments' samples are the
+    voice's samples, in order, with no gap."""
+    from pipeline.lipsync.viseme_engine import VisemeEngine
+    from pipeline.speaking import Speaker
+
+    sr, fps = 48_000, 25
+    rng = np.random.default_rng(3)
+    voice = (rng.standard_normal(50_000) * 3000).astype(np.int16)
+    voice[:2000] = 0  # the lead an answer start loses (down to 10 ms)
+
+    class StreamingTTS:
+        sample_rate = sr
+
+        def __init__(self) -> None:
+            self.asked: list[bool] = []
+
+        async def sentences(self, text: str, *, stream_first: bool = False):
+            self.asked.append(stream_first)
+            cuts = (0, 17_799, 20_000, 50_000) if stream_first else (0, 50_000)
+            for a, b in zip(cuts[:-1], cuts[1:], strict=False):
+                yield SpeechAudio(text, voice[a:b], sr, (("a", b - a),),
+                                  continued=b < 50_000)
+
+    tts = StreamingTTS()
+    speaker = Speaker(tts, VisemeEngine(), fps=fps, owner="s", executor=None)
+    segments = []
+
+    async def room() -> None:
+        return None
+
+    await speaker.speak("Hi.", schedule=segments.append, room=room, answer_start=True)
+    assert tts.asked == [True]
+    step = sr // fps
+    assert len(segments) == 3
+    assert all(len(s.pcm) % step == 0 for s in segments[:-1])  # each starts on a frame
+    out = np.concatenate([s.pcm for s in segments])
+    loud = int(np.flatnonzero(np.abs(voice.astype(np.int32)) > 327)[0])
+    assert np.array_equal(out, voice[loud - 10 * sr // 1000:])  # less the lead, 10 ms kept
+    await speaker.speak("Hi.", schedule=segments.append, room=room)  # not an answer's start
+    assert tts.asked == [True, False]
