@@ -126,6 +126,7 @@ async def barge_ins(url: str, n: int) -> tuple[list[float], list[float]]:
         )
         await asyncio.sleep(1.5)
         t_play = time.monotonic()
+        n1 = len(bot.events)  # the answer to the interruption may come within the 2 s below
         bot.mic.play(stop, 48000)
         onset = t_play + onset_offset
         await asyncio.sleep(2.0)
@@ -149,12 +150,11 @@ async def barge_ins(url: str, n: int) -> tuple[list[float], list[float]]:
         ]
         detected.append(round(1000 * (heard[0] - onset), 1) if heard else float("nan"))
         # let the avatar answer the interruption and fall quiet before the next round
-        n1 = len(bot.events)
-        await bot.wait_event(
+        metrics = await bot.wait_event(
             lambda e, n1=n1: e.get("type") == "metrics" and bot.events.index(e) >= n1, 20
         )
         await bot.wait_event(
-            lambda e, n1=n1: e.get("state") == "listening" and bot.events.index(e) > n1, 30
+            lambda e, m=metrics: e.get("state") == "listening" and e["_t"] > m["_t"], 30
         )
         await asyncio.sleep(1.0)
     await bot.aclose()

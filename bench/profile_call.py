@@ -103,6 +103,15 @@ def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
     return out
 
 
+def udp_datagrams() -> int:
+    """UDP datagrams sent in this network namespace so far. Run in a namespace of its own
+    (unshare --net), every one goes between the server and its bots: each is a packet the
+    server either sent or received (RTP, RTCP, STUN)."""
+    rows = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines()
+            if line.startswith("Udp:")]
+    return int(rows[1][rows[0].index("OutDatagrams")])
+
+
 def system_seconds(pid: int, tid: int) -> float:
     """CPU seconds thread ``tid`` of ``pid`` spent in the kernel so far."""
     fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -141,6 +150,7 @@ def main() -> None:
         s0, c0, t0 = sessions(url), cpu_seconds(proc.pid), time.monotonic()
         threads0 = thread_cpu(proc.pid)
         loop_sys0 = system_seconds(proc.pid, proc.pid)
+        udp0 = udp_datagrams()
         cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(proc.pid),
                "-r", str(args.rate), "-d", str(int(args.seconds)), "-f", "raw", "-o", str(out)]
         # --native reads native stacks, which needs the process paused at each sample
@@ -152,6 +162,7 @@ def main() -> None:
         s1, c1, t1 = sessions(url), cpu_seconds(proc.pid), time.monotonic()
         threads1 = thread_cpu(proc.pid)
         loop_sys = system_seconds(proc.pid, proc.pid) - loop_sys0
+        packets = udp_datagrams() - udp0
         bots.wait(timeout=60)
     finally:
         proc.terminate()
@@ -192,6 +203,15 @@ def main() -> None:
           ", ".join(f"{ms:.2f} ({'loop' if tid == proc.pid else tid})"
                     for ms, tid in unnamed if ms >= 0.01))
     print(f"event loop thread in the kernel: {1000 * loop_sys / max(fresh, 1):.2f} ms a frame")
+    loop_cpu = threads1[proc.pid][1] - threads0.get(proc.pid, ("", 0.0))[1]
+    rtp_ms = next(r["cpu_ms_per_frame"] for r in rows if r["stage"] == "rtp") * fresh
+    per_packet = {
+        "packets_per_s": round(packets / (t1 - t0), 1),
+        "packets_per_fresh_frame": round(packets / max(fresh, 1), 2),
+        "loop_cpu_ms_per_packet": round(1000 * loop_cpu / max(packets, 1), 4),
+        "rtp_stage_cpu_ms_per_packet": round(rtp_ms / max(packets, 1), 4),
+    }
+    print("packets the server sent or received (UDP datagrams in the namespace):", per_packet)
     print(f"\nby thread (OS names; {frames_s:.1f} fresh frames/s):")
     print_table(thread_rows)
     print("\ntop leaves:")
@@ -201,6 +221,7 @@ def main() -> None:
     write_result(name, {"calls": args.calls, "seconds": round(t1 - t0, 1),
                         "fresh_frames": fresh, "server_cpu_ms_per_fresh_frame":
                         round(ms_per_frame, 2), "stages": rows, "threads": thread_rows,
+                        "packets": per_packet,
                         "top_leaves": [{"leaf": leaf[:200], "samples": n}
                                        for leaf, n in top_leaves(out, 40)],
                         "native": args.native, "env": args.env, "python": sys.version})
