@@ -14,6 +14,7 @@ import av
 import numpy as np
 
 from common.errors import PipelineError
+from pipeline.piper_model import Phonemes, SplitModel, StreamResampler, alignments, split_model
 from pipeline.speech_units import MAX_UNIT_CHARS, speech_units
 from pipeline.tts_scheduler import SynthesisScheduler
 
@@ -69,9 +70,6 @@ def split_speech(audio: SpeechAudio, at: int) -> tuple[SpeechAudio, SpeechAudio]
         SpeechAudio(text=audio.text, pcm=audio.pcm[at:], sample_rate=audio.sample_rate,
                     phonemes=tail, continued=audio.continued),
     )
-
-
-Phonemes = tuple[tuple[str, int], ...]
 
 
 def _split_phonemes(phonemes: Phonemes, at: int) -> tuple[Phonemes, Phonemes]:
@@ -131,25 +129,6 @@ def speech_stream(
     return tts.sentences(text, **kwargs)
 
 
-def _alignments(config: Any, phonemes: list[str], ids: list[int],
-                per_id: np.ndarray) -> Phonemes:
-    """(phoneme, samples) for a sentence: each phoneme's ids, and the pad after it, as
-    ``phonemes_to_ids`` laid them out, summed; () when the ids do not follow that layout."""
-    from piper.const import BOS, EOS, PAD
-
-    table = config.phoneme_id_map
-    pad = list(table.get(PAD, []))
-    out: list[tuple[str, int]] = []
-    i = 0
-    for name in [BOS, *phonemes, EOS]:
-        want = list(table.get(name, [])) + (pad if name != EOS else [])
-        if list(ids[i:i + len(want)]) != want or i + len(want) > len(per_id):
-            return ()
-        out.append((name, int(per_id[i:i + len(want)].sum())))
-        i += len(want)
-    return tuple(out) if i == len(ids) else ()
-
-
 def _keywords(fn: Callable[..., Any]) -> frozenset[str] | None:
     """The keyword parameters of ``fn``; None when it takes any (``**kwargs``)."""
     try:
@@ -207,10 +186,10 @@ def _load_voice(model: Path, config: Path) -> Any:
         return ort.InferenceSession(proto.SerializeToString(), sess_options=options,
                                     providers=["CPUExecutionProvider"])
 
-    parts = _split_model(plain, ceil) if ceil is not None else None
+    parts = split_model(plain, ceil) if ceil is not None else None
     if parts is not None:
         front, vocoder, z_name, out_name = parts
-        session: Any = _SplitModel(session_of(front), session_of(vocoder), z_name=z_name,
+        session: Any = SplitModel(session_of(front), session_of(vocoder), z_name=z_name,
                                    ceil_name=str(ceil), out_name=out_name)
     else:
         session = session_of(graph)
@@ -221,72 +200,6 @@ def _load_voice(model: Path, config: Path) -> Any:
         espeak_data_dir=Path(ESPEAK_DATA_DIR),
         download_dir=Path.cwd(),
     )
-
-
-def _split_model(model: Any, ceil: str) -> tuple[Any, Any, str, str] | None:
-    """A VITS voice (Piper's) as its text side, up to the latent ``z`` and the durations
-    (``ceil``), and its vocoder (the ``/dec/`` nodes: HiFi-GAN, ``z`` to samples); None when
-    the graph is not shaped so (no ``/dec/`` nodes, or a vocoder that also takes a speaker)."""
-    from onnx.utils import Extractor
-
-    graph = model.graph
-    vocoder = [n for n in graph.node if n.name.startswith("/dec/")]
-    made = {o for n in vocoder for o in n.output}
-    weights = {t.name for t in graph.initializer}
-    needs = {i for n in vocoder for i in n.input if i and i not in made and i not in weights}
-    if len(needs) != 1 or len(graph.output) < 1:
-        return None
-    z_name, out_name = needs.pop(), graph.output[0].name
-    try:
-        extractor = Extractor(model)
-        front = extractor.extract_model([i.name for i in graph.input], [z_name, ceil])
-        back = extractor.extract_model([z_name], [out_name])
-    except Exception as exc:  # noqa: BLE001 - an unusual graph: the whole model, as before
-        logger.info("Piper voice not split into text side and vocoder (%s)", exc)
-        return None
-    if [i.name for i in back.graph.input] != [z_name]:
-        return None
-    return front, back, z_name, out_name
-
-
-# The vocoder sees this many latent frames on either side of a sample (HiFi-GAN's receptive
-# field; measured: parts decoded with this overlap join to the whole decode's samples within
-# float rounding, 124 dB).
-VOCODER_CONTEXT = 12
-
-
-class _SplitModel:
-    """A Piper voice's model as two ONNX Runtime sessions, the text side and the vocoder.
-    ``run`` runs both as the whole model would (Piper's own synthesis calls it); ``front``
-    and ``decode`` let a caller hear a sentence's start before its end is decoded."""
-
-    def __init__(self, front: Any, vocoder: Any, *, z_name: str, ceil_name: str,
-                 out_name: str) -> None:
-        self._front = front
-        self._vocoder = vocoder
-        self._z = z_name
-        self._ceil = ceil_name
-        self._out = out_name
-
-    def front(self, feeds: dict[str, Any], run_options: Any = None) -> tuple[Any, Any]:
-        """(z, durations in frames per phoneme id)."""
-        z, ceil = self._front.run([self._z, self._ceil], feeds, run_options)
-        return z, ceil
-
-    def decode(self, z: Any, start: int, stop: int, run_options: Any = None) -> np.ndarray:
-        """The float samples of latent frames ``start:stop`` (``hop`` each), decoded with
-        ``VOCODER_CONTEXT`` frames of context on either side."""
-        frames = int(z.shape[-1])
-        a, b = max(0, start - VOCODER_CONTEXT), min(frames, stop + VOCODER_CONTEXT)
-        out = np.asarray(self._vocoder.run([self._out], {self._z: z[:, :, a:b]},
-                                           run_options)[0]).reshape(-1)
-        hop = out.size // max(1, b - a)
-        return out[(start - a) * hop: (stop - a) * hop]
-
-    def run(self, output_names: Any, feeds: Any, run_options: Any = None) -> list[Any]:
-        z, ceil = self.front(feeds, run_options)
-        audio = self._vocoder.run([self._out], {self._z: z}, run_options)[0]
-        return [audio, ceil]
 
 
 class _ArenaSession:
@@ -336,26 +249,6 @@ RELEASE_AFTER_S = 15.0
 FIRST_PIECE_FRAMES = 32
 # Phrases whose loudest sample sets the gain of a streamed sentence start (see ``_streamed``)
 CALIBRATION = ("Hello! How are you today?", "I can tell you the time, and the weather.")
-
-
-class _StreamResampler:
-    """libswresample across the pieces of one sentence, so its parts join without a click."""
-
-    def __init__(self, src_rate: int, dst_rate: int) -> None:
-        self._src = src_rate
-        self._resampler = (None if src_rate == dst_rate else
-                           av.AudioResampler(format="s16", layout="mono", rate=dst_rate))
-
-    def push(self, pcm: np.ndarray | None) -> np.ndarray:
-        """Resampled ``pcm`` (int16), as far as it is ready; None: the rest."""
-        if self._resampler is None:
-            return np.zeros(0, np.int16) if pcm is None else pcm
-        frame = None
-        if pcm is not None:
-            frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
-            frame.sample_rate = self._src
-        out = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
-        return np.concatenate(out).astype(np.int16) if out else np.zeros(0, np.int16)
 
 
 def _to_int16(audio: np.ndarray, gain: float) -> np.ndarray:
@@ -492,10 +385,10 @@ class PiperTTS:
 
         return SynthesisConfig(length_scale=1.0 / self._rate(speed))
 
-    def _split(self) -> _SplitModel | None:
+    def _split(self) -> SplitModel | None:
         """The voice's model as text side and vocoder, when it could be split."""
         inner = getattr(getattr(self._voice, "session", None), "_session", None)
-        return inner if isinstance(inner, _SplitModel) else None
+        return inner if isinstance(inner, SplitModel) else None
 
     def _iter_sentences(self, text: str, *, speed: float | None = None,
                         stream_first: bool = False) -> Iterator[SpeechAudio]:
@@ -538,8 +431,8 @@ class PiperTTS:
             z, per_id = split.front(self._feeds(ids, cfg))
             frames = int(z.shape[-1])
             per_id = (np.asarray(per_id).reshape(-1) * hop).astype(np.int64)
-            aligned = _alignments(voice.config, phonemes, ids, per_id)
-            resampler = _StreamResampler(src, self.sample_rate)
+            aligned = alignments(voice.config, phonemes, ids, per_id)
+            resampler = StreamResampler(src, self.sample_rate)
             cut = (FIRST_PIECE_FRAMES if not whole and k == 0
                    and frames >= 2 * FIRST_PIECE_FRAMES else frames)
             head = split.decode(z, 0, cut)
