@@ -25,10 +25,13 @@ Phonemes = tuple[tuple[str, int], ...]
 def split_model(model: Any, ceil: str) -> tuple[Any, Any, str, str] | None:
     """A VITS voice (Piper's) as its text side, up to the latent ``z`` and the durations
     (``ceil``), and its vocoder (the ``/dec/`` nodes: HiFi-GAN, ``z`` to samples); None when
-    the graph is not shaped so (no ``/dec/`` nodes, or a vocoder that also takes a speaker)."""
+    the graph is not shaped so (no ``/dec/`` nodes, inputs other than Piper's single-speaker
+    three, or a vocoder that takes more than ``z``)."""
     from onnx.utils import Extractor
 
     graph = model.graph
+    if sorted(i.name for i in graph.input) != ["input", "input_lengths", "scales"]:
+        return None
     vocoder = [n for n in graph.node if n.name.startswith("/dec/")]
     made = {o for n in vocoder for o in n.output}
     weights = {t.name for t in graph.initializer}

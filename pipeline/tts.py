@@ -249,6 +249,10 @@ RELEASE_AFTER_S = 15.0
 FIRST_PIECE_FRAMES = 32
 # Phrases whose loudest sample sets the gain of a streamed sentence start (see ``_streamed``)
 CALIBRATION = ("Hello! How are you today?", "I can tell you the time, and the weather.")
+# ... with this much room above it: the voice's raw peaks vary by sentence (0.35-0.73 of full
+# scale for the bundled voice over 25 sentences; the calibration gives ~0.58), and a later
+# sample louder than the gain allows is clipped
+PEAK_HEADROOM = 1.25
 
 
 def _to_int16(audio: np.ndarray, gain: float) -> np.ndarray:
@@ -400,20 +404,11 @@ class PiperTTS:
                 yield from self._streamed(unit, cfg)
                 continue
             for chunk in self._voice.synthesize(unit, syn_config=cfg, include_alignments=True):
-                src_rate = int(chunk.sample_rate)
-                pcm = resample_int16(chunk.audio_int16_array, src_rate, self.sample_rate)
-                phonemes: tuple[tuple[str, int], ...] = ()
-                if chunk.phoneme_alignments:
-                    phonemes = tuple(
-                        (a.phoneme, int(a.num_samples) * self.sample_rate // src_rate)
-                        for a in chunk.phoneme_alignments
-                    )
-                yield SpeechAudio(
-                    text=unit,
-                    pcm=pcm,
-                    sample_rate=self.sample_rate,
-                    phonemes=phonemes,
-                )
+                src = int(chunk.sample_rate)
+                yield self._piece(
+                    unit, resample_int16(chunk.audio_int16_array, src, self.sample_rate),
+                    tuple((a.phoneme, int(a.num_samples))
+                          for a in chunk.phoneme_alignments or ()), src)
 
     def _streamed(self, unit: str, cfg: Any, *, whole: bool = False) -> Iterator[SpeechAudio]:
         """``unit``'s sentences, the first one in two pieces when it is long enough: its first
@@ -421,7 +416,7 @@ class PiperTTS:
         vocoder runs on the rest, which it then yields. A streamed sentence cannot be scaled
         to its own loudest sample as Piper scales a whole one (that sample may come later):
         its gain is set by the louder of its first piece and the loudest raw sample of the
-        voice seen so far (calibrated at load), so it never clips on what came before."""
+        voice seen so far (calibrated at load) with ``PEAK_HEADROOM`` above it."""
         voice, split = self._voice, self._split()
         assert split is not None
         src = int(voice.config.sample_rate)
@@ -437,7 +432,8 @@ class PiperTTS:
                    and frames >= 2 * FIRST_PIECE_FRAMES else frames)
             head = split.decode(z, 0, cut)
             peak = float(np.max(np.abs(head))) if head.size else 0.0
-            gain = 1.0 / max(peak if cut == frames else max(peak, self._peak_ref), 1e-8)
+            ref = PEAK_HEADROOM * self._peak_ref
+            gain = 1.0 / max(peak if cut == frames else max(peak, ref), 1e-8)
             self._peak_ref = max(self._peak_ref, peak)
             before, after = _split_phonemes(aligned, cut * hop)
             if cut < frames:
@@ -453,21 +449,19 @@ class PiperTTS:
                 yield self._piece(unit, pcm, aligned, src)
 
     def _feeds(self, ids: list[int], cfg: Any) -> dict[str, np.ndarray]:
+        """The model's inputs for one sentence (a single-speaker voice: ``split_model``)."""
         config = self._voice.config
+
         def pick(value: float | None, default: float) -> float:
             return default if value is None else float(value)
 
-        feeds: dict[str, np.ndarray] = {
+        return {
             "input": np.array([ids], dtype=np.int64),
             "input_lengths": np.array([len(ids)], dtype=np.int64),
             "scales": np.array([pick(cfg.noise_scale, config.noise_scale),
                                 pick(cfg.length_scale, config.length_scale),
                                 pick(cfg.noise_w_scale, config.noise_w_scale)], np.float32),
         }
-        if config.num_speakers > 1:
-            speaker = cfg.speaker_id if cfg.speaker_id is not None else config.default_speaker_id
-            feeds["sid"] = np.array([speaker or 0], dtype=np.int64)
-        return feeds
 
     def _piece(self, unit: str, pcm: np.ndarray, phonemes: Phonemes, src: int, *,
                continued: bool = False) -> SpeechAudio:
