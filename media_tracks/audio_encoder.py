@@ -15,13 +15,23 @@ RTP, SRTP and the socket on the event loop. Here:
   quality), application ``voip``, at ``webrtc.opus_complexity`` (default 5; libopus's 10
   costs 30 % more CPU on the event loop for speech).
 
+In a call the audio track encodes each frame itself (:meth:`MonoOpusEncoder.packet`) and hands
+aiortc's sender the Opus packet, which the sender only packs (``pack``): no trip through the
+executor and its futures (a wake-up of the event loop through its self-pipe for every packet),
+and no RFC 6464 audio level worked out in Python over the frame's samples (aiortc does that for
+every audio *frame* it is given: 72 us of a 20 ms frame; nothing the server serves reads that
+header, and a browser's ``audioLevel`` statistics come from the audio it decodes). Measured in
+one call: see ``bench/RESULTS.md``.
+
 The encoder is a subclass of aiortc's, so the server's executor (``MediaExecutor``) still
-recognises its ``encode`` as an audio encode and runs it at once on the loop.
+recognises its ``encode`` as an audio encode and runs it at once on the loop, should aiortc's
+sender be handed a frame after all.
 """
 
 from __future__ import annotations
 
 import fractions
+import logging
 from typing import TYPE_CHECKING
 
 import av
@@ -36,6 +46,8 @@ from media_tracks.aiortc_compat import give_sender_encoder, negotiated_codec_nam
 if TYPE_CHECKING:
     from config import Settings
     from media_tracks.tracks import AvatarAudioTrack
+
+logger = logging.getLogger(__name__)
 
 OPUS_CLOCK = 48_000  # RTP clock rate of Opus, whatever the input rate
 OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
@@ -74,7 +86,7 @@ class MonoOpusEncoder(OpusEncoder):
                          "compression_level": str(self.complexity)}
         return codec
 
-    def encode(self, frame: Frame, force_keyframe: bool = False) -> tuple[list[bytes], int]:
+    def _encode(self, frame: Frame) -> list[Packet]:
         assert isinstance(frame, av.AudioFrame)
         if frame.samples != self.frame_samples or frame.layout.name != "mono":
             raise ValueError(
@@ -84,13 +96,38 @@ class MonoOpusEncoder(OpusEncoder):
         assert frame.pts is not None
         packets = self.codec.encode(frame)
         self.packets += len(packets)
-        # the frame's own time on the Opus clock: a lost or late frame leaves a gap in the
-        # timestamps, as it should, instead of shifting everything after it
-        timestamp = frame.pts * OPUS_CLOCK // self.sample_rate
-        return [bytes(p) for p in packets], timestamp
+        return packets
+
+    def timestamp(self, pts: int) -> int:
+        """The RTP timestamp (48 kHz Opus clock) of the frame with ``pts`` (in samples): the
+        frame's own time, so a lost or late frame leaves a gap in the timestamps, as it
+        should, instead of shifting everything after it."""
+        return pts * OPUS_CLOCK // self.sample_rate
+
+    def encode(self, frame: Frame, force_keyframe: bool = False) -> tuple[list[bytes], int]:
+        packets = self._encode(frame)
+        assert frame.pts is not None
+        return [bytes(p) for p in packets], self.timestamp(frame.pts)
+
+    def packet(self, frame: Frame) -> Packet:
+        """``frame`` encoded, as the one packet aiortc's sender sends for it (``pack``),
+        stamped with the frame's pts and time base. libopus makes exactly one packet of a
+        frame of ``frame_ms``; were it ever none, the packet is empty and nothing is sent."""
+        packets = self._encode(frame)
+        assert frame.pts is not None
+        if len(packets) != 1:  # not seen: libopus encodes each whole frame at once
+            logger.warning("libopus made %d packets of one %d ms frame; sending the first",
+                           len(packets), self.frame_ms)
+        packet = packets[0] if packets else Packet(0)
+        packet.pts = frame.pts
+        packet.time_base = self.time_base
+        return packet
 
     def pack(self, packet: Packet) -> tuple[list[bytes], int]:
-        raise NotImplementedError("this encoder takes frames, not packets")
+        """What aiortc's sender sends for a packet from :meth:`packet`: its bytes, at its
+        frame's timestamp (none for an empty packet)."""
+        assert packet.pts is not None
+        return ([bytes(packet)] if packet.size else []), self.timestamp(packet.pts)
 
 
 def install_audio_encoder(
@@ -124,4 +161,6 @@ def install_session_audio_encoder(
     )
     if encoder is None:
         track.frame_samples = media.audio_sample_rate // 50
+    elif isinstance(encoder, MonoOpusEncoder):
+        track.encoder = encoder  # the track hands the sender packets, not frames
     return encoder

@@ -8,14 +8,18 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 import numpy as np
 from aiortc import MediaStreamTrack
-from av import AudioFrame, VideoFrame
+from av import AudioFrame, Packet, VideoFrame
 
 from media_tracks.clock import VIDEO_CLOCK_RATE, VIDEO_TIME_BASE, MediaClock, pts_to_ns
 from media_tracks.compositor import Compositor
 from media_tracks.frames import FrameProducer
+
+if TYPE_CHECKING:
+    from media_tracks.audio_encoder import MonoOpusEncoder
 
 FPS_WINDOW_NS = 2_000_000_000  # recent_fps counts the sends of the last 2 s
 LATE_SMOOTHING_S = 1.0  # time constant of the smoothed hand-over lateness
@@ -81,7 +85,9 @@ class AvatarAudioTrack(MediaStreamTrack):
     """Mono s16 audio, ``frame_samples`` per frame, pts in samples (time_base 1/sample_rate).
 
     The frame with pts ``p`` carries the compositor's samples from ``p + codec_delay`` so that
-    after the encoder's lookahead they play at their scheduled media time."""
+    after the encoder's lookahead they play at their scheduled media time. With an
+    ``encoder`` (the session's Opus encoder, once negotiated) each frame is handed over
+    encoded, as its packet (``MonoOpusEncoder.packet``): aiortc's sender then only packs it."""
 
     kind = "audio"
 
@@ -96,6 +102,7 @@ class AvatarAudioTrack(MediaStreamTrack):
         self.time_base = Fraction(1, sample_rate)
         self.codec_delay = OPUS_DELAY_48K * sample_rate // 48_000
         self._pts: int | None = None
+        self.encoder: MonoOpusEncoder | None = None
         self.stats = TrackStats()
 
     def first_pts(self) -> int:
@@ -103,7 +110,7 @@ class AvatarAudioTrack(MediaStreamTrack):
         now_samples = -(-self._clock.now_ns() * self.sample_rate // 1_000_000_000)
         return -(-now_samples // self.frame_samples) * self.frame_samples
 
-    async def recv(self) -> AudioFrame:
+    async def recv(self) -> AudioFrame | Packet:
         if self.readyState != "live":
             from aiortc.mediastreams import MediaStreamError
 
@@ -122,7 +129,7 @@ class AvatarAudioTrack(MediaStreamTrack):
         self.stats.observe_send(
             self._clock.now_ns(), deadline, frame_s=self.frame_samples / self.sample_rate
         )
-        return frame
+        return frame if self.encoder is None else self.encoder.packet(frame)
 
     def recent_fps(self) -> float:
         """Frames a second handed to aiortc over the last two seconds."""

@@ -58,6 +58,23 @@ def test_one_packet_per_frame_at_the_frames_own_time(rate, frame_ms):
     assert abs(peak_hz - 440.0) < 5.0  # the tone comes through
 
 
+def test_a_packet_is_what_encode_would_send():
+    """The track's path (``packet`` then the sender's ``pack``) sends the bytes and RTP
+    timestamps that handing aiortc the frame (``encode``) would."""
+    by_frame = MonoOpusEncoder(sample_rate=48000, frame_ms=20)
+    by_packet = MonoOpusEncoder(sample_rate=48000, frame_ms=20)
+    start = 3 * 48000
+    for frame in tone_frames(12, 48000, 20, start_pts=start):
+        payloads, timestamp = by_frame.encode(frame)
+        packet = by_packet.packet(frame)
+        assert packet.pts == frame.pts and packet.time_base == Fraction(1, 48000)
+        assert by_packet.pack(packet) == (payloads, timestamp)
+    assert by_packet.packets == by_frame.packets == 12
+    empty = av.Packet(0)  # nothing encoded: nothing sent
+    empty.pts = start
+    assert by_packet.pack(empty) == ([], start)
+
+
 def test_wrong_frames_and_settings_are_refused():
     with pytest.raises(ValueError, match="44100"):
         MonoOpusEncoder(sample_rate=44100, frame_ms=20)
@@ -92,6 +109,7 @@ async def test_a_call_sends_frames_of_the_configured_length(
     assert isinstance(encoder, MonoOpusEncoder) and encoder is session.audio_encoder
     assert encoder.frame_ms == frame_ms and encoder.bitrate_bps == 32_000
     assert encoder.complexity == 5
+    assert session.audio_track.encoder is encoder  # the track hands the sender packets
     steps = np.diff(np.array(bot.audio.pts[-20:]))
     assert set(steps.tolist()) == {48 * frame_ms}  # one frame a packet, no gaps
     await bot.aclose()
