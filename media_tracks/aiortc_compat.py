@@ -5,7 +5,8 @@ The server relies on four things aiortc and aioice do not offer publicly:
 - a sender's encoder slot (``RTCRtpSender.__encoder``), to give a sender our tuned encoder;
 - a transceiver's negotiated codec list (``RTCRtpTransceiver._codecs``);
 - an audio receiver's jitter buffer (``RTCRtpReceiver.__jitter_buffer``), to hand microphone
-  frames on sooner;
+  frames on sooner, and its decoder queue (``RTCRtpReceiver.__decoder_queue``), to take the
+  microphone's encoded frames to the session's mic thread directly;
 - aioice's host-address function, to gather loopback candidates (tests, loopback-only
   namespaces) — applied only when asked (:func:`use_host_candidates`).
 
@@ -17,6 +18,8 @@ call. Update the pins here together with ``requirements.txt`` after checking eac
 from __future__ import annotations
 
 import logging
+import queue
+from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any, Literal
 
@@ -32,6 +35,8 @@ PINNED = {"aiortc": "1.16.0", "aioice": "0.13.0"}
 _SENDER_ENCODER = "_RTCRtpSender__encoder"
 _RECEIVER_JITTER = "_RTCRtpReceiver__jitter_buffer"
 _RECEIVER_MAPPER = "_RTCRtpReceiver__timestamp_mapper"
+_RECEIVER_DECODER_QUEUE = "_RTCRtpReceiver__decoder_queue"
+_RECEIVER_DECODER_THREAD = "_RTCRtpReceiver__decoder_thread"
 
 
 class AiortcVersionError(RuntimeError):
@@ -114,6 +119,39 @@ def set_receiver_prefetch(receiver: RTCRtpReceiver, frames: int) -> bool:
         logger.warning("aiortc's receiver has no jitter buffer to shorten")
         return False
     setattr(receiver, _RECEIVER_JITTER, JitterBuffer(capacity=old.capacity, prefetch=frames))
+    return True
+
+
+class _EncodedFrameTap(queue.Queue[Any]):
+    """Stands in for a receiver's decoder queue: each (codec, encoded frame) that aiortc puts
+    there (on the event loop, in order, after its jitter buffer) goes to ``sink`` instead of
+    its decoder thread. That thread still waits on this queue and gets the ``None`` that
+    ends it when the receiver stops."""
+
+    def __init__(self, sink: Callable[[Any, Any], None]) -> None:
+        super().__init__()
+        self._sink = sink
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        if item is None:
+            super().put(None, block, timeout)
+            return
+        codec, encoded_frame = item
+        self._sink(codec, encoded_frame)
+
+
+def tap_encoded_frames(receiver: RTCRtpReceiver, sink: Callable[[Any, Any], None]) -> bool:
+    """From now on give ``sink(codec, encoded_frame)`` every frame the receiver would decode
+    (``codec``: aiortc's ``RTCRtpCodecParameters``; ``encoded_frame.data``: the payload, in
+    order, after the jitter buffer), on the event loop; the receiver's track then gets no
+    frames until it ends. Only before the receiver starts (at its track event): False, changing
+    nothing, after that or where aiortc's receiver has no such queue."""
+    if not isinstance(getattr(receiver, _RECEIVER_DECODER_QUEUE, None), queue.Queue):
+        logger.warning("aiortc's receiver has no decoder queue to tap")
+        return False
+    if getattr(receiver, _RECEIVER_DECODER_THREAD, None) is not None:
+        return False  # its decoder thread already holds the old queue
+    setattr(receiver, _RECEIVER_DECODER_QUEUE, _EncodedFrameTap(sink))
     return True
 
 

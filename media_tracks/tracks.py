@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 from aiortc import MediaStreamTrack
@@ -18,8 +18,12 @@ from media_tracks.clock import VIDEO_CLOCK_RATE, VIDEO_TIME_BASE, MediaClock, pt
 from media_tracks.compositor import Compositor
 from media_tracks.frames import FrameProducer
 
-if TYPE_CHECKING:
-    from media_tracks.audio_encoder import MonoOpusEncoder
+
+class PacketEncoder(Protocol):
+    """Encodes an audio frame into the one packet aiortc's sender sends for it
+    (``media_tracks.audio_encoder.MonoOpusEncoder``)."""
+
+    def packet(self, frame: AudioFrame) -> Packet: ...
 
 FPS_WINDOW_NS = 2_000_000_000  # recent_fps counts the sends of the last 2 s
 LATE_SMOOTHING_S = 1.0  # time constant of the smoothed hand-over lateness
@@ -102,7 +106,7 @@ class AvatarAudioTrack(MediaStreamTrack):
         self.time_base = Fraction(1, sample_rate)
         self.codec_delay = OPUS_DELAY_48K * sample_rate // 48_000
         self._pts: int | None = None
-        self.encoder: MonoOpusEncoder | None = None
+        self.encoder: PacketEncoder | None = None
         self.stats = TrackStats()
 
     def first_pts(self) -> int:

@@ -237,6 +237,11 @@ class Conversation:
         It goes to the session's one mic thread (resampling and VAD, in order) and nothing
         comes back to the event loop unless the VAD has news: no future, no wake-up per 20 ms
         frame (``_on_vad_events`` runs on the loop for the frames that end with events)."""
+        self.feed_later(functools.partial(_one, frame))
+
+    def feed_later(self, frames: Callable[[], list[AudioFrame]]) -> None:
+        """Like ``feed``, for the frames ``frames()`` makes on the mic thread (the session's
+        microphone tap decodes there: ``rtc_server.mic.tap_microphone``)."""
         if not self.listening or self.closed:
             return
         if self._mic_submitted - self._mic_done >= MAX_MIC_BACKLOG:
@@ -246,12 +251,13 @@ class Conversation:
             return
         loop = asyncio.get_running_loop()
         with contextlib.suppress(RuntimeError):  # the pool shut down: the call is closing
-            self._mic_pool.submit(self._listen_and_report, frame, loop)
+            self._mic_pool.submit(self._listen_and_report, frames, loop)
             self._mic_submitted += 1  # written on the loop only
 
-    def _listen_and_report(self, frame: AudioFrame, loop: asyncio.AbstractEventLoop) -> None:
+    def _listen_and_report(self, frames: Callable[[], list[AudioFrame]],
+                           loop: asyncio.AbstractEventLoop) -> None:
         try:
-            events = self._listen(frame)
+            events = [e for frame in frames() for e in self._listen(frame)]
         except Exception:  # one bad frame must not stop listening; it is logged
             logger.exception("session %s: the microphone frame could not be analysed",
                              self._host.id[:8])
@@ -585,3 +591,7 @@ def make_conversation_parts(settings: Settings, vad_model: Any) -> tuple[Any | N
         onset_ms=settings.conversation.barge_in_fade_ms or None,
     )
     return listener, Resampler16k()
+
+
+def _one(frame: AudioFrame) -> list[AudioFrame]:
+    return [frame]

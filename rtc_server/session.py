@@ -58,7 +58,7 @@ from pipeline.tts import TextToSpeech
 from pipeline.turns import turn_detector
 from rtc_server.conversation import Conversation, make_conversation_parts
 from rtc_server.ice import resolve_ice_servers, rtc_configuration
-from rtc_server.mic import MicStats, set_audio_prefetch
+from rtc_server.mic import MicStats, frame_power, set_audio_prefetch, tap_microphone
 from rtc_server.protocol import (
     Chat,
     Clapper,
@@ -391,7 +391,13 @@ class Session:
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "audio":
             set_audio_prefetch(self.pc, track, self.settings.webrtc.mic_prefetch_frames)
+            if self.conversation.listening:  # decoded on the mic thread, not aiortc's
+                tap_microphone(self.pc, track, feed=self.conversation.feed_later,
+                               stats=self.mic, heard=self._heard)
         self._spawn(self._drain(track), f"drain-{track.kind}")
+
+    def _heard(self) -> None:
+        self.last_media = self._now()
 
     async def _drain(self, track: MediaStreamTrack) -> None:
         """Always consume what the peer sends; audio feeds the microphone level."""
@@ -401,10 +407,8 @@ class Session:
             except MediaStreamError:
                 return
             self.last_media = self._now()
-            if track.kind == "audio":
-                pcm = frame.to_ndarray().reshape(-1).astype(np.float32)  # type: ignore[union-attr]
-                power = float(np.dot(pcm, pcm)) / (pcm.size * 32768.0**2) if pcm.size else 0.0
-                self.mic.observe(power)
+            if track.kind == "audio":  # (none where tap_microphone took them)
+                self.mic.observe(frame_power(frame))  # type: ignore[arg-type]
                 self.conversation.feed(frame)  # type: ignore[arg-type]
 
     # --- control channel ------------------------------------------------------------------

@@ -79,6 +79,9 @@ async def test_spoken_question_gets_a_spoken_answer(loopback_only, aiohttp_clien
     assert bot.first_voice_after(bot.mic.sent_until) is not None
     session = next(iter(app[SERVICES].sessions.values()))
     assert session.conversation.history[-2]["content"] == user["text"]
+    # the question was heard through the mic thread's own decoding (rtc_server.mic)
+    assert session.mic.tapped and session.mic.frames_received > 100
+    assert session.mic.rms_dbfs < 0
     await bot.aclose()
 
 
