@@ -19,6 +19,26 @@ from media_tracks.compositor import Compositor
 from media_tracks.frames import FrameProducer
 
 
+def i420_frame(yuv: np.ndarray) -> VideoFrame:
+    """``VideoFrame.from_ndarray(yuv, format="yuv420p")``: the same frame, filled with one
+    numpy copy a plane (PyAV copies it row by row: 85 against 17 us for a 512x512 frame, on
+    the event loop for every frame sent). Odd sizes go through PyAV."""
+    rows, w = yuv.shape
+    h = rows * 2 // 3
+    if w % 2 or h % 2 or rows != h * 3 // 2:
+        return VideoFrame.from_ndarray(yuv, format="yuv420p")
+    frame = VideoFrame(w, h, "yuv420p")
+    flat = yuv.reshape(-1)
+    start = 0
+    for plane, (pw, ph) in zip(frame.planes, ((w, h), (w // 2, h // 2), (w // 2, h // 2)),
+                               strict=True):
+        stride = plane.line_size
+        dst = np.frombuffer(plane, np.uint8)[: ph * stride].reshape(ph, stride)
+        dst[:, :pw] = flat[start : start + pw * ph].reshape(ph, pw)
+        start += pw * ph
+    return frame
+
+
 class PacketEncoder(Protocol):
     """Encodes an audio frame into the one packet aiortc's sender sends for it
     (``media_tracks.audio_encoder.MonoOpusEncoder``)."""
@@ -198,7 +218,7 @@ class AvatarVideoTrack(MediaStreamTrack):
                 yuv = self._last
                 self.stats.frames_repeated += 1
         self._last = yuv
-        frame = VideoFrame.from_ndarray(yuv, format="yuv420p")
+        frame = i420_frame(yuv)
         frame.pts = self.pts_of(k)
         frame.time_base = VIDEO_TIME_BASE
         self.stats.frames_sent += 1

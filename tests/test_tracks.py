@@ -5,6 +5,7 @@ from concurrent.futures import Executor, Future
 from fractions import Fraction
 
 import numpy as np
+import pytest
 
 from face.yuv import flash_i420, rgb_to_i420
 from media_tracks.clock import VIDEO_TIME_BASE, ManualClock
@@ -462,3 +463,17 @@ async def test_frames_are_handed_over_in_groups_for_a_batching_engine():
     # group 2: frame 3 goes with frame 2 at t = 0, and frames 4 and 5 together at 80 ms
     assert started[2][0] == [0, 1, 2, 3]
     assert 4 not in started[2][1]
+
+
+
+@pytest.mark.parametrize(("w", "h"), [(512, 512), (360, 202), (1280, 720), (322, 240)])
+def test_i420_frame_is_pyavs_frame(w, h):
+    """The track's own I420 -> VideoFrame copy gives PyAV's frame, whatever the strides."""
+    from av import VideoFrame
+
+    from media_tracks.tracks import i420_frame
+
+    yuv = np.random.default_rng(w + h).integers(0, 256, (h * 3 // 2, w), dtype=np.uint8)
+    ours, pyav = i420_frame(yuv), VideoFrame.from_ndarray(yuv, format="yuv420p")
+    assert (ours.width, ours.height, ours.format.name) == (w, h, "yuv420p")
+    assert np.array_equal(ours.to_ndarray(), pyav.to_ndarray())
