@@ -122,7 +122,9 @@ class WebRTCSettings:
     mic_prefetch_frames: int = setting(1, min=0, max=8, doc="""
     Microphone audio frames (20 ms each) the receiver waits for before handing one on
     (int, 0..8). aiortc's default of 4 adds 80 ms before the VAD hears speech; the server
-    never plays the microphone back, so it only needs packets in order: 1 = 20 ms.""")
+    never plays the microphone back, so it only needs packets in order: 1 = 20 ms. A lost
+    packet is given up once one more than this have arrived after it, and leaves no delay
+    behind (media_tracks/jitter.py; aiortc's own buffer stayed ~300 ms late after one).""")
     turn_secret: str | None = setting(None, parse=v.optional_secret, secret=True, doc="""
     TURN REST secret shared with the TURN server (coturn: use-auth-secret +
     static-auth-secret) (str or null). When set, turn:/turns: entries without username and

@@ -28,6 +28,8 @@ from aiortc import RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver
 from aiortc.codecs.base import Encoder
 from aiortc.jitterbuffer import JitterBuffer
 
+from media_tracks.jitter import LowDelayJitterBuffer
+
 logger = logging.getLogger(__name__)
 
 PINNED = {"aiortc": "1.16.0", "aioice": "0.13.0"}
@@ -112,13 +114,16 @@ def receiver_prefetch(receiver: RTCRtpReceiver) -> int | None:
 
 
 def set_receiver_prefetch(receiver: RTCRtpReceiver, frames: int) -> bool:
-    """Make the receiver hand a frame on once ``frames`` more have arrived behind it (aiortc
-    waits for 4). False, changing nothing, where the receiver has no such buffer."""
+    """Give the (audio) receiver a jitter buffer that hands a frame on once ``frames`` more
+    have arrived behind it (aiortc waits for 4) and never holds a standing delay after a lost
+    packet (``media_tracks.jitter``). False, changing nothing, where the receiver has no such
+    buffer."""
     old = receiver_jitter_buffer(receiver)
     if old is None:
         logger.warning("aiortc's receiver has no jitter buffer to shorten")
         return False
-    setattr(receiver, _RECEIVER_JITTER, JitterBuffer(capacity=old.capacity, prefetch=frames))
+    buffer = LowDelayJitterBuffer(capacity=old.capacity, prefetch=frames)
+    setattr(receiver, _RECEIVER_JITTER, buffer)
     return True
 
 

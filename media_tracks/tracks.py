@@ -33,7 +33,7 @@ def i420_frame(yuv: np.ndarray) -> VideoFrame:
     for plane, (pw, ph) in zip(frame.planes, ((w, h), (w // 2, h // 2), (w // 2, h // 2)),
                                strict=True):
         stride = plane.line_size
-        dst = np.frombuffer(plane, np.uint8)[: ph * stride].reshape(ph, stride)
+        dst = np.frombuffer(memoryview(plane), np.uint8)[: ph * stride].reshape(ph, stride)
         dst[:, :pw] = flat[start : start + pw * ph].reshape(ph, pw)
         start += pw * ph
     return frame

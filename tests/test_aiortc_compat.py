@@ -7,6 +7,7 @@ import pytest
 from aiortc import RTCPeerConnection
 
 from media_tracks import aiortc_compat as compat
+from media_tracks.jitter import LowDelayJitterBuffer
 
 
 def test_the_installed_versions_are_the_pinned_ones():
@@ -43,6 +44,7 @@ async def test_receiver_prefetch_replaces_the_jitter_buffer_and_keeps_its_capaci
         new = compat.receiver_jitter_buffer(receiver)
         assert new is not old and new is not None
         assert new.capacity == old.capacity and compat.receiver_prefetch(receiver) == 1
+        assert isinstance(new, LowDelayJitterBuffer)  # no standing delay after a loss
     finally:
         await pc.close()
 
