@@ -5,15 +5,20 @@ aiortc decodes a call's incoming audio on a thread of its own and hands every 20
 to the event loop (a task and a self-pipe wake-up a frame), where the session would only pass
 it on to its mic thread (resampling, VAD). :func:`tap_microphone` skips both trips: the
 encoded frames go from aiortc's jitter buffer, on the loop, straight to the mic thread, which
-decodes them (Opus to mono: the server only listens) and measures the level there."""
+decodes them and measures the level there. Opus is decoded by libopus itself at 16 kHz mono,
+the rate the VAD and Whisper take (FFmpeg's Opus decoders only give 48 kHz, which then had
+to be resampled: about as much CPU as the VAD on a 20 ms frame)."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import av
@@ -65,8 +70,9 @@ def set_audio_prefetch(pc: RTCPeerConnection, track: MediaStreamTrack, frames: i
 
 
 class MicDecoder:
-    """One call's microphone frames decoded: Opus (48 kHz, mono), or another codec with
-    aiortc's decoder for it (PCMU, PCMA). A frame that does not decode is logged and
+    """One call's microphone frames decoded: Opus at 16 kHz mono (:class:`Opus16k`; FFmpeg's
+    decoder at 48 kHz where libopus cannot be loaded), or another codec with aiortc's
+    decoder for it (PCMU, PCMA). A frame that does not decode is logged and
     skipped; the decoder keeps its state, as aiortc's receiver does."""
 
     def __init__(self) -> None:
@@ -78,17 +84,99 @@ class MicDecoder:
         name = str(codec.name).lower()
         if name != self._name:
             self._name = name
-            self._decoder = _mono_opus() if name == "opus" else get_decoder(codec)
+            if name != "opus":
+                self._decoder = get_decoder(codec)
+            else:
+                self._decoder = Opus16k.create() or _mono_opus()
         try:
+            if isinstance(self._decoder, Opus16k):
+                return self._decoder.decode(encoded_frame.data)
             if name == "opus":
                 return list(self._decoder.decode(av.Packet(encoded_frame.data)))
             return list(self._decoder.decode(encoded_frame))
-        except av.FFmpegError as exc:
+        except (av.FFmpegError, OpusError) as exc:
             self.errors += 1
             if self.errors == 1 or self.errors % 100 == 0:
                 logger.warning("a microphone frame did not decode (%s; %d so far)", exc,
                                self.errors)
             return []
+
+
+class OpusError(Exception):
+    """libopus could not decode a packet."""
+
+
+_libopus: Any = None  # ctypes handle; False: none found
+
+
+def _load_libopus() -> Any:
+    """libopus, as PyAV's wheel ships it (FFmpeg already has it in the process), else the
+    system's; None where neither is found."""
+    global _libopus
+    if _libopus is None:
+        _libopus = False
+        here = Path(av.__file__).resolve().parent.parent / "av.libs"
+        candidates = [str(p) for p in sorted(here.glob("libopus*.so*"))]
+        system = ctypes.util.find_library("opus")
+        candidates += [system] if system else []
+        for path in candidates:
+            try:
+                lib = ctypes.CDLL(path)
+                lib.opus_decoder_create.restype = ctypes.c_void_p
+                lib.opus_decoder_create.argtypes = [ctypes.c_int32, ctypes.c_int,
+                                                    ctypes.POINTER(ctypes.c_int)]
+                lib.opus_decode.restype = ctypes.c_int
+                lib.opus_decode.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32,
+                                            ctypes.POINTER(ctypes.c_int16), ctypes.c_int,
+                                            ctypes.c_int]
+                lib.opus_decoder_destroy.restype = None
+                lib.opus_decoder_destroy.argtypes = [ctypes.c_void_p]
+            except (OSError, AttributeError) as exc:
+                logger.debug("libopus at %s not usable: %s", path, exc)
+                continue
+            _libopus = lib
+            break
+    return _libopus or None
+
+
+class Opus16k:
+    """libopus's decoder at ``RATE`` Hz, mono: one s16 frame per packet."""
+
+    RATE = 16_000
+    MAX_SAMPLES = RATE * 120 // 1000  # the longest Opus packet: 120 ms
+
+    def __init__(self, lib: Any) -> None:
+        self._lib = lib
+        error = ctypes.c_int(0)
+        self._state = lib.opus_decoder_create(self.RATE, 1, ctypes.byref(error))
+        if error.value != 0 or not self._state:
+            raise OpusError(f"opus_decoder_create failed ({error.value})")
+        self._pcm = (ctypes.c_int16 * self.MAX_SAMPLES)()
+
+    @classmethod
+    def create(cls) -> Opus16k | None:
+        lib = _load_libopus()
+        if lib is None:
+            return None
+        try:
+            return cls(lib)
+        except OpusError as exc:
+            logger.warning("%s: the microphone is decoded at 48 kHz and resampled", exc)
+            return None
+
+    def decode(self, data: bytes) -> Frames:
+        n = self._lib.opus_decode(self._state, data, len(data), self._pcm, self.MAX_SAMPLES, 0)
+        if n < 0:
+            raise OpusError(f"opus_decode failed ({n})")
+        pcm = np.ctypeslib.as_array(self._pcm)[:n].copy()
+        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = self.RATE
+        return [frame]
+
+    def __del__(self) -> None:
+        state, self._state = getattr(self, "_state", None), None
+        if state:
+            self._lib.opus_decoder_destroy(state)
 
 
 def _mono_opus() -> av.AudioCodecContext:

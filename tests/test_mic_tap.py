@@ -9,6 +9,7 @@ from fractions import Fraction
 
 import av
 import numpy as np
+import pytest
 from aiortc import RTCRtpReceiver
 from aiortc.codecs import PCMU_CODEC, get_encoder
 from aiortc.jitterbuffer import JitterFrame
@@ -16,7 +17,7 @@ from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
 from media_tracks.aiortc_compat import tap_encoded_frames
 from media_tracks.audio_encoder import MonoOpusEncoder
-from rtc_server.mic import MicDecoder, frame_power
+from rtc_server.mic import MicDecoder, Opus16k, frame_power
 
 OPUS = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, channels=2, payloadType=111)
 
@@ -67,21 +68,35 @@ def test_a_started_receiver_is_not_tapped():
     assert receiver._RTCRtpReceiver__decoder_queue is before
 
 
-def test_opus_is_decoded_to_mono_and_keeps_the_tone():
+@pytest.mark.parametrize("libopus", [True, False])
+def test_opus_is_decoded_to_mono_and_keeps_the_tone(monkeypatch, libopus):
+    """libopus decodes straight to 16 kHz (what the VAD takes: no resampling after it);
+    without it FFmpeg's decoder gives 48 kHz, which the resampler then takes down."""
+    if not libopus:
+        monkeypatch.setattr(Opus16k, "create", classmethod(lambda cls: None))
+    rate = 16000 if libopus else 48000
     enc = MonoOpusEncoder(sample_rate=48000, frame_ms=20)
     dec = MicDecoder()
     out = []
     for frame in tone(40):
         payloads, ts = enc.encode(frame)
         out += dec.decode(OPUS, JitterFrame(data=payloads[0], timestamp=ts))
-    assert len(out) == 40 and all(f.samples == 960 and f.layout.name == "mono" for f in out)
-    assert all(f.sample_rate == 48000 for f in out)
+    assert len(out) == 40 and all(f.layout.name == "mono" and f.format.name == "s16" for f in out)
+    assert all(f.sample_rate == rate and f.samples == rate // 50 for f in out)
     assert abs(peak_hz(out[5:]) - 440.0) < 5.0
     # a sine of amplitude 8000: power (8000 / 32768)^2 / 2 of full scale
     assert abs(frame_power(out[-1]) - (8000 / 32768) ** 2 / 2) < 0.01
+    assert dec.decode(OPUS, JitterFrame(data=b"\xff" * 3, timestamp=0)) == []
+    assert dec.errors == 1
 
 
-def test_other_codecs_use_aiortcs_decoders_and_bad_frames_are_skipped():
+def test_libopus_is_the_one_pyav_ships():
+    decoder = Opus16k.create()
+    assert decoder is not None  # the av wheel has libopus; the server never resamples Opus
+    assert "libopus" in str(decoder._lib._name)
+
+
+def test_other_codecs_use_aiortcs_decoders():
     enc = get_encoder(PCMU_CODEC)
     dec = MicDecoder()
     out = []
@@ -89,6 +104,4 @@ def test_other_codecs_use_aiortcs_decoders_and_bad_frames_are_skipped():
         payloads, ts = enc.encode(frame)
         out += dec.decode(PCMU_CODEC, JitterFrame(data=payloads[0], timestamp=ts))
     assert len(out) == 20 and abs(peak_hz(out[2:]) - 300.0) < 10.0
-    assert dec.decode(OPUS, JitterFrame(data=b"\xff" * 3, timestamp=0)) == []
-    assert dec.errors == 1
 
