@@ -44,6 +44,9 @@ def describe_session(s: Any) -> dict[str, object]:
             "frames_received": s.mic.frames_received,
             "rms_dbfs": round(s.mic.rms_dbfs, 1),
             "frames_dropped": s.conversation.mic_frames_dropped,
+            # where its packets are decoded: the call's mic thread (rtc_server.mic), or
+            # aiortc's decoder (a call that does not listen)
+            "decoder": "mic-thread" if s.mic.tapped else "aiortc",
         },
         # turns ended too soon: the person went on within the fixed silence (issue 24)
         "early_cut_ins": s.conversation.early_cut_ins,

@@ -100,6 +100,8 @@ def test_server_hears_microphone(page: Any, live_server: str) -> None:
     assert got >= 25, f"server got {got} mic frames in 1.5 s: {later}"
     # The tone arrives at about -28 dBFS after Chromium's processing; silence is -120.
     assert later["mic"]["rms_dbfs"] > -40, f"mic level is silence: {later['mic']}"
+    # Chromium's Opus, decoded on the call's mic thread by libopus (rtc_server.mic)
+    assert later["mic"]["decoder"] == "mic-thread", later["mic"]
 
 
 def test_screenshot(page: Any, artifacts_dir: Path) -> None:
