@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import av
 import numpy as np
 
 from common.errors import PipelineError
@@ -145,16 +144,12 @@ def _keywords(fn: Callable[..., Any]) -> frozenset[str] | None:
 
 
 def resample_int16(pcm: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
-    """Resample int16 mono audio with libswresample (PyAV)."""
+    """Resample int16 mono audio with libswresample (PyAV), the whole signal at once."""
     if src_rate == dst_rate or pcm.size == 0:
         return pcm.astype(np.int16, copy=False)
-    resampler = av.AudioResampler(format="s16", layout="mono", rate=dst_rate)
-    frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1).astype(np.int16), format="s16",
-                                       layout="mono")
-    frame.sample_rate = src_rate
-    out = [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-    out += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
-    return np.concatenate(out).astype(np.int16) if out else np.zeros(0, np.int16)
+    resampler = StreamResampler(src_rate, dst_rate)
+    return np.concatenate([resampler.push(pcm.astype(np.int16, copy=False)),
+                           resampler.push(None)])
 
 
 def _load_voice(model: Path, config: Path) -> Any:
@@ -244,6 +239,11 @@ def _malloc_trim() -> None:
 
 
 RELEASE_AFTER_S = 15.0
+"""Idle seconds after which the synthesis thread gives its scratch memory back: longer than
+the pauses between the units of one long text (synthesis keeps about 3 s ahead of playback,
+so a 200-character unit leaves the thread idle for ~10 s), so a call that keeps talking does
+not shrink the arena and grow it again for every unit (issue 21)."""
+
 # An answer's first sentence is heard after this many latent frames are decoded (256 samples
 # each at 22050 Hz: about 0.37 s), the rest while they play; shorter sentences whole.
 FIRST_PIECE_FRAMES = 32
@@ -257,10 +257,7 @@ PEAK_HEADROOM = 1.25
 
 def _to_int16(audio: np.ndarray, gain: float) -> np.ndarray:
     return np.clip(audio * (gain * 32767.0), -32768, 32767).astype(np.int16)
-"""Idle seconds after which the synthesis thread gives its scratch memory back: longer than
-the pauses between the units of one long text (synthesis keeps about 3 s ahead of playback,
-so a 200-character unit leaves the thread idle for ~10 s), so a call that keeps talking does
-not shrink the arena and grow it again for every unit (issue 21)."""
+
 
 _DONE = object()
 
@@ -436,17 +433,15 @@ class PiperTTS:
             gain = 1.0 / max(peak if cut == frames else max(peak, ref), 1e-8)
             self._peak_ref = max(self._peak_ref, peak)
             before, after = _split_phonemes(aligned, cut * hop)
+            last, last_phonemes = head, aligned
             if cut < frames:
                 yield self._piece(unit, resampler.push(_to_int16(head, gain)), before, src,
                                   continued=True)
-                rest = split.decode(z, cut, frames)
-                if rest.size:
-                    self._peak_ref = max(self._peak_ref, float(np.max(np.abs(rest))))
-                pcm = np.concatenate([resampler.push(_to_int16(rest, gain)), resampler.push(None)])
-                yield self._piece(unit, pcm, after, src)
-            else:
-                pcm = np.concatenate([resampler.push(_to_int16(head, gain)), resampler.push(None)])
-                yield self._piece(unit, pcm, aligned, src)
+                last, last_phonemes = split.decode(z, cut, frames), after
+                if last.size:
+                    self._peak_ref = max(self._peak_ref, float(np.max(np.abs(last))))
+            pcm = np.concatenate([resampler.push(_to_int16(last, gain)), resampler.push(None)])
+            yield self._piece(unit, pcm, last_phonemes, src)
 
     def _feeds(self, ids: list[int], cfg: Any) -> dict[str, np.ndarray]:
         """The model's inputs for one sentence (a single-speaker voice: ``split_model``)."""

@@ -77,29 +77,36 @@ class MicDecoder:
 
     def __init__(self) -> None:
         self._name: str | None = None
-        self._decoder: Any = None
+        self._decode: Callable[[Any], Frames] | None = None
         self.errors = 0
 
     def decode(self, codec: Any, encoded_frame: Any) -> Frames:
         name = str(codec.name).lower()
-        if name != self._name:
+        if name != self._name or self._decode is None:
             self._name = name
-            if name != "opus":
-                self._decoder = get_decoder(codec)
-            else:
-                self._decoder = Opus16k.create() or _mono_opus()
+            self._decode = _decoder_for(codec)
         try:
-            if isinstance(self._decoder, Opus16k):
-                return self._decoder.decode(encoded_frame.data)
-            if name == "opus":
-                return list(self._decoder.decode(av.Packet(encoded_frame.data)))
-            return list(self._decoder.decode(encoded_frame))
+            return self._decode(encoded_frame)
         except (av.FFmpegError, OpusError) as exc:
             self.errors += 1
             if self.errors == 1 or self.errors % 100 == 0:
                 logger.warning("a microphone frame did not decode (%s; %d so far)", exc,
                                self.errors)
             return []
+
+
+def _decoder_for(codec: Any) -> Callable[[Any], Frames]:
+    """``encoded_frame -> frames`` for ``codec``: libopus at 16 kHz, else FFmpeg's Opus
+    decoder at 48 kHz, for Opus; aiortc's decoder for the others."""
+    if str(codec.name).lower() != "opus":
+        decoder = get_decoder(codec)
+        return lambda encoded_frame: [f for f in decoder.decode(encoded_frame)
+                                      if isinstance(f, av.AudioFrame)]
+    opus16k = Opus16k.create()
+    if opus16k is not None:
+        return lambda encoded_frame: opus16k.decode(encoded_frame.data)
+    context = _mono_opus()
+    return lambda encoded_frame: list(context.decode(av.Packet(encoded_frame.data)))
 
 
 class OpusError(Exception):
