@@ -157,7 +157,7 @@ class WebRTCSettings:
     video_bitrate_kbps: int = setting(0, min=0, max=20_000, doc="""
     Starting video bitrate (int, kbit/s, 0..20000; 0 = by frame size: about 0.1 bit per
     pixel per frame, e.g. ~650 kbit/s at 512x512 and ~2300 kbit/s at 1280x720 at 25 fps).
-    Receiver feedback (REMB) moves it between a quarter and three times that.""")
+    Receiver feedback (REMB) moves it between a quarter and 1.5 times that.""")
 
 
 @dataclass(frozen=True, slots=True)

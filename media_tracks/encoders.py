@@ -16,7 +16,10 @@ and start both codecs at 1 Mbit/s whatever the frame size, clamped to 0.5..3 Mbi
 * Bitrate (``VideoBitrate``): ``webrtc.video_bitrate_kbps`` when above 0, else 0.1 bit per
   pixel per frame at the session's fps (512x512 at 25 fps: 655 kbit/s; 1280x720: 2304
   kbit/s), never below 32 kbit/s. Receiver feedback (REMB, through the ``target_bitrate``
-  setter aiortc calls) moves it between a quarter and three times that start value. A new
+  setter aiortc calls) moves it between a quarter and 1.5 times that start value (the
+  talking avatar at 512x512, VP8: 42.4 dB luma PSNR at the start rate, 44.3 dB at 1.5 times,
+  47.4 dB at 3 times; past 1.5 times the extra bits buy no visible detail but cost packets,
+  each ~0.25 ms of the event loop's CPU in a call, and encode time). A new
   rate rebuilds the encoder (its first frame is a keyframe), so a change waits until the
   encoder has been open 3 s of media time, unless the target fell under half (congestion).
 
@@ -57,9 +60,9 @@ logger = logging.getLogger(__name__)
 
 BITS_PER_PIXEL = 0.1
 MIN_BITRATE_BPS = 32_000
-# REMB may move the bitrate within [start / REMB_DOWN, start * REMB_UP]
+# REMB may move the bitrate within [start / REMB_DOWN, start * REMB_UP_NUM / REMB_UP_DEN]
 REMB_DOWN = 4
-REMB_UP = 3
+REMB_UP_NUM, REMB_UP_DEN = 3, 2
 # aiortc rebuilds its encoder when the target moves by more than this share; so do we. A
 # rebuilt encoder starts with a keyframe (a burst of bits and encode time: libvpx and libx264
 # do not take a new bitrate on the fly through PyAV), and REMB moves a little every second,
@@ -94,7 +97,7 @@ class VideoBitrate:
         return cls(
             start_bps=start,
             min_bps=max(start // REMB_DOWN, MIN_BITRATE_BPS),
-            max_bps=start * REMB_UP,
+            max_bps=start * REMB_UP_NUM // REMB_UP_DEN,
         )
 
     def clamp(self, bps: int) -> int:
