@@ -351,6 +351,15 @@ class VadSettings:
     transcriptions and cut no more turns early.""")
     max_utterance_s: float = setting(30.0, min=1, max=120, doc="""
     A longer utterance is cut and transcribed at this length (float, s, 1..120).""")
+    skip_quiet: bool = setting(True, doc="""
+    A quiet microphone skips the VAD model (bool): once 320 ms of 32 ms chunks in a row were
+    under quiet_dbfs, each further one counts as silence without running Silero, until a
+    louder one comes. That is most of a call while the avatar speaks (digital silence, or a
+    noise-suppressed browser microphone in a quiet room). Measured: speech after a quiet
+    stretch starts in the same VAD chunk as with the model run throughout, or one sooner.""")
+    quiet_dbfs: float = setting(-70.0, min=-120, max=-30, doc="""
+    Power under which a 32 ms microphone chunk is quiet, in dBFS (float, -120..-30). -70 is
+    under any voice, and under the noise floor of most microphones without noise suppression.""")
 
 
 @dataclass(frozen=True, slots=True)

@@ -589,6 +589,7 @@ def make_conversation_parts(settings: Settings, vad_model: Any) -> tuple[Any | N
         max_utterance_s=v.max_utterance_s,
         # a likely barge-in is told this soon (the voice fades until the VAD is sure)
         onset_ms=settings.conversation.barge_in_fade_ms or None,
+        quiet_dbfs=v.quiet_dbfs if v.skip_quiet else None,
     )
     return listener, Resampler16k()
 

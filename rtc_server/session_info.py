@@ -47,6 +47,9 @@ def describe_session(s: Any) -> dict[str, object]:
             # where its packets are decoded: the call's mic thread (rtc_server.mic), or
             # aiortc's decoder (a call that does not listen)
             "decoder": "mic-thread" if s.mic.tapped else "aiortc",
+            # quiet chunks counted as silence without the VAD model (vad.skip_quiet)
+            "vad_chunks_skipped": getattr(s.conversation.end_of_turn.listener,
+                                          "skipped_chunks", 0),
         },
         # turns ended too soon: the person went on within the fixed silence (issue 24)
         "early_cut_ins": s.conversation.early_cut_ins,

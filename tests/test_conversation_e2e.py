@@ -82,6 +82,9 @@ async def test_spoken_question_gets_a_spoken_answer(loopback_only, aiohttp_clien
     # the question was heard through the mic thread's own decoding (rtc_server.mic)
     assert session.mic.tapped and session.mic.frames_received > 100
     assert session.mic.rms_dbfs < 0
+    # the bot's microphone, silent while the avatar answered, went without the VAD model
+    server = await bot.server_session()
+    assert server is not None and server["mic"]["vad_chunks_skipped"] > 0, server["mic"]
     await bot.aclose()
 
 
