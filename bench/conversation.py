@@ -202,21 +202,20 @@ async def main_async(n: int, barge: int) -> None:
     print("Video over the turns:", {k: results[k]["video"]
                                      for k in ("embedded", "openai_compatible")})
     b, d = results["barge_in_ms"], results["barge_in_detected_ms"]
-    print(
-        f"\nBarge-in, speech onset -> avatar silent at the client (ms): {b} "
-        f"(median {statistics.median(b):.0f})"
-    )
-    print(
-        f"Barge-in, speech onset -> server detects it (ms): {d} "
-        f"(median {statistics.median(d):.0f})"
-    )
+
+    def median(values: list[float]) -> float | None:  # None: no barge-in measured
+        return round(statistics.median(values), 1) if values else None
+
+    print(f"\nBarge-in, speech onset -> avatar silent at the client (ms): {b} "
+          f"(median {median(b)})")
+    print(f"Barge-in, speech onset -> server detects it (ms): {d} (median {median(d)})")
     write_result(
         "conversation",
         {
             "note": "tiny.en int8 CPU, viseme engine, Piper joe voice; server + bot on 2 cores",
             **results,
-            "barge_in_median_ms": round(statistics.median(b), 1),
-            "barge_in_detected_median_ms": round(statistics.median(d), 1),
+            "barge_in_median_ms": median(b),
+            "barge_in_detected_median_ms": median(d),
         },
     )
 
