@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 import threading
 
@@ -25,4 +26,19 @@ def name_os_thread(name: str | None = None) -> None:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         _libc.prctl(PR_SET_NAME, ctypes.c_char_p(text), 0, 0, 0)
     except (OSError, AttributeError):
+        return
+
+
+def foreground_thread() -> None:
+    """Thread initializer: name the OS thread after the Python one, and give it the main
+    thread's scheduling priority. A thread starts with the priority of the thread that made
+    it, so a pool's worker made from a lowered thread (the render pool's: nice 10) would run
+    lowered too. Where raising it back is not allowed, nothing changes."""
+    name_os_thread()
+    if not hasattr(os, "setpriority"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                       os.getpriority(os.PRIO_PROCESS, os.getpid()))
+    except OSError:  # not permitted (no CAP_SYS_NICE): it stays as it was made
         return

@@ -32,6 +32,7 @@ from typing import Any, Literal
 import numpy as np
 
 from common.errors import PipelineError
+from common.threads import foreground_thread
 
 logger = logging.getLogger(__name__)
 
@@ -184,14 +185,27 @@ class WhisperSTT:
         self.compute_type_in_use: str | None = None
         self.multilingual: bool | None = None
         self._model: Any = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="whisper")
+        # made by whichever thread first submits (the render pool's, at start-up): it takes
+        # the main thread's priority back
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="whisper",
+                                            initializer=foreground_thread)
 
     @property
     def loaded(self) -> bool:
         return self._model is not None
 
     def load(self) -> None:
-        """Resolve and load the model (blocking: seconds; call at start-up or in an executor)."""
+        """Resolve and load the model (blocking: seconds; call at start-up or in an executor).
+
+        It loads on the instance's own worker thread, whatever thread calls: CTranslate2
+        makes its compute threads there, and they keep that thread's name and scheduling
+        priority. The server loads it from its render pool, whose threads run below the
+        event loop (nice 10): transcriptions, which a person waits for, ran there too."""
+        if self._model is not None:
+            return
+        self._executor.submit(self._load).result()
+
+    def _load(self) -> None:
         if self._model is not None:
             return
         import ctranslate2

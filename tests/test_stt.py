@@ -215,3 +215,35 @@ def test_what_a_lost_whisper_says_is_recognised() -> None:
 def test_window_bounds(tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match="window_s"):
         WhisperSTT("tiny.en", cache_dir=tmp_path, window_s=5.0)
+
+
+def test_whisper_s_threads_are_not_lowered_with_the_thread_that_loads_it(tmp_path: Path) -> None:
+    """CTranslate2 makes its compute threads when the model loads, and they keep the name and
+    priority of the thread they are made on. The server loads Whisper from its render pool
+    (nice 10, below the event loop); the model loads on its own worker thread instead."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from media_tracks.priority import background_thread
+
+    def stat(tid: str) -> tuple[str, int]:
+        base = Path("/proc/self/task") / tid
+        fields = (base / "stat").read_text().rsplit(")", 1)[1].split()
+        return (base / "comm").read_text().strip(), int(fields[16])  # comm, nice
+
+    stt = WhisperSTT("tiny.en", cache_dir=tmp_path, device="cpu")
+    before = set(os.listdir("/proc/self/task"))
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="lowered",
+                                initializer=background_thread) as pool:
+            lowered = pool.submit(lambda: (stt.load(), threading.get_native_id())[1]).result()
+            assert stat(str(lowered))[1] >= 10  # the loading thread really is lowered
+        new = set(os.listdir("/proc/self/task")) - before - {str(lowered)}
+        threads = {tid: stat(tid) for tid in new}
+        main_nice = stat(str(threading.main_thread().native_id))[1]
+        made = [nice for name, nice in threads.values() if name.startswith("whisper")]
+        assert len(made) >= 2, threads  # the worker and CTranslate2's own thread(s)
+        assert made == [main_nice] * len(made), threads
+        assert not any(name.startswith("lowered") for name, _ in threads.values()), threads
+    finally:
+        stt.close()
