@@ -1,6 +1,6 @@
 """Video encode cost per frame and the bitrate it produces, per codec and libx264 preset.
 
-    .venv/bin/python -m bench.encode [--frames 250] [--repeats 2]
+    .venv/bin/python -m bench.encode [--frames 250] [--repeats 2] [--kbps 400,655,983,1966]
 
 Frames: the default avatar talking (idle poses: blinks, glances, breathing, head sway, plus
 a syllable-like mouth opening on every frame), rendered by ``FaceRenderer`` at 512x512 and
@@ -186,12 +186,39 @@ def encoders(width: int, height: int) -> list[tuple[str, Callable[[], Encoder]]]
     return rows
 
 
+def bitrate_sweep(kbps: list[int], frames_n: int, repeats: int) -> None:
+    """VP8 at 512x512 at each of ``kbps``: the cost and the quality REMB's bounds buy
+    (``media_tracks.encoders.REMB_UP_NUM`` / ``REMB_UP_DEN``). Writes ``encode-bitrates.json``."""
+    frames = talking_frames(512, 512, frames_n)
+    start = VideoEncoding(width=512, height=512, fps=FPS, h264_preset="veryfast")
+    rows = []
+    for rate in kbps:
+        encoding = replace(start, bitrate_kbps=rate)
+        row = {"kbps_target": rate, **measure(functools.partial(RealtimeVp8Encoder, encoding),
+                                                frames, repeats)}
+        row["packets_per_frame"] = round(row["kbps"] * 1000 / 8 / FPS / 1200, 1)
+        rows.append(row)
+        print(row, flush=True)
+    print_table(rows)
+    path = write_result("encode-bitrates", {
+        "frames": frames_n, "fps": FPS, "repeats": repeats, "results": rows,
+        "note": "VP8 (RealtimeVp8Encoder) at 512x512 on the talking avatar, fixed targets; "
+                "psnr_y_db: mean luma PSNR of the decoded frames; packets_per_frame: the "
+                "RTP payload over 1200-byte packets (about what aiortc sends)"})
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=250, help="frames per pass (25 fps)")
     parser.add_argument("--repeats", type=int, default=2, help="passes; the best is kept")
+    parser.add_argument("--kbps", default="",
+                        help="only VP8 at 512x512 at these bitrates (comma-separated kbit/s)")
     args = parser.parse_args()
     cv2.setNumThreads(1)
+    if args.kbps:
+        bitrate_sweep([int(k) for k in args.kbps.split(",")], args.frames, args.repeats)
+        return
     load_start = round(os.getloadavg()[0], 2)
     rows: list[dict[str, Any]] = []
     for width, height in SIZES:
