@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -187,8 +188,9 @@ class WhisperSTT:
         self._model: Any = None
         # made by whichever thread first submits (the render pool's, at start-up): it takes
         # the main thread's priority back
+        self._worker: int | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="whisper",
-                                            initializer=foreground_thread)
+                                            initializer=self._start_worker)
 
     @property
     def loaded(self) -> bool:
@@ -203,7 +205,14 @@ class WhisperSTT:
         event loop (nice 10): transcriptions, which a person waits for, ran there too."""
         if self._model is not None:
             return
-        self._executor.submit(self._load).result()
+        if threading.get_ident() == self._worker:  # aload, or a first transcription
+            self._load()
+        else:
+            self._executor.submit(self._load).result()
+
+    def _start_worker(self) -> None:
+        foreground_thread()
+        self._worker = threading.get_ident()
 
     def _load(self) -> None:
         if self._model is not None:

@@ -439,7 +439,7 @@ class Listener:
     stretch is scored from the state the model had when the stretch began; measured on
     synthesized questions after 2 s of quiet, Silero then marks their onsets in the same
     chunk as when run throughout, or one chunk sooner, and their ends in the same chunk
-    (``tests/test_vad.py``). None: the model scores every chunk."""
+    (``tests/test_vad_quiet.py``). None: the model scores every chunk."""
 
     def __init__(
         self,

@@ -247,3 +247,20 @@ def test_whisper_s_threads_are_not_lowered_with_the_thread_that_loads_it(tmp_pat
         assert not any(name.startswith("lowered") for name, _ in threads.values()), threads
     finally:
         stt.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_model_not_loaded_yet_loads_on_its_worker_without_waiting_on_itself(
+    tmp_path: Path, speech: np.ndarray
+) -> None:
+    """``aload`` and a first ``transcribe`` run on the worker thread the model loads on."""
+    for first in ("aload", "transcribe"):
+        stt = WhisperSTT("tiny.en", cache_dir=tmp_path / first, device="cpu")
+        try:
+            if first == "aload":
+                await stt.aload()
+                assert stt.loaded
+            else:
+                assert word_match(SENTENCE, (await stt.transcribe(speech)).text) > 0.8
+        finally:
+            stt.close()
