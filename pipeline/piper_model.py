@@ -60,15 +60,12 @@ VOCODER_CONTEXT = 12
 class SplitModel:
     """A Piper voice's model as two ONNX Runtime sessions, the text side and the vocoder.
     ``run`` runs both as the whole model would (Piper's own synthesis calls it); ``front``
-    and ``decode`` let a caller hear a sentence's start before its end is decoded.
-    ``first``: a second session of the vocoder for the pieces someone is waiting for
-    (``decode(..., first=True)``; e.g. one with more threads), the vocoder itself otherwise."""
+    and ``decode`` let a caller hear a sentence's start before its end is decoded."""
 
     def __init__(self, front: Any, vocoder: Any, *, z_name: str, ceil_name: str,
-                 out_name: str, first: Any = None) -> None:
+                 out_name: str) -> None:
         self._front = front
         self._vocoder = vocoder
-        self._first = vocoder if first is None else first
         self._z = z_name
         self._ceil = ceil_name
         self._out = out_name
@@ -78,16 +75,13 @@ class SplitModel:
         z, ceil = self._front.run([self._z, self._ceil], feeds, run_options)
         return z, ceil
 
-    def decode(self, z: Any, start: int, stop: int, run_options: Any = None, *,
-               first: bool = False) -> np.ndarray:
+    def decode(self, z: Any, start: int, stop: int, run_options: Any = None) -> np.ndarray:
         """The float samples of latent frames ``start:stop`` (``hop`` each), decoded with
-        ``VOCODER_CONTEXT`` frames of context on either side (by the ``first`` session when
-        ``first``)."""
+        ``VOCODER_CONTEXT`` frames of context on either side."""
         frames = int(z.shape[-1])
         a, b = max(0, start - VOCODER_CONTEXT), min(frames, stop + VOCODER_CONTEXT)
-        vocoder = self._first if first else self._vocoder
-        out = np.asarray(vocoder.run([self._out], {self._z: z[:, :, a:b]},
-                                     run_options)[0]).reshape(-1)
+        out = np.asarray(self._vocoder.run([self._out], {self._z: z[:, :, a:b]},
+                                           run_options)[0]).reshape(-1)
         hop = out.size // max(1, b - a)
         return out[(start - a) * hop: (stop - a) * hop]
 

@@ -153,18 +153,18 @@ def resample_int16(pcm: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
 
 
 def _load_voice(model: Path, config: Path) -> Any:
-    """``PiperVoice.load(..., include_alignments=True)``, with ONNX Runtime sessions whose
+    """``PiperVoice.load(..., include_alignments=True)``, with an ONNX Runtime session whose
     intra-op threads sleep instead of spinning between steps. Piper's own session spins
     them: next to Wav2Lip, the video encoders and other calls on two cores, that spinning
     burned more CPU than the synthesis itself (about half a core with two speaking calls)
     while synthesis stays as fast (0.53 s for 15 s of speech, against 0.49 s).
 
-    Split into text side and vocoder (``split_model``), each runs on the calling thread
-    alone, except the first piece of a streamed sentence, which someone is waiting for: a
-    second vocoder session (6.7 MB of weights) decodes it with the default threads. The text
-    side is no faster on two threads (68 ms for a 3 s sentence either way), and the vocoder
-    only 1.2 times, so the second thread cost more CPU in its wake-ups than it saved: one
-    speaking call's Piper thread 3.4 -> 3.0 ms a video frame (``bench.profile_call``)."""
+    Every session runs on the calling thread alone (``intra_op_num_threads=1``): no ONNX
+    Runtime thread pool at all. A second thread made the text side no faster (68 ms for a
+    3 s sentence either way) and the vocoder only 1.2 times, and cost more CPU in wake-ups
+    than it saved. Worse, while any ONNX Runtime session with a thread pool exists in the
+    server process, even an idle one, Whisper's transcriptions in a call take ~1.7 times
+    their time (~210 against ~130 ms for a question; ``bench/RESULTS.md``)."""
     import json
 
     import onnx
@@ -181,19 +181,20 @@ def _load_voice(model: Path, config: Path) -> Any:
         ceil: str | None = add_alignment_output(graph)
     except ValueError:  # already patched, or no such tensor: use it as it is
         ceil = None
-    def session_of(proto: Any, threads: int = 0) -> Any:
-        options = ort.SessionOptions()
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.intra_op_num_threads = threads
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+
+    def session_of(proto: Any) -> Any:
         return ort.InferenceSession(proto.SerializeToString(), sess_options=options,
                                     providers=["CPUExecutionProvider"])
 
     parts = split_model(plain, ceil) if ceil is not None else None
     if parts is not None:
         front, vocoder, z_name, out_name = parts
-        session: Any = SplitModel(session_of(front, 1), session_of(vocoder, 1),
-                                  first=session_of(vocoder), z_name=z_name,
-                                  ceil_name=str(ceil), out_name=out_name)
+        session: Any = SplitModel(session_of(front), session_of(vocoder), z_name=z_name,
+                                   ceil_name=str(ceil), out_name=out_name)
     else:
         session = session_of(graph)
     settings = PiperConfig.from_dict(json.loads(config.read_text(encoding="utf-8")))
@@ -435,7 +436,7 @@ class PiperTTS:
             resampler = StreamResampler(src, self.sample_rate)
             cut = (FIRST_PIECE_FRAMES if not whole and k == 0
                    and frames >= 2 * FIRST_PIECE_FRAMES else frames)
-            head = split.decode(z, 0, cut, first=k == 0)
+            head = split.decode(z, 0, cut)
             peak = float(np.max(np.abs(head))) if head.size else 0.0
             ref = PEAK_HEADROOM * self._peak_ref
             gain = 1.0 / max(peak if cut == frames else max(peak, ref), 1e-8)

@@ -172,43 +172,29 @@ async def test_a_continued_piece_ends_on_a_video_frame_and_nothing_is_lost() -> 
     assert tts.asked == [True, False]
 
 
-def test_the_first_piece_is_decoded_by_a_vocoder_with_threads_of_its_own() -> None:
-    """The text side and the vocoder run on the calling thread alone (a second thread cost
-    more in wake-ups than it saved); the first piece of a streamed sentence, which someone
-    is waiting for, goes to a second vocoder session with ONNX Runtime's default threads,
-    and decodes to the same samples."""
-    from pipeline.piper_model import SplitModel
-    from tests.fakes.speech import _tts
+def test_piper_runs_on_the_calling_thread_without_a_thread_pool() -> None:
+    """Every ONNX Runtime session of Piper runs on the thread that calls it: loading and
+    synthesizing starts no thread (a pool, even an idle one, slows Whisper's transcriptions
+    in the same process; pipeline/tts.py)."""
+    import os
 
-    tts = _tts(48_000)
+    from pipeline.piper_model import SplitModel
+    from pipeline.tts import PiperTTS
+
+    def tasks() -> set[str]:
+        return set(os.listdir("/proc/self/task"))
+
+    before = tasks()
+    tts = PiperTTS(sample_rate=48_000)
+    tts.load()
+    text = "Good morning to you, my friend, and welcome. How are you today?"
+    streamed = list(tts._iter_sentences(text, stream_first=True))
+    whole = list(tts.synthesize(text))
+    new = tasks() - before
+    assert len(streamed) > len(whole) >= 2  # the streamed path ran, in pieces
+    assert not new, [open(f"/proc/self/task/{t}/comm").read().strip() for t in new]
     split = tts._split()
     assert isinstance(split, SplitModel)
-
-    def threads(session) -> int:
-        return session.get_session_options().intra_op_num_threads
-
-    assert threads(split._front) == 1 and threads(split._vocoder) == 1
-    assert split._first is not split._vocoder and threads(split._first) == 0
-    voice = tts._voice
-    ids = voice.phonemes_to_ids(voice.phonemize("Good morning to you.")[0])
-    z, _ = split.front(tts._feeds(ids, _quiet_config()))
-    calls: list[str] = []
-    for name in ("_vocoder", "_first"):
-        session = getattr(split, name)
-        setattr(split, name, _Counted(session, name, calls))
-    try:
-        quick = split.decode(z, 0, 20, first=True)
-        bulk = split.decode(z, 0, 20)
-    finally:
-        split._vocoder, split._first = split._vocoder.session, split._first.session
-    assert calls == ["_first", "_vocoder"]
-    np.testing.assert_allclose(quick, bulk, atol=1e-4)
-
-
-class _Counted:
-    def __init__(self, session, name: str, calls: list[str]) -> None:
-        self.session, self.name, self.calls = session, name, calls
-
-    def run(self, *args):
-        self.calls.append(self.name)
-        return self.session.run(*args)
+    for session in (split._front, split._vocoder):
+        options = session.get_session_options()
+        assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
