@@ -4,7 +4,6 @@ session's lip-sync renderer before its deadline, so the video track never waits 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -35,71 +34,6 @@ class SyncRenderer:
 
 class AsyncRenderer(Protocol):
     async def render(self, plan: FramePlan) -> Yuv: ...
-
-
-class PolledRenders:
-    """Frames rendered on ``executor`` by ``fn`` and handed back to the event loop without
-    waking it: the worker thread only appends its result (with the media time it finished)
-    to a queue, and the loop picks it up at its next ``harvest``, which the producer calls
-    whenever it wakes anyway (its next frame's due time, the track's deadlines). A frame
-    rendered ``lead`` ahead has several wake-ups before it is due.
-
-    ``run_in_executor`` would wake the loop through its self-pipe for every frame instead:
-    a write from the worker thread and a wake-up of the loop's thread, which on a VM cost
-    ~0.3 ms a frame (``bench/RESULTS.md``)."""
-
-    def __init__(self, fn: Callable[[FramePlan], Yuv], executor: Executor,
-                 clock: MediaClock) -> None:
-        self._fn = fn
-        self._executor = executor
-        self._clock = clock
-        # (future, frame, finished_ns, error); deque appends and pops are atomic
-        self._done: collections.deque[
-            tuple[asyncio.Future[tuple[Yuv, int]], Yuv | None, int, BaseException | None]
-        ] = collections.deque()
-
-    def submit(self, plan: FramePlan) -> asyncio.Future[tuple[Yuv, int]]:
-        """A future of (frame, media time it was finished), set by a later ``harvest``."""
-        fut: asyncio.Future[tuple[Yuv, int]] = asyncio.get_running_loop().create_future()
-
-        def job() -> None:  # on the executor's thread
-            if fut.cancelled():  # (read-only peek: nobody waits for it any more)
-                return
-            try:
-                frame = self._fn(plan)
-            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
-                self._done.append((fut, None, self._clock.now_ns(), exc))
-            else:
-                self._done.append((fut, frame, self._clock.now_ns(), None))
-
-        work = self._executor.submit(job)
-        fut.add_done_callback(lambda f: work.cancel() if f.cancelled() else None)
-        return fut
-
-    def harvest(self) -> int:
-        """Hand the finished frames to their tasks (on the loop); how many there were."""
-        n = 0
-        while self._done:
-            fut, frame, finished_ns, exc = self._done.popleft()
-            n += 1
-            if fut.done():  # cancelled meanwhile
-                continue
-            if exc is not None:
-                fut.set_exception(exc)
-            else:
-                assert frame is not None
-                fut.set_result((frame, finished_ns))
-        return n
-
-
-def polled(renderer: object, clock: MediaClock) -> PolledRenders | None:
-    """``PolledRenders`` for a renderer that renders with a blocking ``render_sync`` on an
-    executor of its own (``executor``), else None (it is awaited as it is)."""
-    fn = getattr(renderer, "render_sync", None)
-    executor = getattr(renderer, "executor", None)
-    if fn is None or not isinstance(executor, Executor):
-        return None
-    return PolledRenders(fn, executor, clock)
 
 
 LATENCY_SMOOTHING = 0.2  # weight of the newest frame's render time in the running estimate
@@ -156,7 +90,6 @@ class FrameProducer:
         self._clock = clock
         self._compositor = compositor
         self._renderer = renderer
-        self._polled = polled(renderer, clock)
         self._lead_ns = lead_ms * 1_000_000
         self._group = max(1, group)
         self._stride = stride  # render only frames whose index it divides (video shedding)
@@ -213,7 +146,6 @@ class FrameProducer:
         Frames ``<= k`` still in flight can no longer be shown: they are cancelled (and
         counted late), so an engine behind the clock stops spending time on them (the batch
         worker drops a cancelled frame still in its queue) and has it for the next ones."""
-        self.harvest()
         for old in [i for i in self._ready if i < k]:
             del self._ready[old]
         for i in [i for i in self._inflight if i <= k]:
@@ -221,11 +153,6 @@ class FrameProducer:
                 self._expired.add(i)  # its latency so far still counts (``_render_one``)
                 self.stats.late += 1
         return self._ready.pop(k, None)
-
-    def harvest(self) -> None:
-        """Pick up the frames finished on the render threads (``PolledRenders``)."""
-        if self._polled is not None:
-            self._polled.harvest()
 
     def _on_cut(self, k: int) -> None:
         """Frames from ``k`` on were re-planned: forget them and render them again."""
@@ -242,12 +169,8 @@ class FrameProducer:
 
     async def _render_one(self, k: int, plan: FramePlan, depth: int) -> None:
         started = self._clock.now_ns()
-        finished: int | None = None
         try:
-            if self._polled is not None:
-                frame, finished = await self._polled.submit(plan)
-            else:
-                frame = await self._renderer.render(plan)
+            frame = await self._renderer.render(plan)
         except asyncio.CancelledError:
             if k in self._expired:  # stopped at its deadline by ``take``: it took at least this
                 self._expired.discard(k)
@@ -259,9 +182,8 @@ class FrameProducer:
             return
         now = self._clock.now_ns()
         # time per frame: the latency shared by the frames that were in flight with it (a
-        # serial engine's latency grows with the queue, a batching one's hardly does); a
-        # polled frame's from when its thread finished it, not from when the loop saw it
-        self._observe(((now if finished is None else finished) - started) / depth)
+        # serial engine's latency grows with the queue, a batching one's hardly does)
+        self._observe((now - started) / depth)
         if now > self._compositor.frame_t_ns(k):
             self.stats.late += 1  # the track has already moved past it
             return
@@ -292,7 +214,6 @@ class FrameProducer:
             await self._slots.acquire()
             try:
                 while True:
-                    self.harvest()
                     k = self._next
                     now = clock.now_ns()
                     # a frame that cannot be rendered before its deadline, behind those in
@@ -314,10 +235,7 @@ class FrameProducer:
                         break
                     self._wake.clear()
                     if due <= now:  # the window is full: wait for a frame to finish
-                        if self._polled is None:
-                            await self._wake.wait()
-                        else:  # nothing wakes the loop when one does: look again soon
-                            await clock.wait_until_ns(now + self._frame_ns // 4, self._wake)
+                        await self._wake.wait()
                         continue
                     await clock.wait_until_ns(due, self._wake)
             except BaseException:

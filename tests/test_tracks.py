@@ -1,7 +1,6 @@
 """Tracks paced by a ManualClock: deadlines from the epoch, pts grids, repeated frames."""
 
 import asyncio
-import functools
 from concurrent.futures import Executor, Future
 from fractions import Fraction
 
@@ -29,16 +28,7 @@ class InlineExecutor(Executor):
         return fut
 
 
-class Polled(SyncRenderer):
-    """A renderer whose ``render_sync`` the producer runs on its ``executor`` itself
-    (``PolledRenders``), as it does the viseme engine's."""
-
-    @property
-    def executor(self):
-        return self._executor
-
-
-def setup(clock, render=None, lead_ms=80, polled=False):
+def setup(clock, render=None, lead_ms=80):
     comp = Compositor(clock=clock, fps=FPS, sample_rate=SR, schedule_lead_ms=120,
                       crossfade_frames=0)
     calls: list[FramePlan] = []
@@ -51,9 +41,8 @@ def setup(clock, render=None, lead_ms=80, polled=False):
         y[:H] = min(255, plan.index)  # frame index encoded in luma
         return y
 
-    renderer = (Polled if polled else SyncRenderer)(render or default_render, InlineExecutor())
+    renderer = SyncRenderer(render or default_render, InlineExecutor())
     frames = FrameProducer(clock=clock, compositor=comp, renderer=renderer, lead_ms=lead_ms)
-    assert (frames._polled is not None) == polled
     audio = AvatarAudioTrack(clock=clock, compositor=comp, sample_rate=SR, frame_samples=960)
     video = AvatarVideoTrack(clock=clock, compositor=comp, frames=frames)
     return comp, frames, audio, video, calls
@@ -93,10 +82,9 @@ async def test_audio_never_drifts_over_an_hour_of_frames():
     assert clock.now_ns() >= 3600 * 1_000_000_000
 
 
-@pytest.mark.parametrize("polled", [False, True])
-async def test_video_pts_on_90khz_grid_and_frames_rendered_ahead(polled):
+async def test_video_pts_on_90khz_grid_and_frames_rendered_ahead():
     clock = ManualClock()
-    comp, frames, _, video, calls = setup(clock, polled=polled)
+    comp, frames, _, video, calls = setup(clock)
     frames.start()
     out = []
     for _ in range(6):
@@ -110,56 +98,6 @@ async def test_video_pts_on_90khz_grid_and_frames_rendered_ahead(polled):
         assert int(f.to_ndarray()[0, 0]) == k
     assert video.stats.frames_repeated == 0
     assert frames.rendered >= 6
-    await frames.aclose()
-
-
-async def test_polled_frames_reach_the_loop_without_waking_it():
-    """The viseme engine's frames come back from the render thread without a
-    ``call_soon_threadsafe`` (the self-pipe wake-up ``run_in_executor`` costs a frame), are
-    picked up at the producer's next wake-up, and their render time is counted from when the
-    thread finished them, not from when the loop saw them."""
-    counts = {}
-    for polled in (False, True):
-        clock = ManualClock()
-        _, frames, _, video, _ = setup(clock, lead_ms=200, polled=polled)
-        loop = asyncio.get_running_loop()
-        wakes = []
-        original = loop.call_soon_threadsafe
-        loop.call_soon_threadsafe = functools.partial(_counted, original, wakes)
-        try:
-            frames.start()
-            out = [await pull(video, clock, 10_000_000) for _ in range(12)]
-        finally:
-            del loop.call_soon_threadsafe
-        assert [int(f.to_ndarray()[0, 0]) for f in out] == list(range(12))
-        # (frame 0 was due when it started: the first frame is rendered on demand)
-        assert video.stats.frames_repeated == 0 and frames.stats.late <= 1
-        assert frames.stats.frame_ms == 0.0  # rendered at once (inline, media time stood)
-        counts[polled] = len(wakes)
-        await frames.aclose()
-    assert counts[False] >= 12  # a wake-up per frame through the self-pipe
-    assert counts[True] == 1  # only the very first frame, rendered on demand (render_now)
-
-
-def _counted(call, calls, *args, **kwargs):
-    calls.append(args)
-    return call(*args, **kwargs)
-
-
-async def test_a_polled_render_that_raises_is_counted_and_the_next_frames_come():
-    def render(plan):
-        if plan.index == 3:
-            raise RuntimeError("boom")
-        y = np.full((H * 3 // 2, W), 128, np.uint8)
-        y[:H] = plan.index
-        return y
-
-    clock = ManualClock()
-    _, frames, _, video, _ = setup(clock, render=render, lead_ms=200, polled=True)
-    frames.start()
-    out = [await pull(video, clock, 10_000_000) for _ in range(8)]
-    assert frames.stats.failed == 1
-    assert [int(f.to_ndarray()[0, 0]) for f in out] == [0, 1, 2, 2, 4, 5, 6, 7]  # 3 repeated
     await frames.aclose()
 
 

@@ -52,12 +52,6 @@ class VisemeRenderer:
         self._executor = executor
         self._flash = flash_i420(width, height)
 
-    @property
-    def executor(self) -> Executor | None:
-        """Where ``render`` runs ``render_sync`` (the session's frame producer hands its
-        frames to it directly: ``media_tracks.frames.PolledRenders``)."""
-        return self._executor
-
     def render_sync(self, plan: FramePlan) -> Yuv:
         """The I420 frame for ``plan`` (blocking: run it in an executor)."""
         if plan.flash:
