@@ -163,7 +163,7 @@ def _load_voice(model: Path, config: Path) -> Any:
     Runtime thread pool at all. A second thread made the text side no faster (68 ms for a
     3 s sentence either way) and the vocoder only 1.2 times, and cost more CPU in wake-ups
     than it saved. Worse, while any ONNX Runtime session with a thread pool exists in the
-    server process, even an idle one, Whisper's transcriptions in a call take ~1.7 times
+    server process, even an idle one, Whisper's transcriptions in a call take ~1.6 times
     their time (~210 against ~130 ms for a question; ``bench/RESULTS.md``)."""
     import json
 
