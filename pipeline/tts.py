@@ -153,18 +153,16 @@ def resample_int16(pcm: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
 
 
 def _load_voice(model: Path, config: Path) -> Any:
-    """``PiperVoice.load(..., include_alignments=True)``, with an ONNX Runtime session whose
-    intra-op threads sleep instead of spinning between steps. Piper's own session spins
-    them: next to Wav2Lip, the video encoders and other calls on two cores, that spinning
-    burned more CPU than the synthesis itself (about half a core with two speaking calls)
-    while synthesis stays as fast (0.53 s for 15 s of speech, against 0.49 s).
-
-    Every session runs on the calling thread alone (``intra_op_num_threads=1``): no ONNX
-    Runtime thread pool at all. A second thread made the text side no faster (68 ms for a
-    3 s sentence either way) and the vocoder only 1.2 times, and cost more CPU in wake-ups
-    than it saved. Worse, while any ONNX Runtime session with a thread pool exists in the
-    server process, even an idle one, Whisper's transcriptions in a call take ~1.6 times
-    their time (~210 against ~130 ms for a question; ``bench/RESULTS.md``)."""
+    """``PiperVoice.load(..., include_alignments=True)``, split into text side and vocoder
+    (``split_model``), each an ONNX Runtime session that runs on the calling thread alone
+    (``intra_op_num_threads=1``): no thread pool at all, so nothing spins between steps
+    either (Piper's own session spins its pool: next to Wav2Lip, the video encoders and other
+    calls on two cores, that burned more CPU than the synthesis itself). A second thread made
+    the text side no faster (68 ms for a 3 s sentence either way) and the vocoder only 1.2
+    times, and cost more CPU in wake-ups than it saved. Worse, while any ONNX Runtime session
+    with a thread pool exists in the server process, even an idle one, Whisper's
+    transcriptions in a call take ~1.6 times their time (~210 against ~130 ms for a question;
+    ``bench/RESULTS.md``)."""
     import json
 
     import onnx
@@ -182,7 +180,6 @@ def _load_voice(model: Path, config: Path) -> Any:
     except ValueError:  # already patched, or no such tensor: use it as it is
         ceil = None
     options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
 
