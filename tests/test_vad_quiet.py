@@ -19,7 +19,7 @@ from pipeline.vad import (
     SpeechStart,
 )
 from rtc_server.conversation import make_conversation_parts
-from tests.fakes.speech import piper_speech, silence
+from tests.fakes.speech import silence
 
 SR = 16000
 CHUNK_MS = CHUNK_SAMPLES * 1000 // SR
@@ -55,11 +55,23 @@ def run(vad: SileroVad, audio: np.ndarray, quiet_dbfs: float | None) -> tuple[li
     return events, listener, scored
 
 
+def quiet_speech(text: str) -> np.ndarray:
+    """``text`` spoken by the bundled voice without Piper's random noise: the same samples in
+    every process, so the onsets compared below do not move from run to run."""
+    from piper import SynthesisConfig
+
+    from tests.fakes.speech import _tts
+
+    cfg = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
+    pcm = [p.pcm for p in _tts(SR)._streamed(text, cfg, whole=True)]
+    return np.concatenate(pcm).astype(np.float32) / 32768.0
+
+
 def conversation_audio(floor_dbfs: float | None) -> np.ndarray:
     """Two questions after and between quiet stretches of 2 s: digital silence, or a noise
     floor at ``floor_dbfs``."""
-    parts = [silence(2.0), piper_speech("Hello, can you hear me?"), silence(2.0),
-             piper_speech("What is the weather like tomorrow in Paris?"), silence(1.5)]
+    parts = [silence(2.0), quiet_speech("Hello, can you hear me?"), silence(2.0),
+             quiet_speech("What is the weather like tomorrow in Paris?"), silence(1.5)]
     audio = np.concatenate(parts)
     if floor_dbfs is not None:
         audio = audio + noise(len(audio) / SR, floor_dbfs)
