@@ -125,6 +125,11 @@ class WebRTCSettings:
     never plays the microphone back, so it only needs packets in order: 1 = 20 ms. A lost
     packet is given up once one more than this have arrived after it, and leaves no delay
     behind (media_tracks/jitter.py; aiortc's own buffer stayed ~300 ms late after one).""")
+    opus_dtx: bool = setting(True, doc="""
+    Ask the caller to send its microphone with Opus DTX (usedtx=1 in the answer): while the
+    person is silent a browser then sends about 2 packets in 400 ms instead of 20, which the
+    server need not receive, decrypt and decode. The time left out is heard as silence
+    (rtc_server/mic.py), so turn ends are found as soon as without DTX.""")
     turn_secret: str | None = setting(None, parse=v.optional_secret, secret=True, doc="""
     TURN REST secret shared with the TURN server (coturn: use-auth-secret +
     static-auth-secret) (str or null). When set, turn:/turns: entries without username and
@@ -637,6 +642,7 @@ class Settings:
                     "ice_servers": [s.to_dict() for s in section.ice_servers],
                     "host_candidates": section.host_candidates,
                     "mic_prefetch_frames": section.mic_prefetch_frames,
+                    "opus_dtx": section.opus_dtx,
                     "turn_secret": None if section.turn_secret is None else REDACTED,
                     "turn_ttl_s": section.turn_ttl_s,
                     "video_codecs": list(section.video_codecs),

@@ -130,11 +130,14 @@ def set_receiver_prefetch(receiver: RTCRtpReceiver, frames: int) -> bool:
 class _EncodedFrameTap(queue.Queue[Any]):
     """Stands in for a receiver's decoder queue: each (codec, encoded frame) that aiortc puts
     there (on the event loop, in order, after its jitter buffer) goes to ``sink`` instead of
-    its decoder thread. That thread still waits on this queue and gets the ``None`` that
-    ends it when the receiver stops."""
+    its decoder thread, followed by any frame the jitter buffer lets go with it (after an
+    Opus DTX packet: ``LowDelayJitterBuffer.pop_ready``; aiortc hands on one a packet). That
+    thread still waits on this queue and gets the ``None`` that ends it when the receiver
+    stops."""
 
-    def __init__(self, sink: Callable[[Any, Any], None]) -> None:
+    def __init__(self, receiver: RTCRtpReceiver, sink: Callable[[Any, Any], None]) -> None:
         super().__init__()
+        self._receiver = receiver
         self._sink = sink
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
@@ -143,6 +146,9 @@ class _EncodedFrameTap(queue.Queue[Any]):
             return
         codec, encoded_frame = item
         self._sink(codec, encoded_frame)
+        pop_ready = getattr(receiver_jitter_buffer(self._receiver), "pop_ready", None)
+        while pop_ready is not None and (encoded_frame := pop_ready()) is not None:
+            self._sink(codec, encoded_frame)
 
 
 def tap_encoded_frames(receiver: RTCRtpReceiver, sink: Callable[[Any, Any], None]) -> bool:
@@ -156,8 +162,21 @@ def tap_encoded_frames(receiver: RTCRtpReceiver, sink: Callable[[Any, Any], None
         return False
     if getattr(receiver, _RECEIVER_DECODER_THREAD, None) is not None:
         return False  # its decoder thread already holds the old queue
-    setattr(receiver, _RECEIVER_DECODER_QUEUE, _EncodedFrameTap(sink))
+    setattr(receiver, _RECEIVER_DECODER_QUEUE, _EncodedFrameTap(receiver, sink))
     return True
+
+
+def request_opus_dtx(transceiver: RTCRtpTransceiver) -> bool:
+    """Ask the peer to send Opus with DTX (``usedtx=1`` in the answer's fmtp, RFC 7587): a
+    browser then stops sending while the person is silent, except a comfort-noise update
+    every 400 ms. Call it after ``setRemoteDescription(offer)``, before ``createAnswer``;
+    True where Opus was negotiated."""
+    asked = False
+    for codec in getattr(transceiver, "_codecs", []):  # the negotiated codecs, our copies
+        if str(codec.mimeType).lower() == "audio/opus":
+            codec.parameters["usedtx"] = 1
+            asked = True
+    return asked
 
 
 def receiver_rtp_origin(receiver: RTCRtpReceiver | None) -> Any:

@@ -42,12 +42,14 @@ from aiortc.rtcrtpreceiver import RtcpSrPacket
 from av import AudioFrame
 
 from media_tracks.aiortc_compat import (
+    give_sender_encoder,
     negotiated_codec_name,
     receiver_rtp_origin,
     use_host_candidates,
 )
 from media_tracks.clapper import detect_beep_onsets, detect_flash_onsets, pair_offsets_ms
 from media_tracks.encoders import video_codec_preferences
+from rtc_server.bot_dtx import DtxOpusEncoder, answer_asks_dtx
 
 NTP_EPOCH_OFFSET = 0  # both streams' SRs use the same sender clock; only differences matter
 
@@ -183,6 +185,7 @@ class Bot:
         token: str | None = None,
         api_key: str | None = None,
         video_codecs: Sequence[str] | None = None,
+        dtx: bool = True,
     ) -> None:
         """audio_prefetch: 20 ms audio frames the receiver waits for before handing one on
         (None: aiortc's 4). The bot records, it never plays: 1 measures what arrives when it
@@ -190,13 +193,16 @@ class Bot:
         of its ``access.api_keys``, sent to the admin route ``GET /sessions`` (and with the
         offer, where it also opens the door). video_codecs: the video codecs the offer lists,
         in that order ("VP8", "H264"; None: aiortc's, VP8 first), as a browser that prefers
-        or only has some of them would."""
+        or only has some of them would. dtx: send the silent microphone (no ``mic`` file)
+        with Opus DTX when the answer asks for it, as a browser does (``rtc_server.bot_dtx``)."""
         self.url = url.rstrip("/")
         self._token = token
         self._api_key = api_key
         self.audio_prefetch = audio_prefetch
         self.avatar_id = avatar_id
         self.video_codecs = tuple(video_codecs) if video_codecs else None
+        self.dtx = dtx
+        self.dtx_encoder: DtxOpusEncoder | None = None  # sending, when the answer asked
         # the video codec the server's answer chose ("VP8", "H264"), once connected
         self.video_codec: str | None = None
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
@@ -323,6 +329,10 @@ class Bot:
         self.node_id: str | None = answer.get("node_id")  # the node, behind a front
         await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
         self.video_codec = negotiated_codec_name(video_tr)
+        if self.dtx and mic_track is self.mic and answer_asks_dtx(answer["sdp"]):
+            self.dtx_encoder = DtxOpusEncoder()
+            if not give_sender_encoder(audio_tr.sender, self.dtx_encoder):
+                self.dtx_encoder = None
         if self._recorder is not None:
             await self._recorder.start()
         await asyncio.wait_for(self._opened.wait(), 15)
@@ -421,6 +431,8 @@ class Bot:
                 "max": round(float(intervals.max()), 2) if intervals.size else None,
             },
             "audio_gaps": {"count": gaps, "total_ms": round(gap_ms, 1)},
+            "mic_dtx": None if (d := self.dtx_encoder) is None
+            else {"packets_sent": d.sent, "left_out": d.left_out},
             "av_offset_ms": round(statistics.mean(sender), 2) if sender else None,
             "av_offsets_ms": offsets,
             "events": [e for e in self.events if e.get("type") != "hello"],
@@ -448,6 +460,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         video_codecs=[c.strip() for c in args.video_codecs.split(",")]
         if args.video_codecs
         else None,
+        dtx=not args.no_dtx,
     )
     try:
         await bot.connect()
@@ -492,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
         help="the video codecs to offer, in order (e.g. H264 "
         "for a browser that has only H.264; default: aiortc's, VP8 first)",
     )
+    p.add_argument("--no-dtx", action="store_true",
+                   help="send the silent microphone without Opus DTX even when asked")
     p.add_argument(
         "--ice",
         choices=["auto", "all", "loopback"],

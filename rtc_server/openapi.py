@@ -124,7 +124,7 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "speaking": BOOL,
                 "mic": _obj({"frames_received": INT, "rms_dbfs": NUM, "frames_dropped": INT,
                              "decoder": {"type": "string", "enum": ["mic-thread", "aiortc"]},
-                             "vad_chunks_skipped": INT}),
+                             "vad_chunks_skipped": INT, "dtx_silence_ms": INT}),
                 "early_cut_ins": INT,
             },
             ["id", "state", "avatar_id", "uptime_s", "frames_sent"],

@@ -39,7 +39,7 @@ from media_tracks import (
     MediaClock,
     Segment,
 )
-from media_tracks.aiortc_compat import negotiated_codec_name
+from media_tracks.aiortc_compat import negotiated_codec_name, request_opus_dtx
 from media_tracks.audio_encoder import install_session_audio_encoder
 from media_tracks.clapper import clapper_pcm, flash_frames
 from media_tracks.encoders import (
@@ -247,6 +247,8 @@ class Session:
         if "a=fingerprint:" not in sdp:
             # aiortc accepts it, then its DTLS start fails in a task nobody awaits
             raise BadRequest("the offer has no DTLS fingerprint (a=fingerprint)")
+        if self.settings.webrtc.opus_dtx:  # the caller's silence then mostly stays home
+            request_opus_dtx(audio)
         try:
             answer = await self.pc.createAnswer()
             await self.pc.setLocalDescription(answer)
@@ -261,7 +263,8 @@ class Session:
         self.video_encoder = install_video_encoder(
             video, VideoEncoding.from_settings(self.settings)
         )
-        self._log_video_encoder()
+        logger.info("session %s video %s", self.id[:8],
+                    describe_encoder(self.video_encoder, self.video_codec))
         self.audio_encoder = install_session_audio_encoder(audio, self.audio_track, self.settings)
         self.state = "connecting"
         # frames are rendered from when the peer connects: an offer that never connects costs
@@ -270,10 +273,6 @@ class Session:
         self._spawn(self._watchdog(), "watchdog")
         local = self.pc.localDescription
         return RTCSessionDescription(sdp=local.sdp, type=local.type)
-
-    def _log_video_encoder(self) -> None:
-        logger.info("session %s video %s", self.id[:8], describe_encoder(self.video_encoder,
-                                                                          self.video_codec))
 
     async def aclose(self, reason: str = "closed") -> None:
         if self._closing:

@@ -47,6 +47,8 @@ def describe_session(s: Any) -> dict[str, object]:
             # where its packets are decoded: the call's mic thread (rtc_server.mic), or
             # aiortc's decoder (a call that does not listen)
             "decoder": "mic-thread" if s.mic.tapped else "aiortc",
+            # time the caller's Opus DTX left out, heard as silence (webrtc.opus_dtx)
+            "dtx_silence_ms": s.mic.silence_ms,
             # quiet chunks counted as silence without the VAD model (vad.skip_quiet)
             "vad_chunks_skipped": getattr(s.conversation.end_of_turn.listener,
                                           "skipped_chunks", 0),

@@ -71,3 +71,41 @@ def test_sequence_numbers_wrap_and_a_jump_restarts():
     out = run(buffer, [65533, 65534, 65535, 65536, 65537, 70000, 70001])
     assert [h for _, h in out if h is not None] == [65533, 65534, 65535, 65536, 70000]
     assert buffer.held == 1
+
+
+def dtx(seq: int) -> RtpPacket:
+    """The header-only packet an Opus sender in DTX sends as it goes quiet."""
+    p = packet(seq)
+    p._data = b"\x08"
+    return p
+
+
+def test_a_dtx_packet_lets_everything_up_to_it_go_at_once():
+    buffer = LowDelayJitterBuffer(16, prefetch=1)
+    handed = [f.data for f in (buffer.add(packet(s))[1] for s in range(3)) if f is not None]
+    assert handed == [(0).to_bytes(4, "big"), (1).to_bytes(4, "big")]
+    _, frame = buffer.add(dtx(3))  # nothing comes after it for a while
+    assert frame is not None and frame.data == (2).to_bytes(4, "big")
+    last = buffer.pop_ready()
+    assert last is not None and last.data == b"\x08" and last.timestamp == 3 * 960
+    assert buffer.pop_ready() is None and buffer.held == 0
+    # the sender speaks again: the prefetch holds as before
+    assert buffer.add(packet(4))[1] is None
+    assert buffer.add(packet(5))[1].data == (4).to_bytes(4, "big")
+    assert buffer.pop_ready() is None
+
+
+def test_without_a_dtx_packet_nothing_more_is_ready():
+    buffer = LowDelayJitterBuffer(16, prefetch=2)
+    for s in range(4):
+        buffer.add(packet(s))
+    assert buffer.pop_ready() is None and buffer.held == 2
+
+
+def test_a_dtx_packet_that_arrives_late_flushes_nothing():
+    buffer = LowDelayJitterBuffer(16, prefetch=1)
+    buffer.add(packet(0))
+    buffer.add(packet(2))  # 1 is late
+    _, frame = buffer.add(dtx(1))  # reordered: not the newest, so 2 still waits
+    assert frame is not None and frame.data == b"\x08"
+    assert buffer.pop_ready() is None and buffer.held == 1
