@@ -112,7 +112,6 @@ class MicDecoder:
                                self.errors)
             return []
 
-
     def silence(self, ticks: int, clock_rate: int) -> Frames:
         """``ticks`` of the RTP clock ``clock_rate`` of silence, a frame at the decoded rate."""
         n = ticks * self.rate // clock_rate
@@ -250,6 +249,10 @@ class GapFill:
         self._end = 0  # unwrapped RTP time up to which the stream has been given
         self._step = clock_rate // 50  # a frame's duration: the smallest step seen (20 ms)
         self._quiet: tuple[int, int] | None = None  # (wall ns, _end) as the sender went quiet
+        # since when the sender has been quiet, its comfort-noise updates (each followed by a
+        # DTX packet) included; two frames with sound in a row end it
+        self._quiet_since: int | None = None
+        self._sound_run = 0
         self.filled = 0  # ticks of silence given in all
 
     @property
@@ -257,7 +260,7 @@ class GapFill:
         return self._quiet is not None
 
     def quiet_for_ns(self, now_ns: int) -> int:
-        return 0 if self._quiet is None else now_ns - self._quiet[0]
+        return 0 if self._quiet_since is None else now_ns - self._quiet_since
 
     def frame(self, ts: int, size: int, now_ns: int) -> int:
         gap = 0
@@ -274,7 +277,16 @@ class GapFill:
         self._last_ts, self._last = ts, t
         self._end = max(self._end, t) + self._step
         self.filled += gap
-        self._quiet = (now_ns, self._end) if size <= DTX_MAX_BYTES else None
+        if size <= DTX_MAX_BYTES:
+            self._quiet = (now_ns, self._end)
+            self._sound_run = 0
+            if self._quiet_since is None:
+                self._quiet_since = now_ns
+        else:
+            self._quiet = None
+            self._sound_run += 1
+            if self._sound_run >= 2:
+                self._quiet_since = None
         return gap
 
     def due(self, now_ns: int) -> int:

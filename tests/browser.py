@@ -56,7 +56,11 @@ def write_tone_wav(
     n = round(seconds * sample_rate)
     cycles = round(freq_hz * seconds)
     t = np.arange(n, dtype=np.float64)
-    x = np.sin(2 * np.pi * cycles * t / n) * 10 ** (dbfs / 20)
+    return write_wav(path, np.sin(2 * np.pi * cycles * t / n) * 10 ** (dbfs / 20), sample_rate)
+
+
+def write_wav(path: Path, x: np.ndarray, sample_rate: int = 48000) -> Path:
+    """``x`` (mono, -1..1) as a 16-bit WAV file for Chromium's fake microphone."""
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)

@@ -5,14 +5,13 @@ out, and the server hears that time as silence (``mic.dtx_silence_ms``) without 
 from __future__ import annotations
 
 import time
-import wave
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from tests.browser import chromium, js, js_await, server_session, wait_js
+from tests.browser import chromium, js, js_await, server_session, wait_js, write_wav
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -21,12 +20,7 @@ def tone_then_silence(path: Path, tone_s: float = 1.0, silence_s: float = 4.0) -
     rate = 48_000
     t = np.arange(int(tone_s * rate)) / rate
     pcm = np.concatenate([np.sin(2 * np.pi * 440.0 * t) * 0.5, np.zeros(int(silence_s * rate))])
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(np.round(pcm * 32767).astype("<i2").tobytes())
-    return path
+    return write_wav(path, pcm, rate)
 
 
 def test_chromium_leaves_silence_out_and_the_server_hears_it(

@@ -294,7 +294,7 @@ async def test_the_microphone_receiver_hands_frames_on_after_one_more_not_four()
             out = 0
             for seq in range(n_packets):
                 packet = RtpPacket(payload_type=111, sequence_number=seq, timestamp=seq * 960)
-                packet._data = b"\x00"  # what the receiver stores after depacketising
+                packet._data = bytes(40)  # what the receiver stores after depacketising
                 _, frame = buf.add(packet)
                 out += frame is not None
             return out

@@ -67,6 +67,19 @@ def test_gap_fill_follows_wall_clock_while_quiet_and_the_timestamps_after():
     assert fill.filled == 960 * 19  # frames 6..24: exactly what the sender left out
 
 
+def test_quiet_lasts_through_comfort_noise_updates_and_ends_with_sound():
+    fill = GapFill(48_000)
+    fill.frame(0, 1, 0)
+    for k in range(1, 4):  # an update every 400 ms, each followed by a DTX packet
+        fill.frame(960 * 20 * k, 40, 400 * MS * k)
+        assert not fill.in_dtx and fill.quiet_for_ns(400 * MS * k) == 400 * MS * k
+        fill.frame(960 * (20 * k + 1), 1, 400 * MS * k + 20 * MS)
+        assert fill.in_dtx
+    fill.frame(960 * 61, 80, 1240 * MS)
+    fill.frame(960 * 62, 80, 1260 * MS)  # two frames with sound: speech
+    assert fill.quiet_for_ns(1260 * MS) == 0
+
+
 def test_gap_fill_never_goes_back_and_skips_a_restart():
     fill = GapFill(48_000)
     fill.frame(0, 1, 0)
