@@ -153,8 +153,10 @@ class WebRTCSettings:
     sends 96 kbit/s stereo.""")
     opus_complexity: int = setting(5, min=0, max=10, doc="""
     libopus encoder complexity for the voice (int, 0..10; libopus's default is 10). Measured
-    on Piper speech here: 10 costs 12.4 ms of CPU per second of speech, 5 9.6 ms, 0 4.3 ms;
-    the encode runs on the event loop (audio first), so it counts for every call.""")
+    on Piper speech at 32 kbit/s (bench.opus_complexity; CPU-ms per second of speech,
+    wideband PESQ of 4.64): 10 7.7 ms, 4.55; 5 5.7 ms, 4.51; 3 4.7 ms, 4.43; 1 3.1 ms, 4.32;
+    0 2.8 ms, 4.26. The encode runs on the event loop (audio first), so it counts for every
+    call.""")
     vp8_speed: int = setting(12, min=0, max=16, doc="""
     libvpx real-time speed for VP8 (int, 0..16; sent as cpu-used = -speed): higher is
     cheaper. At 512x512 here: 6 (aiortc's) 1.52 ms a frame at 42.6 dB luma PSNR, 12 1.34 ms
