@@ -18,8 +18,9 @@ A sender in Opus DTX (discontinuous transmission: a browser asked for ``usedtx=1
 sending while the person is silent. The packet it sends as it stops holds only the Opus header
 (at most ``DTX_MAX_BYTES``), and nothing comes after it for up to 400 ms. Such a packet, when it
 arrives as the newest, lets everything up to it go at once: waiting for ``prefetch`` newer ones
-would hold it, and the frames before it, until the person speaks again. ``pop_ready`` hands on
-each frame that may go (the microphone tap asks after every frame)."""
+would hold it, and the frames before it, until the person speaks again (a packet missing before
+it is given up at once). ``pop_ready`` hands on each frame that may go (the microphone tap asks
+after every frame)."""
 
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ class LowDelayJitterBuffer(JitterBuffer):
                 del self._held[self._next]
                 self._next = (self._next + 1) % (1 << 16)
                 return JitterFrame(data=_payload(packet), timestamp=packet.timestamp)
-            if packet is None and behind > self._prefetch:  # given up: skip it
+            if packet is None and (behind > self._prefetch or flushing):  # given up: skip it
                 self.lost += 1
                 self._next = (self._next + 1) % (1 << 16)
                 continue
@@ -99,5 +100,5 @@ class LowDelayJitterBuffer(JitterBuffer):
 
 def _payload(packet: RtpPacket) -> bytes:
     """The depayloaded frame aiortc's receiver put on the packet (its RTP payload before)."""
-    data = getattr(packet, "_data", None)
-    return packet.payload if data is None else bytes(data)
+    data: bytes | None = getattr(packet, "_data", None)
+    return packet.payload if data is None else data

@@ -109,3 +109,13 @@ def test_a_dtx_packet_that_arrives_late_flushes_nothing():
     _, frame = buffer.add(dtx(1))  # reordered: not the newest, so 2 still waits
     assert frame is not None and frame.data == b"\x08"
     assert buffer.pop_ready() is None and buffer.held == 1
+
+
+def test_a_packet_missing_before_a_dtx_packet_is_given_up_at_once():
+    buffer = LowDelayJitterBuffer(16, prefetch=1)
+    out = [buffer.add(packet(s))[1] for s in (0, 1)]
+    _, frame = buffer.add(dtx(3))  # 2 was lost; the sender went quiet after it
+    assert frame is not None and frame.data == (1).to_bytes(4, "big")
+    last = buffer.pop_ready()
+    assert last is not None and last.data == b"\x08" and buffer.lost == 1
+    assert out[0] is None and buffer.held == 0
