@@ -170,10 +170,10 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-async def main_async(n: int, barge: int) -> None:
+async def main_async(n: int, barge: int, env: dict[str, str]) -> None:
     use_host_candidates("loopback")
-    results: dict[str, Any] = {}
-    proc, url = start_server()
+    results: dict[str, Any] = {"env": env}
+    proc, url = start_server(env)
     try:
         rows, video = await turns(url, n)
         results["embedded"] = {"summary": summary(rows), "turns": rows, "video": video}
@@ -184,7 +184,7 @@ async def main_async(n: int, barge: int) -> None:
     llm_url, _, close = await start_fake_openai([], default=("echo",))
     try:
         proc, url = start_server(
-            {"AVATAR_LLM__BASE_URL": llm_url, "AVATAR_LLM__MODEL": "fake-model"}
+            {**env, "AVATAR_LLM__BASE_URL": llm_url, "AVATAR_LLM__MODEL": "fake-model"}
         )
         try:
             rows, video = await turns(url, n)
@@ -224,8 +224,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--barge-ins", type=int, default=5)
+    ap.add_argument("--env", action="append", default=[], metavar="AVATAR_X__Y=V",
+                    help="extra server setting for both servers (repeatable)")
     args = ap.parse_args()
-    asyncio.run(main_async(args.turns, args.barge_ins))
+    env = dict(item.split("=", 1) for item in args.env)
+    asyncio.run(main_async(args.turns, args.barge_ins, env))
 
 
 if __name__ == "__main__":
