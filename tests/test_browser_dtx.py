@@ -11,7 +11,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.browser import chromium, js, js_await, server_session, wait_js, write_wav
+from tests.browser import (
+    chromium,
+    js,
+    js_await,
+    server_session,
+    wait_event,
+    wait_js,
+    write_wav,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -47,3 +55,23 @@ def test_chromium_leaves_silence_out_and_the_server_hears_it(
     assert silence >= 1000, later["mic"]
     # Chromium sent far fewer packets than the 150 frames of those 3 s
     assert packets0 is not None and packets1 - packets0 < 120, (packets0, packets1)
+
+
+def test_chromium_in_dtx_ends_a_spoken_turn(live_server: str, tmp_path: Path) -> None:
+    """The person's question, then silence that Chromium leaves out: the server still hears
+    the turn end (the silence it fills in) and transcribes the question."""
+    from tests.fakes.speech import piper_speech, with_silence
+
+    rate = 48_000
+    question = piper_speech("What is the weather like today?", sample_rate=rate)
+    wav = write_wav(tmp_path / "q.wav", with_silence(question, 1.0, 6.0, rate) * 0.7, rate)
+    with chromium(wav, tmp_path / "profile") as driver:
+        driver.get(f"{live_server}/")
+        wait_js(driver, "window.avatarCall !== undefined", message="call.js to load")
+        js_await(driver, "avatarCall.start()", timeout=30)
+        wait_js(driver, "avatarCall.state === 'connected'", timeout=20)
+        session_id = js(driver, "avatarCall.sessionId")
+        _, said = wait_event(driver, 0, {"type": "transcript", "role": "user"}, timeout=40)
+        info: Any = server_session(live_server, session_id)
+    assert "weather" in said["text"].lower(), said
+    assert info is not None and info["mic"]["dtx_silence_ms"] > 0, info["mic"]
