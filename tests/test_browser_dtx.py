@@ -31,16 +31,21 @@ def tone_then_silence(path: Path, tone_s: float = 1.0, silence_s: float = 4.0) -
     return write_wav(path, pcm, rate)
 
 
+def start_call(driver: Any, url: str) -> str:
+    """Load the call page, start a call and wait until it is connected; its session id."""
+    driver.get(f"{url}/")
+    wait_js(driver, "window.avatarCall !== undefined", message="call.js to load")
+    js_await(driver, "avatarCall.start()", timeout=30)
+    wait_js(driver, "avatarCall.state === 'connected'", timeout=20)
+    return str(js(driver, "avatarCall.sessionId"))
+
+
 def test_chromium_leaves_silence_out_and_the_server_hears_it(
     live_server: str, tmp_path: Path
 ) -> None:
     wav = tone_then_silence(tmp_path / "mic.wav")
     with chromium(wav, tmp_path / "profile") as driver:
-        driver.get(f"{live_server}/")
-        wait_js(driver, "window.avatarCall !== undefined", message="call.js to load")
-        js_await(driver, "avatarCall.start()", timeout=30)
-        wait_js(driver, "avatarCall.state === 'connected'", timeout=20)
-        session_id = js(driver, "avatarCall.sessionId")
+        session_id = start_call(driver, live_server)
         sent = ("(async () => { for (const r of (await avatarCall.pc.getStats()).values()) "
                 "if (r.type === 'outbound-rtp' && r.kind === 'audio') return r.packetsSent; "
                 "return null; })()")
@@ -66,11 +71,7 @@ def test_chromium_in_dtx_ends_a_spoken_turn(live_server: str, tmp_path: Path) ->
     question = piper_speech("What is the weather like today?", sample_rate=rate)
     wav = write_wav(tmp_path / "q.wav", with_silence(question, 1.0, 6.0, rate) * 0.7, rate)
     with chromium(wav, tmp_path / "profile") as driver:
-        driver.get(f"{live_server}/")
-        wait_js(driver, "window.avatarCall !== undefined", message="call.js to load")
-        js_await(driver, "avatarCall.start()", timeout=30)
-        wait_js(driver, "avatarCall.state === 'connected'", timeout=20)
-        session_id = js(driver, "avatarCall.sessionId")
+        session_id = start_call(driver, live_server)
         _, said = wait_event(driver, 0, {"type": "transcript", "role": "user"}, timeout=40)
         info: Any = server_session(live_server, session_id)
     assert "weather" in said["text"].lower(), said
