@@ -10,7 +10,6 @@ sent this way, they cost the server what a browser's silence costs it."""
 from __future__ import annotations
 
 import ctypes
-import re
 from typing import Any
 
 import numpy as np
@@ -29,10 +28,14 @@ FRAME = 960  # 20 ms
 
 
 def answer_asks_dtx(sdp: str) -> bool:
-    """Whether the SDP's Opus format parameters say ``usedtx=1``."""
-    pts = re.findall(r"^a=rtpmap:(\d+) opus/48000", sdp, flags=re.M | re.I)
+    """Whether the SDP's Opus format parameters say ``usedtx=1`` (aiortc's SDP parser)."""
+    from aiortc import sdp as aiortc_sdp
+
+    description = aiortc_sdp.SessionDescription.parse(sdp)
     return any(
-        re.search(rf"^a=fmtp:{pt} .*\busedtx=1\b", sdp, flags=re.M) for pt in pts
+        str(codec.parameters.get("usedtx")) == "1"
+        for media in description.media if media.kind == "audio"
+        for codec in media.rtp.codecs if codec.mimeType.lower() == "audio/opus"
     )
 
 

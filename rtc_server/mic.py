@@ -23,7 +23,6 @@ import ctypes.util
 import functools
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,7 +252,6 @@ class GapFill:
         # DTX packet) included; two frames with sound in a row end it
         self._quiet_since: int | None = None
         self._sound_run = 0
-        self.filled = 0  # ticks of silence given in all
 
     @property
     def in_dtx(self) -> bool:
@@ -276,7 +274,6 @@ class GapFill:
                 gap = ahead
         self._last_ts, self._last = ts, t
         self._end = max(self._end, t) + self._step
-        self.filled += gap
         if size <= DTX_MAX_BYTES:
             self._quiet = (now_ns, self._end)
             self._sound_run = 0
@@ -298,7 +295,6 @@ class GapFill:
         if n <= 0:
             return 0
         self._end += n
-        self.filled += n
         return n
 
 
@@ -310,7 +306,7 @@ FILL_SLOW_AFTER_NS = 1_000_000_000
 def tap_microphone(
     pc: RTCPeerConnection, track: MediaStreamTrack, *,
     feed: Callable[[Callable[[], Frames]], None], stats: MicStats, heard: Callable[[], None],
-    now_ns: Callable[[], int] = time.monotonic_ns,
+    now_ns: Callable[[], int],
     call_later: Callable[[float, Callable[[], None]], Any] | None = None,
 ) -> bool:
     """Take the remote audio ``track``'s encoded frames from its receiver (at the track
@@ -319,8 +315,9 @@ def tap_microphone(
     thread in order (``Conversation.feed_later``). Time the stream leaves out (Opus DTX) is
     fed as silence (:class:`GapFill`): while the sender is quiet, every ``FILL_TICK_S``
     (``FILL_SLOW_TICK_S`` after the first second). False, changing nothing, where aiortc's
-    receiver cannot be tapped: its track then delivers decoded frames as usual. ``now_ns``
-    and ``call_later`` (the loop's by default): the wall clock and timers of the fill."""
+    receiver cannot be tapped: its track then delivers decoded frames as usual. ``now_ns``:
+    the session's clock (``MediaClock.now_ns``), which paces the fill; ``call_later``: its
+    timers (the loop's by default)."""
     receiver = next((r for r in pc.getReceivers() if r.track is track), None)
     if receiver is None:
         return False

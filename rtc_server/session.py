@@ -392,7 +392,7 @@ class Session:
             set_audio_prefetch(self.pc, track, self.settings.webrtc.mic_prefetch_frames)
             if self.conversation.listening:  # decoded on the mic thread, not aiortc's
                 tap_microphone(self.pc, track, feed=self.conversation.feed_later,
-                               stats=self.mic, heard=self._heard)
+                               stats=self.mic, heard=self._heard, now_ns=self.clock.now_ns)
         self._spawn(self._drain(track), f"drain-{track.kind}")
 
     def _heard(self) -> None:

@@ -193,6 +193,16 @@ def wait_event(
     raise AssertionError(f"no event matching {match} within {timeout} s; got {events}")
 
 
+def start_call(driver: Any, url: str) -> str:
+    """Load the call page at ``url``, start a call and wait until it is connected; returns
+    its session id."""
+    driver.get(f"{url}/")
+    wait_js(driver, "window.avatarCall !== undefined", message="call.js to load")
+    js_await(driver, "avatarCall.start()", timeout=30)
+    wait_js(driver, "avatarCall.state === 'connected'", timeout=20)
+    return str(js(driver, "avatarCall.sessionId"))
+
+
 def wait_speaking_then_idle(driver: Any, since: int, *, timeout: float = 30) -> None:
     """Wait for state "speaking" and then state "listening" among the messages from ``since``."""
     i, _ = wait_event(driver, since, {"type": "state", "state": "speaking"}, timeout=timeout)

@@ -11,15 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.browser import (
-    chromium,
-    js,
-    js_await,
-    server_session,
-    wait_event,
-    wait_js,
-    write_wav,
-)
+from tests.browser import chromium, js_await, server_session, start_call, wait_event, write_wav
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -29,15 +21,6 @@ def tone_then_silence(path: Path, tone_s: float = 1.0, silence_s: float = 4.0) -
     t = np.arange(int(tone_s * rate)) / rate
     pcm = np.concatenate([np.sin(2 * np.pi * 440.0 * t) * 0.5, np.zeros(int(silence_s * rate))])
     return write_wav(path, pcm, rate)
-
-
-def start_call(driver: Any, url: str) -> str:
-    """Load the call page, start a call and wait until it is connected; its session id."""
-    driver.get(f"{url}/")
-    wait_js(driver, "window.avatarCall !== undefined", message="call.js to load")
-    js_await(driver, "avatarCall.start()", timeout=30)
-    wait_js(driver, "avatarCall.state === 'connected'", timeout=20)
-    return str(js(driver, "avatarCall.sessionId"))
 
 
 def test_chromium_leaves_silence_out_and_the_server_hears_it(

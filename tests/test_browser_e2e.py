@@ -30,6 +30,7 @@ from tests.browser import (
     js,
     js_await,
     server_session,
+    start_call,
     start_recording,
     stop_recording,
     wait_js,
@@ -54,10 +55,7 @@ def page(
     tone = write_tone_wav(tmp / "mic.wav", freq_hz=440.0, dbfs=-6.0, seconds=6.0)
     with chromium(tone, tmp / "profile", log_path=artifacts_dir / "chromedriver.log") as driver:
         try:
-            driver.get(f"{live_server}/")
-            wait_js(driver, "window.avatarCall !== undefined", message="call.js to load")
-            js_await(driver, "avatarCall.start()", timeout=30)
-            wait_js(driver, "avatarCall.state === 'connected'", timeout=20)
+            start_call(driver, live_server)
             yield driver
         finally:
             lines = console_log(driver)
