@@ -1,6 +1,7 @@
 """Video encode cost per frame and the bitrate it produces, per codec and libx264 preset.
 
     .venv/bin/python -m bench.encode [--frames 250] [--repeats 2] [--kbps 400,655,983,1966]
+                                     [--static-thresh 1,1000,1500,2000]
 
 Frames: the default avatar talking (idle poses: blinks, glances, breathing, head sway, plus
 a syllable-like mouth opening on every frame), rendered by ``FaceRenderer`` at 512x512 and
@@ -70,8 +71,7 @@ def mouth_at(i: int) -> float:
 
 def talking_frames(width: int, height: int, n: int) -> list[Any]:
     """``n`` I420 frames (numpy, (h*3/2, w)) of the default avatar talking."""
-    avatar = load_avatar_dir(DEFAULT_AVATAR_DIR, width=width, height=height)
-    renderer = FaceRenderer(avatar)
+    renderer = FaceRenderer(load_avatar_dir(DEFAULT_AVATAR_DIR, width=width, height=height))
     timeline = IdleTimeline(seed=1)
     out = []
     for i in range(n):
@@ -87,9 +87,12 @@ def video_frame(yuv: Any, i: int) -> av.VideoFrame:
     return frame
 
 
-def luma_psnr(codec: str, sent: list[list[bytes]], frames: list[Any]) -> float:
+def luma_psnr(codec: str, sent: list[list[bytes]], frames: list[Any],
+              box: tuple[int, int, int, int] | None = None) -> float:
     """Mean PSNR (dB) of the luma plane of what a receiver decodes (aiortc's depacketizer
-    and decoder, as the bot uses them) against the frames encoded."""
+    and decoder, as the bot uses them) against the frames encoded; only inside ``box``
+    (x0, y0, x1, y1) when given."""
+    x0, y0, x1, y1 = box if box is not None else (0, 0, frames[0].shape[1], 1 << 30)
     depayload, decoder = (
         (h264_depayload, H264Decoder()) if codec == "H264" else (vp8_depayload, Vp8Decoder())
     )
@@ -102,6 +105,7 @@ def luma_psnr(codec: str, sent: list[list[bytes]], frames: list[Any]) -> float:
             k = int(decoded.pts or 0) * FPS // 90_000
             got = decoded.to_ndarray(format="yuv420p")[:height].astype(np.float32)
             ref = frames[k][:height].astype(np.float32)
+            got, ref = got[y0:y1, x0:x1], ref[y0:y1, x0:x1]
             mse = float(np.mean((got - ref) ** 2))
             scores.append(10 * math.log10(255**2 / max(mse, 1e-10)))
     return statistics.fmean(scores) if scores else float("nan")
@@ -128,6 +132,7 @@ def run_pass(make: Callable[[], Encoder], frames: list[Any]) -> dict[str, Any]:
         "target_kbps": getattr(encoder, "target_bitrate", 0) / 1000,
         "psnr_db": luma_psnr(codec, sent, frames),
         "x264": x264_options(b"".join(p for payloads in sent[:2] for p in payloads)),
+        "sent": sent,
     }
 
 
@@ -208,14 +213,44 @@ def bitrate_sweep(kbps: list[int], frames_n: int, repeats: int) -> None:
     print(f"wrote {path}")
 
 
+def static_sweep(thresholds: list[int], frames_n: int, repeats: int) -> None:
+    """VP8 at each of ``thresholds`` (``webrtc.vp8_static_thresh``) on the talking avatar at
+    512x512: the encode's cost, the bitrate and the luma PSNR of the whole frame and of the
+    mouth's region. Writes ``encode-static-thresh.json``."""
+    frames = talking_frames(512, 512, frames_n)
+    renderer = FaceRenderer(load_avatar_dir(DEFAULT_AVATAR_DIR, width=512, height=512))
+    start = VideoEncoding(width=512, height=512, fps=FPS, h264_preset="veryfast")
+    rows = []
+    for thresh in thresholds:
+        make = functools.partial(RealtimeVp8Encoder, replace(start, vp8_static_thresh=thresh))
+        row = {"static_thresh": thresh, **measure(make, frames, repeats)}
+        row["psnr_mouth_db"] = round(luma_psnr("VP8", run_pass(make, frames)["sent"], frames,
+                                               renderer.mouth_box), 2)
+        del row["x264"]
+        rows.append(row)
+        print(row, flush=True)
+    print_table(rows)
+    path = write_result("encode-static-thresh", {
+        "frames": frames_n, "fps": FPS, "repeats": repeats, "results": rows,
+        "note": "VP8 (RealtimeVp8Encoder, speed 12, 655 kbit/s) at 512x512 on the talking "
+                "avatar at each static threshold; psnr_y_db: mean luma PSNR of the decoded "
+                "frames, psnr_mouth_db: the same inside the mouth rig's box"})
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=250, help="frames per pass (25 fps)")
     parser.add_argument("--repeats", type=int, default=2, help="passes; the best is kept")
     parser.add_argument("--kbps", default="",
                         help="only VP8 at 512x512 at these bitrates (comma-separated kbit/s)")
+    parser.add_argument("--static-thresh", default="",
+                        help="only VP8 at 512x512 at these static thresholds (comma-separated)")
     args = parser.parse_args()
     cv2.setNumThreads(1)
+    if args.static_thresh:
+        static_sweep([int(k) for k in args.static_thresh.split(",")], args.frames, args.repeats)
+        return
     if args.kbps:
         bitrate_sweep([int(k) for k in args.kbps.split(",")], args.frames, args.repeats)
         return

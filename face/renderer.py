@@ -80,6 +80,11 @@ class FaceRenderer:
     def avatar(self) -> Avatar:
         return self._avatar
 
+    @property
+    def mouth_box(self) -> Box:
+        """The region the speaking mouth is drawn in (image coordinates, before the warp)."""
+        return self._mouth.box
+
     def _loop_mouth(self, i: int) -> MouthRig:
         """The mouth rig for loop frame ``i``: its own landmarks when the avatar has them."""
         lms = self._avatar.loop_landmarks
