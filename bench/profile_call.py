@@ -6,7 +6,10 @@ Stages: ``encode`` (VP8/H.264), ``render`` (face, compositor, I420), ``speech`` 
 analysis), ``mic`` (decoding, resampling, VAD), ``opus`` (audio encode), ``rtp`` (packetizing,
 SRTP, sending), ``handoff`` (executor/futures/``call_soon_threadsafe``), ``loop`` (the rest of
 the event loop), ``other``. The share of samples times the server's measured CPU gives CPU-ms
-per frame for each stage.
+per frame for each stage. The CPU of every thread is read apart by its OS name; with
+``--wav2lip openvino:bf16`` the Wav2Lip engine runs on the random-weight network, and the
+threads its runtime starts (named ``model``) give the model's CPU, the rest is "outside the
+model".
 
 Run: ``unshare --net bash -c 'ip link set lo up; .venv/bin/python -m bench.profile_call'``"""
 
@@ -22,8 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.capacity import SERVER_ENV, sessions, start_bots, wait_sessions
+from bench.capacity import SERVER_ENV, sessions, start_bots, wait_sessions, wav2lip_env
 from bench.common import cpu_seconds, print_table, start_server, write_result
+from pipeline.lipsync.backends import MODEL_THREADS
 
 # innermost match wins: (stage, substrings of a frame "function (file)")
 STAGES: list[tuple[str, tuple[str, ...]]] = [
@@ -137,9 +141,15 @@ def main() -> None:
                    help="pause the server at each sample (consistent stacks, some overhead)")
     p.add_argument("--env", action="append", default=[], metavar="AVATAR_X__Y=V",
                    help="extra server setting (repeatable)")
+    p.add_argument("--wav2lip", metavar="DEVICE:PRECISION", default="",
+                   help="the Wav2Lip engine on the random-weight network (as bench.capacity's "
+                        "--engine wav2lip), e.g. openvino:bf16")
     args = p.parse_args()
 
     env = dict(SERVER_ENV)
+    if args.wav2lip:
+        device, _, precision = args.wav2lip.partition(":")
+        env.update(wav2lip_env(device, precision or "auto"))
     env.update(item.split("=", 1) for item in args.env)
     proc, url = start_server(env)
     out = Path(tempfile.mkdtemp()) / "profile.txt"
@@ -214,6 +224,13 @@ def main() -> None:
     print("packets the server sent or received (UDP datagrams in the namespace):", per_packet)
     print(f"\nby thread (OS names; {frames_s:.1f} fresh frames/s):")
     print_table(thread_rows)
+    # a lip-sync model's runtime threads are named MODEL_THREADS: the rest is outside it
+    model_ms = next((r["cpu_ms_per_frame"] for r in thread_rows if r["threads"] == MODEL_THREADS),
+                    None)
+    outside_ms = None if model_ms is None else round(ms_per_frame - model_ms, 2)
+    if model_ms is not None:
+        print(f"the model's threads {model_ms:.2f} CPU-ms a fresh frame; everything outside "
+              f"the model {outside_ms:.2f}")
     print("\ntop leaves:")
     for leaf, n in top_leaves(out):
         print(f"  {100 * n / max(total, 1):5.1f}%  {leaf[:150]}")
@@ -221,10 +238,12 @@ def main() -> None:
     write_result(name, {"calls": args.calls, "seconds": round(t1 - t0, 1),
                         "fresh_frames": fresh, "server_cpu_ms_per_fresh_frame":
                         round(ms_per_frame, 2), "stages": rows, "threads": thread_rows,
-                        "packets": per_packet,
+                        "packets": per_packet, "model_cpu_ms_per_frame": model_ms,
+                        "outside_model_cpu_ms_per_frame": outside_ms,
                         "top_leaves": [{"leaf": leaf[:200], "samples": n}
                                        for leaf, n in top_leaves(out, 40)],
-                        "native": args.native, "env": args.env, "python": sys.version})
+                        "native": args.native, "env": args.env, "wav2lip": args.wav2lip,
+                        "python": sys.version})
 
 
 if __name__ == "__main__":

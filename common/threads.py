@@ -9,6 +9,9 @@ import ctypes.util
 import os
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 PR_SET_NAME = 15  # prctl(2)
 _libc: ctypes.CDLL | None = None
@@ -27,6 +30,23 @@ def name_os_thread(name: str | None = None) -> None:
         _libc.prctl(PR_SET_NAME, ctypes.c_char_p(text), 0, 0, 0)
     except (OSError, AttributeError):
         return
+
+
+@contextmanager
+def os_thread_named(name: str) -> Iterator[None]:
+    """The calling thread's OS name is ``name`` inside the ``with``, and what it was after.
+    Threads a native library starts meanwhile (OpenVINO's inference streams) keep ``name``,
+    so the benchmarks count the model's CPU apart from the thread that built it."""
+    try:
+        old: str | None = Path("/proc/thread-self/comm").read_text().strip()
+    except OSError:
+        old = None
+    name_os_thread(name)
+    try:
+        yield
+    finally:
+        if old is not None:
+            name_os_thread(old)
 
 
 def foreground_thread() -> None:

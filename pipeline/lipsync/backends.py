@@ -35,8 +35,12 @@ import numpy as np
 import numpy.typing as npt
 
 from common.errors import PipelineError
+from common.threads import os_thread_named
 
 logger = logging.getLogger(__name__)
+# the OS name of the threads a backend's runtime starts for the model (``bench.profile_call``
+# counts their CPU as the model's)
+MODEL_THREADS = "model"
 
 
 def derived_model_path(model: Path, cache_dir: Path, tag: str, key: str) -> Path:
@@ -153,9 +157,10 @@ class OrtRunner:
                 )
             else:
                 provider_opts.append(p)
-        self._session = ort.InferenceSession(
-            str(model_file), sess_options=opts, providers=provider_opts
-        )
+        with os_thread_named(MODEL_THREADS):  # its thread pool is named so
+            self._session = ort.InferenceSession(
+                str(model_file), sess_options=opts, providers=provider_opts
+            )
         self.providers: list[str] = list(self._session.get_providers())
         self.gpu = self.providers[0] in GPU_PROVIDERS
         self.precision = ("fp16" if fp16 else "fp32") if self.gpu else "fp32"
@@ -211,7 +216,8 @@ class OpenVinoRunner:
             config["CACHE_DIR"] = str(cache_dir)
         model = core.read_model(str(model_file))
         self.inputs = [p.get_any_name() for p in model.inputs]
-        self._compiled = core.compile_model(model, "CPU", config)
+        with os_thread_named(MODEL_THREADS):  # its inference streams are named so
+            self._compiled = core.compile_model(model, "CPU", config)
         ran = _type_name(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
         self.inference_precision = _OV_PRECISION.get(ran, ran)
         self.precision = "int8" if int8 else self.inference_precision

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from common.errors import LipSyncUnavailable
+from common.threads import name_os_thread
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +183,7 @@ class BatchWorker(Generic[I, O]):
             return batch
 
     def _loop(self) -> None:
+        name_os_thread()
         while True:
             batch = self._take()
             if batch is None:
