@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from face.yuv import Yuv
 from media_tracks.clock import MediaClock
@@ -16,20 +16,90 @@ from media_tracks.compositor import Compositor, FramePlan
 
 logger = logging.getLogger(__name__)
 
+P = TypeVar("P")
+R = TypeVar("R")
+
+class SameTurnJobs(Generic[P, R]):
+    """Runs a blocking ``fn`` in ``executor`` (None: the loop's default), and the calls made
+    in the same turn of the event loop, up to ``max_group``, as one job: one after another
+    on one thread. A call's frames handed over together (``FrameProducer``'s ``group``) then
+    wake one thread, not one each, and the second frame finds the avatar's pixels still in
+    the cache; the loop is woken once for both. A call cancelled before its job runs is left
+    out of it."""
+
+    def __init__(self, fn: Callable[[P], R], executor: Executor | None, *,
+                 max_group: int = 4) -> None:
+        self._fn = fn
+        self._executor = executor
+        self._max_group = max(1, max_group)
+        self._pending: list[tuple[P, asyncio.Future[R]]] = []
+
+    async def __call__(self, arg: P) -> R:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
+        self._pending.append((arg, future))
+        if len(self._pending) == 1:
+            loop.call_soon(self._submit, loop)
+        return await future
+
+    def _submit(self, loop: asyncio.AbstractEventLoop) -> None:
+        pending, self._pending = self._pending, []
+        live = [(arg, future) for arg, future in pending if not future.done()]
+        for i in range(0, len(live), self._max_group):
+            group = live[i : i + self._max_group]
+            try:
+                job = loop.run_in_executor(self._executor, self._run, [a for a, _ in group])
+            except RuntimeError as exc:  # the executor is shut down: the calls fail with it
+                for _, future in group:
+                    future.set_exception(exc)
+                continue
+            job.add_done_callback(lambda j, g=group: self._settle(j, g))  # type: ignore[misc]
+
+    def _run(self, args: list[P]) -> list[tuple[bool, R | BaseException]]:
+        out: list[tuple[bool, R | BaseException]] = []
+        for arg in args:
+            try:
+                out.append((True, self._fn(arg)))
+            except Exception as exc:  # noqa: BLE001 - it belongs to that one call
+                out.append((False, exc))
+        return out
+
+    @staticmethod
+    def _settle(job: asyncio.Future[list[tuple[bool, Any]]],
+                group: list[tuple[Any, asyncio.Future[Any]]]) -> None:
+        if job.cancelled():
+            for _, future in group:
+                future.cancel()
+            return
+        error = job.exception()
+        if error is not None:  # (``_run`` keeps each call's error; this is anything else)
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        for (_, future), (ok, value) in zip(group, job.result(), strict=True):
+            if future.done():
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+
 class SyncRenderer:
     """Adapts a blocking ``plan -> Yuv`` function to the async ``FrameRenderer`` seam by
-    running it on ``executor`` (None: the loop's default executor)."""
+    running it on ``executor`` (None: the loop's default executor); the plans handed over
+    in one turn of the loop render as one job (``SameTurnJobs``)."""
 
     def __init__(self, fn: Callable[[FramePlan], Yuv], executor: Executor | None) -> None:
         self._fn = fn
-        self._executor = executor
+        self._jobs: SameTurnJobs[FramePlan, Yuv] = SameTurnJobs(fn, executor)
 
     def render_sync(self, plan: FramePlan) -> Yuv:
         return self._fn(plan)
 
     async def render(self, plan: FramePlan) -> Yuv:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._fn, plan)
+        return await self._jobs(plan)
 
 
 class AsyncRenderer(Protocol):

@@ -466,6 +466,32 @@ async def test_frames_are_handed_over_in_groups_for_a_batching_engine():
 
 
 
+
+async def test_a_group_of_frames_renders_as_one_executor_job():
+    """``SyncRenderer`` turns the frames a group hands over at once into one job: with
+    group=2, after the first lead every job is a pair of consecutive frames."""
+    jobs: list[list[int]] = []
+
+    class Recording(InlineExecutor):
+        def submit(self, fn, /, *args, **kwargs):
+            jobs.append([plan.index for plan in args[0]])
+            return super().submit(fn, *args, **kwargs)
+
+    clock = ManualClock()
+    comp = Compositor(clock=clock, fps=FPS, sample_rate=SR, schedule_lead_ms=0,
+                      crossfade_frames=0)
+    renderer = SyncRenderer(lambda plan: np.zeros((H * 3 // 2, W), np.uint8), Recording())
+    frames = FrameProducer(clock=clock, compositor=comp, renderer=renderer, lead_ms=80, group=2)
+    frames.start()
+    for _ in range(400):  # 0.4 s
+        await clock.advance(1_000_000)
+    await frames.aclose()
+    first = jobs[0]  # the first lead's frames at once
+    assert len(first) >= 2 and first == list(range(first[0], first[-1] + 1)), jobs
+    assert len(jobs) >= 4
+    assert all(job == [job[0], job[0] + 1] and job[0] % 2 == 0 for job in jobs[1:]), jobs
+
+
 @pytest.mark.parametrize(("w", "h"), [(512, 512), (360, 202), (1280, 720), (322, 240)])
 def test_i420_frame_is_pyavs_frame(w, h):
     """The track's own I420 -> VideoFrame copy gives PyAV's frame, whatever the strides."""

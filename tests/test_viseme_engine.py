@@ -128,6 +128,35 @@ def test_async_render_runs_in_the_executor(loaded: LoadedAvatar) -> None:
     assert all(np.array_equal(frames[0], f) for f in frames)
 
 
+def test_a_calls_frames_come_in_pairs_and_a_pair_renders_as_one_job(
+    loaded: LoadedAvatar, speech: list[SpeechAudio]
+) -> None:
+    engine = VisemeEngine()
+    assert engine.frame_group == 2
+    track = engine.analyse(speech[0], fps=FPS)
+    submitted: list[int] = []
+
+    class Counting(ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+            submitted.append(len(args[0]) if args and isinstance(args[0], list) else 1)
+            return super().submit(fn, *args, **kwargs)
+
+    plans = [plan(k, lips=track.at(k)) for k in range(6)]
+    with Counting(2) as pool:
+        r = engine.renderer(loaded, IdleTimeline(seed=5), width=W, height=H, executor=pool)
+
+        async def main() -> list[np.ndarray]:
+            out: list[np.ndarray] = []
+            for i in range(0, len(plans), engine.frame_group):  # as FrameProducer hands them
+                out += await asyncio.gather(*(r.render(p) for p in plans[i : i + 2]))
+            return out
+
+        frames = asyncio.run(main())
+    assert submitted == [2, 2, 2]
+    for p, f in zip(plans, frames, strict=True):
+        np.testing.assert_array_equal(f, r.render_sync(p))
+
+
 def test_mouth_moves_with_speech_and_is_still_in_silence(
     loaded: LoadedAvatar, still: VisemeRenderer, speech: list[SpeechAudio]
 ) -> None:
