@@ -79,24 +79,24 @@ async def test_failed_peer_closes_at_once_and_close_is_idempotent(avatar):
 
 
 class BatchingEngine(VisemeEngine):
-    """An engine that asks for Wav2Lip's frame pipeline: groups of 2, a 600 ms lead, speech
-    that starts 120 ms after it is ready."""
+    """An engine that asks for a frame pipeline of its own: groups of 4, a 600 ms lead (as
+    Wav2Lip's), speech that starts 120 ms after it is ready."""
 
     name = "batching"
-    frame_group = 2
+    frame_group = 4
     render_lead_ms = 600
     schedule_lead_ms = 120
 
 
 async def test_the_frame_pipeline_follows_the_engine(avatar):
-    """The viseme engine renders 200 ms ahead one frame at a time (media.render_lead_ms);
-    an engine with a lead and a frame group of its own (Wav2Lip: lipsync.render_lead_ms,
+    """The viseme engine renders 200 ms ahead in pairs (media.render_lead_ms); an engine
+    with a lead and a frame group of its own (Wav2Lip: lipsync.render_lead_ms,
     lipsync.frame_group) gets them; so does the schedule lead (media.schedule_lead_ms for
     visemes, lipsync.schedule_lead_ms for Wav2Lip)."""
     settings = load_settings(env={}, overrides={"media.render_lead_ms": 200,
                                                 "media.schedule_lead_ms": 60})
-    for engine, lead_ms, group, schedule_ms in ((VisemeEngine(), 200, 1, 60),
-                                                (BatchingEngine(), 600, 2, 120)):
+    for engine, lead_ms, group, schedule_ms in ((VisemeEngine(), 200, 2, 60),
+                                                (BatchingEngine(), 600, 4, 120)):
         session = Session(settings=settings, avatar=avatar, tts=ToneTTS(), lipsync=engine,
                           render_executor=None, on_closed=lambda s: None)
         assert session.frames._lead_ns == lead_ms * 1_000_000

@@ -189,12 +189,17 @@ async def test_sessions_are_batched_together_with_the_same_results(engine, avata
 
 
 async def test_idle_and_flash_frames_skip_the_model(engine, avatar):
-    r = engine.renderer(avatar, avatar.new_timeline(), width=512, height=512, executor=None)
+    timeline = avatar.new_timeline()
+    r = engine.renderer(avatar, timeline, width=512, height=512, executor=None)
     items = engine.worker.stats.items
     idle = await r.render(FramePlan(index=0, t_ns=0))
     flash = await r.render(FramePlan(index=1, t_ns=40_000_000, flash=True))
     assert idle.shape == flash.shape == (768, 512)
     assert engine.worker.stats.items == items
+    # the idle frame is drawn in I420 directly, equal to the RGB frame converted
+    from face.yuv import rgb_to_i420
+
+    assert np.array_equal(idle, rgb_to_i420(avatar.face.render(timeline.pose_at(0))))
 
 
 async def test_model_render_and_colour_conversion_run_off_the_event_loop(
@@ -208,8 +213,10 @@ async def test_model_render_and_colour_conversion_run_off_the_event_loop(
 
     from pipeline.lipsync import wav2lip
 
-    seen: dict[str, set[int]] = {"render": set(), "model": set(), "i420": set()}
+    seen: dict[str, set[int]] = {"render": set(), "model": set(), "i420": set(),
+                                 "idle_i420": set()}
     real_i420, real_run, real_idle = wav2lip.rgb_to_i420, engine.model.run, avatar.face.render
+    real_idle_i420 = avatar.face.render_i420
 
     def i420(rgb):
         seen["i420"].add(threading.get_ident())
@@ -223,9 +230,14 @@ async def test_model_render_and_colour_conversion_run_off_the_event_loop(
         seen["render"].add(threading.get_ident())
         return real_idle(pose)
 
+    def idle_i420(pose):
+        seen["idle_i420"].add(threading.get_ident())
+        return real_idle_i420(pose)
+
     monkeypatch.setattr(wav2lip, "rgb_to_i420", i420)
     monkeypatch.setattr(engine.model, "run", run)
     monkeypatch.setattr(avatar.face, "render", idle)
+    monkeypatch.setattr(avatar.face, "render_i420", idle_i420)
     track = engine.analyse(speech(0.5, seed=7), fps=FPS)
     pool = ThreadPoolExecutor(2, thread_name_prefix="render-test")
     try:
@@ -244,15 +256,17 @@ async def test_model_render_and_colour_conversion_run_off_the_event_loop(
     assert seen["model"].isdisjoint(seen["render"])  # the model has its own worker thread
 
 
-async def test_a_frame_group_prepared_on_two_threads_meets_in_one_batch(
+async def test_a_frame_group_meets_in_one_batch_however_late_its_second_frame(
     wav2lip_onnx, avatar, tmp_path, monkeypatch
 ):
-    """The two frames of a group are prepared (idle render, crop) on different render
-    threads and reach the worker at different times; each is announced before its
-    preparation, so the batch waits for the slower one far beyond max_wait. A preparation
-    that fails withdraws its announcement: the other frame does not wait for it."""
+    """The two frames of a group are prepared (idle render, crop) one after another in one
+    job and reach the worker at different times; each is announced before its preparation,
+    so the batch waits for the slower one far beyond max_wait. A preparation that fails
+    withdraws its announcement: the other frame does not wait for it."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.lipsync.wav2lip import Wav2LipRenderer
 
     eng = load_wav2lip_engine(
         wav2lip_onnx, cache_dir=tmp_path, device="cpu", max_batch=8, max_wait_ms=1
@@ -260,18 +274,18 @@ async def test_a_frame_group_prepared_on_two_threads_meets_in_one_batch(
     eng.worker.max_hold_s = 30.0
     track = eng.analyse(speech(0.5, seed=11), fps=FPS)
     pool = ThreadPoolExecutor(2, thread_name_prefix="render-test")
-    r = eng.renderer(avatar, avatar.new_timeline(), width=512, height=512, executor=pool)
-    real_prepare = r._prepare
+    real_prepare = Wav2LipRenderer._prepare
     slow = threading.Event()
 
-    def prepare(plan):
+    def prepare(self, plan):
         if plan.index % 2:
             slow.wait(0.2)  # the second frame of the pair is 200 ms late (max_wait: 1 ms)
             if plan.index == 3:
                 raise RuntimeError("idle render failed")
-        return real_prepare(plan)
+        return real_prepare(self, plan)
 
-    monkeypatch.setattr(r, "_prepare", prepare)
+    monkeypatch.setattr(Wav2LipRenderer, "_prepare", prepare)
+    r = eng.renderer(avatar, avatar.new_timeline(), width=512, height=512, executor=pool)
     try:
         plans = [FramePlan(index=k, t_ns=k * 40_000_000, blend=1.0, mouth=1.0,
                            lips=track.at(k)) for k in range(4)]

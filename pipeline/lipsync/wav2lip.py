@@ -35,6 +35,7 @@ import numpy.typing as npt
 
 from common.errors import PipelineError
 from face.yuv import flash_i420, rgb_to_i420
+from media_tracks.frames import SameTurnJobs
 from pipeline.lipsync.backends import Runner, load_runner
 from pipeline.lipsync.base import Yuv
 from pipeline.lipsync.batching import BatchWorker
@@ -256,42 +257,49 @@ class Wav2LipRenderer:
         self._engine = engine
         self._face = face
         self._timeline = timeline
-        self._executor = executor
         self._flash = flash_i420(width, height)
         self._faces = engine.faces(face)
+        # a group's frames (``frame_group``) hand over together: each step of theirs is one
+        # job on one thread (``SameTurnJobs``), not a thread wake-up each
+        self._idle_jobs: SameTurnJobs[FramePlan, Yuv] = SameTurnJobs(self.idle_i420, executor)
+        self._prepare_jobs: SameTurnJobs[FramePlan, tuple[U8, FaceGeometry, F32]] = (
+            SameTurnJobs(self._prepare, executor))
+        self._finish_jobs: SameTurnJobs[tuple[U8, F32, FaceGeometry, float], Yuv] = (
+            SameTurnJobs(self._finish, executor))
 
     def idle_rgb(self, plan: FramePlan) -> U8:
         return self._face.render(self._timeline.pose_at(plan.t_ns))
+
+    def idle_i420(self, plan: FramePlan) -> Yuv:
+        """``rgb_to_i420(idle_rgb(plan))``, drawn without a whole RGB frame."""
+        return self._face.render_i420(self._timeline.pose_at(plan.t_ns))
 
     def _prepare(self, plan: FramePlan) -> tuple[U8, FaceGeometry, F32]:
         rgb = self.idle_rgb(plan)
         geo = self._faces.at(plan.t_ns)
         return rgb, geo, model_input(crop_face(rgb, geo))
 
-    def _finish(self, rgb: U8, pred: F32, geo: FaceGeometry, blend: float) -> Yuv:
+    @staticmethod
+    def _finish(job: tuple[U8, F32, FaceGeometry, float]) -> Yuv:
+        rgb, pred, geo, blend = job
         return rgb_to_i420(paste(rgb, pred, geo, blend, copy=False))  # rgb is ours alone
 
     async def render(self, plan: FramePlan) -> Yuv:
         if plan.flash:
             return self._flash
-        loop = asyncio.get_running_loop()
         if plan.lips is None or plan.blend <= 0.0:
-            return await loop.run_in_executor(
-                self._executor, lambda: rgb_to_i420(self.idle_rgb(plan))
-            )
+            return await self._idle_jobs(plan)
         mel = np.asarray(plan.lips, dtype=np.float32)
         worker = self._engine.worker
-        # the frames of a group are prepared on different threads: the batch waits for them
+        # the frames of a group are prepared one after another: the batch waits for them
         worker.announce()
         try:
-            rgb, geo, face_in = await loop.run_in_executor(self._executor, self._prepare, plan)
+            rgb, geo, face_in = await self._prepare_jobs(plan)
         except BaseException:
             worker.withdraw()
             raise
         pred = await worker.run((mel, face_in), announced=True)
-        return await loop.run_in_executor(
-            self._executor, self._finish, rgb, pred, geo, float(plan.blend)
-        )
+        return await self._finish_jobs((rgb, pred, geo, float(plan.blend)))
 
 
 def wav2lip_engine_from_settings(
