@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 P = TypeVar("P")
 R = TypeVar("R")
 
+
 class SameTurnJobs(Generic[P, R]):
     """Runs a blocking ``fn`` in ``executor`` (None: the loop's default), and the calls made
     in the same turn of the event loop, up to ``max_group``, as one job: one after another

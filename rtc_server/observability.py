@@ -186,8 +186,8 @@ class _AppCollector:
         if loaded is not None:
             pool = loaded.pool.stats()
             pending = GaugeMetricFamily(
-                "avatar_render_pool_pending", "Frame renders and model calls waiting for a "
-                "thread of the session render pool.")
+                "avatar_render_pool_pending", "Render jobs (a frame, or a call's frames of one "
+                "group) and model calls waiting for a thread of the session render pool.")
             pending.add_metric([], pool["pending"])
             workers = GaugeMetricFamily(
                 "avatar_render_pool_workers", "Threads of the session render pool.")
