@@ -191,51 +191,58 @@ def encoders(width: int, height: int) -> list[tuple[str, Callable[[], Encoder]]]
     return rows
 
 
-def bitrate_sweep(kbps: list[int], frames_n: int, repeats: int) -> None:
-    """VP8 at 512x512 at each of ``kbps``: the cost and the quality REMB's bounds buy
-    (``media_tracks.encoders.REMB_UP_NUM`` / ``REMB_UP_DEN``). Writes ``encode-bitrates.json``."""
+def vp8_sweep(name: str, column: str, values: list[int],
+              encoding_for: Callable[[VideoEncoding, int], VideoEncoding],
+              frames_n: int, repeats: int, note: str,
+              more: Callable[[dict[str, Any], Callable[[], Encoder], list[Any]],
+                             dict[str, Any]] | None = None) -> None:
+    """VP8 at 512x512 on the talking avatar, once per value of one setting (``column``:
+    ``encoding_for(start, value)``); ``more`` adds columns to a row. Writes ``<name>.json``."""
     frames = talking_frames(512, 512, frames_n)
     start = VideoEncoding(width=512, height=512, fps=FPS, h264_preset="veryfast")
     rows = []
-    for rate in kbps:
-        encoding = replace(start, bitrate_kbps=rate)
-        row = {"kbps_target": rate, **measure(functools.partial(RealtimeVp8Encoder, encoding),
-                                                frames, repeats)}
-        row["packets_per_frame"] = round(row["kbps"] * 1000 / 8 / FPS / 1200, 1)
+    for value in values:
+        make = functools.partial(RealtimeVp8Encoder, encoding_for(start, value))
+        row = {column: value, **measure(make, frames, repeats)}
+        del row["x264"]
+        if more is not None:
+            row.update(more(row, make, frames))
         rows.append(row)
         print(row, flush=True)
     print_table(rows)
-    path = write_result("encode-bitrates", {
-        "frames": frames_n, "fps": FPS, "repeats": repeats, "results": rows,
-        "note": "VP8 (RealtimeVp8Encoder) at 512x512 on the talking avatar, fixed targets; "
-                "psnr_y_db: mean luma PSNR of the decoded frames; packets_per_frame: the "
-                "RTP payload over 1200-byte packets (about what aiortc sends)"})
+    path = write_result(name, {"frames": frames_n, "fps": FPS, "repeats": repeats,
+                               "results": rows, "note": note})
     print(f"wrote {path}")
+
+
+def bitrate_sweep(kbps: list[int], frames_n: int, repeats: int) -> None:
+    """VP8 at 512x512 at each of ``kbps``: the cost and the quality REMB's bounds buy
+    (``media_tracks.encoders.REMB_UP_NUM`` / ``REMB_UP_DEN``). Writes ``encode-bitrates.json``."""
+    vp8_sweep(
+        "encode-bitrates", "kbps_target", kbps, lambda e, rate: replace(e, bitrate_kbps=rate),
+        frames_n, repeats,
+        "VP8 (RealtimeVp8Encoder) at 512x512 on the talking avatar, fixed targets; psnr_y_db: "
+        "mean luma PSNR of the decoded frames; packets_per_frame: the RTP payload over "
+        "1200-byte packets (about what aiortc sends)",
+        lambda row, make, frames: {
+            "packets_per_frame": round(row["kbps"] * 1000 / 8 / FPS / 1200, 1)},
+    )
 
 
 def static_sweep(thresholds: list[int], frames_n: int, repeats: int) -> None:
     """VP8 at each of ``thresholds`` (``webrtc.vp8_static_thresh``) on the talking avatar at
     512x512: the encode's cost, the bitrate and the luma PSNR of the whole frame and of the
     mouth's region. Writes ``encode-static-thresh.json``."""
-    frames = talking_frames(512, 512, frames_n)
-    renderer = FaceRenderer(load_avatar_dir(DEFAULT_AVATAR_DIR, width=512, height=512))
-    start = VideoEncoding(width=512, height=512, fps=FPS, h264_preset="veryfast")
-    rows = []
-    for thresh in thresholds:
-        make = functools.partial(RealtimeVp8Encoder, replace(start, vp8_static_thresh=thresh))
-        row = {"static_thresh": thresh, **measure(make, frames, repeats)}
-        row["psnr_mouth_db"] = round(luma_psnr("VP8", run_pass(make, frames)["sent"], frames,
-                                               renderer.mouth_box), 2)
-        del row["x264"]
-        rows.append(row)
-        print(row, flush=True)
-    print_table(rows)
-    path = write_result("encode-static-thresh", {
-        "frames": frames_n, "fps": FPS, "repeats": repeats, "results": rows,
-        "note": "VP8 (RealtimeVp8Encoder, speed 12, 655 kbit/s) at 512x512 on the talking "
-                "avatar at each static threshold; psnr_y_db: mean luma PSNR of the decoded "
-                "frames, psnr_mouth_db: the same inside the mouth rig's box"})
-    print(f"wrote {path}")
+    box = FaceRenderer(load_avatar_dir(DEFAULT_AVATAR_DIR, width=512, height=512)).mouth_box
+    vp8_sweep(
+        "encode-static-thresh", "static_thresh", thresholds,
+        lambda e, thresh: replace(e, vp8_static_thresh=thresh), frames_n, repeats,
+        "VP8 (RealtimeVp8Encoder, speed 12, 655 kbit/s) at 512x512 on the talking avatar at "
+        "each static threshold; psnr_y_db: mean luma PSNR of the decoded frames, "
+        "psnr_mouth_db: the same inside the mouth rig's box",
+        lambda row, make, frames: {"psnr_mouth_db": round(
+            luma_psnr("VP8", run_pass(make, frames)["sent"], frames, box), 2)},
+    )
 
 
 def main() -> None:
