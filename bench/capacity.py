@@ -275,6 +275,9 @@ def speaking_step(url: str, pids: list[int], n: int, seconds: float) -> dict[str
         "steal_cores": round(steal, 3),
         # wall time of the model per frame on its worker threads (rises when CPU is short)
         "model_ms_per_frame": round((m1[0] - m0[0]) * 1000 / frames, 1) if frames else None,
+        # frames the model drew among those sent fresh (Wav2Lip; the rest: idle frames, and
+        # calls degraded to visemes for missed deadlines)
+        "model_share": round(frames / (sum(fresh) * dt), 2) if frames and any(fresh) else None,
     }
 
 
