@@ -136,13 +136,23 @@ def run_pass(make: Callable[[], Encoder], frames: list[Any]) -> dict[str, Any]:
     }
 
 
-def measure(make: Callable[[], Encoder], frames: list[Any], repeats: int) -> dict[str, Any]:
+def best_pass(make: Callable[[], Encoder], frames: list[Any], repeats: int) -> dict[str, Any]:
+    """The quickest (lowest median) of ``repeats`` passes (``run_pass``)."""
     best: dict[str, Any] | None = None
     for _ in range(repeats):
         result = run_pass(make, frames)
         if best is None or statistics.median(result["wall"]) < statistics.median(best["wall"]):
             best = result
     assert best is not None
+    return best
+
+
+def measure(make: Callable[[], Encoder], frames: list[Any], repeats: int) -> dict[str, Any]:
+    return summary(best_pass(make, frames, repeats))
+
+
+def summary(best: dict[str, Any]) -> dict[str, Any]:
+    """A pass's table row: encode times, CPU, bitrate, PSNR (and libx264's options)."""
     wall = sorted(best["wall"])
     x264 = best["x264"]
     return {
@@ -194,19 +204,21 @@ def encoders(width: int, height: int) -> list[tuple[str, Callable[[], Encoder]]]
 def vp8_sweep(name: str, column: str, values: list[int],
               encoding_for: Callable[[VideoEncoding, int], VideoEncoding],
               frames_n: int, repeats: int, note: str,
-              more: Callable[[dict[str, Any], Callable[[], Encoder], list[Any]],
+              more: Callable[[dict[str, Any], list[list[bytes]], list[Any]],
                              dict[str, Any]] | None = None) -> None:
     """VP8 at 512x512 on the talking avatar, once per value of one setting (``column``:
-    ``encoding_for(start, value)``); ``more`` adds columns to a row. Writes ``<name>.json``."""
+    ``encoding_for(start, value)``); ``more(row, sent, frames)`` adds columns to a row from
+    the RTP payloads the pass sent. Writes ``<name>.json``."""
     frames = talking_frames(512, 512, frames_n)
     start = VideoEncoding(width=512, height=512, fps=FPS, h264_preset="veryfast")
     rows = []
     for value in values:
         make = functools.partial(RealtimeVp8Encoder, encoding_for(start, value))
-        row = {column: value, **measure(make, frames, repeats)}
+        best = best_pass(make, frames, repeats)
+        row = {column: value, **summary(best)}
         del row["x264"]
         if more is not None:
-            row.update(more(row, make, frames))
+            row.update(more(row, best["sent"], frames))
         rows.append(row)
         print(row, flush=True)
     print_table(rows)
@@ -224,7 +236,7 @@ def bitrate_sweep(kbps: list[int], frames_n: int, repeats: int) -> None:
         "VP8 (RealtimeVp8Encoder) at 512x512 on the talking avatar, fixed targets; psnr_y_db: "
         "mean luma PSNR of the decoded frames; packets_per_frame: the RTP payload over "
         "1200-byte packets (about what aiortc sends)",
-        lambda row, make, frames: {
+        lambda row, sent, frames: {
             "packets_per_frame": round(row["kbps"] * 1000 / 8 / FPS / 1200, 1)},
     )
 
@@ -240,8 +252,8 @@ def static_sweep(thresholds: list[int], frames_n: int, repeats: int) -> None:
         "VP8 (RealtimeVp8Encoder, speed 12, 655 kbit/s) at 512x512 on the talking avatar at "
         "each static threshold; psnr_y_db: mean luma PSNR of the decoded frames, "
         "psnr_mouth_db: the same inside the mouth rig's box",
-        lambda row, make, frames: {"psnr_mouth_db": round(
-            luma_psnr("VP8", run_pass(make, frames)["sent"], frames, box), 2)},
+        lambda row, sent, frames: {"psnr_mouth_db": round(
+            luma_psnr("VP8", sent, frames, box), 2)},
     )
 
 

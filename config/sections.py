@@ -166,9 +166,9 @@ class WebRTCSettings:
     a macroblock whose prediction is already within this sum of squared luma error (over its
     256 pixels), and not by a flat brightness shift, is sent as unchanged without a further
     mode search. The drawn avatar's warp leaves many such blocks. On the talking avatar at
-    512x512 (bench.encode --static-thresh; luma PSNR of the frame, of the mouth): 1 1.01 ms a
-    frame, 42.53 / 41.33 dB; 1000 0.74 ms, 42.42 / 41.47; 1500 0.60 ms, 42.38 / 41.69; 2000
-    0.57 ms, 41.99 / 41.78.""")
+    512x512 (bench.encode --static-thresh; luma PSNR of the frame, of the mouth): 1 0.99 ms a
+    frame, 42.53 / 41.33 dB; 1000 0.77 ms, 42.42 / 41.47; 1500 0.66 ms, 42.38 / 41.69; 2000
+    0.59 ms, 41.99 / 41.78.""")
     video_bitrate_kbps: int = setting(0, min=0, max=20_000, doc="""
     Starting video bitrate (int, kbit/s, 0..20000; 0 = by frame size: about 0.1 bit per
     pixel per frame, e.g. ~650 kbit/s at 512x512 and ~2300 kbit/s at 1280x720 at 25 fps).

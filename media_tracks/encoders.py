@@ -14,7 +14,7 @@ and start both codecs at 1 Mbit/s whatever the frame size, clamped to 0.5..3 Mbi
   the encode (512x512: 2.22 ms a frame at 39.3 dB luma PSNR with it, 1.52 ms at 42.6 dB
   without, 1.34 ms at 41.8 dB at speed 12), and with a static threshold of 1500
   (``webrtc.vp8_static_thresh``; WebRTC's is 1): macroblocks already within that squared
-  error of their prediction skip the mode search (1.01 → 0.60 ms a frame, 42.53 → 42.38 dB,
+  error of their prediction skip the mode search (0.99 → 0.66 ms a frame, 42.53 → 42.38 dB,
   the mouth's region 41.33 → 41.69 dB).
 * Bitrate (``VideoBitrate``): ``webrtc.video_bitrate_kbps`` when above 0, else 0.1 bit per
   pixel per frame at the session's fps (512x512 at 25 fps: 655 kbit/s; 1280x720: 2304

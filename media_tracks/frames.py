@@ -68,17 +68,14 @@ class SameTurnJobs(Generic[P, R]):
     @staticmethod
     def _settle(job: asyncio.Future[list[tuple[bool, Any]]],
                 group: list[tuple[Any, asyncio.Future[Any]]]) -> None:
-        if job.cancelled():
-            for _, future in group:
-                future.cancel()
-            return
-        error = job.exception()
-        if error is not None:  # (``_run`` keeps each call's error; this is anything else)
+        try:
+            results = job.result()
+        except BaseException as exc:  # noqa: BLE001 - not a call's own error (``_run`` keeps those)
             for _, future in group:
                 if not future.done():
-                    future.set_exception(error)
+                    future.set_exception(exc)
             return
-        for (_, future), (ok, value) in zip(group, job.result(), strict=True):
+        for (_, future), (ok, value) in zip(group, results, strict=True):
             if future.done():
                 continue
             if ok:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc import sdp as aiortc_sdp
-from aiortc.codecs.vpx import VpxPayloadDescriptor
+from aiortc.codecs.vpx import VpxPayloadDescriptor, vp8_depayload
 from aiortc.rtp import RTCP_PSFB_APP, RtcpPsfbPacket, pack_remb_fci
 
 from avatars import DEFAULT_AVATAR_DIR, load_avatar_dir
@@ -244,7 +244,8 @@ def test_vp8_static_threshold_comes_from_settings(overrides, thresh):
 
 
 def vp8_decoded_luma(thresh: int, pictures: list[np.ndarray]) -> list[np.ndarray]:
-    """``pictures`` (RGB) through VP8 at ``thresh`` and back: the decoded luma planes."""
+    """``pictures`` (RGB) through VP8 at ``thresh`` (``encode``, as aiortc's sender calls
+    it) and back through aiortc's depacketizer: the decoded luma planes."""
     enc = RealtimeVp8Encoder(VideoEncoding(width=256, height=256, fps=25,
                                            vp8_static_thresh=thresh))
     decoder = av.CodecContext.create("libvpx", "r")
@@ -252,7 +253,8 @@ def vp8_decoded_luma(thresh: int, pictures: list[np.ndarray]) -> list[np.ndarray
     for i, img in enumerate(pictures):
         frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv420p")
         frame.pts, frame.time_base = i * 3600, Fraction(1, 90000)
-        data = enc._encode_bytes(frame, force_keyframe=i == 0)
+        payloads, _ = enc.encode(frame, force_keyframe=i == 0)
+        data = b"".join(vp8_depayload(p) for p in payloads)
         for picture in decoder.decode(av.Packet(data)):
             out.append(picture.to_ndarray(format="yuv420p")[:256].astype(np.float64))
     return out
