@@ -190,8 +190,8 @@ def _load_voice(model: Path, config: Path) -> Any:
     parts = split_model(plain, ceil) if ceil is not None else None
     if parts is not None:
         front, vocoder, z_name, out_name = parts
-        session: Any = SplitModel(session_of(front), session_of(vocoder), z_name=z_name,
-                                   ceil_name=str(ceil), out_name=out_name)
+        session: Any = SplitModel(session_of(front), _vocoder_session(vocoder, session_of),
+                                   z_name=z_name, ceil_name=str(ceil), out_name=out_name)
     else:
         session = session_of(graph)
     settings = PiperConfig.from_dict(json.loads(config.read_text(encoding="utf-8")))
@@ -201,6 +201,26 @@ def _load_voice(model: Path, config: Path) -> Any:
         espeak_data_dir=Path(ESPEAK_DATA_DIR),
         download_dir=Path.cwd(),
     )
+
+
+def _vocoder_session(vocoder: Any, session_of: Callable[[Any], Any]) -> Any:
+    """The vocoder's session on ONNX Runtime's 2-D kernels (``pipeline.vocoder_2d``: about
+    1.3 times faster) when its rewritten graph builds and decodes a test latent to the same
+    samples; else on the graph as it is."""
+    from pipeline.vocoder_2d import as_2d, input_channels, same_output
+
+    plain = session_of(vocoder)
+    try:
+        wide = as_2d(vocoder)
+        if wide is None:
+            return plain
+        faster = session_of(wide)
+        channels = input_channels(vocoder)
+        if channels is not None and same_output(plain, faster, channels=channels):
+            return faster
+    except Exception as exc:  # noqa: BLE001 - an unusual graph: the vocoder as it is
+        logger.info("Piper's vocoder kept in its 1-D layout (%s)", exc)
+    return plain
 
 
 class _ArenaSession:
