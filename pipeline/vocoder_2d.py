@@ -48,8 +48,6 @@ def as_2d(model: Any) -> Any | None:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    if len(graph.input) != 1:
-        return None
     weights = {t.name: t for t in graph.initializer}
     names = _Names({t.name for t in graph.initializer}
                    | {x for n in graph.node for x in (*n.input, *n.output)}
@@ -79,14 +77,14 @@ def as_2d(model: Any) -> Any | None:
             narrow[twin] = original
         return narrow[twin]
 
-    source = graph.input[0].name
-    wide[source] = to_wide(source)
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         inputs = list(node.input)
         acts = [x for x in inputs if x and x not in weights]
-        if node.op_type in ("Conv", "ConvTranspose") and acts and acts[0] not in wide:
-            wide[acts[0]] = to_wide(acts[0])  # a convolution takes its input to 2-D itself
+        if (node.op_type in ("Conv", "ConvTranspose") and acts and acts[0] not in wide
+                and len(node.input) > 1 and node.input[1] in weights
+                and len(weights[node.input[1]].dims) == 3):
+            wide[acts[0]] = to_wide(acts[0])  # a 1-D convolution takes its input to 2-D
         if all(x in wide for x in acts) and acts:
             made = _rewrite(node, attrs, inputs, weights, wide, names, const, graph)
             if made is not None:
