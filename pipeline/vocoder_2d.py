@@ -103,6 +103,11 @@ def as_2d(model: Any) -> Any | None:
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.value_info[:]
+    # the 1-D weights the rewritten nodes no longer read (ONNX Runtime warns of each)
+    used = {x for n in graph.node for x in n.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
     return out
 
 

@@ -150,6 +150,8 @@ def test_piper_s_vocoder_runs_2d_with_the_same_samples(monkeypatch: pytest.Monke
     assert channels == 192
     wide = as_2d(vocoder)
     assert wide is not None
+    used = {x for n in wide.graph.node for x in n.input}
+    assert all(t.name in used for t in wide.graph.initializer)  # no 1-D weights left over
     one, two = _session(vocoder), _session(wide)
     rng = np.random.default_rng(1)
     for frames in (3, 32, 45):
