@@ -39,12 +39,16 @@ AXIS = 2  # where the extra axis of length 1 goes: [N, C, 1, T]
 
 
 def as_2d(model: Any) -> Any | None:
-    """``model`` (an ONNX ``ModelProto`` of 1-D convolutions over ``[N, C, T]``, one input)
-    in the ``[N, C, 1, T]`` layout described above, or None when nothing in it would run on
-    2-D kernels (no convolution it can rewrite)."""
+    """``model`` (an ONNX ``ModelProto`` of 1-D convolutions over ``[N, C, T]``) in the
+    ``[N, C, 1, T]`` layout described above, or None when nothing in it would run on 2-D
+    kernels (no convolution it can rewrite, or an opset before 13, whose Squeeze and
+    Unsqueeze take no axes input)."""
     import onnx
     from onnx import helper
 
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        return None
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph

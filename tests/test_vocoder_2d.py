@@ -107,12 +107,15 @@ def test_the_2d_graph_gives_the_1d_graphs_samples_at_every_length(extra: str) ->
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
 
 
-def test_a_graph_without_a_convolution_is_left_alone() -> None:
+def test_a_graph_without_a_convolution_or_before_opset_13_is_left_alone() -> None:
     graph = helper.make_graph(
         [helper.make_node("Tanh", ["z"], ["output"])], "plain",
         [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)])
     assert as_2d(helper.make_model(graph, ir_version=8)) is None
+    old = _hifigan_like()
+    old.opset_import[0].version = 12
+    assert as_2d(old) is None
 
 
 def test_same_output_tells_a_different_graph_apart() -> None:
