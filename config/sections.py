@@ -177,11 +177,12 @@ class WebRTCSettings:
 
 @dataclass(frozen=True, slots=True)
 class SessionSettings:
-    max_concurrent: int = setting(3, min=1, doc="""
-    Maximum number of simultaneous sessions (int, >= 1); further offers are refused. 3 is what
+    max_concurrent: int = setting(8, min=1, doc="""
+    Maximum number of simultaneous sessions (int, >= 1); further offers are refused. 8 is what
     the default (viseme) engine holds on 2 cores while every call speaks: audio whole, video
-    about 23 fps (bench.overload); past it the video degrades first. Raise it on bigger machines.
-    """)
+    24.9 fps, under one core (bench.overload; 10 held too, 12 did not); past it the video
+    degrades first, and admission from measured headroom refuses calls sooner where they cost
+    more (Wav2Lip on a CPU). Raise it on bigger machines.""")
     headroom_admission: bool = setting(True, doc="""
     Admission from measured headroom (bool): besides max_concurrent, an offer is refused (503
     overloaded + Retry-After) while the live calls miss more than max_missed_share of their
@@ -190,9 +191,9 @@ class SessionSettings:
     call always takes one. GET /ready shows the figures.""")
     cpu_target: float = setting(0.9, above=0, max=1.0, doc="""
     Share of the machine's cores the calls may keep busy (float, > 0, <= 1.0; for admission).""")
-    call_cpu_cores: float = setting(0.25, above=0, max=64.0, doc="""
+    call_cpu_cores: float = setting(0.15, above=0, max=64.0, doc="""
     The least CPU a new call is assumed to take, in cores (float, > 0, <= 64.0; a speaking
-    viseme call measures about 0.25 on 2 cores here, a Wav2Lip call on a CPU about 0.8).""")
+    viseme call measures 0.12-0.14 on 2 cores here, a Wav2Lip call on a CPU about 0.55).""")
     max_missed_share: float = setting(0.05, min=0, max=1.0, doc="""
     Share of video frames the live calls may miss (repeated, skipped, shed) over the last 3 s
     before new offers are refused (float, 0..1.0).""")
