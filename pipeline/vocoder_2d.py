@@ -24,6 +24,7 @@ check a caller runs before using the rewritten graph (``pipeline.tts``)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -70,10 +71,14 @@ def as_2d(model: Any) -> Any | None:
     rewritten = 0
 
     def to_wide(name: str) -> str:
-        twin = names.new(f"{name}_2d")
-        nodes.append(helper.make_node("Unsqueeze", [name, axis], [twin]))
-        narrow[twin] = name  # the 1-D form is there already
-        return twin
+        """``name``'s [N, C, 1, T] twin; an Unsqueeze makes it for a 1-D tensor (only a
+        convolution asks for that, once it knows it will be rewritten)."""
+        if name not in wide:
+            twin = names.new(f"{name}_2d")
+            nodes.append(helper.make_node("Unsqueeze", [name, axis], [twin]))
+            narrow[twin] = name  # the 1-D form is there already
+            wide[name] = twin
+        return wide[name]
 
     def to_narrow(twin: str, original: str) -> str:
         if twin not in narrow:
@@ -85,12 +90,9 @@ def as_2d(model: Any) -> Any | None:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         inputs = list(node.input)
         acts = [x for x in inputs if x and x not in weights]
-        if (node.op_type in ("Conv", "ConvTranspose") and acts and acts[0] not in wide
-                and len(node.input) > 1 and node.input[1] in weights
-                and len(weights[node.input[1]].dims) == 3):
-            wide[acts[0]] = to_wide(acts[0])  # a 1-D convolution takes its input to 2-D
-        if all(x in wide for x in acts) and acts:
-            made = _rewrite(node, attrs, inputs, weights, wide, names, const, graph)
+        convolution = node.op_type in ("Conv", "ConvTranspose")  # takes a 1-D input too
+        if acts and (convolution or all(x in wide for x in acts)):
+            made = _rewrite(node, attrs, inputs, weights, to_wide, names, const, graph)
             if made is not None:
                 nodes.extend(made[0])
                 wide.update(made[1])
@@ -99,8 +101,8 @@ def as_2d(model: Any) -> Any | None:
         # anything else sees the 1-D layout it was made for
         node.input[:] = [to_narrow(wide[x], x) if x in wide else x for x in inputs]
         nodes.append(node)
-    for output in graph.output:
-        if output.name in wide and wide[output.name] != output.name:
+    for output in graph.output:  # the graph's outputs keep their names and 1-D layout
+        if output.name in wide:
             to_narrow(wide[output.name], output.name)
     if not rewritten:
         return None
@@ -131,14 +133,16 @@ class _Names:
 
 
 def _rewrite(node: Any, attrs: dict[str, Any], inputs: list[str], weights: dict[str, Any],
-             wide: dict[str, str], names: _Names, const: Any,
+             to_wide: Callable[[str], str], names: _Names, const: Any,
              graph: Any) -> tuple[list[Any], dict[str, str], int] | None:
     """The nodes that compute ``node`` on [N, C, 1, T] tensors, the twins of its outputs,
-    and whether a convolution was rewritten (1) or not (0); None: not rewritable."""
+    and whether a convolution was rewritten (1) or not (0); None: not rewritable. Its
+    activations (not ``weights``) are taken to 2-D by ``to_wide`` only once it is known
+    to be rewritable."""
     from onnx import helper, numpy_helper
 
     def twin_of(name: str) -> str:
-        return wide[name] if name in wide else name
+        return name if name in weights else to_wide(name)
 
     op = node.op_type
     if op == "Conv":
@@ -154,7 +158,7 @@ def _rewrite(node: Any, attrs: dict[str, Any], inputs: list[str], weights: dict[
         return [helper.make_node("Conv", ins, [out], name=node.name, **new_attrs)], \
             {node.output[0]: out}, 1
     if op == "ConvTranspose":
-        return _polyphase(node, attrs, inputs, weights, wide, names, const, graph)
+        return _polyphase(node, attrs, inputs, weights, to_wide, names, const, graph)
     if op == "Div" and len(inputs) == 2 and inputs[1] in weights:
         c = numpy_helper.to_array(weights[inputs[1]])
         if c.size != 1 or not np.issubdtype(c.dtype, np.floating) or float(c.reshape(-1)[0]) == 0:
@@ -187,7 +191,7 @@ def _widen(key: str, value: Any) -> Any:
 
 
 def _polyphase(node: Any, attrs: dict[str, Any], inputs: list[str], weights: dict[str, Any],
-               wide: dict[str, str], names: _Names, const: Any,
+               to_wide: Callable[[str], str], names: _Names, const: Any,
                graph: Any) -> tuple[list[Any], dict[str, str], int] | None:
     """A 1-D ConvTranspose (group 1, dilation 1) as one Conv over its input giving every
     output phase, the phases interleaved along time and trimmed.
@@ -209,7 +213,8 @@ def _polyphase(node: Any, attrs: dict[str, Any], inputs: list[str], weights: dic
     s = int(list(attrs.get("strides", [1]))[0])
     p_left, p_right = (list(attrs.get("pads", [0, 0])) + [0, 0])[:2]
     extra = int(list(attrs.get("output_padding", [0]))[0])
-    if p_left != p_right or s < 1:
+    has_bias = len(inputs) > 2 and bool(inputs[2])
+    if p_left != p_right or s < 1 or (has_bias and inputs[2] not in weights):
         return None
     p, taps = int(p_left), -(-k_size // s)
     phases = np.zeros((s * c_out, c_in, 1, taps), dtype=w.dtype)
@@ -226,10 +231,8 @@ def _polyphase(node: Any, attrs: dict[str, Any], inputs: list[str], weights: dic
     cut_end = pad_right * s + s + p - k_size - extra  # interleaved samples past the output
     w_name = names.new(f"{inputs[1]}_phases")
     graph.initializer.append(numpy_helper.from_array(phases, w_name))
-    conv_in = [wide[inputs[0]], w_name]
-    if len(inputs) > 2 and inputs[2]:
-        if inputs[2] not in weights:
-            return None
+    conv_in = [to_wide(inputs[0]), w_name]
+    if has_bias:
         bias = numpy_helper.to_array(weights[inputs[2]])
         b_name = names.new(f"{inputs[2]}_phases")
         graph.initializer.append(numpy_helper.from_array(np.tile(bias, s), b_name))
