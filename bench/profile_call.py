@@ -137,6 +137,11 @@ def main() -> None:
     p.add_argument("--label", default="")
     p.add_argument("--calls", type=int, default=1)
     p.add_argument("--native", action="store_true", help="py-spy --native (slower sampling)")
+    p.add_argument("--threads", action="store_true",
+                   help="py-spy --threads: each stack starts with its thread (the saved samples "
+                        "can then be split by thread)")
+    p.add_argument("--spy", action="append", default=[], metavar="ARG",
+                   help="extra py-spy record argument (repeatable), e.g. --spy=--gil")
     p.add_argument("--blocking", action="store_true",
                    help="pause the server at each sample (consistent stacks, some overhead)")
     p.add_argument("--env", action="append", default=[], metavar="AVATAR_X__Y=V",
@@ -164,6 +169,9 @@ def main() -> None:
         cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(proc.pid),
                "-r", str(args.rate), "-d", str(int(args.seconds)), "-f", "raw", "-o", str(out)]
         # --native reads native stacks, which needs the process paused at each sample
+        if args.threads:
+            cmd.append("--threads")
+        cmd += args.spy
         if args.native:
             cmd.append("--native")
         elif not args.blocking:
@@ -194,6 +202,7 @@ def main() -> None:
                      "cpu_ms_per_frame": round(share * ms_per_frame, 2)})
     rows.append({"stage": "total", "share_pct": 100.0,
                  "cpu_ms_per_frame": round(ms_per_frame, 2)})
+    print(f"py-spy samples: {out}")
     print(f"server CPU {cpu_ms / (t1 - t0) / 10:.1f} % of a core, {fresh} fresh frames over "
           f"{t1 - t0:.1f} s, {ms_per_frame:.2f} CPU-ms per fresh frame; {total} busy samples "
           f"({idle} waiting left out)")

@@ -40,6 +40,7 @@ from pipeline.lipsync.backends import Runner, load_runner
 from pipeline.lipsync.base import Yuv
 from pipeline.lipsync.batching import BatchWorker
 from pipeline.lipsync.mel import MEL_STEP
+from pipeline.lipsync.model_frames import ModelFrames
 from pipeline.lipsync.rows import LOWER_ROWS, WHOLE_CROP, OutputRows
 from pipeline.lipsync.wav2lip_io import (
     FACE_SIZE,
@@ -150,6 +151,7 @@ class Wav2LipModel:
 
 
 FrameJob = tuple[F32, F32]  # (mel window (80, 16), face input (6, 96, 96))
+_Paste = tuple[U8, FaceGeometry, float]  # (idle frame, face box and mask, cross-fade weight)
 
 
 def run_batch(model: Wav2LipModel, jobs: Sequence[FrameJob]) -> list[F32]:
@@ -259,13 +261,12 @@ class Wav2LipRenderer:
         self._timeline = timeline
         self._flash = flash_i420(width, height)
         self._faces = engine.faces(face)
-        # a group's frames (``frame_group``) hand over together: each step of theirs is one
-        # job on one thread (``SameTurnJobs``), not a thread wake-up each
+        # a group's frames (``frame_group``) hand over together: an idle group is one job on
+        # one thread (``SameTurnJobs``); a speaking group goes through its preparation, the
+        # model and the paste off the loop, which is woken once for it (``ModelFrames``)
         self._idle_jobs: SameTurnJobs[FramePlan, Yuv] = SameTurnJobs(self.idle_i420, executor)
-        self._prepare_jobs: SameTurnJobs[FramePlan, tuple[U8, FaceGeometry, F32]] = (
-            SameTurnJobs(self._prepare, executor))
-        self._finish_jobs: SameTurnJobs[tuple[U8, F32, FaceGeometry, float], Yuv] = (
-            SameTurnJobs(self._finish, executor))
+        self._speaking: ModelFrames[FramePlan, _Paste, FrameJob, F32, Yuv] = ModelFrames(
+            self._model_input, self._finish, engine.worker, executor)
 
     def idle_rgb(self, plan: FramePlan) -> U8:
         return self._face.render(self._timeline.pose_at(plan.t_ns))
@@ -279,9 +280,14 @@ class Wav2LipRenderer:
         geo = self._faces.at(plan.t_ns)
         return rgb, geo, model_input(crop_face(rgb, geo))
 
+    def _model_input(self, plan: FramePlan) -> tuple[_Paste, FrameJob]:
+        rgb, geo, face_in = self._prepare(plan)
+        mel = np.asarray(plan.lips, dtype=np.float32)
+        return (rgb, geo, float(plan.blend)), (mel, face_in)
+
     @staticmethod
-    def _finish(job: tuple[U8, F32, FaceGeometry, float]) -> Yuv:
-        rgb, pred, geo, blend = job
+    def _finish(job: _Paste, pred: F32) -> Yuv:
+        rgb, geo, blend = job
         return rgb_to_i420(paste(rgb, pred, geo, blend, copy=False))  # rgb is ours alone
 
     async def render(self, plan: FramePlan) -> Yuv:
@@ -289,17 +295,7 @@ class Wav2LipRenderer:
             return self._flash
         if plan.lips is None or plan.blend <= 0.0:
             return await self._idle_jobs(plan)
-        mel = np.asarray(plan.lips, dtype=np.float32)
-        worker = self._engine.worker
-        # the frames of a group are prepared one after another: the batch waits for them
-        worker.announce()
-        try:
-            rgb, geo, face_in = await self._prepare_jobs(plan)
-        except BaseException:
-            worker.withdraw()
-            raise
-        pred = await worker.run((mel, face_in), announced=True)
-        return await self._finish_jobs((rgb, pred, geo, float(plan.blend)))
+        return await self._speaking(plan)
 
 
 def wav2lip_engine_from_settings(
