@@ -19,7 +19,14 @@ from pipeline.lipsync import create_lipsync_engine
 from pipeline.lipsync.backends import choose_providers
 from pipeline.lipsync.mel import mel_windows, to_wav2lip_audio, wav2lip_mel
 from pipeline.lipsync.wav2lip import Wav2LipEngine, load_wav2lip_engine
-from pipeline.lipsync.wav2lip_io import FACE_SIZE, crop_face, face_geometry, model_input, paste
+from pipeline.lipsync.wav2lip_io import (
+    FACE_SIZE,
+    crop_face,
+    face_geometry,
+    face_input,
+    model_input,
+    paste,
+)
 from pipeline.tts import SpeechAudio
 
 SR, FPS = 48000, 25
@@ -92,6 +99,38 @@ def test_paste_leaves_every_pixel_outside_the_mask_unchanged(avatar):
     d_half = np.abs(half - rgb)[inside].mean()
     d_full = np.abs(full - rgb)[inside].mean()
     assert 0.35 * d_full < d_half < 0.65 * d_full
+
+
+def test_face_input_and_paste_equal_the_whole_box_formulas_to_the_last_bit(avatar):
+    """The fused crop (``face_input``) and the paste that blends only the mask's bounding box
+    give exactly what the straightforward formulas over the whole box give."""
+    import cv2
+
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    rgb = np.asarray(cv2.GaussianBlur(rgb, (0, 0), 2.0), np.uint8)
+    for exact_from in (0, 39):
+        geo = face_geometry(avatar.avatar.landmarks, 512, 512, exact_from=exact_from)
+        r0, r1, c0, c1 = geo.blend
+        assert np.count_nonzero(geo.mask[r0:r1, c0:c1]) == np.count_nonzero(geo.mask) > 0
+        if exact_from:
+            assert r0 > geo.side // 3  # a lower-rows model's paste touches the lower face only
+        assert np.array_equal(face_input(rgb, geo), model_input(crop_face(rgb, geo)))
+        for rows in (FACE_SIZE, FACE_SIZE - exact_from):
+            pred = rng.random((3, rows, FACE_SIZE), dtype=np.float32)
+            whole = np.concatenate(
+                [np.zeros((3, FACE_SIZE - rows, FACE_SIZE), np.float32), pred], axis=1)
+            big = cv2.resize(
+                np.ascontiguousarray(np.clip(whole.transpose(1, 2, 0)[..., ::-1] * 255, 0, 255)),
+                (geo.side, geo.side), interpolation=cv2.INTER_CUBIC)
+            for weight in (1.0, 0.37):
+                want = rgb.copy()
+                ys, xs = geo.slices
+                region = want[ys, xs].astype(np.float32)
+                alpha = (geo.mask * np.float32(weight))[..., None]
+                want[ys, xs] = np.clip(region + alpha * (big - region) + 0.5, 0, 255).astype(
+                    np.uint8)
+                assert np.array_equal(paste(rgb, pred, geo, weight), want), (rows, weight)
 
 
 def test_paste_has_no_seam_at_the_box_edge(avatar):

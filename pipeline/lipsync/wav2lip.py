@@ -47,9 +47,8 @@ from pipeline.lipsync.wav2lip_io import (
     AvatarFaces,
     FaceGeometry,
     MelTrack,
-    crop_face,
+    face_input,
     mel_track,
-    model_input,
     paste,
 )
 
@@ -278,7 +277,7 @@ class Wav2LipRenderer:
     def _prepare(self, plan: FramePlan) -> tuple[U8, FaceGeometry, F32]:
         rgb = self.idle_rgb(plan)
         geo = self._faces.at(plan.t_ns)
-        return rgb, geo, model_input(crop_face(rgb, geo))
+        return rgb, geo, face_input(rgb, geo)
 
     def _model_input(self, plan: FramePlan) -> tuple[_Paste, FrameJob]:
         rgb, geo, face_in = self._prepare(plan)
