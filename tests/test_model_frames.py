@@ -158,3 +158,24 @@ async def test_without_an_executor_the_steps_still_leave_the_loop():
     finally:
         worker.close()
     assert threading.get_ident() not in set().union(*steps.threads.values())
+
+
+async def test_frames_whose_jobs_an_executor_drops_at_shutdown_fail_instead_of_waiting():
+    """``shutdown(cancel_futures=True)`` drops queued jobs unrun: a frame whose preparation
+    (or paste) was among them fails with a clear error instead of waiting for ever."""
+    steps = Steps()
+    executor = ThreadPoolExecutor(1)
+    frames, worker = make(steps, executor)
+    busy = threading.Event()
+    executor.submit(busy.wait, 10)  # the one thread is taken: the preparation queues
+    try:
+        frame = asyncio.ensure_future(frames(1))
+        await asyncio.sleep(0.05)
+        executor.shutdown(wait=False, cancel_futures=True)
+        busy.set()
+        with pytest.raises(RuntimeError, match="render executor was shut down"):
+            await asyncio.wait_for(frame, 10)
+        assert worker._coming == 0 and steps.prepared == []
+    finally:
+        busy.set()
+        worker.close()

@@ -82,7 +82,7 @@ class FaceGeometry:
     mask: F32
     # rows and columns of the box (r0, r1, c0, c1) outside which the mask is 0: all the
     # paste changes (for a lower-rows model, about the lower half)
-    blend: tuple[int, int, int, int] = (0, 0, 0, 0)
+    blend: tuple[int, int, int, int]
 
     @property
     def slices(self) -> tuple[slice, slice]:
