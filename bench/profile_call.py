@@ -116,6 +116,22 @@ def udp_datagrams() -> int:
     return int(rows[1][rows[0].index("OutDatagrams")])
 
 
+def context_switches(pid: int) -> dict[int, tuple[str, int, int]]:
+    """(OS name, voluntary, involuntary) context switches of every thread of ``pid`` so far.
+    A voluntary one is a sleep and a wake-up: a wait for work, a timer, a lock or the GIL."""
+    out: dict[int, tuple[str, int, int]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            status = dict(line.split(":", 1) for line in
+                          (task / "status").read_text().splitlines() if ":" in line)
+        except OSError:
+            continue
+        out[int(task.name)] = (name, int(status["voluntary_ctxt_switches"]),
+                               int(status["nonvoluntary_ctxt_switches"]))
+    return out
+
+
 def system_seconds(pid: int, tid: int) -> float:
     """CPU seconds thread ``tid`` of ``pid`` spent in the kernel so far."""
     fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -164,6 +180,7 @@ def main() -> None:
         time.sleep(6.0)
         s0, c0, t0 = sessions(url), cpu_seconds(proc.pid), time.monotonic()
         threads0 = thread_cpu(proc.pid)
+        switches0 = context_switches(proc.pid)
         loop_sys0 = system_seconds(proc.pid, proc.pid)
         udp0 = udp_datagrams()
         cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(proc.pid),
@@ -179,6 +196,7 @@ def main() -> None:
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         s1, c1, t1 = sessions(url), cpu_seconds(proc.pid), time.monotonic()
         threads1 = thread_cpu(proc.pid)
+        switches1 = context_switches(proc.pid)
         loop_sys = system_seconds(proc.pid, proc.pid) - loop_sys0
         packets = udp_datagrams() - udp0
         bots.wait(timeout=60)
@@ -231,7 +249,19 @@ def main() -> None:
         "rtp_stage_cpu_ms_per_packet": round(rtp_ms / max(packets, 1), 4),
     }
     print("packets the server sent or received (UDP datagrams in the namespace):", per_packet)
-    print(f"\nby thread (OS names; {frames_s:.1f} fresh frames/s):")
+    switch_rows: dict[str, list[float]] = {}  # by the same groups as thread_rows
+    for tid, (name, vol, invol) in switches1.items():
+        _, vol0, invol0 = switches0.get(tid, (name, 0, 0))
+        row = switch_rows.setdefault(thread_group(name), [0.0, 0.0])
+        row[0] += (vol - vol0) / max(fresh, 1)
+        row[1] += (invol - invol0) / max(fresh, 1)
+    for row in thread_rows:
+        vol, invol = switch_rows.get(row["threads"], [0.0, 0.0])
+        row["voluntary_switches_per_frame"] = round(vol, 2)
+        row["involuntary_switches_per_frame"] = round(invol, 2)
+    voluntary = round(sum(v for v, _ in switch_rows.values()), 2)
+    print(f"\nby thread (OS names; {frames_s:.1f} fresh frames/s; {voluntary} voluntary context "
+          "switches a fresh frame in all):")
     print_table(thread_rows)
     # a lip-sync model's runtime threads are named MODEL_THREADS: the rest is outside it
     model_ms = next((r["cpu_ms_per_frame"] for r in thread_rows if r["threads"] == MODEL_THREADS),
@@ -248,6 +278,7 @@ def main() -> None:
                         "fresh_frames": fresh, "server_cpu_ms_per_fresh_frame":
                         round(ms_per_frame, 2), "stages": rows, "threads": thread_rows,
                         "packets": per_packet, "model_cpu_ms_per_frame": model_ms,
+                        "voluntary_switches_per_frame": voluntary,
                         "outside_model_cpu_ms_per_frame": outside_ms,
                         "top_leaves": [{"leaf": leaf[:200], "samples": n}
                                        for leaf, n in top_leaves(out, 40)],
