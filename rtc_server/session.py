@@ -182,6 +182,7 @@ class Session:
             lead_ms=lead_ms,
             group=self.lipsync.frame_group,
             stride=None if governor is None else (lambda: governor.stride),
+            audio_frame_ns=media.audio_frame_ms * 1_000_000,
         )
         self.audio_track = AvatarAudioTrack(
             clock=self.clock,

@@ -10,7 +10,7 @@ import pytest
 from face.yuv import flash_i420, rgb_to_i420
 from media_tracks.clock import VIDEO_TIME_BASE, ManualClock
 from media_tracks.compositor import Compositor, FramePlan, Segment
-from media_tracks.frames import FrameProducer, SyncRenderer
+from media_tracks.frames import FrameProducer, SyncRenderer, send_step_ns
 from media_tracks.tracks import AvatarAudioTrack, AvatarVideoTrack
 
 SR, FPS, W, H = 48000, 25, 64, 48
@@ -465,6 +465,71 @@ async def test_frames_are_handed_over_in_groups_for_a_batching_engine():
     assert 4 not in started[2][1]
 
 
+
+
+def test_the_media_sends_step_is_the_gcd_of_the_audio_and_video_frames():
+    assert send_step_ns(20_000_000, 25) == 20_000_000  # sends at 0, 20, 40, ... ms
+    assert send_step_ns(40_000_000, 25) == 40_000_000
+    assert send_step_ns(60_000_000, 25) == 20_000_000  # 0, 40, 60, 80, 120, ...
+    assert send_step_ns(20_000_000, 30) == 6_666_666  # 0, 20, 33.3, 40, 60, 66.7, ...
+    for audio_ms, fps in ((20, 25), (60, 25), (20, 30), (40, 50), (10, 60)):
+        step = send_step_ns(audio_ms * 1_000_000, fps)
+        sends = {a * audio_ms * 1_000_000 for a in range(60)} | {
+            v * 1_000_000_000 // fps for v in range(120)}
+        # every send, audio or video, is a multiple of the step (within a microsecond: the
+        # step is rounded to whole nanoseconds at 30 fps)
+        assert all(min(s % step, step - s % step) <= 1_000 for s in sends)
+        assert step >= 3_000_000  # ... and the step is not trivially small
+
+
+async def test_frames_are_handed_over_off_the_media_send_instants():
+    """Given the call's audio frame (20 ms at 25 fps), frame k is handed over at t_k - lead
+    + 10 ms: between the loop's sends (0, 20, 40 ms, ...), not on them."""
+    handed: dict[int, int] = {}
+    for audio_frame_ns in (None, 20_000_000):
+        clock = ManualClock()
+        comp = Compositor(clock=clock, fps=FPS, sample_rate=SR, schedule_lead_ms=0,
+                          crossfade_frames=0)
+        renderer = GatedRenderer()
+        renderer.gate.set()
+        frames = FrameProducer(clock=clock, compositor=comp, renderer=renderer, lead_ms=80,
+                               audio_frame_ns=audio_frame_ns)
+        frames.start()
+        at: dict[int, int] = {}
+        for _ in range(61):
+            for _ in range(4):
+                await asyncio.sleep(0)
+            for k in renderer.started:
+                at.setdefault(k, clock.now_ns() // 1_000_000)
+            await clock.advance(1_000_000)
+        handed = at
+        await frames.aclose()
+        if audio_frame_ns is None:
+            assert [handed[k] for k in range(4)] == [0, 0, 0, 40]  # t_k - 80 ms, or at once
+    # frames 0 and 1 at once; 2 (t = 80 ms) at 10 ms, 3 at 50 ms: 10 ms after t_k - lead
+    assert [handed[k] for k in range(4)] == [0, 0, 10, 50]
+
+
+async def test_a_lead_off_the_send_grid_still_hands_frames_over_midway():
+    """lead 90 ms: t_k - lead already lies 10 ms past a send (at 30 ms for frame 3), so the
+    hand-overs stay there rather than moving onto the next send."""
+    clock = ManualClock()
+    comp = Compositor(clock=clock, fps=FPS, sample_rate=SR, schedule_lead_ms=0,
+                      crossfade_frames=0)
+    renderer = GatedRenderer()
+    renderer.gate.set()
+    frames = FrameProducer(clock=clock, compositor=comp, renderer=renderer, lead_ms=90,
+                           audio_frame_ns=20_000_000)
+    frames.start()
+    at: dict[int, int] = {}
+    for _ in range(81):
+        for _ in range(4):
+            await asyncio.sleep(0)
+        for k in renderer.started:
+            at.setdefault(k, clock.now_ns() // 1_000_000)
+        await clock.advance(1_000_000)
+    await frames.aclose()
+    assert [at[k] for k in (3, 4)] == [30, 70]
 
 
 async def test_a_group_of_frames_renders_as_one_executor_job():
