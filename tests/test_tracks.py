@@ -482,53 +482,42 @@ def test_the_media_sends_step_is_the_gcd_of_the_audio_and_video_frames():
         assert step >= 3_000_000  # ... and the step is not trivially small
 
 
-async def test_frames_are_handed_over_off_the_media_send_instants():
-    """Given the call's audio frame (20 ms at 25 fps), frame k is handed over at t_k - lead
-    + 10 ms: between the loop's sends (0, 20, 40 ms, ...), not on them."""
-    handed: dict[int, int] = {}
-    for audio_frame_ns in (None, 20_000_000):
-        clock = ManualClock()
-        comp = Compositor(clock=clock, fps=FPS, sample_rate=SR, schedule_lead_ms=0,
-                          crossfade_frames=0)
-        renderer = GatedRenderer()
-        renderer.gate.set()
-        frames = FrameProducer(clock=clock, compositor=comp, renderer=renderer, lead_ms=80,
-                               audio_frame_ns=audio_frame_ns)
-        frames.start()
-        at: dict[int, int] = {}
-        for _ in range(61):
-            for _ in range(4):
-                await asyncio.sleep(0)
-            for k in renderer.started:
-                at.setdefault(k, clock.now_ns() // 1_000_000)
-            await clock.advance(1_000_000)
-        handed = at
-        await frames.aclose()
-        if audio_frame_ns is None:
-            assert [handed[k] for k in range(4)] == [0, 0, 0, 40]  # t_k - 80 ms, or at once
-    # frames 0 and 1 at once; 2 (t = 80 ms) at 10 ms, 3 at 50 ms: 10 ms after t_k - lead
-    assert [handed[k] for k in range(4)] == [0, 0, 10, 50]
-
-
-async def test_a_lead_off_the_send_grid_still_hands_frames_over_midway():
-    """lead 90 ms: t_k - lead already lies 10 ms past a send (at 30 ms for frame 3), so the
-    hand-overs stay there rather than moving onto the next send."""
+async def hand_over_ms(*, lead_ms: int, audio_frame_ns: int | None, until_ms: int
+                       ) -> dict[int, int]:
+    """The media time (ms) at which the producer hands each frame to the renderer."""
     clock = ManualClock()
     comp = Compositor(clock=clock, fps=FPS, sample_rate=SR, schedule_lead_ms=0,
                       crossfade_frames=0)
     renderer = GatedRenderer()
     renderer.gate.set()
-    frames = FrameProducer(clock=clock, compositor=comp, renderer=renderer, lead_ms=90,
-                           audio_frame_ns=20_000_000)
+    frames = FrameProducer(clock=clock, compositor=comp, renderer=renderer, lead_ms=lead_ms,
+                           audio_frame_ns=audio_frame_ns)
     frames.start()
     at: dict[int, int] = {}
-    for _ in range(81):
+    for _ in range(until_ms + 1):
         for _ in range(4):
             await asyncio.sleep(0)
         for k in renderer.started:
             at.setdefault(k, clock.now_ns() // 1_000_000)
         await clock.advance(1_000_000)
     await frames.aclose()
+    return at
+
+
+async def test_frames_are_handed_over_off_the_media_send_instants():
+    """Given the call's audio frame (20 ms at 25 fps), frame k is handed over at t_k - lead
+    + 10 ms: between the loop's sends (0, 20, 40 ms, ...), not on them."""
+    plain = await hand_over_ms(lead_ms=80, audio_frame_ns=None, until_ms=60)
+    assert [plain[k] for k in range(4)] == [0, 0, 0, 40]  # t_k - 80 ms, or at once
+    shifted = await hand_over_ms(lead_ms=80, audio_frame_ns=20_000_000, until_ms=60)
+    # frames 0 and 1 at once; 2 (t = 80 ms) at 10 ms, 3 at 50 ms: 10 ms after t_k - lead
+    assert [shifted[k] for k in range(4)] == [0, 0, 10, 50]
+
+
+async def test_a_lead_off_the_send_grid_still_hands_frames_over_midway():
+    """lead 90 ms: t_k - lead already lies 10 ms past a send (at 30 ms for frame 3), so the
+    hand-overs stay there rather than moving onto the next send."""
+    at = await hand_over_ms(lead_ms=90, audio_frame_ns=20_000_000, until_ms=80)
     assert [at[k] for k in (3, 4)] == [30, 70]
 
 
