@@ -49,19 +49,18 @@ class AwaitingRenderer(Wav2LipRenderer):
         super().__init__(engine, *args, executor=executor, **kw)
         self._prepare_jobs: SameTurnJobs[FramePlan, Any] = SameTurnJobs(self._prepare, executor)
         self._finish_jobs: SameTurnJobs[Any, Any] = SameTurnJobs(
-            lambda j: self._finish((j[0], j[2], j[3]), j[1]), executor)
+            lambda job: self._finish(*job), executor)
 
     async def render(self, plan: FramePlan) -> Any:
-        mel = np.asarray(plan.lips, dtype=np.float32)
         worker = self._engine.worker
         worker.announce()
         try:
-            rgb, geo, face_in = await self._prepare_jobs(plan)
+            paste, item = await self._prepare_jobs(plan)
         except BaseException:
             worker.withdraw()
             raise
-        pred = await worker.run((mel, face_in), announced=True)
-        return await self._finish_jobs((rgb, pred, geo, float(plan.blend)))
+        pred = await worker.run(item, announced=True)
+        return await self._finish_jobs((paste, pred))
 
 
 def tiny_model(path: Path) -> Path:

@@ -47,7 +47,7 @@ from face.yuv import rgb_to_i420
 from media_tracks.compositor import FramePlan
 from media_tracks.encoders import VideoEncoding, make_video_encoder
 from pipeline.lipsync.wav2lip import Wav2LipEngine, load_wav2lip_engine
-from pipeline.lipsync.wav2lip_io import face_input, paste
+from pipeline.lipsync.wav2lip_io import crop_face, model_input, paste
 from pipeline.tts import PiperTTS, SpeechAudio
 
 FPS = 25
@@ -149,7 +149,7 @@ def stage_costs(
         rgb = r.idle_rgb(plan)
         t1 = time.perf_counter()
         geo = faces.at(plan.t_ns)
-        x = face_input(rgb, geo)
+        x = model_input(crop_face(rgb, geo))
         t2 = time.perf_counter()
         pred = engine.model.run(track.at(k)[None, None], x[None])[0]
         t3 = time.perf_counter()

@@ -298,7 +298,8 @@ class PiperTTS:
     serves live calls round-robin and render jobs after them. ``max_unit_chars=None`` hands
     Piper the whole text (its own sentence split only: the unbounded path, for benchmarks).
     Once that thread has been idle ``release_after_s`` (None: never), it gives the memory
-    synthesis used back: ONNX Runtime's arena and the C heap's free pages.
+    synthesis used back: ONNX Runtime's arena and the C heap's free pages. ``noise=False``
+    turns Piper's sampling noise off: the same text then gives the same samples every run.
     """
 
     def __init__(
@@ -310,8 +311,10 @@ class PiperTTS:
         scheduler: SynthesisScheduler | None = None,
         max_unit_chars: int | None = MAX_UNIT_CHARS,
         release_after_s: float | None = RELEASE_AFTER_S,
+        noise: bool = True,
     ) -> None:
         self.sample_rate = sample_rate
+        self._noise = noise
         self._voice_path = voice_path
         self._speed = speed
         if scheduler is None:
@@ -410,7 +413,9 @@ class PiperTTS:
     def _config(self, speed: float | None) -> Any:
         from piper import SynthesisConfig
 
-        return SynthesisConfig(length_scale=1.0 / self._rate(speed))
+        quiet = None if self._noise else 0.0  # None: the voice's own noise scales
+        return SynthesisConfig(length_scale=1.0 / self._rate(speed), noise_scale=quiet,
+                               noise_w_scale=quiet)
 
     def _split(self) -> SplitModel | None:
         """The voice's model as text side and vocoder, when it could be split."""

@@ -198,3 +198,17 @@ def test_piper_runs_on_the_calling_thread_without_a_thread_pool() -> None:
     for session in (split._front, split._vocoder):
         options = session.get_session_options()
         assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
+
+
+def test_without_noise_a_text_gives_the_same_samples_every_run() -> None:
+    """``PiperTTS(noise=False)``: Piper's sampling noise off, for tests that hold speech to
+    thresholds; with the voice's own noise two runs of a sentence differ."""
+    from pipeline.tts import PiperTTS
+
+    text = "The weather is fine where you are."
+    quiet = PiperTTS(noise=False)
+    noisy = PiperTTS()
+    first, again = ([s.pcm for s in quiet._iter_sentences(text)] for _ in range(2))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    one, two = ([s.pcm for s in noisy._iter_sentences(text)] for _ in range(2))
+    assert not all(np.array_equal(a, b) for a, b in zip(one, two, strict=True))

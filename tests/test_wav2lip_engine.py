@@ -23,7 +23,6 @@ from pipeline.lipsync.wav2lip_io import (
     FACE_SIZE,
     crop_face,
     face_geometry,
-    face_input,
     model_input,
     paste,
 )
@@ -101,9 +100,10 @@ def test_paste_leaves_every_pixel_outside_the_mask_unchanged(avatar):
     assert 0.35 * d_full < d_half < 0.65 * d_full
 
 
-def test_face_input_and_paste_equal_the_whole_box_formulas_to_the_last_bit(avatar):
-    """The fused crop (``face_input``) and the paste that blends only the mask's bounding box
-    give exactly what the straightforward formulas over the whole box give."""
+def test_model_input_and_paste_equal_the_straightforward_formulas_to_the_last_bit(avatar):
+    """The model input scaled into place and the paste that blends only the mask's bounding
+    box give exactly what the straightforward formulas (both halves built and joined; the
+    blend over the whole box) give."""
     import cv2
 
     rng = np.random.default_rng(5)
@@ -115,7 +115,11 @@ def test_face_input_and_paste_equal_the_whole_box_formulas_to_the_last_bit(avata
         assert np.count_nonzero(geo.mask[r0:r1, c0:c1]) == np.count_nonzero(geo.mask) > 0
         if exact_from:
             assert r0 > geo.side // 3  # a lower-rows model's paste touches the lower face only
-        assert np.array_equal(face_input(rgb, geo), model_input(crop_face(rgb, geo)))
+        ref = crop_face(rgb, geo).astype(np.float32) * (1.0 / 255.0)
+        masked = ref.copy()
+        masked[FACE_SIZE // 2 :] = 0.0
+        joined = np.concatenate([masked, ref], axis=2).transpose(2, 0, 1)
+        assert np.array_equal(model_input(crop_face(rgb, geo)), joined)
         for rows in (FACE_SIZE, FACE_SIZE - exact_from):
             pred = rng.random((3, rows, FACE_SIZE), dtype=np.float32)
             whole = np.concatenate(

@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.lipsync.backends import derived_model_path
-from pipeline.lipsync.wav2lip_io import AvatarFaces, face_input, mel_track
+from pipeline.lipsync.wav2lip_io import AvatarFaces, crop_face, mel_track, model_input
 
 if TYPE_CHECKING:
     from config.settings import Settings
@@ -82,7 +82,7 @@ def calibration_samples(
     for k, j in enumerate(picks):
         t_ns = k * 1_000_000_000 // fps * 7  # spread over ~18 s of idle motion
         rgb = face.render(timeline.pose_at(t_ns))
-        out.append((windows[j].astype(np.float32), face_input(rgb, faces.at(t_ns))))
+        out.append((windows[j].astype(np.float32), model_input(crop_face(rgb, faces.at(t_ns)))))
     return out
 
 

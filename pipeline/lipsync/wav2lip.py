@@ -47,8 +47,9 @@ from pipeline.lipsync.wav2lip_io import (
     AvatarFaces,
     FaceGeometry,
     MelTrack,
-    face_input,
+    crop_face,
     mel_track,
+    model_input,
     paste,
 )
 
@@ -265,7 +266,7 @@ class Wav2LipRenderer:
         # model and the paste off the loop, which is woken once for it (``ModelFrames``)
         self._idle_jobs: SameTurnJobs[FramePlan, Yuv] = SameTurnJobs(self.idle_i420, executor)
         self._speaking: ModelFrames[FramePlan, _Paste, FrameJob, F32, Yuv] = ModelFrames(
-            self._model_input, self._finish, engine.worker, executor)
+            self._prepare, self._finish, engine.worker, executor)
 
     def idle_rgb(self, plan: FramePlan) -> U8:
         return self._face.render(self._timeline.pose_at(plan.t_ns))
@@ -274,15 +275,13 @@ class Wav2LipRenderer:
         """``rgb_to_i420(idle_rgb(plan))``, drawn without a whole RGB frame."""
         return self._face.render_i420(self._timeline.pose_at(plan.t_ns))
 
-    def _prepare(self, plan: FramePlan) -> tuple[U8, FaceGeometry, F32]:
+    def _prepare(self, plan: FramePlan) -> tuple[_Paste, FrameJob]:
+        """The idle frame, its face box and the cross-fade weight (for the paste), and the
+        model's item: the frame's mel window and face input."""
         rgb = self.idle_rgb(plan)
         geo = self._faces.at(plan.t_ns)
-        return rgb, geo, face_input(rgb, geo)
-
-    def _model_input(self, plan: FramePlan) -> tuple[_Paste, FrameJob]:
-        rgb, geo, face_in = self._prepare(plan)
         mel = np.asarray(plan.lips, dtype=np.float32)
-        return (rgb, geo, float(plan.blend)), (mel, face_in)
+        return (rgb, geo, float(plan.blend)), (mel, model_input(crop_face(rgb, geo)))
 
     @staticmethod
     def _finish(job: _Paste, pred: F32) -> Yuv:
