@@ -3,6 +3,7 @@ right caller, cancelled items are skipped, failures reach every waiter of their 
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -176,3 +177,43 @@ async def test_several_workers_run_batches_at_the_same_time():
 def test_worker_count_is_checked():
     with pytest.raises(ValueError, match="workers"):
         BatchWorker(Model(), max_batch=1, max_wait_s=0.0, workers=0)
+
+
+def test_each_item_wakes_only_the_thread_that_needs_it():
+    """Two threads, frames in announced pairs: the first frame wakes one idle thread, the
+    second wakes only that one (filling the batch), never the other as well."""
+    model = Model()
+    worker = BatchWorker(model, max_batch=2, max_wait_s=0.0, max_hold_s=5.0, workers=2)
+    pairs = 20
+    try:
+        for i in range(pairs):
+            worker.announce()
+            worker.announce()
+            first = worker.submit(i, announced=True)
+            threading.Event().wait(0.002)  # the second frame is still being prepared
+            second = worker.submit(100 + i, announced=True)
+            assert first.result(5) == 2 * i and second.result(5) == 2 * (100 + i)
+        assert worker.stats.sizes == {2: pairs}
+        assert worker.stats.wakeups <= 2 * pairs  # waking both threads each time: 4 a pair
+    finally:
+        worker.close()
+
+
+def test_what_a_batch_leaves_over_goes_to_an_idle_thread_at_once():
+    """Three frames for batches of two: the first thread takes two and is held in the model;
+    the third frame wakes the other thread, which runs it meanwhile."""
+    model = Model(hold_first=True)
+    worker = BatchWorker(model, max_batch=2, max_wait_s=0.0, max_hold_s=5.0, workers=2)
+    try:
+        for _ in range(3):
+            worker.announce()
+        futures = [worker.submit(i, announced=True) for i in (1, 2, 3)]
+        deadline = time.monotonic() + 5
+        while len(model.batches) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert model.batches == [[1, 2], [3]]  # both in the model, the first still held
+        model.release.set()
+        assert [f.result(5) for f in futures] == [2, 4, 6]
+    finally:
+        model.release.set()
+        worker.close()

@@ -13,6 +13,10 @@ still meet in one batch; on a CPU two frames at once cost about a fifth less eac
 
 With ``workers`` > 1, that many threads take batches from the one queue and run them at the
 same time (one per parallel inference request of the runtime: OpenVINO streams on a CPU).
+Each item wakes only the thread that needs it: the one filling a batch, or one idle thread
+when nobody is filling or the queue holds more than the fillers will take. (Waking every
+thread at each item cost a Wav2Lip call about 6 thread switches a frame with 2 workers: the
+idle one woke, found the batch taken and went back to sleep.)
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class BatchStats:
     busy_s: float = 0.0
     sizes: dict[int, int] = field(default_factory=dict)  # batch size -> how many batches
     max_queue: int = 0
+    wakeups: int = 0  # times a worker thread woke from waiting (an item, a timeout, close)
 
     @property
     def mean_batch(self) -> float:
@@ -63,6 +68,7 @@ class BatchStats:
             "failed_batches": self.failed_batches,
             "busy_s": round(self.busy_s, 3),
             "max_queue": self.max_queue,
+            "wakeups": self.wakeups,
             "sizes": {str(k): v for k, v in sorted(self.sizes.items())},
         }
 
@@ -94,7 +100,12 @@ class BatchWorker(Generic[I, O]):
         self.max_hold_s = max(self.max_wait_s, max_hold_s)
         self._coming = 0  # announced items not submitted yet
         self._queue: deque[tuple[I, Future[O]]] = deque()
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # threads waiting for a first item
+        self._fill = threading.Condition(self._lock)  # threads filling a batch
+        self._idle_waiting = 0
+        self._waking = 0  # idle threads notified that have not taken the lock yet
+        self._filling = 0
         self._closed = False
         self.stats = BatchStats()
         self._threads = [
@@ -117,18 +128,18 @@ class BatchWorker(Generic[I, O]):
     def announce(self) -> None:
         """An item is on its way: batches being filled wait for it (up to ``max_hold_s``).
         Follow with ``submit(item, announced=True)``, or ``withdraw()`` if it never comes."""
-        with self._cond:
+        with self._lock:
             self._coming += 1
 
     def withdraw(self) -> None:
         """An announced item will not come after all."""
-        with self._cond:
+        with self._lock:
             self._coming = max(0, self._coming - 1)
-            self._cond.notify_all()
+            self._fill.notify_all()  # a batch held for it may be taken now
 
     def submit(self, item: I, *, announced: bool = False) -> Future[O]:
         fut: Future[O] = Future()
-        with self._cond:
+        with self._lock:
             if announced:
                 self._coming = max(0, self._coming - 1)
             if self._closed:
@@ -136,20 +147,30 @@ class BatchWorker(Generic[I, O]):
                 return fut
             self._queue.append((item, fut))
             self.stats.max_queue = max(self.stats.max_queue, len(self._queue))
-            # every waiter: the one filling a batch must see it, not only an idle worker
-            self._cond.notify_all()
+            if self._filling:
+                self._fill.notify_all()
+            self._spread()
         return fut
+
+    def _spread(self) -> None:
+        """(lock held) Wake one idle thread if the queue holds more than the threads filling
+        batches, or already woken to, will take."""
+        if (len(self._queue) > (self._filling + self._waking) * self.max_batch
+                and self._idle_waiting > self._waking):
+            self._waking += 1
+            self._idle.notify()
 
     async def run(self, item: I, *, announced: bool = False) -> O:
         return await asyncio.wrap_future(self.submit(item, announced=announced))
 
     def close(self, timeout: float | None = 5.0) -> None:
         """Stop after the batch in progress; items still queued fail with ``WorkerClosed``."""
-        with self._cond:
+        with self._lock:
             self._closed = True
             pending = list(self._queue)
             self._queue.clear()
-            self._cond.notify_all()
+            self._idle.notify_all()
+            self._fill.notify_all()
         for _, fut in pending:
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(WorkerClosed("the inference worker closed"))
@@ -161,18 +182,30 @@ class BatchWorker(Generic[I, O]):
         """The next batch (None once closed): blocks for the first item, then waits at most
         ``max_wait_s`` for the batch to fill, or ``max_hold_s`` while announced items are
         still coming."""
-        with self._cond:
-            while not self._queue and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                return None
-            start = time.monotonic()
-            while len(self._queue) < self.max_batch and not self._closed:
-                limit = self.max_hold_s if self._coming else self.max_wait_s
-                left = start + limit - time.monotonic()
-                if left <= 0:
+        with self._lock:
+            while True:
+                while not self._queue and not self._closed:
+                    self._idle_waiting += 1
+                    self._idle.wait()
+                    self.stats.wakeups += 1
+                    self._idle_waiting -= 1
+                    self._waking = max(0, self._waking - 1)
+                if self._closed:
+                    return None
+                start = time.monotonic()
+                self._filling += 1
+                while self._queue and len(self._queue) < self.max_batch and not self._closed:
+                    limit = self.max_hold_s if self._coming else self.max_wait_s
+                    left = start + limit - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._fill.wait(left)
+                    self.stats.wakeups += 1
+                self._filling -= 1
+                if self._closed:
+                    return None
+                if self._queue:  # else another thread took them: wait for the next
                     break
-                self._cond.wait(left)
             batch: list[tuple[I, Future[O]]] = []
             while self._queue and len(batch) < self.max_batch:
                 item, fut = self._queue.popleft()
@@ -180,6 +213,7 @@ class BatchWorker(Generic[I, O]):
                     batch.append((item, fut))
                 else:
                     self.stats.cancelled += 1
+            self._spread()  # what is left over goes to another thread
             return batch
 
     def _loop(self) -> None:
@@ -200,13 +234,13 @@ class BatchWorker(Generic[I, O]):
                     logger.warning("batch of %d not run: %s", len(batch), exc)
                 else:
                     logger.exception("batch of %d failed", len(batch))
-                with self._cond:
+                with self._lock:
                     self.stats.failed_batches += 1
                     self.stats.busy_s += time.perf_counter() - t0
                 for _, fut in batch:
                     fut.set_exception(exc)
                 continue
-            with self._cond:
+            with self._lock:
                 self.stats.busy_s += time.perf_counter() - t0
                 self.stats.batches += 1
                 self.stats.items += len(batch)
