@@ -27,6 +27,7 @@ from typing import Any
 
 from bench.capacity import SERVER_ENV, sessions, start_bots, wait_sessions, wav2lip_env
 from bench.common import cpu_seconds, print_table, start_server, write_result
+from bench.soak import get_json
 from pipeline.lipsync.backends import MODEL_THREADS
 
 # innermost match wins: (stage, substrings of a frame "function (file)")
@@ -146,6 +147,28 @@ def by_thread_group(before: dict[int, tuple[str, float]],
     return dict(groups)
 
 
+def batching(url: str) -> dict[str, Any] | None:
+    """The Wav2Lip engine's batch worker counters (``/health``), None for other engines."""
+    info = get_json(url + "/health").get("lipsync") or {}
+    stats = info.get("batching")
+    return stats if isinstance(stats, dict) else None
+
+
+def batching_delta(b0: dict[str, Any] | None, b1: dict[str, Any] | None,
+                   fresh: int) -> dict[str, Any] | None:
+    """What the batch worker did between two reads: batch sizes, wake-ups a fresh frame."""
+    if b0 is None or b1 is None:
+        return None
+    sizes = {k: n - b0["sizes"].get(k, 0) for k, n in b1["sizes"].items()}
+    batches = b1["batches"] - b0["batches"]
+    return {"batches": batches,
+            "mean_batch": round((b1["items"] - b0["items"]) / max(batches, 1), 2),
+            "sizes": {k: n for k, n in sizes.items() if n},
+            "cancelled": b1["cancelled"] - b0["cancelled"],
+            "wakeups_per_fresh_frame": None if "wakeups" not in b0 else
+            round((b1["wakeups"] - b0["wakeups"]) / max(fresh, 1), 2)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seconds", type=float, default=16.0)
@@ -179,6 +202,7 @@ def main() -> None:
         wait_sessions(url, args.calls)
         time.sleep(6.0)
         s0, c0, t0 = sessions(url), cpu_seconds(proc.pid), time.monotonic()
+        batch0 = batching(url)
         threads0 = thread_cpu(proc.pid)
         switches0 = context_switches(proc.pid)
         loop_sys0 = system_seconds(proc.pid, proc.pid)
@@ -195,6 +219,7 @@ def main() -> None:
             cmd.append("--nonblocking")
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         s1, c1, t1 = sessions(url), cpu_seconds(proc.pid), time.monotonic()
+        batch1 = batching(url)
         threads1 = thread_cpu(proc.pid)
         switches1 = context_switches(proc.pid)
         loop_sys = system_seconds(proc.pid, proc.pid) - loop_sys0
@@ -267,6 +292,9 @@ def main() -> None:
     model_ms = next((r["cpu_ms_per_frame"] for r in thread_rows if r["threads"] == MODEL_THREADS),
                     None)
     outside_ms = None if model_ms is None else round(ms_per_frame - model_ms, 2)
+    batch = batching_delta(batch0, batch1, fresh)
+    if batch is not None:
+        print("the model's batches:", batch)
     if model_ms is not None:
         print(f"the model's threads {model_ms:.2f} CPU-ms a fresh frame; everything outside "
               f"the model {outside_ms:.2f}")
@@ -279,7 +307,7 @@ def main() -> None:
                         round(ms_per_frame, 2), "stages": rows, "threads": thread_rows,
                         "packets": per_packet, "model_cpu_ms_per_frame": model_ms,
                         "voluntary_switches_per_frame": voluntary,
-                        "outside_model_cpu_ms_per_frame": outside_ms,
+                        "outside_model_cpu_ms_per_frame": outside_ms, "batching": batch,
                         "top_leaves": [{"leaf": leaf[:200], "samples": n}
                                        for leaf, n in top_leaves(out, 40)],
                         "native": args.native, "env": args.env, "wav2lip": args.wav2lip,
