@@ -187,6 +187,10 @@ def test_each_item_wakes_only_the_thread_that_needs_it():
     pairs = 20
     try:
         for i in range(pairs):
+            # a call's pairs come 80 ms apart: both threads are back waiting by then
+            deadline = time.monotonic() + 5
+            while worker._idle_waiting < 2 and time.monotonic() < deadline:
+                time.sleep(0.001)
             worker.announce()
             worker.announce()
             first = worker.submit(i, announced=True)
