@@ -94,18 +94,27 @@ def thread_group(name: str) -> str:
     return head.split("-")[0] if head.startswith(("mic-", "piper-", "tts-")) else head
 
 
-def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
-    """CPU seconds (user + system) of every thread of ``pid`` so far, with its OS name."""
+def thread_counters(pid: int) -> tuple[dict[int, tuple[str, float]],
+                                        dict[int, tuple[str, int, int]]]:
+    """Every thread of ``pid`` so far, by thread id, with its OS name: its CPU seconds (user +
+    system), and its voluntary and involuntary context switches. A voluntary one is a sleep
+    and a wake-up: a wait for work, a timer, a lock or the GIL."""
     ticks = os.sysconf("SC_CLK_TCK")
-    out: dict[int, tuple[str, float]] = {}
+    cpu: dict[int, tuple[str, float]] = {}
+    switches: dict[int, tuple[str, int, int]] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             name = (task / "comm").read_text().strip()
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            status = dict(line.split(":", 1) for line in
+                          (task / "status").read_text().splitlines() if ":" in line)
+        except OSError:  # the thread ended meanwhile
             continue
-        out[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / ticks)
-    return out
+        tid = int(task.name)
+        cpu[tid] = (name, (int(fields[11]) + int(fields[12])) / ticks)
+        switches[tid] = (name, int(status["voluntary_ctxt_switches"]),
+                         int(status["nonvoluntary_ctxt_switches"]))
+    return cpu, switches
 
 
 def udp_datagrams() -> int:
@@ -115,22 +124,6 @@ def udp_datagrams() -> int:
     rows = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines()
             if line.startswith("Udp:")]
     return int(rows[1][rows[0].index("OutDatagrams")])
-
-
-def context_switches(pid: int) -> dict[int, tuple[str, int, int]]:
-    """(OS name, voluntary, involuntary) context switches of every thread of ``pid`` so far.
-    A voluntary one is a sleep and a wake-up: a wait for work, a timer, a lock or the GIL."""
-    out: dict[int, tuple[str, int, int]] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            name = (task / "comm").read_text().strip()
-            status = dict(line.split(":", 1) for line in
-                          (task / "status").read_text().splitlines() if ":" in line)
-        except OSError:
-            continue
-        out[int(task.name)] = (name, int(status["voluntary_ctxt_switches"]),
-                               int(status["nonvoluntary_ctxt_switches"]))
-    return out
 
 
 def system_seconds(pid: int, tid: int) -> float:
@@ -203,8 +196,7 @@ def main() -> None:
         time.sleep(6.0)
         s0, c0, t0 = sessions(url), cpu_seconds(proc.pid), time.monotonic()
         batch0 = batching(url)
-        threads0 = thread_cpu(proc.pid)
-        switches0 = context_switches(proc.pid)
+        threads0, switches0 = thread_counters(proc.pid)
         loop_sys0 = system_seconds(proc.pid, proc.pid)
         udp0 = udp_datagrams()
         cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(proc.pid),
@@ -220,8 +212,7 @@ def main() -> None:
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         s1, c1, t1 = sessions(url), cpu_seconds(proc.pid), time.monotonic()
         batch1 = batching(url)
-        threads1 = thread_cpu(proc.pid)
-        switches1 = context_switches(proc.pid)
+        threads1, switches1 = thread_counters(proc.pid)
         loop_sys = system_seconds(proc.pid, proc.pid) - loop_sys0
         packets = udp_datagrams() - udp0
         bots.wait(timeout=60)
